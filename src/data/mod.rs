@@ -1,0 +1,4 @@
+//! Text and tokens: tokenizer loading (readers, samplers and corruptions arrive with the pipeline).
+pub mod tokenizer;
+
+pub use tokenizer::TextTokenizer;

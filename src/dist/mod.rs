@@ -1,0 +1,2 @@
+//! Distributed execution. For now: whether the NCCL backend can be loaded at all.
+pub mod nccl;

@@ -1,0 +1,49 @@
+//! `umtune doctor`: what this machine offers the trainer, one fact per line.
+use crate::dist::nccl::{self, NcclStatus};
+use crate::models::resolve::{asset_cache, default_model_path};
+
+pub struct Fact {
+    pub name: &'static str,
+    pub value: String,
+}
+
+pub fn facts() -> Vec<Fact> {
+    let mut out = Vec::new();
+    let mut add = |name, value: String| out.push(Fact { name, value });
+    add("umtune", env!("CARGO_PKG_VERSION").to_string());
+    add("libtorch", torch_version());
+    add("libtorch dir", option_env!("UMTUNE_TORCH_LIB").unwrap_or("(not recorded at build)").to_string());
+    let cuda = tch::Cuda::is_available();
+    add("cuda available", cuda.to_string());
+    add("cuda devices", tch::Cuda::device_count().to_string());
+    add("cudnn available", tch::Cuda::cudnn_is_available().to_string());
+    add(
+        "nccl",
+        match nccl::probe() {
+            NcclStatus::Loaded { version } => format!("loadable (version {})", nccl::format_version(version)),
+            NcclStatus::Missing { hint } => format!("not loadable: {hint}"),
+        },
+    );
+    add("cpu threads (libtorch)", tch::get_num_threads().to_string());
+    add("cpu cores", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).to_string());
+    let default = default_model_path();
+    add(
+        "default model",
+        format!("{} ({})", default.display(), if default.exists() { "present" } else { "missing: run `make assets`" }),
+    );
+    add("asset cache", asset_cache().display().to_string());
+    add("hugging face cache", hf_hub::Cache::from_env().path().display().to_string());
+    out
+}
+
+fn torch_version() -> String {
+    // The PyTorch wheel's version.txt sits next to lib/.
+    option_env!("UMTUNE_TORCH_LIB")
+        .map(|lib| std::path::Path::new(lib).join("../version.py"))
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("__version__ = ").map(|v| v.trim_matches(|c| c == '\'' || c == '"').to_string()))
+        })
+        .unwrap_or_else(|| "2.11 (tch 0.24)".to_string())
+}

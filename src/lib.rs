@@ -1,0 +1,11 @@
+//! umtune: parameter-efficient fine-tuning of LLMs with uncertainty modeling and external memory.
+pub mod config;
+pub mod data;
+pub mod dist;
+pub mod doctor;
+pub mod error;
+pub mod logging;
+pub mod models;
+
+pub use config::Config;
+pub use error::{Error, Result};

@@ -1,0 +1,158 @@
+//! GPT-2 (Radford et al. 2019), as Hugging Face `GPT2LMHeadModel` computes it: learned positions,
+//! pre-LayerNorm blocks, fused `c_attn` Conv1D projections (weights stored `(in, out)`), tanh GELU.
+//! Parameter paths equal the `transformers` safetensors keys (`transformer.h.0.attn.c_attn.weight`).
+use super::attention::{append_cache, sdpa, BatchMask};
+use super::hf_config::{ArchConfig, Gpt2Config};
+use super::{Backbone, KvCache, LayerHook, WeightSource};
+use crate::error::Result;
+use tch::{nn, Kind, Tensor};
+
+/// Hugging Face's Conv1D: `x @ W + b` with `W (in, out)`.
+struct Conv1d {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Conv1d {
+    fn new(p: &nn::Path, w: &mut dyn WeightSource, kind: Kind, n_in: i64, n_out: i64) -> Result<Self> {
+        Ok(Conv1d { weight: param(p, w, kind, "weight", &[n_in, n_out])?, bias: param(p, w, kind, "bias", &[n_out])? })
+    }
+    fn forward(&self, x: &Tensor) -> Tensor {
+        x.matmul(&self.weight) + &self.bias
+    }
+}
+
+struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    fn new(p: &nn::Path, w: &mut dyn WeightSource, kind: Kind, d: i64, eps: f64) -> Result<Self> {
+        Ok(LayerNorm { weight: param(p, w, kind, "weight", &[d])?, bias: param(p, w, kind, "bias", &[d])?, eps })
+    }
+    fn forward(&self, x: &Tensor) -> Tensor {
+        x.layer_norm([self.weight.size()[0]], Some(&self.weight), Some(&self.bias), self.eps, true)
+    }
+}
+
+/// Takes `name` under `p` from the weight source and registers it as a frozen variable.
+pub(crate) fn param(
+    p: &nn::Path,
+    w: &mut dyn WeightSource,
+    kind: Kind,
+    name: &str,
+    shape: &[i64],
+) -> Result<Tensor> {
+    let t = w.take(&p.path(name), shape, kind, p.device())?;
+    Ok(p.add(name, t, false))
+}
+
+struct Block {
+    ln_1: LayerNorm,
+    c_attn: Conv1d,
+    attn_proj: Conv1d,
+    ln_2: LayerNorm,
+    c_fc: Conv1d,
+    mlp_proj: Conv1d,
+    n_head: i64,
+}
+
+impl Block {
+    fn new(p: &nn::Path, w: &mut dyn WeightSource, kind: Kind, c: &Gpt2Config) -> Result<Self> {
+        let (d, inner, eps) = (c.n_embd as i64, c.inner() as i64, c.layer_norm_epsilon);
+        let attn = p / "attn";
+        let mlp = p / "mlp";
+        Ok(Block {
+            ln_1: LayerNorm::new(&(p / "ln_1"), w, kind, d, eps)?,
+            c_attn: Conv1d::new(&(&attn / "c_attn"), w, kind, d, 3 * d)?,
+            attn_proj: Conv1d::new(&(&attn / "c_proj"), w, kind, d, d)?,
+            ln_2: LayerNorm::new(&(p / "ln_2"), w, kind, d, eps)?,
+            c_fc: Conv1d::new(&(&mlp / "c_fc"), w, kind, d, inner)?,
+            mlp_proj: Conv1d::new(&(&mlp / "c_proj"), w, kind, inner, d)?,
+            n_head: c.n_head as i64,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, batch: &BatchMask, cache: Option<&mut KvCache>, layer: usize) -> Tensor {
+        let (b_sz, seq_len, d) = x.size3().unwrap_or_default();
+        let head_dim = d / self.n_head;
+        let qkv = self.c_attn.forward(&self.ln_1.forward(x)); // (b, t, 3d)
+        let heads = |t: &Tensor| t.view([b_sz, seq_len, self.n_head, head_dim]).transpose(1, 2); // (b, h, t, hd)
+        let parts = qkv.split(d, 2);
+        let (q, k, v) = (heads(&parts[0]), heads(&parts[1]), heads(&parts[2]));
+        let (k, v) = append_cache(cache, layer, k, v);
+        let y = sdpa(&q, &k, &v, batch, 1.0 / (head_dim as f64).sqrt()); // (b, h, t, hd)
+        let y = y.transpose(1, 2).contiguous().view([b_sz, seq_len, d]);
+        let x = x + self.attn_proj.forward(&y);
+        let h = self.c_fc.forward(&self.ln_2.forward(&x)).gelu("tanh");
+        x + self.mlp_proj.forward(&h)
+    }
+}
+
+pub struct Gpt2 {
+    vs: nn::VarStore,
+    arch: ArchConfig,
+    wte: Tensor,
+    wpe: Tensor,
+    blocks: Vec<Block>,
+    ln_f: LayerNorm,
+    lm_head: Tensor,
+    kind: Kind,
+}
+
+impl Gpt2 {
+    pub fn new(vs: nn::VarStore, c: Gpt2Config, w: &mut dyn WeightSource, kind: Kind) -> Result<Self> {
+        let root = vs.root();
+        let t = &root / "transformer";
+        let d = c.n_embd as i64;
+        let wte = param(&(&t / "wte"), w, kind, "weight", &[c.vocab_size as i64, d])?;
+        let wpe = param(&(&t / "wpe"), w, kind, "weight", &[c.n_positions as i64, d])?;
+        let blocks = (0..c.n_layer)
+            .map(|i| Block::new(&(&t / "h" / i), w, kind, &c))
+            .collect::<Result<Vec<_>>>()?;
+        let ln_f = LayerNorm::new(&(&t / "ln_f"), w, kind, d, c.layer_norm_epsilon)?;
+        let lm_head = if c.tie_word_embeddings {
+            wte.shallow_clone()
+        } else {
+            param(&(&root / "lm_head"), w, kind, "weight", &[c.vocab_size as i64, d])?
+        };
+        Ok(Gpt2 { arch: ArchConfig::Gpt2(c), vs, wte, wpe, blocks, ln_f, lm_head, kind })
+    }
+}
+
+impl Backbone for Gpt2 {
+    fn arch(&self) -> &ArchConfig {
+        &self.arch
+    }
+
+    fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        mut cache: Option<&mut KvCache>,
+        hook: &mut dyn LayerHook,
+    ) -> Tensor {
+        let (b_sz, seq_len) = input_ids.size2().unwrap_or_default();
+        let batch = BatchMask::new(attention_mask, cache.as_deref_mut(), b_sz, seq_len, self.vs.device());
+        let mut x = Tensor::embedding(&self.wte, input_ids, -1, false, false)
+            + Tensor::embedding(&self.wpe, &batch.positions, -1, false, false); // (b, t, d)
+        for (i, block) in self.blocks.iter().enumerate() {
+            x = hook.after_block(i, block.forward(&x, &batch, cache.as_deref_mut(), i));
+        }
+        self.ln_f.forward(&x)
+    }
+
+    fn lm_logits(&self, hidden: &Tensor) -> Tensor {
+        hidden.matmul(&self.lm_head.tr())
+    }
+
+    fn var_store(&self) -> &nn::VarStore {
+        &self.vs
+    }
+
+    fn kind(&self) -> Kind {
+        self.kind
+    }
+}

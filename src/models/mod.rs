@@ -1,0 +1,105 @@
+//! Frozen decoder backbones (GPT-2, LLaMA-3) and how their weights arrive.
+//!
+//! A backbone never knows its rank or reads the environment; it sees token ids, an attention
+//! mask and a [`LayerHook`] through which the plug-in modules of METHOD.md sit between blocks.
+pub mod attention;
+pub mod generate;
+pub mod gguf;
+pub mod gpt2;
+pub mod hf_config;
+pub mod llama;
+pub mod resolve;
+pub mod weights;
+
+use tch::{nn, Device, Kind, Tensor};
+
+pub use hf_config::ArchConfig;
+pub use resolve::{resolve, ModelFiles};
+pub use weights::WeightSource;
+
+/// Called after every block with its output hidden states `(b, t, d)`; returns what the next
+/// block sees. The backbone itself has no idea what the hook does.
+pub trait LayerHook {
+    fn after_block(&mut self, layer: usize, hidden: Tensor) -> Tensor;
+}
+
+/// The identity hook.
+pub struct NoHook;
+
+impl LayerHook for NoHook {
+    fn after_block(&mut self, _layer: usize, hidden: Tensor) -> Tensor {
+        hidden
+    }
+}
+
+/// Records every block's output (for tests and feature extraction).
+#[derive(Default)]
+pub struct RecordHook {
+    pub hidden: Vec<Tensor>,
+}
+
+impl LayerHook for RecordHook {
+    fn after_block(&mut self, _layer: usize, hidden: Tensor) -> Tensor {
+        self.hidden.push(hidden.shallow_clone());
+        hidden
+    }
+}
+
+/// Per-layer key/value cache for incremental decoding, plus the padding mask seen so far.
+pub struct KvCache {
+    pub layers: Vec<Option<(Tensor, Tensor)>>,
+    /// `(b, s)` with 1 for real tokens, over every position already in the cache.
+    pub mask: Option<Tensor>,
+}
+
+impl KvCache {
+    pub fn new(num_layers: usize) -> Self {
+        KvCache { layers: (0..num_layers).map(|_| None).collect(), mask: None }
+    }
+    pub fn seq_len(&self) -> i64 {
+        match self.layers.first() {
+            Some(Some((k, _))) => k.size()[2],
+            _ => 0,
+        }
+    }
+}
+
+/// A decoder-only transformer with a frozen VarStore whose paths equal the HF safetensors keys.
+pub trait Backbone: Send {
+    fn arch(&self) -> &ArchConfig;
+    /// Final hidden states `(b, t, d)` after the last norm. `attention_mask` is `(b, t)` (1 = real
+    /// token, 0 = padding) for the new tokens; `cache`, if given, is read and extended.
+    fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        cache: Option<&mut KvCache>,
+        hook: &mut dyn LayerHook,
+    ) -> Tensor;
+    /// Language-model logits `(b, t, vocab)` for hidden states.
+    fn lm_logits(&self, hidden: &Tensor) -> Tensor;
+    fn var_store(&self) -> &nn::VarStore;
+    fn device(&self) -> Device {
+        self.var_store().device()
+    }
+    fn kind(&self) -> Kind;
+    fn num_parameters(&self) -> i64 {
+        self.var_store().variables().values().map(|t| t.numel() as i64).sum()
+    }
+}
+
+/// Builds the backbone that `arch` describes, taking every tensor from `weights`.
+pub fn build(
+    arch: &ArchConfig,
+    weights: &mut dyn WeightSource,
+    kind: Kind,
+    device: Device,
+) -> crate::Result<Box<dyn Backbone>> {
+    let vs = nn::VarStore::new(device);
+    let model: Box<dyn Backbone> = match arch {
+        ArchConfig::Gpt2(c) => Box::new(gpt2::Gpt2::new(vs, c.clone(), weights, kind)?),
+        ArchConfig::Llama(c) => Box::new(llama::Llama::new(vs, c.clone(), weights, kind)?),
+    };
+    weights.finish()?;
+    Ok(model)
+}

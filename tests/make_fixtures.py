@@ -1,0 +1,208 @@
+"""Reference fixtures for the Rust tests, produced by Hugging Face transformers, tokenizers and
+tiktoken in the project virtualenv. Rerun with `make fixtures` (writes tests/fixtures/, ignored by
+git). Every number a Rust test compares against comes from here.
+"""
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+OUT = Path(__file__).parent / "fixtures"
+CACHE = Path(os.environ.get("UMTUNE_CACHE", Path.home() / ".cache" / "umtune"))
+GGUF = CACHE / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+LLAMA3_TOKENIZER = CACHE / "tokenizers" / "llama3" / "tokenizer.model"
+
+# Right-padded batch: lengths 7, 4, 6 (padding id 0 is a real id; the mask is what matters).
+LENGTHS = [7, 4, 6]
+SEQ = max(LENGTHS)
+
+TEXTS = [
+    "Hello world! The quick brown fox jumps over the lazy dog.",
+    "  leading spaces, trailing spaces   ",
+    "tabs\tand\nnewlines\r\n\n\nmixed   \t  whitespace runs",
+    "Numbers: 1234567890, 3.14159, 1e-5, 2026-11-26 and $1,000,000.",
+    "Contractions: I'm, you're, he'll, we'd, they've, it's, DON'T",
+    "Unicode: café naïve Zürich Ελληνικά русский 中文字符 日本語 한국어 🤗🚀 👩‍👩‍👧",
+    "Code: def f(x):\n    return x**2 + 1  # comment",
+    "",
+    "a",
+    "<|endoftext|> special <|im_start|>user\nhi<|im_end|>",
+]
+
+
+def batch_inputs(vocab_size):
+    g = torch.Generator().manual_seed(1234)
+    ids = torch.randint(1, vocab_size, (len(LENGTHS), SEQ), generator=g)
+    mask = torch.zeros(len(LENGTHS), SEQ, dtype=torch.int64)
+    for i, n in enumerate(LENGTHS):
+        mask[i, :n] = 1
+        ids[i, n:] = 0
+    return ids, mask
+
+
+def save_reference(model, directory, extra_dtypes=()):
+    """Logits and hidden states for a padded batch and for each sequence alone."""
+    model.eval()
+    ids, mask = batch_inputs(model.config.vocab_size)
+    tensors = {"input_ids": ids, "attention_mask": mask}
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        tensors["logits"] = out.logits.float()
+        for i, h in enumerate(out.hidden_states):
+            tensors[f"hidden.{i}"] = h.float()
+        for j, n in enumerate(LENGTHS):
+            alone = model(input_ids=ids[j : j + 1, :n])
+            tensors[f"alone.{j}.logits"] = alone.logits.float()
+        for dtype in extra_dtypes:
+            m = model.to(dtype)
+            tensors[f"logits.{str(dtype).split('.')[-1]}"] = m(input_ids=ids, attention_mask=mask).logits.float()
+            model.to(torch.float32)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / "reference.safetensors"))
+
+
+def tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=1000, n_positions=64, n_embd=32, n_layer=2, n_head=4)
+    model = GPT2LMHeadModel(cfg)
+    d = OUT / "gpt2-tiny"
+    model.save_pretrained(d, safe_serialization=True)
+    save_reference(model, d)
+
+
+def tiny_llama(name, tied, rope_scaling, max_shard_size=None):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1)
+    kwargs = dict(
+        vocab_size=1000,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=tied,
+    )
+    rope = {"rope_type": "default", "rope_theta": 10000.0}
+    if rope_scaling:
+        # original_max_position_embeddings=8 puts head_dim=16 frequencies in all three bands of the
+        # llama3 rule (low, smoothed, high) so that the rule is really exercised.
+        rope = {
+            "rope_type": "llama3",
+            "rope_theta": 10000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8,
+        }
+    cfg = LlamaConfig(**kwargs, rope_parameters=rope)
+    model = LlamaForCausalLM(cfg)
+    # Random init leaves norms at 1; perturb them so a missing norm would show.
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.add_(torch.randn_like(p) * 0.1)
+    d = OUT / name
+    extra = {}
+    if max_shard_size:
+        extra["max_shard_size"] = max_shard_size
+    model.save_pretrained(d, safe_serialization=True, **extra)
+    save_reference(model, d, extra_dtypes=(torch.bfloat16,))
+
+
+def byte_level_bpe():
+    """A small GPT-2-style BPE trained here, saved both as vocab.json+merges.txt and tokenizer.json."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2TokenizerFast
+
+    corpus = [t for t in TEXTS if t] * 20 + [
+        "the cat sat on the mat and the dog sat on the log " * 5,
+        "training a byte level bpe tokenizer on a tiny corpus of english words " * 5,
+    ]
+    tok = ByteLevelBPETokenizer()
+    tok.train_from_iterator(corpus, vocab_size=600, min_frequency=2, special_tokens=["<|endoftext|>"])
+    d = OUT / "bpe-tiny"
+    d.mkdir(parents=True, exist_ok=True)
+    tok.save_model(str(d))
+    fast = GPT2TokenizerFast(vocab_file=str(d / "vocab.json"), merges_file=str(d / "merges.txt"))
+    j = OUT / "bpe-tiny-json"
+    j.mkdir(parents=True, exist_ok=True)
+    fast.backend_tokenizer.save(str(j / "tokenizer.json"))
+    enc = {t: fast(t, add_special_tokens=False)["input_ids"] for t in TEXTS}
+    (d / "encodings.json").write_text(json.dumps(enc, ensure_ascii=False, indent=0))
+
+
+def llama3_tiktoken():
+    import tiktoken
+    from tiktoken.load import load_tiktoken_bpe
+
+    ranks = load_tiktoken_bpe(str(LLAMA3_TOKENIZER))
+    specials = [
+        "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+        "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
+        "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>",
+        "<|python_tag|>", "<|image|>",
+    ]
+    specials += [f"<|reserved_special_token_{2 + i}|>" for i in range(256 - len(specials))]
+    pat = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    enc = tiktoken.Encoding(
+        name="llama3", pat_str=pat, mergeable_ranks=ranks,
+        special_tokens={t: len(ranks) + i for i, t in enumerate(specials)},
+    )
+    texts = TEXTS + ["<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi!<|eot_id|>"]
+    out = {t: enc.encode(t, allowed_special="all") for t in texts}
+    d = OUT / "llama3-tokenizer"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "encodings.json").write_text(json.dumps(out, ensure_ascii=False, indent=0))
+
+
+SMOLLM_SENTENCES = [
+    "The capital of France is",
+    "Once upon a time, there was a little girl who",
+    "Water boils at 100 degrees Celsius because",
+]
+
+
+def smollm2_gguf():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(GGUF.parent), gguf_file=GGUF.name)
+    model = AutoModelForCausalLM.from_pretrained(str(GGUF.parent), gguf_file=GGUF.name, dtype=torch.float32)
+    model.eval()
+    d = OUT / "smollm2"
+    d.mkdir(parents=True, exist_ok=True)
+    enc = {t: tok(t, add_special_tokens=True)["input_ids"] for t in TEXTS + SMOLLM_SENTENCES}
+    (d / "encodings.json").write_text(json.dumps(enc, ensure_ascii=False, indent=0))
+    tensors, generations = {}, {}
+    with torch.no_grad():
+        for i, s in enumerate(SMOLLM_SENTENCES):
+            ids = torch.tensor([enc[s]])
+            tensors[f"logits.{i}"] = model(input_ids=ids).logits[0].float().contiguous()
+            gen = model.generate(ids, max_new_tokens=24, do_sample=False, attention_mask=torch.ones_like(ids))
+            generations[s] = {"prompt_ids": enc[s], "generated_ids": gen[0, ids.shape[1]:].tolist()}
+    save_file(tensors, str(d / "reference.safetensors"))
+    (d / "generations.json").write_text(json.dumps(generations, indent=0))
+
+
+def main():
+    OUT.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    tiny_gpt2()
+    tiny_llama("llama-tiny-tied", tied=True, rope_scaling=True)
+    tiny_llama("llama-tiny-untied", tied=False, rope_scaling=False, max_shard_size="60KB")
+    byte_level_bpe()
+    if not GGUF.exists() or not LLAMA3_TOKENIZER.exists():
+        sys.exit(f"missing {GGUF} or {LLAMA3_TOKENIZER}: run `make assets` first")
+    llama3_tiktoken()
+    smollm2_gguf()
+    print(f"fixtures written to {OUT}")
+
+
+if __name__ == "__main__":
+    main()
