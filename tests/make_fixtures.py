@@ -67,7 +67,8 @@ def tiny_gpt2():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=1000, n_positions=64, n_embd=32, n_layer=2, n_head=4)
+    # initializer_range 0.2 (not 0.02) gives O(1) activations, so a wrong op shows well above 1e-4.
+    cfg = GPT2Config(vocab_size=1000, n_positions=64, n_embd=32, n_layer=2, n_head=4, initializer_range=0.2)
     model = GPT2LMHeadModel(cfg)
     d = OUT / "gpt2-tiny"
     model.save_pretrained(d, safe_serialization=True)
@@ -88,6 +89,7 @@ def tiny_llama(name, tied, rope_scaling, max_shard_size=None):
         max_position_embeddings=128,
         rms_norm_eps=1e-5,
         tie_word_embeddings=tied,
+        initializer_range=0.2,
     )
     rope = {"rope_type": "default", "rope_theta": 10000.0}
     if rope_scaling:
@@ -130,11 +132,12 @@ def byte_level_bpe():
     d = OUT / "bpe-tiny"
     d.mkdir(parents=True, exist_ok=True)
     tok.save_model(str(d))
-    fast = GPT2TokenizerFast(vocab_file=str(d / "vocab.json"), merges_file=str(d / "merges.txt"))
+    fast = GPT2TokenizerFast.from_pretrained(str(d))
     j = OUT / "bpe-tiny-json"
     j.mkdir(parents=True, exist_ok=True)
     fast.backend_tokenizer.save(str(j / "tokenizer.json"))
     enc = {t: fast(t, add_special_tokens=False)["input_ids"] for t in TEXTS}
+    assert all(enc[t] for t in TEXTS if t), "reference tokenizer produced empty encodings"
     (d / "encodings.json").write_text(json.dumps(enc, ensure_ascii=False, indent=0))
 
 

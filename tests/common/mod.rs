@@ -1,0 +1,38 @@
+//! Shared helpers for the integration tests: fixture paths (made by tests/make_fixtures.py) and
+//! tensor comparisons.
+#![allow(dead_code)]
+use std::collections::HashMap;
+use std::path::PathBuf;
+use tch::Tensor;
+
+pub type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+/// A fixture directory; a missing one is an error that says how to make it.
+pub fn fixture(name: &str) -> Result<PathBuf, String> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests").join("fixtures").join(name);
+    if dir.exists() {
+        Ok(dir)
+    } else {
+        Err(format!("{} is missing: run `make fixtures`", dir.display()))
+    }
+}
+
+pub fn reference(name: &str) -> Result<HashMap<String, Tensor>, Box<dyn std::error::Error>> {
+    let path = fixture(name)?.join("reference.safetensors");
+    Ok(Tensor::read_safetensors(&path)?.into_iter().collect())
+}
+
+/// Largest absolute difference between two tensors of equal shape (compared in f32).
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.size(), b.size(), "shape mismatch");
+    (a.to_kind(tch::Kind::Float) - b.to_kind(tch::Kind::Float)).abs().max().double_value(&[])
+}
+
+pub fn assert_close(what: &str, a: &Tensor, b: &Tensor, tol: f64) {
+    let d = max_abs_diff(a, b);
+    assert!(d <= tol, "{what}: max |diff| = {d:e} > {tol:e}");
+}
+
+pub fn read_json(path: PathBuf) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
+    Ok(serde_json::from_str(&std::fs::read_to_string(path)?)?)
+}
