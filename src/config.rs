@@ -23,7 +23,7 @@ impl Default for ModelConfig {
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
+#[serde(try_from = "String", into = "String")]
 pub enum Dtype {
     F32,
     Bf16,
@@ -40,17 +40,38 @@ impl Dtype {
     }
 }
 
-impl std::str::FromStr for Dtype {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
+impl TryFrom<String> for Dtype {
+    type Error = String;
+    fn try_from(s: String) -> std::result::Result<Self, String> {
+        match s.as_str() {
             "f32" => Ok(Dtype::F32),
             "bf16" => Ok(Dtype::Bf16),
             "f16" => Ok(Dtype::F16),
-            other => Err(Error::Config(format!(
-                "dtype `{other}` is not one of `f32`, `bf16`, `f16`"
-            ))),
+            other => Err(format!("dtype `{other}` is not one of `f32`, `bf16`, `f16`")),
         }
+    }
+}
+
+impl From<Dtype> for String {
+    fn from(d: Dtype) -> String {
+        d.as_str().to_string()
+    }
+}
+
+impl Dtype {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Dtype::F32 => "f32",
+            Dtype::Bf16 => "bf16",
+            Dtype::F16 => "f16",
+        }
+    }
+}
+
+impl std::str::FromStr for Dtype {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Dtype::try_from(s.to_string()).map_err(Error::Config)
     }
 }
 

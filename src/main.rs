@@ -4,7 +4,7 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::time::Instant;
 use tch::{Kind, Tensor};
-use umtune::config::{parse_device, Config, Dtype};
+use umtune::config::{parse_device, Config};
 use umtune::logging::{self, LogFormat};
 use umtune::models::{generate, resolve, NoHook};
 
@@ -52,7 +52,7 @@ enum Command {
         #[arg(long)]
         ids: bool,
     },
-    /// Time forward passes (tokens/s), printed as one JSON line for bench/ scripts.
+    /// Time forward passes (median tokens/s), printed as one JSON line for bench/ scripts.
     BenchForward {
         #[command(flatten)]
         cfg: ConfigArgs,
@@ -82,10 +82,20 @@ fn load_config(args: &ConfigArgs, model: &Option<String>) -> Result<Config> {
     Ok(cfg)
 }
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     logging::init(cli.log_format);
-    match cli.command {
+    match run(cli.command) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command) -> Result<()> {
+    match command {
         Command::Doctor => {
             for fact in umtune::doctor::facts() {
                 println!("{:<24} {}", fact.name, fact.value);
@@ -132,16 +142,18 @@ fn main() -> Result<()> {
             for _ in 0..warmup {
                 run();
             }
-            let start = Instant::now();
-            for _ in 0..iters {
-                run();
-            }
-            let secs = start.elapsed().as_secs_f64() / iters as f64;
-            let dtype = match cfg.model.dtype {
-                Dtype::F32 => "f32",
-                Dtype::Bf16 => "bf16",
-                Dtype::F16 => "f16",
-            };
+            let mut times: Vec<f64> = (0..iters)
+                .map(|_| {
+                    let start = Instant::now();
+                    run();
+                    start.elapsed().as_secs_f64()
+                })
+                .collect();
+            times.sort_by(f64::total_cmp);
+            let mid = times.len() / 2;
+            // The median, as bench/forward.py takes it for the reference.
+            let secs = if times.len() % 2 == 1 { times[mid] } else { (times[mid - 1] + times[mid]) / 2.0 };
+            let dtype = cfg.model.dtype.as_str();
             println!(
                 "{}",
                 serde_json::json!({

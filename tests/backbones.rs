@@ -112,3 +112,34 @@ fn backbone_is_frozen_and_named_like_safetensors() -> TestResult {
     assert!(!tied.var_store().variables().contains_key("lm_head.weight"));
     Ok(())
 }
+
+/// On a CUDA machine: the same fixtures on the GPU, f32 and bf16. Without CUDA it has nothing to
+/// run and says so.
+#[test]
+fn cuda_forward_matches_transformers() -> TestResult {
+    if !tch::Cuda::is_available() {
+        eprintln!("no CUDA device: cuda_forward_matches_transformers has nothing to check here");
+        return Ok(());
+    }
+    let _g = tch::no_grad_guard();
+    let gpu = Device::Cuda(0);
+    for name in ["gpt2-tiny", "llama-tiny-tied", "llama-tiny-untied"] {
+        let dir = fixture(name)?;
+        let r = reference(name)?;
+        let real = r["attention_mask"].unsqueeze(-1).to_kind(Kind::Float);
+        let (ids, mask) = (r["input_ids"].to_device(gpu), r["attention_mask"].to_device(gpu));
+        let model = load(dir.to_str().ok_or("path")?, Kind::Float, gpu)?.backbone;
+        let logits = model.lm_logits(&model.forward(&ids, Some(&mask), None, &mut NoHook)).to_device(Device::Cpu);
+        let d = max_abs_diff(&(&logits * &real), &(&r["logits"] * &real));
+        eprintln!("{name} cuda f32: max |diff| = {d:e}");
+        assert!(d < 1e-4, "{name} cuda f32: {d:e}");
+        if name.starts_with("llama") {
+            let model = load(dir.to_str().ok_or("path")?, Kind::BFloat16, gpu)?.backbone;
+            let logits = model.lm_logits(&model.forward(&ids, Some(&mask), None, &mut NoHook)).to_device(Device::Cpu);
+            let d = max_abs_diff(&(logits.to_kind(Kind::Float) * &real), &(&r["logits"] * &real));
+            eprintln!("{name} cuda bf16 vs f32 reference: max |diff| = {d:e}");
+            assert!(d < 3e-1, "{name} cuda bf16: {d:e}");
+        }
+    }
+    Ok(())
+}

@@ -7,9 +7,9 @@ use umtune::models::gguf::{dequantize, GgmlType};
 use umtune::models::resolve::{default_model_path, load};
 use umtune::models::{generate, NoHook};
 
-/// Measured: max |diff| about 1e-4 on logits of magnitude ~20 (both sides dequantize the same
-/// blocks to f32 exactly; the rest is f32 summation order over 30 layers).
-const LOGIT_TOL: f64 = 2e-3;
+/// Measured: max |diff| 3.6e-5 to 5.1e-5 on logits of magnitude ~20. Both sides dequantize the
+/// same blocks to f32 exactly, so what is left is f32 summation order over 30 layers.
+const LOGIT_TOL: f64 = 5e-4;
 
 fn sentences() -> Result<serde_json::Value, Box<dyn std::error::Error>> {
     read_json(fixture("smollm2")?.join("generations.json"))

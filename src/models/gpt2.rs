@@ -18,7 +18,11 @@ impl Conv1d {
         Ok(Conv1d { weight: param(p, w, kind, "weight", &[n_in, n_out])?, bias: param(p, w, kind, "bias", &[n_out])? })
     }
     fn forward(&self, x: &Tensor) -> Tensor {
-        x.matmul(&self.weight) + &self.bias
+        let mut out_shape = x.size();
+        let n_in = out_shape.pop().unwrap_or_default();
+        out_shape.push(self.weight.size()[1]);
+        // One fused addmm over all rows, as transformers' Conv1D does.
+        self.bias.addmm(&x.reshape([-1, n_in]), &self.weight).view(out_shape.as_slice())
     }
 }
 
@@ -145,7 +149,7 @@ impl Backbone for Gpt2 {
     }
 
     fn lm_logits(&self, hidden: &Tensor) -> Tensor {
-        hidden.matmul(&self.lm_head.tr())
+        hidden.linear::<&Tensor>(&self.lm_head, None)
     }
 
     fn var_store(&self) -> &nn::VarStore {

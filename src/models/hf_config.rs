@@ -36,7 +36,8 @@ impl ArchConfig {
         }
     }
 
-    /// Named shapes: `gpt2`, `gpt2-medium`, `gpt2-large`, `gpt2-xl`, `llama3-8b`, `llama3.1-8b`.
+    /// Named shapes: `gpt2`, `gpt2-medium`, `gpt2-large`, `gpt2-xl`, `smollm2-135m`, `llama3-8b`,
+    /// `llama3.1-8b`.
     pub fn preset(name: &str) -> Result<ArchConfig> {
         let gpt2 = |n_embd, n_layer, n_head| {
             ArchConfig::Gpt2(Gpt2Config { n_embd, n_layer, n_head, ..Gpt2Config::default() })
@@ -64,6 +65,22 @@ impl ArchConfig {
             "gpt2-medium" => gpt2(1024, 24, 16),
             "gpt2-large" => gpt2(1280, 36, 20),
             "gpt2-xl" => gpt2(1600, 48, 25),
+            "smollm2-135m" => ArchConfig::Llama(LlamaConfig {
+                vocab_size: 49152,
+                hidden_size: 576,
+                intermediate_size: 1536,
+                num_hidden_layers: 30,
+                num_attention_heads: 9,
+                num_key_value_heads: 3,
+                head_dim: 64,
+                rms_norm_eps: 1e-5,
+                rope_theta: 100000.0,
+                rope_scaling: None,
+                max_position_embeddings: 8192,
+                tie_word_embeddings: true,
+                attention_bias: false,
+                mlp_bias: false,
+            }),
             "llama3-8b" => llama3_8b(None),
             "llama3.1-8b" => llama3_8b(Some(Llama3RopeScaling {
                 factor: 8.0,
@@ -73,7 +90,7 @@ impl ArchConfig {
             })),
             other => {
                 return Err(Error::Config(format!(
-                    "unknown preset `{other}`: use gpt2, gpt2-medium, gpt2-large, gpt2-xl, llama3-8b or llama3.1-8b"
+                    "unknown preset `{other}`: use gpt2, gpt2-medium, gpt2-large, gpt2-xl, smollm2-135m, llama3-8b or llama3.1-8b"
                 )))
             }
         })

@@ -202,7 +202,7 @@ impl Backbone for Llama {
     }
 
     fn lm_logits(&self, hidden: &Tensor) -> Tensor {
-        hidden.matmul(&self.lm_head.tr())
+        hidden.linear::<&Tensor>(&self.lm_head, None)
     }
 
     fn var_store(&self) -> &nn::VarStore {

@@ -1,0 +1,81 @@
+//! Bad checkpoints and references fail with messages that name the tensor and the file.
+mod common;
+use common::*;
+use std::path::PathBuf;
+use tch::{Device, Kind, Tensor};
+use umtune::models::resolve::load;
+
+/// A copy of the tiny GPT-2 fixture whose tensors went through `edit`.
+fn edited_gpt2(tag: &str, edit: impl FnOnce(&mut Vec<(String, Tensor)>)) -> Result<PathBuf, Box<dyn std::error::Error>> {
+    let src = fixture("gpt2-tiny")?;
+    let dir = std::env::temp_dir().join(format!("umtune-load-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    std::fs::copy(src.join("config.json"), dir.join("config.json"))?;
+    let mut tensors = Tensor::read_safetensors(src.join("model.safetensors"))?;
+    edit(&mut tensors);
+    Tensor::write_safetensors(&tensors, dir.join("model.safetensors"))?;
+    Ok(dir)
+}
+
+fn load_err(dir: &std::path::Path) -> String {
+    match load(dir.to_str().unwrap_or_default(), Kind::Float, Device::Cpu) {
+        Ok(_) => panic!("expected {} to fail to load", dir.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn missing_tensor() -> TestResult {
+    let dir = edited_gpt2("missing", |t| t.retain(|(n, _)| n != "transformer.h.1.mlp.c_fc.weight"))?;
+    let e = load_err(&dir);
+    assert!(e.contains("transformer.h.1.mlp.c_fc.weight") && e.contains("missing") && e.contains("model.safetensors"), "{e}");
+    Ok(())
+}
+
+#[test]
+fn unexpected_tensor() -> TestResult {
+    let dir = edited_gpt2("unexpected", |t| t.push(("transformer.h.9.extra.weight".into(), Tensor::zeros([2], (Kind::Float, Device::Cpu)))))?;
+    let e = load_err(&dir);
+    assert!(e.contains("transformer.h.9.extra.weight") && e.contains("unexpected") && e.contains("model.safetensors"), "{e}");
+    Ok(())
+}
+
+#[test]
+fn misshaped_tensor() -> TestResult {
+    let dir = edited_gpt2("shape", |t| {
+        for (n, v) in t.iter_mut() {
+            if n == "transformer.ln_f.weight" {
+                *v = Tensor::ones([31], (Kind::Float, Device::Cpu));
+            }
+        }
+    })?;
+    let e = load_err(&dir);
+    assert!(e.contains("transformer.ln_f.weight") && e.contains("[31]") && e.contains("[32]") && e.contains("model.safetensors"), "{e}");
+    Ok(())
+}
+
+#[test]
+fn corrupt_files_are_named() -> TestResult {
+    let dir = edited_gpt2("corrupt", |_| {})?;
+    std::fs::write(dir.join("model.safetensors"), b"not a safetensors file")?;
+    let e = load_err(&dir);
+    assert!(e.contains("model.safetensors"), "{e}");
+    std::fs::write(dir.join("config.json"), "{\"model_type\": \"bert\"}")?;
+    let e = load_err(&dir);
+    assert!(e.contains("config.json") && e.contains("bert"), "{e}");
+    let gguf = dir.join("bad.gguf");
+    std::fs::write(&gguf, b"GGUF\x09\x00\x00\x00")?;
+    let e = load_err(&gguf);
+    assert!(e.contains("bad.gguf") && e.contains("version 9"), "{e}");
+    Ok(())
+}
+
+#[test]
+fn offline_hub_id_says_what_was_missing_and_where() -> TestResult {
+    let cache = std::env::temp_dir().join(format!("umtune-hf-{}", std::process::id()));
+    std::env::set_var("HF_HOME", &cache);
+    std::env::set_var("HF_HUB_OFFLINE", "1");
+    let e = load_err(std::path::Path::new("openai-community/gpt2"));
+    assert!(e.contains("openai-community/gpt2") && e.contains("config.json") && e.contains("models--openai-community--gpt2"), "{e}");
+    Ok(())
+}
