@@ -11,9 +11,16 @@ fn torch_lib_dir() -> Option<PathBuf> {
     if let Ok(dir) = std::env::var("LIBTORCH") {
         return Some(PathBuf::from(dir).join("lib"));
     }
-    let python = if std::env::var_os("VIRTUAL_ENV").is_some() { "python" } else { "python3" };
-    let out = Command::new(&python)
-        .args(["-c", "import os, torch; print(os.path.join(os.path.dirname(torch.__file__), 'lib'))"])
+    let python = if std::env::var_os("VIRTUAL_ENV").is_some() {
+        "python"
+    } else {
+        "python3"
+    };
+    let out = Command::new(python)
+        .args([
+            "-c",
+            "import os, torch; print(os.path.join(os.path.dirname(torch.__file__), 'lib'))",
+        ])
         .output()
         .ok()?;
     if !out.status.success() {

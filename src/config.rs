@@ -18,7 +18,11 @@ pub struct ModelConfig {
 
 impl Default for ModelConfig {
     fn default() -> Self {
-        ModelConfig { source: "default".into(), dtype: Dtype::F32, device: "auto".into() }
+        ModelConfig {
+            source: "default".into(),
+            dtype: Dtype::F32,
+            device: "auto".into(),
+        }
     }
 }
 
@@ -47,7 +51,9 @@ impl TryFrom<String> for Dtype {
             "f32" => Ok(Dtype::F32),
             "bf16" => Ok(Dtype::Bf16),
             "f16" => Ok(Dtype::F16),
-            other => Err(format!("dtype `{other}` is not one of `f32`, `bf16`, `f16`")),
+            other => Err(format!(
+                "dtype `{other}` is not one of `f32`, `bf16`, `f16`"
+            )),
         }
     }
 }
@@ -87,7 +93,11 @@ pub struct RunConfig {
 
 impl Default for RunConfig {
     fn default() -> Self {
-        RunConfig { threads: 0, seed: 42, output_dir: "runs".into() }
+        RunConfig {
+            threads: 0,
+            seed: 42,
+            output_dir: "runs".into(),
+        }
     }
 }
 
@@ -107,7 +117,10 @@ impl Config {
         let mut builder = config::Config::builder();
         if let Some(file) = file {
             if !file.exists() {
-                return Err(Error::Config(format!("{}: no such config file", file.display())));
+                return Err(Error::Config(format!(
+                    "{}: no such config file",
+                    file.display()
+                )));
             }
             builder = builder.add_source(config::File::from(file).format(config::FileFormat::Toml));
         }
@@ -119,14 +132,20 @@ impl Config {
         );
         for item in overrides {
             let (key, value) = item.split_once('=').ok_or_else(|| {
-                Error::Config(format!("override `{item}` must look like section.key=value"))
+                Error::Config(format!(
+                    "override `{item}` must look like section.key=value"
+                ))
             })?;
             builder = builder
                 .set_override(key.trim(), value.trim())
                 .map_err(|e| Error::Config(format!("override `{item}`: {e}")))?;
         }
-        let merged = builder.build().map_err(|e| Error::Config(describe(file, &e)))?;
-        let cfg: Config = merged.try_deserialize().map_err(|e| Error::Config(describe(file, &e)))?;
+        let merged = builder
+            .build()
+            .map_err(|e| Error::Config(describe(file, &e)))?;
+        let cfg: Config = merged
+            .try_deserialize()
+            .map_err(|e| Error::Config(describe(file, &e)))?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -134,7 +153,10 @@ impl Config {
     /// Checks values that serde's types cannot express, with messages that say what to change.
     pub fn validate(&self) -> Result<()> {
         if self.model.source.trim().is_empty() {
-            return Err(Error::Config("model.source is empty: give a directory, a .gguf file, a hub id or `default`".into()));
+            return Err(Error::Config(
+                "model.source is empty: give a directory, a .gguf file, a hub id or `default`"
+                    .into(),
+            ));
         }
         parse_device(&self.model.device)?;
         if self.run.threads > 1024 {
@@ -171,7 +193,9 @@ pub fn parse_device(spec: &str) -> Result<tch::Device> {
         "cuda" => Ok(tch::Device::Cuda(0)),
         s => {
             let idx = s.strip_prefix("cuda:").ok_or_else(bad)?;
-            idx.parse::<usize>().map(tch::Device::Cuda).map_err(|_| bad())
+            idx.parse::<usize>()
+                .map(tch::Device::Cuda)
+                .map_err(|_| bad())
         }
     }
 }

@@ -12,27 +12,54 @@ pub fn facts() -> Vec<Fact> {
     let mut add = |name, value: String| out.push(Fact { name, value });
     add("umtune", env!("CARGO_PKG_VERSION").to_string());
     add("libtorch", torch_version());
-    add("libtorch dir", option_env!("UMTUNE_TORCH_LIB").unwrap_or("(not recorded at build)").to_string());
+    add(
+        "libtorch dir",
+        option_env!("UMTUNE_TORCH_LIB")
+            .unwrap_or("(not recorded at build)")
+            .to_string(),
+    );
     let cuda = tch::Cuda::is_available();
     add("cuda available", cuda.to_string());
     add("cuda devices", tch::Cuda::device_count().to_string());
-    add("cudnn available", tch::Cuda::cudnn_is_available().to_string());
+    add(
+        "cudnn available",
+        tch::Cuda::cudnn_is_available().to_string(),
+    );
     add(
         "nccl",
         match nccl::probe() {
-            NcclStatus::Loaded { version } => format!("loadable (version {})", nccl::format_version(version)),
+            NcclStatus::Loaded { version } => {
+                format!("loadable (version {})", nccl::format_version(version))
+            }
             NcclStatus::Missing { hint } => format!("not loadable: {hint}"),
         },
     );
     add("cpu threads (libtorch)", tch::get_num_threads().to_string());
-    add("cpu cores", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).to_string());
+    add(
+        "cpu cores",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .to_string(),
+    );
     let default = default_model_path();
     add(
         "default model",
-        format!("{} ({})", default.display(), if default.exists() { "present" } else { "missing: run `make assets`" }),
+        format!(
+            "{} ({})",
+            default.display(),
+            if default.exists() {
+                "present"
+            } else {
+                "missing: run `make assets`"
+            }
+        ),
     );
     add("asset cache", asset_cache().display().to_string());
-    add("hugging face cache", hf_hub::Cache::from_env().path().display().to_string());
+    add(
+        "hugging face cache",
+        hf_hub::Cache::from_env().path().display().to_string(),
+    );
     out
 }
 
@@ -42,8 +69,10 @@ fn torch_version() -> String {
         .map(|lib| std::path::Path::new(lib).join("../version.py"))
         .and_then(|p| std::fs::read_to_string(p).ok())
         .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("__version__ = ").map(|v| v.trim_matches(|c| c == '\'' || c == '"').to_string()))
+            s.lines().find_map(|l| {
+                l.strip_prefix("__version__ = ")
+                    .map(|v| v.trim_matches(|c| c == '\'' || c == '"').to_string())
+            })
         })
         .unwrap_or_else(|| "2.11 (tch 0.24)".to_string())
 }

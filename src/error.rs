@@ -6,11 +6,18 @@ pub enum Error {
     #[error("config: {0}")]
     Config(String),
     #[error("{}: {source}", path.display())]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{}: {msg}", path.display())]
     Format { path: PathBuf, msg: String },
     #[error("{}: tensor `{name}`: {msg}", path.display())]
-    Tensor { path: PathBuf, name: String, msg: String },
+    Tensor {
+        path: PathBuf,
+        name: String,
+        msg: String,
+    },
     #[error("model `{reference}`: {msg}")]
     ModelNotFound { reference: String, msg: String },
     #[error("tokenizer {}: {msg}", path.display())]
@@ -23,12 +30,22 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+        Error::Io {
+            path: path.into(),
+            source,
+        }
     }
     pub fn format(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
-        Error::Format { path: path.into(), msg: msg.into() }
+        Error::Format {
+            path: path.into(),
+            msg: msg.into(),
+        }
     }
     pub fn tensor(path: impl Into<PathBuf>, name: &str, msg: impl Into<String>) -> Self {
-        Error::Tensor { path: path.into(), name: name.to_string(), msg: msg.into() }
+        Error::Tensor {
+            path: path.into(),
+            name: name.to_string(),
+            msg: msg.into(),
+        }
     }
 }

@@ -9,7 +9,11 @@ use umtune::logging::{self, LogFormat};
 use umtune::models::{generate, resolve, NoHook};
 
 #[derive(Parser)]
-#[command(name = "umtune", version, about = "Uncertainty-modeled, memory-augmented PEFT for LLMs")]
+#[command(
+    name = "umtune",
+    version,
+    about = "Uncertainty-modeled, memory-augmented PEFT for LLMs"
+)]
 struct Cli {
     /// Log as human-readable text or as JSON lines.
     #[arg(long, value_enum, default_value = "text", global = true)]
@@ -102,27 +106,50 @@ fn run(command: Command) -> Result<()> {
             }
         }
         Command::Config { cfg } => print!("{}", load_config(&cfg, &None)?.to_toml()),
-        Command::Generate { cfg, model, prompt, max_new_tokens, ids } => {
+        Command::Generate {
+            cfg,
+            model,
+            prompt,
+            max_new_tokens,
+            ids,
+        } => {
             let cfg = load_config(&cfg, &model)?;
             let device = parse_device(&cfg.model.device)?;
             let start = Instant::now();
             let loaded = resolve::load(&cfg.model.source, cfg.model.dtype.kind(), device)?;
             tracing::info!(model = %cfg.model.source, device = ?device, secs = start.elapsed().as_secs_f64(), "loaded");
-            let tok = loaded.tokenizer.context("this model came without a tokenizer")?;
+            let tok = loaded
+                .tokenizer
+                .context("this model came without a tokenizer")?;
             let prompt_ids: Vec<i64> = tok.encode(&prompt)?.into_iter().map(i64::from).collect();
             let stop: Vec<i64> = tok.eos_id.into_iter().map(i64::from).collect();
             let start = Instant::now();
-            let out = generate::greedy(loaded.backbone.as_ref(), &prompt_ids, max_new_tokens, &stop);
+            let out =
+                generate::greedy(loaded.backbone.as_ref(), &prompt_ids, max_new_tokens, &stop);
             let secs = start.elapsed().as_secs_f64();
-            tracing::info!(tokens = out.len(), tokens_per_s = out.len() as f64 / secs, "generated");
+            tracing::info!(
+                tokens = out.len(),
+                tokens_per_s = out.len() as f64 / secs,
+                "generated"
+            );
             if ids {
-                println!("{}", serde_json::json!({"prompt_ids": prompt_ids, "generated_ids": out}));
+                println!(
+                    "{}",
+                    serde_json::json!({"prompt_ids": prompt_ids, "generated_ids": out})
+                );
             } else {
                 let text: Vec<u32> = out.iter().map(|&i| i as u32).collect();
                 println!("{}{}", prompt, tok.decode(&text)?);
             }
         }
-        Command::BenchForward { cfg, model, batch, seq_len, iters, warmup } => {
+        Command::BenchForward {
+            cfg,
+            model,
+            batch,
+            seq_len,
+            iters,
+            warmup,
+        } => {
             let cfg = load_config(&cfg, &model)?;
             if iters == 0 {
                 bail!("--iters must be at least 1");
@@ -152,7 +179,11 @@ fn run(command: Command) -> Result<()> {
             times.sort_by(f64::total_cmp);
             let mid = times.len() / 2;
             // The median, as bench/forward.py takes it for the reference.
-            let secs = if times.len() % 2 == 1 { times[mid] } else { (times[mid - 1] + times[mid]) / 2.0 };
+            let secs = if times.len() % 2 == 1 {
+                times[mid]
+            } else {
+                (times[mid - 1] + times[mid]) / 2.0
+            };
             let dtype = cfg.model.dtype.as_str();
             println!(
                 "{}",

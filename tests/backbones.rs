@@ -24,19 +24,49 @@ fn check_against_reference(name: &str) -> TestResult {
     let n_layers = model.arch().num_layers();
     assert_eq!(hook.hidden.len(), n_layers);
     let real = mask.unsqueeze(-1).to_kind(Kind::Float); // (b, t, 1): padding rows are never used
-    // transformers' hidden_states: [embeddings, block 0, ..., block L-2, final norm(block L-1)].
+                                                        // transformers' hidden_states: [embeddings, block 0, ..., block L-2, final norm(block L-1)].
     for (i, h) in hook.hidden.iter().take(n_layers - 1).enumerate() {
-        assert_close(&format!("{name} block {i}"), &(h * &real), &(&r[&format!("hidden.{}", i + 1)] * &real), 1e-4);
+        assert_close(
+            &format!("{name} block {i}"),
+            &(h * &real),
+            &(&r[&format!("hidden.{}", i + 1)] * &real),
+            1e-4,
+        );
     }
-    assert_close(&format!("{name} final"), &(&hidden * &real), &(&r[&format!("hidden.{n_layers}")] * &real), 1e-4);
-    assert_close(&format!("{name} logits"), &(&logits * &real), &(&r["logits"] * &real), 1e-4);
+    assert_close(
+        &format!("{name} final"),
+        &(&hidden * &real),
+        &(&r[&format!("hidden.{n_layers}")] * &real),
+        1e-4,
+    );
+    assert_close(
+        &format!("{name} logits"),
+        &(&logits * &real),
+        &(&r["logits"] * &real),
+        1e-4,
+    );
     // Each sequence alone (transformers, no padding) equals its rows of the padded batch.
     let lengths: Vec<i64> = Vec::<i64>::try_from(mask.sum_dim_intlist(1, false, Kind::Int64))?;
     for (j, &n) in lengths.iter().enumerate() {
         let alone = &r[&format!("alone.{j}.logits")];
-        assert_close(&format!("{name} seq {j} alone"), &logits.narrow(0, j as i64, 1).narrow(1, 0, n), alone, 1e-4);
-        let ours_alone = model.lm_logits(&model.forward(&ids.narrow(0, j as i64, 1).narrow(1, 0, n), None, None, &mut NoHook));
-        assert_close(&format!("{name} seq {j} alone (umtune)"), &ours_alone, alone, 1e-4);
+        assert_close(
+            &format!("{name} seq {j} alone"),
+            &logits.narrow(0, j as i64, 1).narrow(1, 0, n),
+            alone,
+            1e-4,
+        );
+        let ours_alone = model.lm_logits(&model.forward(
+            &ids.narrow(0, j as i64, 1).narrow(1, 0, n),
+            None,
+            None,
+            &mut NoHook,
+        ));
+        assert_close(
+            &format!("{name} seq {j} alone (umtune)"),
+            &ours_alone,
+            alone,
+            1e-4,
+        );
     }
     Ok(())
 }
@@ -63,13 +93,28 @@ fn llama_bf16_is_close_to_transformers_bf16() -> TestResult {
         let model = load_fixture(name, Kind::BFloat16)?;
         assert_eq!(model.kind(), Kind::BFloat16);
         let r = reference(name)?;
-        let logits = model.lm_logits(&model.forward(&r["input_ids"], Some(&r["attention_mask"]), None, &mut NoHook));
+        let logits = model.lm_logits(&model.forward(
+            &r["input_ids"],
+            Some(&r["attention_mask"]),
+            None,
+            &mut NoHook,
+        ));
         let real = r["attention_mask"].unsqueeze(-1).to_kind(Kind::Float);
         // Measured 7e-2 on logits up to |6.5|: about two bf16 ulps there, while bf16 itself moves
         // them 0.18 away from f32. A wrong op moves them by whole units.
         let ours = logits.to_kind(Kind::Float) * &real;
-        assert_close(&format!("{name} bf16"), &ours, &(&r["logits.bfloat16"] * &real), 1e-1);
-        assert_close(&format!("{name} bf16 vs f32"), &ours, &(&r["logits"] * &real), 3e-1);
+        assert_close(
+            &format!("{name} bf16"),
+            &ours,
+            &(&r["logits.bfloat16"] * &real),
+            1e-1,
+        );
+        assert_close(
+            &format!("{name} bf16 vs f32"),
+            &ours,
+            &(&r["logits"] * &real),
+            3e-1,
+        );
     }
     Ok(())
 }
@@ -81,22 +126,50 @@ fn kv_cache_equals_full_forward() -> TestResult {
     let _g = tch::no_grad_guard();
     for name in ["gpt2-tiny", "llama-tiny-tied"] {
         let model = load_fixture(name, Kind::Float)?;
-        let ids = Tensor::from_slice(&[5i64, 17, 42, 7, 99, 3, 250, 11, 0, 0, 8, 9, 10, 11, 12, 13]).view([2, 8]);
+        let ids =
+            Tensor::from_slice(&[5i64, 17, 42, 7, 99, 3, 250, 11, 0, 0, 8, 9, 10, 11, 12, 13])
+                .view([2, 8]);
         // Row 1 is left-padded by two.
-        let mask = Tensor::from_slice(&[1i64, 1, 1, 1, 1, 1, 1, 1, 0, 0, 1, 1, 1, 1, 1, 1]).view([2, 8]);
+        let mask =
+            Tensor::from_slice(&[1i64, 1, 1, 1, 1, 1, 1, 1, 0, 0, 1, 1, 1, 1, 1, 1]).view([2, 8]);
         let full = model.lm_logits(&model.forward(&ids, Some(&mask), None, &mut NoHook));
         let mut cache = KvCache::new(model.arch().num_layers());
-        let mut steps = vec![model.lm_logits(&model.forward(&ids.narrow(1, 0, 5), Some(&mask.narrow(1, 0, 5)), Some(&mut cache), &mut NoHook))];
+        let mut steps = vec![model.lm_logits(&model.forward(
+            &ids.narrow(1, 0, 5),
+            Some(&mask.narrow(1, 0, 5)),
+            Some(&mut cache),
+            &mut NoHook,
+        ))];
         for t in 5..8 {
-            let h = model.forward(&ids.narrow(1, t, 1), Some(&mask.narrow(1, t, 1)), Some(&mut cache), &mut NoHook);
+            let h = model.forward(
+                &ids.narrow(1, t, 1),
+                Some(&mask.narrow(1, t, 1)),
+                Some(&mut cache),
+                &mut NoHook,
+            );
             steps.push(model.lm_logits(&h));
         }
         let incremental = Tensor::cat(&steps, 1);
         let real = mask.unsqueeze(-1).to_kind(Kind::Float);
-        assert_close(&format!("{name} cache"), &(incremental * &real), &(&full * &real), 1e-4);
+        assert_close(
+            &format!("{name} cache"),
+            &(incremental * &real),
+            &(&full * &real),
+            1e-4,
+        );
         // The left-padded row equals its unpadded sequence run alone.
-        let alone = model.lm_logits(&model.forward(&ids.narrow(0, 1, 1).narrow(1, 2, 6), None, None, &mut NoHook));
-        assert_close(&format!("{name} left padding"), &full.narrow(0, 1, 1).narrow(1, 2, 6), &alone, 1e-4);
+        let alone = model.lm_logits(&model.forward(
+            &ids.narrow(0, 1, 1).narrow(1, 2, 6),
+            None,
+            None,
+            &mut NoHook,
+        ));
+        assert_close(
+            &format!("{name} left padding"),
+            &full.narrow(0, 1, 1).narrow(1, 2, 6),
+            &alone,
+            1e-4,
+        );
     }
     Ok(())
 }
@@ -127,16 +200,26 @@ fn cuda_forward_matches_transformers() -> TestResult {
         let dir = fixture(name)?;
         let r = reference(name)?;
         let real = r["attention_mask"].unsqueeze(-1).to_kind(Kind::Float);
-        let (ids, mask) = (r["input_ids"].to_device(gpu), r["attention_mask"].to_device(gpu));
+        let (ids, mask) = (
+            r["input_ids"].to_device(gpu),
+            r["attention_mask"].to_device(gpu),
+        );
         let model = load(dir.to_str().ok_or("path")?, Kind::Float, gpu)?.backbone;
-        let logits = model.lm_logits(&model.forward(&ids, Some(&mask), None, &mut NoHook)).to_device(Device::Cpu);
+        let logits = model
+            .lm_logits(&model.forward(&ids, Some(&mask), None, &mut NoHook))
+            .to_device(Device::Cpu);
         let d = max_abs_diff(&(&logits * &real), &(&r["logits"] * &real));
         eprintln!("{name} cuda f32: max |diff| = {d:e}");
         assert!(d < 1e-4, "{name} cuda f32: {d:e}");
         if name.starts_with("llama") {
             let model = load(dir.to_str().ok_or("path")?, Kind::BFloat16, gpu)?.backbone;
-            let logits = model.lm_logits(&model.forward(&ids, Some(&mask), None, &mut NoHook)).to_device(Device::Cpu);
-            let d = max_abs_diff(&(logits.to_kind(Kind::Float) * &real), &(&r["logits"] * &real));
+            let logits = model
+                .lm_logits(&model.forward(&ids, Some(&mask), None, &mut NoHook))
+                .to_device(Device::Cpu);
+            let d = max_abs_diff(
+                &(logits.to_kind(Kind::Float) * &real),
+                &(&r["logits"] * &real),
+            );
             eprintln!("{name} cuda bf16 vs f32 reference: max |diff| = {d:e}");
             assert!(d < 3e-1, "{name} cuda bf16: {d:e}");
         }

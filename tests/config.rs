@@ -22,12 +22,18 @@ fn load_err(file: Option<&PathBuf>, overrides: &[&str]) -> String {
 
 #[test]
 fn file_then_overrides() -> TestResult {
-    let f = write("ok.toml", "[model]\nsource = \"preset:gpt2\"\ndtype = \"bf16\"\n[run]\nthreads = 2\n")?;
+    let f = write(
+        "ok.toml",
+        "[model]\nsource = \"preset:gpt2\"\ndtype = \"bf16\"\n[run]\nthreads = 2\n",
+    )?;
     let cfg = Config::load(Some(&f), &[])?;
     assert_eq!(cfg.model.source, "preset:gpt2");
     assert_eq!(cfg.model.dtype, Dtype::Bf16);
     assert_eq!(cfg.run.threads, 2);
-    let cfg = Config::load(Some(&f), &["model.dtype=f16".into(), "run.threads=1".into()])?;
+    let cfg = Config::load(
+        Some(&f),
+        &["model.dtype=f16".into(), "run.threads=1".into()],
+    )?;
     assert_eq!((cfg.model.dtype, cfg.run.threads), (Dtype::F16, 1));
     // The printed config loads back to the same values.
     let round = write("round.toml", &cfg.to_toml())?;
@@ -50,7 +56,13 @@ fn environment_overrides_file_and_set_overrides_environment() -> TestResult {
 fn unknown_key_names_the_key_and_the_allowed_ones() -> TestResult {
     let f = write("unknown.toml", "[model]\ndtyp = \"f32\"\n")?;
     let e = load_err(Some(&f), &[]);
-    assert!(e.contains("unknown.toml") && e.contains("`dtyp`") && e.contains("`dtype`") && e.contains("model"), "{e}");
+    assert!(
+        e.contains("unknown.toml")
+            && e.contains("`dtyp`")
+            && e.contains("`dtype`")
+            && e.contains("model"),
+        "{e}"
+    );
     let e = load_err(None, &["run.thread=2"]);
     assert!(e.contains("`thread`") && e.contains("`threads`"), "{e}");
     let e = load_err(None, &["trainer.lr=1"]);
@@ -69,11 +81,17 @@ fn wrong_type_names_the_key() -> TestResult {
 #[test]
 fn bad_values_list_the_allowed_values() {
     let e = load_err(None, &["model.dtype=f64"]);
-    assert!(e.contains("model.dtype") && e.contains("`f32`, `bf16`, `f16`"), "{e}");
+    assert!(
+        e.contains("model.dtype") && e.contains("`f32`, `bf16`, `f16`"),
+        "{e}"
+    );
     let e = load_err(None, &["model.device=tpu"]);
     assert!(e.contains("model.device") && e.contains("cuda:N"), "{e}");
     let e = load_err(None, &["run.threads=5000"]);
-    assert!(e.contains("run.threads = 5000") && e.contains("1024"), "{e}");
+    assert!(
+        e.contains("run.threads = 5000") && e.contains("1024"),
+        "{e}"
+    );
     let e = load_err(None, &["model.source="]);
     assert!(e.contains("model.source"), "{e}");
     let e = load_err(None, &["no-equals-sign"]);

@@ -18,16 +18,30 @@ fn sentences() -> Result<serde_json::Value, Box<dyn std::error::Error>> {
 #[test]
 fn logits_match_transformers_on_real_sentences() -> TestResult {
     let _g = tch::no_grad_guard();
-    let model = load(default_model_path().to_str().ok_or("path")?, Kind::Float, Device::Cpu)?;
+    let model = load(
+        default_model_path().to_str().ok_or("path")?,
+        Kind::Float,
+        Device::Cpu,
+    )?;
     let r = reference("smollm2")?;
     let gens = sentences()?;
     let prompts = gens.as_object().ok_or("generations.json")?;
     assert_eq!(prompts.len(), 3);
     // Sentences are stored in file order; logits.{i} follows make_fixtures.py's order.
-    for (i, sentence) in ["The capital of France is", "Once upon a time, there was a little girl who", "Water boils at 100 degrees Celsius because"].iter().enumerate() {
+    for (i, sentence) in [
+        "The capital of France is",
+        "Once upon a time, there was a little girl who",
+        "Water boils at 100 degrees Celsius because",
+    ]
+    .iter()
+    .enumerate()
+    {
         let ids: Vec<i64> = serde_json::from_value(prompts[*sentence]["prompt_ids"].clone())?;
         let input = Tensor::from_slice(&ids).unsqueeze(0);
-        let logits = model.backbone.lm_logits(&model.backbone.forward(&input, None, None, &mut NoHook)).squeeze_dim(0);
+        let logits = model
+            .backbone
+            .lm_logits(&model.backbone.forward(&input, None, None, &mut NoHook))
+            .squeeze_dim(0);
         let reference = &r[&format!("logits.{i}")];
         let d = max_abs_diff(&logits, reference);
         eprintln!("{sentence:?}: max |logit diff| = {d:e}");

@@ -6,7 +6,10 @@ use tch::{Device, Kind, Tensor};
 use umtune::models::resolve::load;
 
 /// A copy of the tiny GPT-2 fixture whose tensors went through `edit`.
-fn edited_gpt2(tag: &str, edit: impl FnOnce(&mut Vec<(String, Tensor)>)) -> Result<PathBuf, Box<dyn std::error::Error>> {
+fn edited_gpt2(
+    tag: &str,
+    edit: impl FnOnce(&mut Vec<(String, Tensor)>),
+) -> Result<PathBuf, Box<dyn std::error::Error>> {
     let src = fixture("gpt2-tiny")?;
     let dir = std::env::temp_dir().join(format!("umtune-load-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
@@ -26,17 +29,34 @@ fn load_err(dir: &std::path::Path) -> String {
 
 #[test]
 fn missing_tensor() -> TestResult {
-    let dir = edited_gpt2("missing", |t| t.retain(|(n, _)| n != "transformer.h.1.mlp.c_fc.weight"))?;
+    let dir = edited_gpt2("missing", |t| {
+        t.retain(|(n, _)| n != "transformer.h.1.mlp.c_fc.weight")
+    })?;
     let e = load_err(&dir);
-    assert!(e.contains("transformer.h.1.mlp.c_fc.weight") && e.contains("missing") && e.contains("model.safetensors"), "{e}");
+    assert!(
+        e.contains("transformer.h.1.mlp.c_fc.weight")
+            && e.contains("missing")
+            && e.contains("model.safetensors"),
+        "{e}"
+    );
     Ok(())
 }
 
 #[test]
 fn unexpected_tensor() -> TestResult {
-    let dir = edited_gpt2("unexpected", |t| t.push(("transformer.h.9.extra.weight".into(), Tensor::zeros([2], (Kind::Float, Device::Cpu)))))?;
+    let dir = edited_gpt2("unexpected", |t| {
+        t.push((
+            "transformer.h.9.extra.weight".into(),
+            Tensor::zeros([2], (Kind::Float, Device::Cpu)),
+        ))
+    })?;
     let e = load_err(&dir);
-    assert!(e.contains("transformer.h.9.extra.weight") && e.contains("unexpected") && e.contains("model.safetensors"), "{e}");
+    assert!(
+        e.contains("transformer.h.9.extra.weight")
+            && e.contains("unexpected")
+            && e.contains("model.safetensors"),
+        "{e}"
+    );
     Ok(())
 }
 
@@ -50,7 +70,13 @@ fn misshaped_tensor() -> TestResult {
         }
     })?;
     let e = load_err(&dir);
-    assert!(e.contains("transformer.ln_f.weight") && e.contains("[31]") && e.contains("[32]") && e.contains("model.safetensors"), "{e}");
+    assert!(
+        e.contains("transformer.ln_f.weight")
+            && e.contains("[31]")
+            && e.contains("[32]")
+            && e.contains("model.safetensors"),
+        "{e}"
+    );
     Ok(())
 }
 
@@ -76,6 +102,11 @@ fn offline_hub_id_says_what_was_missing_and_where() -> TestResult {
     std::env::set_var("HF_HOME", &cache);
     std::env::set_var("HF_HUB_OFFLINE", "1");
     let e = load_err(std::path::Path::new("openai-community/gpt2"));
-    assert!(e.contains("openai-community/gpt2") && e.contains("config.json") && e.contains("models--openai-community--gpt2"), "{e}");
+    assert!(
+        e.contains("openai-community/gpt2")
+            && e.contains("config.json")
+            && e.contains("models--openai-community--gpt2"),
+        "{e}"
+    );
     Ok(())
 }

@@ -11,10 +11,18 @@ fn check(tok: &TextTokenizer, encodings: serde_json::Value) -> TestResult {
     assert!(cases.len() >= 10);
     for (text, ids) in cases {
         let want: Vec<u32> = serde_json::from_value(ids.clone())?;
-        let got = tok.inner.encode(text.as_str(), false).map_err(|e| e.to_string())?;
+        let got = tok
+            .inner
+            .encode(text.as_str(), false)
+            .map_err(|e| e.to_string())?;
         assert_eq!(got.get_ids(), want.as_slice(), "encoding of {text:?}");
         // Byte-level BPE is lossless: decoding gives the text back.
-        assert_eq!(tok.inner.decode(got.get_ids(), false).map_err(|e| e.to_string())?, *text);
+        assert_eq!(
+            tok.inner
+                .decode(got.get_ids(), false)
+                .map_err(|e| e.to_string())?,
+            *text
+        );
     }
     Ok(())
 }
@@ -29,7 +37,10 @@ fn gpt2_vocab_and_merges_match_transformers() -> TestResult {
 #[test]
 fn tokenizer_json_matches_transformers() -> TestResult {
     let tok = TextTokenizer::from_dir(&fixture("bpe-tiny-json")?)?;
-    check(&tok, read_json(fixture("bpe-tiny")?.join("encodings.json"))?)
+    check(
+        &tok,
+        read_json(fixture("bpe-tiny")?.join("encodings.json"))?,
+    )
 }
 
 #[test]
@@ -39,7 +50,10 @@ fn llama3_tiktoken_matches_tiktoken() -> TestResult {
     assert_eq!(tok.vocab_size(), 128256);
     assert_eq!(tok.bos_id, Some(128000));
     assert_eq!(tok.encode("hi")?.first(), Some(&128000));
-    check(&tok, read_json(fixture("llama3-tokenizer")?.join("encodings.json"))?)
+    check(
+        &tok,
+        read_json(fixture("llama3-tokenizer")?.join("encodings.json"))?,
+    )
 }
 
 #[test]
@@ -48,8 +62,14 @@ fn malformed_merges_name_the_file_and_line() -> TestResult {
     let (vocab, merges) = (dir.join("vocab.json"), dir.join("merges.txt"));
     std::fs::write(&vocab, r#"{"a": 0, "b": 1, "ab": 2}"#)?;
     std::fs::write(&merges, "#version: 0.2\na b\nab\n")?;
-    let err = TextTokenizer::from_vocab_merges(&vocab, &merges).err().ok_or("expected an error")?.to_string();
-    assert!(err.contains("merges.txt") && err.contains("line 3"), "{err}");
+    let err = TextTokenizer::from_vocab_merges(&vocab, &merges)
+        .err()
+        .ok_or("expected an error")?
+        .to_string();
+    assert!(
+        err.contains("merges.txt") && err.contains("line 3"),
+        "{err}"
+    );
     Ok(())
 }
 

@@ -46,7 +46,10 @@ pub struct TextTokenizer {
 
 impl TextTokenizer {
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self.inner.encode(text, false).map_err(|e| tok_err("<memory>", e))?;
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| tok_err("<memory>", e))?;
         let mut ids = Vec::with_capacity(enc.len() + 1);
         if self.add_bos {
             ids.extend(self.bos_id);
@@ -56,7 +59,9 @@ impl TextTokenizer {
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner.decode(ids, true).map_err(|e| tok_err("<memory>", e))
+        self.inner
+            .decode(ids, true)
+            .map_err(|e| tok_err("<memory>", e))
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -70,23 +75,27 @@ impl TextTokenizer {
         // Sibling tokenizer_config.json says which special tokens the model uses.
         if let Some(cfg) = read_json_opt(&path.with_file_name("tokenizer_config.json"))? {
             let id_of = |key: &str| {
-                let tok = cfg.get(key).and_then(|v| v.as_str().or_else(|| v.get("content")?.as_str()));
+                let tok = cfg
+                    .get(key)
+                    .and_then(|v| v.as_str().or_else(|| v.get("content")?.as_str()));
                 tok.and_then(|s| t.inner.token_to_id(s))
             };
             t.bos_id = id_of("bos_token").or(t.bos_id);
             t.eos_id = id_of("eos_token").or(t.eos_id);
             t.pad_id = id_of("pad_token").or(t.pad_id);
-            t.add_bos = cfg.get("add_bos_token").and_then(Value::as_bool).unwrap_or(false);
+            t.add_bos = cfg
+                .get("add_bos_token")
+                .and_then(Value::as_bool)
+                .unwrap_or(false);
         }
         Ok(t)
     }
 
     /// GPT-2 `vocab.json` + `merges.txt` (as `GPT2TokenizerFast` builds them).
     pub fn from_vocab_merges(vocab: &Path, merges: &Path) -> Result<Self> {
-        let vocab_json: HashMap<String, u32> = serde_json::from_str(
-            &std::fs::read_to_string(vocab).map_err(|e| Error::io(vocab, e))?,
-        )
-        .map_err(|e| tok_err(vocab, e))?;
+        let vocab_json: HashMap<String, u32> =
+            serde_json::from_str(&std::fs::read_to_string(vocab).map_err(|e| Error::io(vocab, e))?)
+                .map_err(|e| tok_err(vocab, e))?;
         let merges_text = std::fs::read_to_string(merges).map_err(|e| Error::io(merges, e))?;
         let mut merge_list = Vec::new();
         for (line_no, line) in merges_text.lines().enumerate() {
@@ -94,7 +103,13 @@ impl TextTokenizer {
                 continue;
             }
             let (a, b) = line.split_once(' ').ok_or_else(|| {
-                tok_err(merges, format!("line {}: expected two tokens separated by a space", line_no + 1))
+                tok_err(
+                    merges,
+                    format!(
+                        "line {}: expected two tokens separated by a space",
+                        line_no + 1
+                    ),
+                )
             })?;
             merge_list.push((a.to_string(), b.to_string()));
         }
@@ -118,15 +133,25 @@ impl TextTokenizer {
             if line.is_empty() {
                 continue;
             }
-            let bad = || tok_err(path, format!("line {}: expected `BASE64 RANK`", line_no + 1));
+            let bad = || {
+                tok_err(
+                    path,
+                    format!("line {}: expected `BASE64 RANK`", line_no + 1),
+                )
+            };
             let (b64, rank) = line.split_once(' ').ok_or_else(bad)?;
-            let bytes = base64::engine::general_purpose::STANDARD.decode(b64).map_err(|_| bad())?;
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .map_err(|_| bad())?;
             ranks.insert(bytes, rank.trim().parse().map_err(|_| bad())?);
         }
         let (vocab, merges) = vocab_merges_from_ranks(&ranks);
         let base = ranks.len() as u32;
-        let specials: Vec<(String, u32)> =
-            llama3_special_tokens().into_iter().enumerate().map(|(i, s)| (s, base + i as u32)).collect();
+        let specials: Vec<(String, u32)> = llama3_special_tokens()
+            .into_iter()
+            .enumerate()
+            .map(|(i, s)| (s, base + i as u32))
+            .collect();
         let doc = byte_level_document(&vocab, &merges, &specials, Some(LLAMA3_PATTERN), true);
         let mut t = Self::from_document(doc, path)?;
         t.bos_id = t.inner.token_to_id("<|begin_of_text|>");
@@ -141,7 +166,10 @@ impl TextTokenizer {
         if vocab.model != "gpt2" {
             return Err(tok_err(
                 path,
-                format!("tokenizer.ggml.model `{}` is not supported: only byte-level BPE (gpt2)", vocab.model),
+                format!(
+                    "tokenizer.ggml.model `{}` is not supported: only byte-level BPE (gpt2)",
+                    vocab.model
+                ),
             ));
         }
         let alphabet: std::collections::HashSet<char> = bytes_to_unicode().into_iter().collect();
@@ -153,8 +181,12 @@ impl TextTokenizer {
                 t.bytes().map(|b| map[b as usize]).collect()
             }
         };
-        let vocab_map: HashMap<String, u32> =
-            vocab.tokens.iter().enumerate().map(|(i, t)| (spelled(t), i as u32)).collect();
+        let vocab_map: HashMap<String, u32> = vocab
+            .tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (spelled(t), i as u32))
+            .collect();
         let mut merge_list = Vec::with_capacity(vocab.merges.len());
         for m in &vocab.merges {
             let (a, b) = m
@@ -173,7 +205,9 @@ impl TextTokenizer {
             .map(|(i, (t, _))| (t.clone(), i as u32))
             .collect();
         let pattern = match vocab.pre.as_str() {
-            "llama3" | "llama-v3" | "llama-bpe" | "smaug-bpe" | "dbrx" | "falcon3" => Some(LLAMA3_PATTERN),
+            "llama3" | "llama-v3" | "llama-bpe" | "smaug-bpe" | "dbrx" | "falcon3" => {
+                Some(LLAMA3_PATTERN)
+            }
             _ => None,
         };
         let doc = byte_level_document(&vocab_map, &merge_list, &specials, pattern, false);
@@ -193,7 +227,13 @@ impl TextTokenizer {
     }
 
     fn wrap(inner: Tokenizer) -> Self {
-        TextTokenizer { inner, bos_id: None, eos_id: None, pad_id: None, add_bos: false }
+        TextTokenizer {
+            inner,
+            bos_id: None,
+            eos_id: None,
+            pad_id: None,
+            add_bos: false,
+        }
     }
 
     /// Finds a tokenizer in a model directory: tokenizer.json, vocab.json+merges.txt, or a
@@ -211,7 +251,10 @@ impl TextTokenizer {
         if model.exists() {
             return Self::from_tiktoken(&model);
         }
-        Err(tok_err(dir, "no tokenizer.json, vocab.json+merges.txt or tokenizer.model in this directory"))
+        Err(tok_err(
+            dir,
+            "no tokenizer.json, vocab.json+merges.txt or tokenizer.model in this directory",
+        ))
     }
 }
 
@@ -229,7 +272,10 @@ pub struct GgufVocab {
 }
 
 fn tok_err(path: impl Into<PathBuf>, e: impl std::fmt::Display) -> Error {
-    Error::Tokenizer { path: path.into(), msg: e.to_string() }
+    Error::Tokenizer {
+        path: path.into(),
+        msg: e.to_string(),
+    }
 }
 
 fn read_json_opt(path: &Path) -> Result<Option<Value>> {
@@ -237,7 +283,9 @@ fn read_json_opt(path: &Path) -> Result<Option<Value>> {
         return Ok(None);
     }
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_str(&text).map(Some).map_err(|e| tok_err(path, e))
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| tok_err(path, e))
 }
 
 /// GPT-2's reversible byte-to-printable-character map.
@@ -263,7 +311,9 @@ pub fn bytes_to_unicode() -> Vec<char> {
 
 /// Vocabulary and merges implied by tiktoken ranks: each multi-byte token's splits into two
 /// known tokens, ordered by the token's rank (transformers' `TikTokenConverter`).
-fn vocab_merges_from_ranks(ranks: &HashMap<Vec<u8>, u32>) -> (HashMap<String, u32>, Vec<(String, String)>) {
+fn vocab_merges_from_ranks(
+    ranks: &HashMap<Vec<u8>, u32>,
+) -> (HashMap<String, u32>, Vec<(String, String)>) {
     let map = bytes_to_unicode();
     let spell = |b: &[u8]| -> String { b.iter().map(|&x| map[x as usize]).collect() };
     let mut vocab = HashMap::with_capacity(ranks.len());
@@ -289,9 +339,7 @@ fn byte_level_document(
     split_pattern: Option<&str>,
     ignore_merges: bool,
 ) -> Value {
-    let byte_level = |use_regex: bool| {
-        json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex})
-    };
+    let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
     let pre_tokenizer = match split_pattern {
         None => byte_level(true),
         Some(p) => json!({"type": "Sequence", "pretokenizers": [

@@ -28,7 +28,9 @@ pub fn probe() -> NcclStatus {
     }
     match cudarc::nccl::result::get_nccl_version() {
         Ok(version) => NcclStatus::Loaded { version },
-        Err(e) => NcclStatus::Missing { hint: format!("libnccl.so loaded but ncclGetVersion failed: {e:?}") },
+        Err(e) => NcclStatus::Missing {
+            hint: format!("libnccl.so loaded but ncclGetVersion failed: {e:?}"),
+        },
     }
 }
 

@@ -24,14 +24,17 @@ impl BatchMask {
         device: Device,
     ) -> BatchMask {
         let past = cache.as_ref().map_or(0, |c| c.seq_len());
-        let past_mask = cache.as_ref().and_then(|c| c.mask.as_ref().map(|m| m.shallow_clone()));
+        let past_mask = cache
+            .as_ref()
+            .and_then(|c| c.mask.as_ref().map(|m| m.shallow_clone()));
         let padded = attention_mask.is_some() || past_mask.is_some();
         let full = padded.then(|| {
             let new = match attention_mask {
                 Some(m) => m.to_kind(Kind::Int64).to_device(device),
                 None => Tensor::ones([b_sz, seq_len], (Kind::Int64, device)),
             };
-            let old = past_mask.unwrap_or_else(|| Tensor::ones([b_sz, past], (Kind::Int64, device)));
+            let old =
+                past_mask.unwrap_or_else(|| Tensor::ones([b_sz, past], (Kind::Int64, device)));
             Tensor::cat(&[old, new], 1) // (b, s)
         });
         if let (Some(c), Some(f)) = (cache, full.as_ref()) {
@@ -39,12 +42,20 @@ impl BatchMask {
         }
         let total = past + seq_len;
         let positions = match &full {
-            Some(f) => (f.cumsum(1, Kind::Int64) - 1).clamp_min(0).narrow(1, past, seq_len),
-            None => Tensor::arange_start(past, total, (Kind::Int64, device)).unsqueeze(0).expand([b_sz, seq_len], false),
+            Some(f) => (f.cumsum(1, Kind::Int64) - 1)
+                .clamp_min(0)
+                .narrow(1, past, seq_len),
+            None => Tensor::arange_start(past, total, (Kind::Int64, device))
+                .unsqueeze(0)
+                .expand([b_sz, seq_len], false),
         };
         if !padded && (past == 0 || seq_len == 1) {
             // No padding: a fresh sequence is plain causal; one new token sees the whole cache.
-            return BatchMask { mask: None, is_causal: past == 0 && seq_len > 1, positions };
+            return BatchMask {
+                mask: None,
+                is_causal: past == 0 && seq_len > 1,
+                positions,
+            };
         }
         let q_pos = Tensor::arange_start(past, total, (Kind::Int64, device)).view([seq_len, 1]);
         let k_pos = Tensor::arange(total, (Kind::Int64, device)).view([1, total]);
@@ -57,18 +68,36 @@ impl BatchMask {
             let own = k_pos.eq_tensor(&q_pos).view([1, 1, seq_len, total]);
             mask = mask.logical_and(&keys).logical_or(&own);
         }
-        BatchMask { mask: Some(mask), is_causal: false, positions }
+        BatchMask {
+            mask: Some(mask),
+            is_causal: false,
+            positions,
+        }
     }
 }
 
 /// `q (b, h, t, d)`, `k`/`v` `(b, h_kv, s, d)` → `(b, h, t, d)`; grouped-query when `h_kv < h`.
 pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor, batch: &BatchMask, scale: f64) -> Tensor {
     let gqa = k.size()[1] != q.size()[1];
-    Tensor::scaled_dot_product_attention(q, k, v, batch.mask.as_ref(), 0.0, batch.is_causal, scale, gqa)
+    Tensor::scaled_dot_product_attention(
+        q,
+        k,
+        v,
+        batch.mask.as_ref(),
+        0.0,
+        batch.is_causal,
+        scale,
+        gqa,
+    )
 }
 
 /// Appends `k`, `v` `(b, h_kv, t, d)` to layer `layer` of the cache and returns the full tensors.
-pub fn append_cache(cache: Option<&mut KvCache>, layer: usize, k: Tensor, v: Tensor) -> (Tensor, Tensor) {
+pub fn append_cache(
+    cache: Option<&mut KvCache>,
+    layer: usize,
+    k: Tensor,
+    v: Tensor,
+) -> (Tensor, Tensor) {
     let Some(cache) = cache else { return (k, v) };
     let (k, v) = match cache.layers[layer].take() {
         Some((pk, pv)) => (Tensor::cat(&[pk, k], 2), Tensor::cat(&[pv, v], 2)),

@@ -105,24 +105,39 @@ struct Cursor<'a> {
 
 impl<'a> Cursor<'a> {
     fn take(&mut self, n: usize) -> Result<&'a [u8]> {
-        let end = self.pos.checked_add(n).filter(|&e| e <= self.buf.len()).ok_or_else(|| {
-            Error::format(self.path, format!("truncated GGUF: need {n} bytes at offset {}", self.pos))
-        })?;
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&e| e <= self.buf.len())
+            .ok_or_else(|| {
+                Error::format(
+                    self.path,
+                    format!("truncated GGUF: need {n} bytes at offset {}", self.pos),
+                )
+            })?;
         let s = &self.buf[self.pos..end];
         self.pos = end;
         Ok(s)
     }
     fn u32(&mut self) -> Result<u32> {
-        Ok(u32::from_le_bytes(self.take(4)?.try_into().unwrap_or_default()))
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().unwrap_or_default(),
+        ))
     }
     fn u64(&mut self) -> Result<u64> {
-        Ok(u64::from_le_bytes(self.take(8)?.try_into().unwrap_or_default()))
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().unwrap_or_default(),
+        ))
     }
     fn string(&mut self) -> Result<String> {
         let n = self.u64()? as usize;
         let bytes = self.take(n)?;
-        String::from_utf8(bytes.to_vec())
-            .map_err(|_| Error::format(self.path, format!("invalid UTF-8 string at offset {}", self.pos)))
+        String::from_utf8(bytes.to_vec()).map_err(|_| {
+            Error::format(
+                self.path,
+                format!("invalid UTF-8 string at offset {}", self.pos),
+            )
+        })
     }
     fn value(&mut self, ty: u32) -> Result<Value> {
         Ok(match ty {
@@ -153,7 +168,12 @@ impl<'a> Cursor<'a> {
             10 => Value::Int(self.u64()? as i64),
             11 => Value::Int(self.u64()? as i64),
             12 => Value::Float(f64::from_bits(self.u64()?)),
-            other => return Err(Error::format(self.path, format!("unknown metadata type {other}"))),
+            other => {
+                return Err(Error::format(
+                    self.path,
+                    format!("unknown metadata type {other}"),
+                ))
+            }
         })
     }
 }
@@ -163,13 +183,20 @@ impl GgufFile {
         let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
         // SAFETY: read-only mapping of a file we do not modify.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-        let mut c = Cursor { buf: &mmap, pos: 0, path };
+        let mut c = Cursor {
+            buf: &mmap,
+            pos: 0,
+            path,
+        };
         if c.take(4)? != b"GGUF" {
             return Err(Error::format(path, "not a GGUF file (bad magic)"));
         }
         let version = c.u32()?;
         if !(2..=3).contains(&version) {
-            return Err(Error::format(path, format!("GGUF version {version} is not supported (2 or 3)")));
+            return Err(Error::format(
+                path,
+                format!("GGUF version {version} is not supported (2 or 3)"),
+            ));
         }
         let n_tensors = c.u64()? as usize;
         let n_kv = c.u64()? as usize;
@@ -192,26 +219,56 @@ impl GgufFile {
             let offset = c.u64()? as usize;
             infos.push((name, dims, ty_id, offset));
         }
-        let alignment = metadata.get("general.alignment").and_then(Value::as_i64).unwrap_or(32) as usize;
+        let alignment = metadata
+            .get("general.alignment")
+            .and_then(Value::as_i64)
+            .unwrap_or(32) as usize;
         let data_start = c.pos.div_ceil(alignment) * alignment;
         let mut tensors = BTreeMap::new();
         for (name, shape, ty_id, offset) in infos {
             let dtype = GgmlType::from_id(ty_id).ok_or_else(|| {
-                Error::tensor(path, &name, format!("ggml type {ty_id} is not supported (F32, F16, BF16, Q8_0, Q4_0, Q4_1)"))
+                Error::tensor(
+                    path,
+                    &name,
+                    format!(
+                        "ggml type {ty_id} is not supported (F32, F16, BF16, Q8_0, Q4_0, Q4_1)"
+                    ),
+                )
             })?;
             let numel: i64 = shape.iter().product();
             let (per_block, block_bytes) = dtype.block();
-            if numel as usize % per_block != 0 {
-                return Err(Error::tensor(path, &name, "element count is not a whole number of blocks"));
+            if !(numel as usize).is_multiple_of(per_block) {
+                return Err(Error::tensor(
+                    path,
+                    &name,
+                    "element count is not a whole number of blocks",
+                ));
             }
             let n_bytes = numel as usize / per_block * block_bytes;
             let start = data_start + offset;
             if start + n_bytes > mmap.len() {
-                return Err(Error::tensor(path, &name, "data runs past the end of the file"));
+                return Err(Error::tensor(
+                    path,
+                    &name,
+                    "data runs past the end of the file",
+                ));
             }
-            tensors.insert(name, TensorInfo { shape, dtype, offset: start, n_bytes });
+            tensors.insert(
+                name,
+                TensorInfo {
+                    shape,
+                    dtype,
+                    offset: start,
+                    n_bytes,
+                },
+            );
         }
-        Ok(GgufFile { path: path.to_path_buf(), metadata, tensors, mmap })
+        Ok(GgufFile {
+            path: path.to_path_buf(),
+            metadata,
+            tensors,
+            mmap,
+        })
     }
 
     fn meta_i64(&self, key: &str) -> Option<i64> {
@@ -220,7 +277,10 @@ impl GgufFile {
 
     fn meta_str_array(&self, key: &str) -> Option<Vec<String>> {
         match self.metadata.get(key)? {
-            Value::Array(items) => items.iter().map(|v| v.as_str().map(str::to_string)).collect(),
+            Value::Array(items) => items
+                .iter()
+                .map(|v| v.as_str().map(str::to_string))
+                .collect(),
             _ => None,
         }
     }
@@ -238,12 +298,22 @@ impl GgufFile {
 
     /// LLaMA hyper-parameters from `llama.*` metadata.
     pub fn arch_config(&self) -> Result<ArchConfig> {
-        let arch = self.metadata.get("general.architecture").and_then(Value::as_str).unwrap_or("");
+        let arch = self
+            .metadata
+            .get("general.architecture")
+            .and_then(Value::as_str)
+            .unwrap_or("");
         if arch != "llama" {
-            return Err(Error::format(&self.path, format!("general.architecture `{arch}` is not supported: use llama")));
+            return Err(Error::format(
+                &self.path,
+                format!("general.architecture `{arch}` is not supported: use llama"),
+            ));
         }
         if self.tensors.contains_key("rope_freqs.weight") {
-            return Err(Error::format(&self.path, "rope_freqs.weight (llama3 rope scaling baked into GGUF) is not supported yet"));
+            return Err(Error::format(
+                &self.path,
+                "rope_freqs.weight (llama3 rope scaling baked into GGUF) is not supported yet",
+            ));
         }
         let need = |k: &str| {
             self.meta_i64(k)
@@ -254,17 +324,31 @@ impl GgufFile {
         let heads = need("llama.attention.head_count")?;
         let vocab_size = match self.meta_i64("llama.vocab_size") {
             Some(v) => v as usize,
-            None => self.meta_str_array("tokenizer.ggml.tokens").map(|t| t.len()).unwrap_or(0),
+            None => self
+                .meta_str_array("tokenizer.ggml.tokens")
+                .map(|t| t.len())
+                .unwrap_or(0),
         };
-        let f = |k: &str, default: f64| self.metadata.get(k).and_then(Value::as_f64).unwrap_or(default);
+        let f = |k: &str, default: f64| {
+            self.metadata
+                .get(k)
+                .and_then(Value::as_f64)
+                .unwrap_or(default)
+        };
         Ok(ArchConfig::Llama(LlamaConfig {
             vocab_size,
             hidden_size,
             intermediate_size: need("llama.feed_forward_length")?,
             num_hidden_layers: need("llama.block_count")?,
             num_attention_heads: heads,
-            num_key_value_heads: self.meta_i64("llama.attention.head_count_kv").map(|v| v as usize).unwrap_or(heads),
-            head_dim: self.meta_i64("llama.rope.dimension_count").map(|v| v as usize).unwrap_or(hidden_size / heads),
+            num_key_value_heads: self
+                .meta_i64("llama.attention.head_count_kv")
+                .map(|v| v as usize)
+                .unwrap_or(heads),
+            head_dim: self
+                .meta_i64("llama.rope.dimension_count")
+                .map(|v| v as usize)
+                .unwrap_or(hidden_size / heads),
             // GGUF keeps this as f32; the f64 of the same f32 is what transformers reads too.
             rms_norm_eps: f("llama.attention.layer_norm_rms_epsilon", 1e-5),
             rope_theta: f("llama.rope.freq_base", 10000.0),
@@ -281,16 +365,29 @@ impl GgufFile {
         let m = |k: &str| self.metadata.get(k);
         let tokens = self
             .meta_str_array("tokenizer.ggml.tokens")
-            .ok_or_else(|| Error::format(&self.path, "metadata `tokenizer.ggml.tokens` is missing"))?;
+            .ok_or_else(|| {
+                Error::format(&self.path, "metadata `tokenizer.ggml.tokens` is missing")
+            })?;
         let token_types = match m("tokenizer.ggml.token_type") {
-            Some(Value::Array(items)) => items.iter().map(|v| v.as_i64().unwrap_or(1) as i32).collect(),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| v.as_i64().unwrap_or(1) as i32)
+                .collect(),
             _ => vec![1; tokens.len()],
         };
         let id = |k: &str| self.meta_i64(k).map(|v| v as u32);
         Ok(GgufVocab {
-            model: m("tokenizer.ggml.model").and_then(Value::as_str).unwrap_or("").to_string(),
-            pre: m("tokenizer.ggml.pre").and_then(Value::as_str).unwrap_or("default").to_string(),
-            merges: self.meta_str_array("tokenizer.ggml.merges").unwrap_or_default(),
+            model: m("tokenizer.ggml.model")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string(),
+            pre: m("tokenizer.ggml.pre")
+                .and_then(Value::as_str)
+                .unwrap_or("default")
+                .to_string(),
+            merges: self
+                .meta_str_array("tokenizer.ggml.merges")
+                .unwrap_or_default(),
             tokens,
             token_types,
             bos_id: id("tokenizer.ggml.bos_token_id"),
@@ -351,7 +448,10 @@ pub struct GgufSource {
 impl GgufSource {
     pub fn new(file: GgufFile) -> Result<Self> {
         let ArchConfig::Llama(c) = file.arch_config()? else {
-            return Err(Error::format(&file.path, "only llama GGUF files are supported"));
+            return Err(Error::format(
+                &file.path,
+                "only llama GGUF files are supported",
+            ));
         };
         Ok(GgufSource {
             n_head: c.num_attention_heads as i64,
@@ -395,16 +495,21 @@ impl WeightSource for GgufSource {
         let (gname, heads) = self
             .gguf_name(name)
             .ok_or_else(|| Error::tensor(&self.file.path, name, "has no GGUF counterpart"))?;
-        let info = self
-            .file
-            .tensors
-            .get(&gname)
-            .ok_or_else(|| Error::tensor(&self.file.path, &gname, format!("missing (needed for `{name}`)")))?;
+        let info = self.file.tensors.get(&gname).ok_or_else(|| {
+            Error::tensor(
+                &self.file.path,
+                &gname,
+                format!("missing (needed for `{name}`)"),
+            )
+        })?;
         if info.shape != shape {
             return Err(Error::tensor(
                 &self.file.path,
                 &gname,
-                format!("has shape {:?}, the model expects {:?} for `{name}`", info.shape, shape),
+                format!(
+                    "has shape {:?}, the model expects {:?} for `{name}`",
+                    info.shape, shape
+                ),
             ));
         }
         let mut t = self.file.dequantize(&gname)?;
@@ -422,12 +527,17 @@ impl WeightSource for GgufSource {
     }
 
     fn contains(&self, name: &str) -> bool {
-        self.gguf_name(name).is_some_and(|(g, _)| self.file.tensors.contains_key(&g))
+        self.gguf_name(name)
+            .is_some_and(|(g, _)| self.file.tensors.contains_key(&g))
     }
 
     fn finish(&mut self) -> Result<()> {
         match self.file.tensors.keys().find(|k| !self.taken.contains(*k)) {
-            Some(k) => Err(Error::tensor(&self.file.path, k, "is unexpected: the model has no such parameter")),
+            Some(k) => Err(Error::tensor(
+                &self.file.path,
+                k,
+                "is unexpected: the model has no such parameter",
+            )),
             None => Ok(()),
         }
     }

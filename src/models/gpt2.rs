@@ -14,15 +14,26 @@ struct Conv1d {
 }
 
 impl Conv1d {
-    fn new(p: &nn::Path, w: &mut dyn WeightSource, kind: Kind, n_in: i64, n_out: i64) -> Result<Self> {
-        Ok(Conv1d { weight: param(p, w, kind, "weight", &[n_in, n_out])?, bias: param(p, w, kind, "bias", &[n_out])? })
+    fn new(
+        p: &nn::Path,
+        w: &mut dyn WeightSource,
+        kind: Kind,
+        n_in: i64,
+        n_out: i64,
+    ) -> Result<Self> {
+        Ok(Conv1d {
+            weight: param(p, w, kind, "weight", &[n_in, n_out])?,
+            bias: param(p, w, kind, "bias", &[n_out])?,
+        })
     }
     fn forward(&self, x: &Tensor) -> Tensor {
         let mut out_shape = x.size();
         let n_in = out_shape.pop().unwrap_or_default();
         out_shape.push(self.weight.size()[1]);
         // One fused addmm over all rows, as transformers' Conv1D does.
-        self.bias.addmm(&x.reshape([-1, n_in]), &self.weight).view(out_shape.as_slice())
+        self.bias
+            .addmm(&x.reshape([-1, n_in]), &self.weight)
+            .view(out_shape.as_slice())
     }
 }
 
@@ -34,10 +45,20 @@ struct LayerNorm {
 
 impl LayerNorm {
     fn new(p: &nn::Path, w: &mut dyn WeightSource, kind: Kind, d: i64, eps: f64) -> Result<Self> {
-        Ok(LayerNorm { weight: param(p, w, kind, "weight", &[d])?, bias: param(p, w, kind, "bias", &[d])?, eps })
+        Ok(LayerNorm {
+            weight: param(p, w, kind, "weight", &[d])?,
+            bias: param(p, w, kind, "bias", &[d])?,
+            eps,
+        })
     }
     fn forward(&self, x: &Tensor) -> Tensor {
-        x.layer_norm([self.weight.size()[0]], Some(&self.weight), Some(&self.bias), self.eps, true)
+        x.layer_norm(
+            [self.weight.size()[0]],
+            Some(&self.weight),
+            Some(&self.bias),
+            self.eps,
+            true,
+        )
     }
 }
 
@@ -79,11 +100,20 @@ impl Block {
         })
     }
 
-    fn forward(&self, x: &Tensor, batch: &BatchMask, cache: Option<&mut KvCache>, layer: usize) -> Tensor {
+    fn forward(
+        &self,
+        x: &Tensor,
+        batch: &BatchMask,
+        cache: Option<&mut KvCache>,
+        layer: usize,
+    ) -> Tensor {
         let (b_sz, seq_len, d) = x.size3().unwrap_or_default();
         let head_dim = d / self.n_head;
         let qkv = self.c_attn.forward(&self.ln_1.forward(x)); // (b, t, 3d)
-        let heads = |t: &Tensor| t.view([b_sz, seq_len, self.n_head, head_dim]).transpose(1, 2); // (b, h, t, hd)
+        let heads = |t: &Tensor| {
+            t.view([b_sz, seq_len, self.n_head, head_dim])
+                .transpose(1, 2)
+        }; // (b, h, t, hd)
         let parts = qkv.split(d, 2);
         let (q, k, v) = (heads(&parts[0]), heads(&parts[1]), heads(&parts[2]));
         let (k, v) = append_cache(cache, layer, k, v);
@@ -107,7 +137,12 @@ pub struct Gpt2 {
 }
 
 impl Gpt2 {
-    pub fn new(vs: nn::VarStore, c: Gpt2Config, w: &mut dyn WeightSource, kind: Kind) -> Result<Self> {
+    pub fn new(
+        vs: nn::VarStore,
+        c: Gpt2Config,
+        w: &mut dyn WeightSource,
+        kind: Kind,
+    ) -> Result<Self> {
         let root = vs.root();
         let t = &root / "transformer";
         let d = c.n_embd as i64;
@@ -120,9 +155,24 @@ impl Gpt2 {
         let lm_head = if c.tie_word_embeddings {
             wte.shallow_clone()
         } else {
-            param(&(&root / "lm_head"), w, kind, "weight", &[c.vocab_size as i64, d])?
+            param(
+                &(&root / "lm_head"),
+                w,
+                kind,
+                "weight",
+                &[c.vocab_size as i64, d],
+            )?
         };
-        Ok(Gpt2 { arch: ArchConfig::Gpt2(c), vs, wte, wpe, blocks, ln_f, lm_head, kind })
+        Ok(Gpt2 {
+            arch: ArchConfig::Gpt2(c),
+            vs,
+            wte,
+            wpe,
+            blocks,
+            ln_f,
+            lm_head,
+            kind,
+        })
     }
 }
 
@@ -139,7 +189,13 @@ impl Backbone for Gpt2 {
         hook: &mut dyn LayerHook,
     ) -> Tensor {
         let (b_sz, seq_len) = input_ids.size2().unwrap_or_default();
-        let batch = BatchMask::new(attention_mask, cache.as_deref_mut(), b_sz, seq_len, self.vs.device());
+        let batch = BatchMask::new(
+            attention_mask,
+            cache.as_deref_mut(),
+            b_sz,
+            seq_len,
+            self.vs.device(),
+        );
         let mut x = Tensor::embedding(&self.wte, input_ids, -1, false, false)
             + Tensor::embedding(&self.wpe, &batch.positions, -1, false, false); // (b, t, d)
         for (i, block) in self.blocks.iter().enumerate() {

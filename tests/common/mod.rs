@@ -9,7 +9,10 @@ pub type TestResult = Result<(), Box<dyn std::error::Error>>;
 
 /// A fixture directory; a missing one is an error that says how to make it.
 pub fn fixture(name: &str) -> Result<PathBuf, String> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests").join("fixtures").join(name);
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join("fixtures")
+        .join(name);
     if dir.exists() {
         Ok(dir)
     } else {
@@ -25,7 +28,10 @@ pub fn reference(name: &str) -> Result<HashMap<String, Tensor>, Box<dyn std::err
 /// Largest absolute difference between two tensors of equal shape (compared in f32).
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.size(), b.size(), "shape mismatch");
-    (a.to_kind(tch::Kind::Float) - b.to_kind(tch::Kind::Float)).abs().max().double_value(&[])
+    (a.to_kind(tch::Kind::Float) - b.to_kind(tch::Kind::Float))
+        .abs()
+        .max()
+        .double_value(&[])
 }
 
 pub fn assert_close(what: &str, a: &Tensor, b: &Tensor, tol: f64) {
