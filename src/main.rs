@@ -156,6 +156,7 @@ fn run(command: Command) -> Result<()> {
             }
             let device = parse_device(&cfg.model.device)?;
             let loaded = resolve::load(&cfg.model.source, cfg.model.dtype.kind(), device)?;
+            tracing::info!(model = %cfg.model.source, parameters = loaded.backbone.num_parameters(), "loaded");
             let vocab = loaded.backbone.arch().vocab_size() as i64;
             let ids = Tensor::randint(vocab, [batch, seq_len], (Kind::Int64, device));
             let _guard = tch::no_grad_guard();

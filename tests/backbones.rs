@@ -119,6 +119,28 @@ fn llama_bf16_is_close_to_transformers_bf16() -> TestResult {
     Ok(())
 }
 
+#[test]
+fn f16_is_close_to_f32() -> TestResult {
+    let _g = tch::no_grad_guard();
+    let model = load_fixture("gpt2-tiny", Kind::Half)?;
+    assert_eq!(model.kind(), Kind::Half);
+    let r = reference("gpt2-tiny")?;
+    let logits = model.lm_logits(&model.forward(
+        &r["input_ids"],
+        Some(&r["attention_mask"]),
+        None,
+        &mut NoHook,
+    ));
+    let real = r["attention_mask"].unsqueeze(-1).to_kind(Kind::Float);
+    assert_close(
+        "gpt2 f16",
+        &(logits.to_kind(Kind::Float) * &real),
+        &(&r["logits"] * &real),
+        5e-2,
+    );
+    Ok(())
+}
+
 /// Incremental decoding through the cache gives the logits of one full forward pass, also for
 /// a left-padded batch.
 #[test]

@@ -165,6 +165,83 @@ def llama3_tiktoken():
     (d / "encodings.json").write_text(json.dumps(out, ensure_ascii=False, indent=0))
 
 
+def tiny_llama_gguf():
+    """A tiny LLaMA written to GGUF with every tensor type umtune reads (F32, F16, BF16, Q8_0, Q4_0,
+    Q4_1), q/k permuted the way llama.cpp's converter does, and the bpe-tiny vocabulary; the
+    reference is transformers loading that GGUF."""
+    import gguf
+    import numpy as np
+    from gguf import GGMLQuantizationType as Q
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    vocab = json.loads((OUT / "bpe-tiny" / "vocab.json").read_text())
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    merges = [m for m in (OUT / "bpe-tiny" / "merges.txt").read_text().splitlines() if m and not m.startswith("#")]
+    torch.manual_seed(2)
+    cfg = LlamaConfig(
+        vocab_size=len(tokens), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5,
+        tie_word_embeddings=False, initializer_range=0.2,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    )
+    model = LlamaForCausalLM(cfg)
+    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+
+    def permute(w, n_head):
+        return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    d = OUT / "llama-tiny-gguf"
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / "tiny.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if t == "<|endoftext|>" else 1 for t in tokens])
+    w.add_token_merges(merges)
+    w.add_bos_token_id(vocab["<|endoftext|>"])
+    w.add_eos_token_id(vocab["<|endoftext|>"])
+
+    def put(name, array, qtype):
+        array = np.ascontiguousarray(array.astype(np.float32))
+        if qtype == Q.F32:
+            w.add_tensor(name, array)
+        elif qtype == Q.F16:
+            w.add_tensor(name, array.astype(np.float16))
+        else:
+            w.add_tensor(name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+
+    put("token_embd.weight", sd["model.embed_tokens.weight"], Q.Q8_0)
+    put("output_norm.weight", sd["model.norm.weight"] + np.random.default_rng(0).normal(0, 0.1, 64), Q.F32)
+    put("output.weight", sd["lm_head.weight"], Q.F16)
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        put(f"blk.{i}.attn_norm.weight", sd[p + "input_layernorm.weight"], Q.F32)
+        put(f"blk.{i}.ffn_norm.weight", sd[p + "post_attention_layernorm.weight"], Q.F32)
+        put(f"blk.{i}.attn_q.weight", permute(sd[p + "self_attn.q_proj.weight"], cfg.num_attention_heads), Q.Q4_0)
+        put(f"blk.{i}.attn_k.weight", permute(sd[p + "self_attn.k_proj.weight"], cfg.num_key_value_heads), Q.Q4_1)
+        put(f"blk.{i}.attn_v.weight", sd[p + "self_attn.v_proj.weight"], Q.Q8_0)
+        put(f"blk.{i}.attn_output.weight", sd[p + "self_attn.o_proj.weight"], Q.F16)
+        put(f"blk.{i}.ffn_gate.weight", sd[p + "mlp.gate_proj.weight"], Q.BF16)
+        put(f"blk.{i}.ffn_up.weight", sd[p + "mlp.up_proj.weight"], Q.Q4_0)
+        put(f"blk.{i}.ffn_down.weight", sd[p + "mlp.down_proj.weight"], Q.Q4_1)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    ref = AutoModelForCausalLM.from_pretrained(str(d), gguf_file=path.name, dtype=torch.float32)
+    save_reference(ref, d)
+
+
 SMOLLM_SENTENCES = [
     "The capital of France is",
     "Once upon a time, there was a little girl who",
@@ -200,6 +277,7 @@ def main():
     tiny_llama("llama-tiny-tied", tied=True, rope_scaling=True)
     tiny_llama("llama-tiny-untied", tied=False, rope_scaling=False, max_shard_size="60KB")
     byte_level_bpe()
+    tiny_llama_gguf()
     if not GGUF.exists() or not LLAMA3_TOKENIZER.exists():
         sys.exit(f"missing {GGUF} or {LLAMA3_TOKENIZER}: run `make assets` first")
     llama3_tiktoken()

@@ -227,7 +227,8 @@ impl LlamaConfig {
         let need = |k: &str| get_usize(j, k)?.ok_or_else(|| format!("missing `{k}`"));
         let hidden_size = need("hidden_size")?;
         let heads = need("num_attention_heads")?;
-        if heads == 0 || (!hidden_size.is_multiple_of(heads) && get_usize(j, "head_dim")?.is_none()) {
+        if heads == 0 || (!hidden_size.is_multiple_of(heads) && get_usize(j, "head_dim")?.is_none())
+        {
             return Err(format!(
                 "hidden_size {hidden_size} is not divisible by num_attention_heads {heads}"
             ));

@@ -1,5 +1,6 @@
-//! The packaged SmolLM2-135M GGUF (Q4_1/Q8_0) loaded by umtune against transformers loading the
-//! same file: logits on real sentences, greedy generation token for token, and the tokenizer.
+//! GGUF loading against transformers loading the same files: the packaged SmolLM2-135M (Q4_1/Q8_0;
+//! logits on real sentences, greedy generation token for token, the tokenizer) and a tiny LLaMA
+//! holding every supported tensor type.
 mod common;
 use common::*;
 use tch::{Device, Kind, Tensor};
@@ -105,4 +106,27 @@ fn dequantize_blocks() {
         assert_eq!(out[j], j as f32 * 0.5 - 1.0);
         assert_eq!(out[j + 16], (15 - j) as f32 * 0.5 - 1.0);
     }
+}
+
+/// A tiny LLaMA that make_fixtures.py wrote to GGUF with every supported tensor type (F32, F16,
+/// BF16, Q8_0, Q4_0, Q4_1) and llama.cpp's q/k permutation under grouped-query attention: umtune
+/// equals transformers loading the same file, padded batch included.
+#[test]
+fn every_ggml_type_matches_transformers() -> TestResult {
+    let _g = tch::no_grad_guard();
+    let path = fixture("llama-tiny-gguf")?.join("tiny.gguf");
+    let model = load(path.to_str().ok_or("path")?, Kind::Float, Device::Cpu)?;
+    let r = reference("llama-tiny-gguf")?;
+    let (ids, mask) = (&r["input_ids"], &r["attention_mask"]);
+    let logits =
+        model
+            .backbone
+            .lm_logits(&model.backbone.forward(ids, Some(mask), None, &mut NoHook));
+    let real = mask.unsqueeze(-1).to_kind(Kind::Float);
+    let d = max_abs_diff(&(&logits * &real), &(&r["logits"] * &real));
+    assert!(d < 1e-4, "max |logit diff| {d:e}");
+    // The vocabulary came along as a byte-level BPE tokenizer.
+    let tok = model.tokenizer.as_ref().ok_or("tokenizer")?;
+    assert_eq!(tok.vocab_size(), model.backbone.arch().vocab_size());
+    Ok(())
 }

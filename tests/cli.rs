@@ -1,0 +1,100 @@
+//! The `umtune` binary as a user runs it: logging formats, exit codes and error messages.
+use std::process::Command;
+
+fn umtune(args: &[&str]) -> std::io::Result<std::process::Output> {
+    Command::new(env!("CARGO_BIN_EXE_umtune"))
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+}
+
+#[test]
+fn json_logs_are_one_object_per_line() -> Result<(), Box<dyn std::error::Error>> {
+    let args = [
+        "--log-format",
+        "json",
+        "bench-forward",
+        "--model",
+        "preset:gpt2",
+        "--batch",
+        "1",
+        "--seq-len",
+        "4",
+        "--iters",
+        "1",
+        "--warmup",
+        "0",
+    ];
+    let out = umtune(&args)?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stderr = String::from_utf8(out.stderr)?;
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert!(!lines.is_empty(), "no log lines");
+    for line in lines {
+        let v: serde_json::Value =
+            serde_json::from_str(line).map_err(|e| format!("{line}: {e}"))?;
+        assert_eq!(v["level"], "INFO");
+        assert_eq!(v["message"], "loaded");
+        assert_eq!(
+            v["parameters"], 124_439_808,
+            "GPT-2 small has 124,439,808 parameters (tied)"
+        );
+    }
+    let result: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(result["batch"], 1);
+    assert!(result["tokens_per_s"].as_f64().unwrap_or(0.0) > 0.0);
+    Ok(())
+}
+
+#[test]
+fn text_logs_are_plain_when_not_a_terminal() -> Result<(), Box<dyn std::error::Error>> {
+    let out = umtune(&[
+        "bench-forward",
+        "--model",
+        "preset:gpt2",
+        "--batch",
+        "1",
+        "--seq-len",
+        "2",
+        "--iters",
+        "1",
+        "--warmup",
+        "0",
+    ])?;
+    let stderr = String::from_utf8(out.stderr)?;
+    assert!(
+        stderr.contains("INFO") && stderr.contains("loaded"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains('\u{1b}'),
+        "ANSI escapes in a pipe: {stderr:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn bad_input_exits_nonzero_with_one_clear_line() -> Result<(), Box<dyn std::error::Error>> {
+    let out = umtune(&["config", "--set", "model.dtype=f64"])?;
+    assert!(!out.status.success());
+    let stderr = String::from_utf8(out.stderr)?;
+    assert!(
+        stderr.starts_with("error: config:") && stderr.contains("model.dtype"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("Stack backtrace"), "{stderr}");
+    let out = umtune(&[
+        "generate",
+        "--model",
+        "/nonexistent/model.gguf",
+        "--prompt",
+        "hi",
+    ])?;
+    assert!(!out.status.success());
+    assert!(String::from_utf8(out.stderr)?.contains("/nonexistent/model.gguf"));
+    Ok(())
+}
