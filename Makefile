@@ -16,7 +16,8 @@ run: build assets
 	$(BIN) generate --prompt "$(PROMPT)" --max-new-tokens 40
 
 test: build fixtures
-	cargo test --release --workspace
+	set -o pipefail; cargo test --release --workspace --tests 2>&1 | tee target/test.log
+	@awk '/^test result:/ {p += $$4; f += $$6} END {print "tests: " p " passed, " f " failed"}' target/test.log
 
 venv: $(VENV)/.torch-installed
 test-venv: $(VENV)/.test-installed

@@ -36,7 +36,7 @@ fn gpt2_vocab_and_merges_match_transformers() -> TestResult {
 
 #[test]
 fn tokenizer_json_matches_transformers() -> TestResult {
-    let tok = TextTokenizer::from_dir(&fixture("bpe-tiny-json")?)?;
+    let tok = TextTokenizer::from_dir(&fixture("bpe-tiny-json")?)?.ok_or("no tokenizer found")?;
     check(
         &tok,
         read_json(fixture("bpe-tiny")?.join("encodings.json"))?,

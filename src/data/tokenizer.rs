@@ -236,25 +236,22 @@ impl TextTokenizer {
         }
     }
 
-    /// Finds a tokenizer in a model directory: tokenizer.json, vocab.json+merges.txt, or a
-    /// tiktoken tokenizer.model.
-    pub fn from_dir(dir: &Path) -> Result<Self> {
+    /// The tokenizer of a model directory: tokenizer.json, vocab.json+merges.txt, or a tiktoken
+    /// tokenizer.model; `None` if it has none of them, an error if the one it has is broken.
+    pub fn from_dir(dir: &Path) -> Result<Option<Self>> {
         let json = dir.join("tokenizer.json");
         if json.exists() {
-            return Self::from_tokenizer_json(&json);
+            return Self::from_tokenizer_json(&json).map(Some);
         }
         let (vocab, merges) = (dir.join("vocab.json"), dir.join("merges.txt"));
         if vocab.exists() && merges.exists() {
-            return Self::from_vocab_merges(&vocab, &merges);
+            return Self::from_vocab_merges(&vocab, &merges).map(Some);
         }
         let model = dir.join("tokenizer.model");
         if model.exists() {
-            return Self::from_tiktoken(&model);
+            return Self::from_tiktoken(&model).map(Some);
         }
-        Err(tok_err(
-            dir,
-            "no tokenizer.json, vocab.json+merges.txt or tokenizer.model in this directory",
-        ))
+        Ok(None)
     }
 }
 

@@ -3,6 +3,7 @@
 //! Parameter paths equal the `transformers` safetensors keys (`transformer.h.0.attn.c_attn.weight`).
 use super::attention::{append_cache, sdpa, BatchMask};
 use super::hf_config::{ArchConfig, Gpt2Config};
+use super::weights::frozen_param as param;
 use super::{Backbone, KvCache, LayerHook, WeightSource};
 use crate::error::Result;
 use tch::{nn, Kind, Tensor};
@@ -60,18 +61,6 @@ impl LayerNorm {
             true,
         )
     }
-}
-
-/// Takes `name` under `p` from the weight source and registers it as a frozen variable.
-pub(crate) fn param(
-    p: &nn::Path,
-    w: &mut dyn WeightSource,
-    kind: Kind,
-    name: &str,
-    shape: &[i64],
-) -> Result<Tensor> {
-    let t = w.take(&p.path(name), shape, kind, p.device())?;
-    Ok(p.add(name, t, false))
 }
 
 struct Block {

@@ -2,8 +2,8 @@
 //! rotary positions with the `llama3` frequency rule, grouped-query attention, SwiGLU MLP, tied or
 //! untied embeddings. Parameter paths equal the `transformers` safetensors keys.
 use super::attention::{append_cache, sdpa, BatchMask};
-use super::gpt2::param;
 use super::hf_config::{ArchConfig, LlamaConfig};
+use super::weights::frozen_param as param;
 use super::{Backbone, KvCache, LayerHook, WeightSource};
 use crate::error::Result;
 use std::f64::consts::PI;

@@ -179,7 +179,7 @@ pub fn load(reference: &str, kind: Kind, device: Device) -> Result<LoadedModel> 
                 source.allow_unused("lm_head.weight");
             }
             let backbone = build(&arch, &mut source, kind, device)?;
-            (backbone, TextTokenizer::from_dir(dir).ok())
+            (backbone, TextTokenizer::from_dir(dir)?)
         }
         ModelFiles::Gguf(path) => {
             let file = GgufFile::open(path)?;

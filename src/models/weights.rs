@@ -5,7 +5,7 @@ use crate::error::{Error, Result};
 use memmap2::Mmap;
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
-use tch::{Device, Kind, Tensor};
+use tch::{nn, Device, Kind, Tensor};
 
 /// A store of named tensors a model is built from, named by Hugging Face keys.
 pub trait WeightSource {
@@ -15,6 +15,19 @@ pub trait WeightSource {
     fn contains(&self, name: &str) -> bool;
     /// Fails if tensors were left that no model parameter took.
     fn finish(&mut self) -> Result<()>;
+}
+
+/// Takes `name` under `p` from `w` and registers it in `p`'s VarStore as a frozen variable, so
+/// that the variable path is the checkpoint key.
+pub fn frozen_param(
+    p: &nn::Path,
+    w: &mut dyn WeightSource,
+    kind: Kind,
+    name: &str,
+    shape: &[i64],
+) -> Result<Tensor> {
+    let t = w.take(&p.path(name), shape, kind, p.device())?;
+    Ok(p.add(name, t, false))
 }
 
 /// Buffers and caches that Hugging Face checkpoints carry but that are not parameters.
