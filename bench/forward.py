@@ -85,16 +85,22 @@ def main():
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--umtune", type=Path, default=ROOT / "target" / "release" / "umtune")
     p.add_argument("--models", default="preset:gpt2,default")
+    p.add_argument("--rounds", type=int, default=3, help="alternating umtune/reference rounds")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     print(f"forward pass, batch {args.batch} x {args.seq_len} tokens, {args.dtype}, {args.device}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"median of {args.rounds} alternating rounds, each the median of {args.iters} timed passes")
     print(f"{'model':<14} {'umtune tok/s':>14} {'transformers tok/s':>20} {'ratio':>7}")
     for name in args.models.split(","):
-        ours = time_umtune(name, args)
-        theirs = time_reference(name, args)
+        # Alternate the two so that drift in the machine's speed hits both alike.
+        ours, theirs = [], []
+        for _ in range(args.rounds):
+            ours.append(time_umtune(name, args))
+            theirs.append(time_reference(name, args))
+        ratio = statistics.median(o / t for o, t in zip(ours, theirs))
         label = {"preset:gpt2": "gpt2-small", "default": "smollm2-135m"}.get(name, name.replace("preset:", ""))
-        print(f"{label:<14} {ours:>14.0f} {theirs:>20.0f} {ours / theirs:>7.2f}")
+        print(f"{label:<14} {statistics.median(ours):>14.0f} {statistics.median(theirs):>20.0f} {ratio:>7.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -93,26 +93,19 @@ fn llama_bf16_is_close_to_transformers_bf16() -> TestResult {
         let model = load_fixture(name, Kind::BFloat16)?;
         assert_eq!(model.kind(), Kind::BFloat16);
         let r = reference(name)?;
-        let logits = model.lm_logits(&model.forward(
-            &r["input_ids"],
-            Some(&r["attention_mask"]),
-            None,
-            &mut NoHook,
-        ));
-        let real = r["attention_mask"].unsqueeze(-1).to_kind(Kind::Float);
+        let ours = padded_logits(model.as_ref(), &r);
         // Measured 7e-2 on logits up to |6.5|: about two bf16 ulps there, while bf16 itself moves
         // them 0.18 away from f32. A wrong op moves them by whole units.
-        let ours = logits.to_kind(Kind::Float) * &real;
         assert_close(
             &format!("{name} bf16"),
             &ours,
-            &(&r["logits.bfloat16"] * &real),
+            &masked(&r, &r["logits.bfloat16"]),
             1e-1,
         );
         assert_close(
             &format!("{name} bf16 vs f32"),
             &ours,
-            &(&r["logits"] * &real),
+            &masked(&r, &r["logits"]),
             3e-1,
         );
     }
@@ -125,17 +118,10 @@ fn f16_is_close_to_f32() -> TestResult {
     let model = load_fixture("gpt2-tiny", Kind::Half)?;
     assert_eq!(model.kind(), Kind::Half);
     let r = reference("gpt2-tiny")?;
-    let logits = model.lm_logits(&model.forward(
-        &r["input_ids"],
-        Some(&r["attention_mask"]),
-        None,
-        &mut NoHook,
-    ));
-    let real = r["attention_mask"].unsqueeze(-1).to_kind(Kind::Float);
     assert_close(
         "gpt2 f16",
-        &(logits.to_kind(Kind::Float) * &real),
-        &(&r["logits"] * &real),
+        &padded_logits(model.as_ref(), &r),
+        &masked(&r, &r["logits"]),
         5e-2,
     );
     Ok(())
@@ -221,26 +207,18 @@ fn cuda_forward_matches_transformers() -> TestResult {
     for name in ["gpt2-tiny", "llama-tiny-tied", "llama-tiny-untied"] {
         let dir = fixture(name)?;
         let r = reference(name)?;
-        let real = r["attention_mask"].unsqueeze(-1).to_kind(Kind::Float);
-        let (ids, mask) = (
-            r["input_ids"].to_device(gpu),
-            r["attention_mask"].to_device(gpu),
-        );
         let model = load(dir.to_str().ok_or("path")?, Kind::Float, gpu)?.backbone;
-        let logits = model
-            .lm_logits(&model.forward(&ids, Some(&mask), None, &mut NoHook))
-            .to_device(Device::Cpu);
-        let d = max_abs_diff(&(&logits * &real), &(&r["logits"] * &real));
+        let d = max_abs_diff(
+            &padded_logits(model.as_ref(), &r),
+            &masked(&r, &r["logits"]),
+        );
         eprintln!("{name} cuda f32: max |diff| = {d:e}");
         assert!(d < 1e-4, "{name} cuda f32: {d:e}");
         if name.starts_with("llama") {
             let model = load(dir.to_str().ok_or("path")?, Kind::BFloat16, gpu)?.backbone;
-            let logits = model
-                .lm_logits(&model.forward(&ids, Some(&mask), None, &mut NoHook))
-                .to_device(Device::Cpu);
             let d = max_abs_diff(
-                &(logits.to_kind(Kind::Float) * &real),
-                &(&r["logits"] * &real),
+                &padded_logits(model.as_ref(), &r),
+                &masked(&r, &r["logits"]),
             );
             eprintln!("{name} cuda bf16 vs f32 reference: max |diff| = {d:e}");
             assert!(d < 3e-1, "{name} cuda bf16: {d:e}");

@@ -1,7 +1,7 @@
 //! Pieces both backbones share: position ids and attention masks for padded batches and KV
 //! caches, and scaled-dot-product attention through libtorch's fused kernel.
 use super::KvCache;
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 /// What every attention layer of one forward pass needs to know about the batch.
 pub struct BatchMask {
@@ -14,15 +14,15 @@ pub struct BatchMask {
 }
 
 impl BatchMask {
-    /// `attention_mask` is `(b, t)` for the new tokens; a cache contributes its past mask and
-    /// is extended with this one.
+    /// For `input_ids (b, t)`; `attention_mask` is `(b, t)` for the new tokens; a cache
+    /// contributes its past mask and is extended with this one.
     pub fn new(
+        input_ids: &Tensor,
         attention_mask: Option<&Tensor>,
         cache: Option<&mut KvCache>,
-        b_sz: i64,
-        seq_len: i64,
-        device: Device,
     ) -> BatchMask {
+        let (b_sz, seq_len) = input_ids.size2().unwrap_or_default();
+        let device = input_ids.device();
         let past = cache.as_ref().map_or(0, |c| c.seq_len());
         let past_mask = cache
             .as_ref()

@@ -177,14 +177,7 @@ impl Backbone for Gpt2 {
         mut cache: Option<&mut KvCache>,
         hook: &mut dyn LayerHook,
     ) -> Tensor {
-        let (b_sz, seq_len) = input_ids.size2().unwrap_or_default();
-        let batch = BatchMask::new(
-            attention_mask,
-            cache.as_deref_mut(),
-            b_sz,
-            seq_len,
-            self.vs.device(),
-        );
+        let batch = BatchMask::new(input_ids, attention_mask, cache.as_deref_mut());
         let mut x = Tensor::embedding(&self.wte, input_ids, -1, false, false)
             + Tensor::embedding(&self.wpe, &batch.positions, -1, false, false); // (b, t, d)
         for (i, block) in self.blocks.iter().enumerate() {
@@ -193,8 +186,8 @@ impl Backbone for Gpt2 {
         self.ln_f.forward(&x)
     }
 
-    fn lm_logits(&self, hidden: &Tensor) -> Tensor {
-        hidden.linear::<&Tensor>(&self.lm_head, None)
+    fn lm_head(&self) -> &Tensor {
+        &self.lm_head
     }
 
     fn var_store(&self) -> &nn::VarStore {

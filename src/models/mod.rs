@@ -79,8 +79,12 @@ pub trait Backbone: Send {
         cache: Option<&mut KvCache>,
         hook: &mut dyn LayerHook,
     ) -> Tensor;
-    /// Language-model logits `(b, t, vocab)` for hidden states.
-    fn lm_logits(&self, hidden: &Tensor) -> Tensor;
+    /// The output embedding `(vocab, d)` (the input embedding when tied).
+    fn lm_head(&self) -> &Tensor;
+    /// Language-model logits `(b, t, vocab)` for hidden states `(b, t, d)`.
+    fn lm_logits(&self, hidden: &Tensor) -> Tensor {
+        hidden.linear::<&Tensor>(self.lm_head(), None)
+    }
     fn var_store(&self) -> &nn::VarStore;
     fn device(&self) -> Device {
         self.var_store().device()

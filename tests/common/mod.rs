@@ -42,3 +42,23 @@ pub fn assert_close(what: &str, a: &Tensor, b: &Tensor, tol: f64) {
 pub fn read_json(path: PathBuf) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
     Ok(serde_json::from_str(&std::fs::read_to_string(path)?)?)
 }
+
+/// f32 logits of `model` on the reference's padded batch, zero on padding positions.
+pub fn padded_logits(model: &dyn umtune::models::Backbone, r: &HashMap<String, Tensor>) -> Tensor {
+    let device = model.device();
+    let (ids, mask) = (
+        r["input_ids"].to_device(device),
+        r["attention_mask"].to_device(device),
+    );
+    let hidden = model.forward(&ids, Some(&mask), None, &mut umtune::models::NoHook);
+    let logits = model
+        .lm_logits(&hidden)
+        .to_device(tch::Device::Cpu)
+        .to_kind(tch::Kind::Float);
+    masked(r, &logits)
+}
+
+/// `t (b, t, ...)` with padding positions of the reference batch zeroed.
+pub fn masked(r: &HashMap<String, Tensor>, t: &Tensor) -> Tensor {
+    t * r["attention_mask"].unsqueeze(-1).to_kind(tch::Kind::Float)
+}
