@@ -23,28 +23,41 @@ GGUF = CACHE / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
 
 
+LLAMA_PRESETS = {
+    "preset:smollm2-135m": dict(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, rms_norm_eps=1e-5, tie_word_embeddings=True,
+        max_position_embeddings=8192, rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
+    ),
+    "preset:llama3-8b": dict(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        max_position_embeddings=8192, rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+    ),
+}
+GPT2_PRESETS = {"preset:gpt2": dict(), "preset:gpt2-medium": dict(n_embd=1024, n_layer=24, n_head=16)}
+
+
 def reference_model(name, dtype, device):
     from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
     from transformers.utils import logging
 
     logging.disable_progress_bar()
-
-    if name == "preset:gpt2":
-        model = GPT2LMHeadModel(GPT2Config())
-    elif name == "preset:smollm2-135m":
-        model = LlamaForCausalLM(LlamaConfig(
-            vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-            num_attention_heads=9, num_key_value_heads=3, rms_norm_eps=1e-5, tie_word_embeddings=True,
-            max_position_embeddings=8192, rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
-        ))
-    else:
-        model = AutoModelForCausalLM.from_pretrained(str(GGUF.parent), gguf_file=GGUF.name, dtype=torch.float32)
+    # Random presets are built on the device in the working dtype (an 8B model would not fit in
+    # f32 on the host of a small machine).
+    with torch.device(device):
+        if name in GPT2_PRESETS:
+            return GPT2LMHeadModel._from_config(GPT2Config(**GPT2_PRESETS[name]), dtype=dtype).eval()
+        if name in LLAMA_PRESETS:
+            return LlamaForCausalLM._from_config(LlamaConfig(**LLAMA_PRESETS[name]), dtype=dtype).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(GGUF.parent), gguf_file=GGUF.name, dtype=torch.float32)
     return model.to(device=device, dtype=dtype).eval()
 
 
 def time_reference(name, args):
     device = torch.device(args.device)
     model = reference_model(name, DTYPES[args.dtype], device)
+    assert model.dtype == DTYPES[args.dtype], model.dtype
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq_len), device=device)
 
     def step():
@@ -60,6 +73,9 @@ def time_reference(name, args):
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     return args.batch * args.seq_len / statistics.median(times)
 
 

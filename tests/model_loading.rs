@@ -1,4 +1,5 @@
-//! Bad checkpoints and references fail with messages that name the tensor and the file.
+//! Model references (local dirs, GGUF, the Hugging Face cache) and bad checkpoints, whose errors
+//! name the tensor and the file.
 mod common;
 use common::*;
 use std::path::PathBuf;
@@ -96,16 +97,29 @@ fn corrupt_files_are_named() -> TestResult {
     Ok(())
 }
 
+/// Hub ids resolve through the local Hugging Face cache layout (`models--org--name/refs/main`
+/// naming a snapshot); offline and uncached, the error says which file and where it looked. One
+/// test, because both set the process-wide HF_HOME.
 #[test]
-fn offline_hub_id_says_what_was_missing_and_where() -> TestResult {
-    let cache = std::env::temp_dir().join(format!("umtune-hf-{}", std::process::id()));
-    std::env::set_var("HF_HOME", &cache);
+fn hub_ids_use_the_local_cache_and_explain_misses() -> TestResult {
+    let home = std::env::temp_dir().join(format!("umtune-hf-{}", std::process::id()));
+    let repo = home.join("hub").join("models--tiny-org--gpt2-tiny");
+    let snapshot = repo.join("snapshots").join("0123abcd");
+    std::fs::create_dir_all(&snapshot)?;
+    std::fs::create_dir_all(repo.join("refs"))?;
+    std::fs::write(repo.join("refs").join("main"), "0123abcd")?;
+    let src = fixture("gpt2-tiny")?;
+    for file in ["config.json", "model.safetensors"] {
+        std::fs::copy(src.join(file), snapshot.join(file))?;
+    }
+    std::env::set_var("HF_HOME", &home);
     std::env::set_var("HF_HUB_OFFLINE", "1");
+    let model = load("tiny-org/gpt2-tiny", Kind::Float, Device::Cpu)?;
+    assert_eq!(model.files, umtune::models::ModelFiles::Dir(snapshot));
+    assert_eq!(model.backbone.arch().num_layers(), 2);
     let e = load_err(std::path::Path::new("openai-community/gpt2"));
     assert!(
-        e.contains("openai-community/gpt2")
-            && e.contains("config.json")
-            && e.contains("models--openai-community--gpt2"),
+        e.contains("openai-community/gpt2") && e.contains("config.json") && e.contains("models--openai-community--gpt2"),
         "{e}"
     );
     Ok(())
