@@ -10,12 +10,12 @@ export LIBTORCH_USE_PYTORCH := 1
 BIN := target/release/umtune
 PROMPT ?= The capital of France is
 
-.PHONY: run test venv test-venv assets build fixtures bench doctor lint clean
+.PHONY: run test venv test-venv assets data build fixtures bench doctor lint clean
 
 run: build assets
 	$(BIN) generate --prompt "$(PROMPT)" --max-new-tokens 40
 
-test: build fixtures
+test: build fixtures data
 	set -o pipefail; cargo test --release --workspace --tests 2>&1 | tee target/test.log
 	@awk '/^test result:/ {p += $$4; f += $$6} END {print "tests: " p " passed, " f " failed"}' target/test.log
 
@@ -34,6 +34,9 @@ $(VENV)/.test-installed: requirements-test.txt $(VENV)/.torch-installed
 
 assets: $(VENV)/.torch-installed
 	PYTHON=$(VENV)/bin/python scripts/fetch_assets.sh
+
+data: $(VENV)/.torch-installed
+	$(VENV)/bin/python scripts/fetch_data.py
 
 build: $(VENV)/.torch-installed
 	cargo build --release --workspace

@@ -22,6 +22,14 @@ pub enum Error {
     ModelNotFound { reference: String, msg: String },
     #[error("tokenizer {}: {msg}", path.display())]
     Tokenizer { path: PathBuf, msg: String },
+    /// Bad data: names the file, and the row (0-based, header excluded) and column when known.
+    #[error("{}{}{}: {msg}", path.display(), row.map(|r| format!(": row {r}")).unwrap_or_default(), column.as_ref().map(|c| format!(", column `{c}`")).unwrap_or_default())]
+    Data {
+        path: PathBuf,
+        row: Option<usize>,
+        column: Option<String>,
+        msg: String,
+    },
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
 }
@@ -38,6 +46,19 @@ impl Error {
     pub fn format(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
         Error::Format {
             path: path.into(),
+            msg: msg.into(),
+        }
+    }
+    pub fn data(
+        path: impl Into<PathBuf>,
+        row: Option<usize>,
+        column: Option<&str>,
+        msg: impl Into<String>,
+    ) -> Self {
+        Error::Data {
+            path: path.into(),
+            row,
+            column: column.map(str::to_string),
             msg: msg.into(),
         }
     }

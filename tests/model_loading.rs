@@ -119,7 +119,9 @@ fn hub_ids_use_the_local_cache_and_explain_misses() -> TestResult {
     assert_eq!(model.backbone.arch().num_layers(), 2);
     let e = load_err(std::path::Path::new("openai-community/gpt2"));
     assert!(
-        e.contains("openai-community/gpt2") && e.contains("config.json") && e.contains("models--openai-community--gpt2"),
+        e.contains("openai-community/gpt2")
+            && e.contains("config.json")
+            && e.contains("models--openai-community--gpt2"),
         "{e}"
     );
     Ok(())

@@ -1,0 +1,180 @@
+//! Dataset readers on the real converted datasets and on small hand-written files, including
+//! the errors that name file, row and column.
+use std::path::PathBuf;
+use umtune::data::readers::{read_split, Columns, Example, Task};
+use umtune::models::resolve::asset_cache;
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+fn data(name: &str, split: &str) -> PathBuf {
+    asset_cache()
+        .join("data")
+        .join(name)
+        .join(format!("{split}.parquet"))
+}
+
+fn temp(name: &str, text: &str) -> std::io::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("umtune-readers-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join(name);
+    std::fs::write(&path, text)?;
+    Ok(path)
+}
+
+fn err(path: &std::path::Path, task: Task) -> String {
+    match read_split(path, task, &Columns::default(), None) {
+        Ok(s) => panic!("expected an error, read {} examples", s.examples.len()),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn real_parquet_splits_have_canonical_sizes_and_label_names() -> TestResult {
+    let cols = Columns::default();
+    let conll = read_split(&data("conll2003", "train"), Task::Ner, &cols, None)?;
+    assert_eq!(conll.examples.len(), 14041);
+    assert_eq!(conll.label_names[..3], ["O", "B-PER", "I-PER"]);
+    let Example::Tagged { tokens, tags } = &conll.examples[0] else {
+        return Err("not tagged".into());
+    };
+    assert_eq!(tokens[..3], ["EU", "rejects", "German"]);
+    assert_eq!(tags[..3], [3, 0, 7]); // B-ORG O B-MISC
+    assert_eq!(
+        read_split(&data("conll2003", "validation"), Task::Ner, &cols, None)?
+            .examples
+            .len(),
+        3250
+    );
+    assert_eq!(
+        read_split(&data("conll2003", "test"), Task::Ner, &cols, None)?
+            .examples
+            .len(),
+        3453
+    );
+    let r8 = read_split(
+        &data("reuters-r8", "test"),
+        Task::Classification,
+        &cols,
+        None,
+    )?;
+    assert_eq!((r8.examples.len(), r8.label_names.len()), (2189, 8));
+    let sentiment = read_split(
+        &data("uci-sentiment", "train"),
+        Task::Classification,
+        &cols,
+        None,
+    )?;
+    assert_eq!(sentiment.label_names, ["negative", "positive"]);
+    assert_eq!(sentiment.examples.len(), 2100);
+    Ok(())
+}
+
+#[test]
+fn jsonl_csv_tsv_and_conll() -> TestResult {
+    let cols = Columns::default();
+    let names = vec!["neg".to_string(), "pos".to_string()];
+    let j = temp(
+        "a.jsonl",
+        "{\"text\": \"good\", \"label\": \"pos\"}\n\n{\"text\": \"bad\", \"label\": 0}\n",
+    )?;
+    let s = read_split(&j, Task::Classification, &cols, Some(&names))?;
+    assert_eq!(
+        s.examples,
+        [
+            Example::Text {
+                text: "good".into(),
+                label: 1
+            },
+            Example::Text {
+                text: "bad".into(),
+                label: 0
+            }
+        ]
+    );
+    let c = temp(
+        "a.csv",
+        "label,text\npos,\"a, \"\"quoted\"\"\nline\"\nneg,plain\n",
+    )?;
+    let s = read_split(&c, Task::Classification, &cols, Some(&names))?;
+    assert_eq!(
+        s.examples[0],
+        Example::Text {
+            text: "a, \"quoted\"\nline".into(),
+            label: 1
+        }
+    );
+    assert_eq!(s.examples.len(), 2);
+    let t = temp("a.tsv", "text\tlabel\nx\t1\n")?;
+    assert_eq!(
+        read_split(&t, Task::Classification, &cols, Some(&names))?.examples[0],
+        Example::Text {
+            text: "x".into(),
+            label: 1
+        }
+    );
+    let n = temp(
+        "a.conll",
+        "-DOCSTART- -X- O\n\nEU NNP B-ORG\nrejects VBZ O\n\nPeter NNP B-PER\n",
+    )?;
+    let s = read_split(&n, Task::Ner, &cols, None)?;
+    assert_eq!(s.label_names, ["B-ORG", "B-PER", "O"]);
+    assert_eq!(s.examples.len(), 2);
+    Ok(())
+}
+
+#[test]
+fn errors_name_file_row_and_column() -> TestResult {
+    let names = vec!["neg".to_string(), "pos".to_string()];
+    let p = temp(
+        "bad-label.jsonl",
+        "{\"text\": \"a\", \"label\": 0}\n{\"text\": \"b\", \"label\": 7}\n",
+    )?;
+    let e = read_split(&p, Task::Classification, &Columns::default(), Some(&names))
+        .err()
+        .ok_or("no error")?
+        .to_string();
+    assert!(
+        e.contains("bad-label.jsonl")
+            && e.contains("row 1")
+            && e.contains("column `label`")
+            && e.contains("7"),
+        "{e}"
+    );
+    let p = temp("no-col.jsonl", "{\"txt\": \"a\", \"label\": 0}\n")?;
+    let e = err(&p, Task::Classification);
+    assert!(
+        e.contains("no-col.jsonl") && e.contains("row 0") && e.contains("column `text`"),
+        "{e}"
+    );
+    let p = temp("broken.jsonl", "{\"text\": \"a\", \"label\": 0}\n{oops\n")?;
+    let e = err(&p, Task::Classification);
+    assert!(
+        e.contains("broken.jsonl") && e.contains("row 1") && e.contains("line 2"),
+        "{e}"
+    );
+    let p = temp("ragged.csv", "text,label\na,1\nb\n")?;
+    let e = err(&p, Task::Classification);
+    assert!(
+        e.contains("ragged.csv") && e.contains("row 1") && e.contains("1 fields"),
+        "{e}"
+    );
+    let p = temp("empty.jsonl", "\n")?;
+    assert!(err(&p, Task::Classification).contains("empty"));
+    let p = temp("short.conll", "EU\n")?;
+    let e = err(&p, Task::Ner);
+    assert!(e.contains("short.conll") && e.contains("line 1"), "{e}");
+    let e = read_split(
+        &data("uci-sentiment", "train"),
+        Task::Ner,
+        &Columns::default(),
+        None,
+    )
+    .err()
+    .ok_or("no error")?
+    .to_string();
+    assert!(
+        e.contains("train.parquet") && e.contains("column `tokens`"),
+        "{e}"
+    );
+    Ok(())
+}
