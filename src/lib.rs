@@ -6,6 +6,7 @@ pub mod doctor;
 pub mod error;
 pub mod logging;
 pub mod models;
+pub mod peft;
 
 pub use config::Config;
 pub use error::{Error, Result};

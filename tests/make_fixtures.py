@@ -118,6 +118,24 @@ def tiny_llama(name, tied, rope_scaling, max_shard_size=None):
     save_reference(model, d, extra_dtypes=(torch.bfloat16,))
 
 
+def lora_reference(name, targets, rslora=False):
+    """PEFT LoRA with random (non-zero) A and B on a tiny model: its adapter files and logits."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(3)
+    base = AutoModelForCausalLM.from_pretrained(str(OUT / name), dtype=torch.float32)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0,
+                     init_lora_weights=False, use_rslora=rslora)
+    model = get_peft_model(base, cfg).eval()
+    d = OUT / f"{name}-lora"
+    model.save_pretrained(str(d))
+    ids, mask = batch_inputs(base.config.vocab_size)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits.float()
+    save_file({"input_ids": ids, "attention_mask": mask, "logits": logits.contiguous()}, str(d / "reference.safetensors"))
+
+
 def byte_level_bpe():
     """A small GPT-2-style BPE trained here, saved both as vocab.json+merges.txt and tokenizer.json."""
     from tokenizers import ByteLevelBPETokenizer
@@ -276,6 +294,8 @@ def main():
     tiny_gpt2()
     tiny_llama("llama-tiny-tied", tied=True, rope_scaling=True)
     tiny_llama("llama-tiny-untied", tied=False, rope_scaling=False, max_shard_size="60KB")
+    lora_reference("gpt2-tiny", ["c_attn"])
+    lora_reference("llama-tiny-tied", ["q_proj", "v_proj", "down_proj"], rslora=True)
     byte_level_bpe()
     tiny_llama_gguf()
     if not GGUF.exists() or not LLAMA3_TOKENIZER.exists():

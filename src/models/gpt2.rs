@@ -6,12 +6,14 @@ use super::hf_config::{ArchConfig, Gpt2Config};
 use super::weights::frozen_param as param;
 use super::{Backbone, KvCache, LayerHook, WeightSource};
 use crate::error::Result;
+use crate::peft::{Injector, LoraLinear};
 use tch::{nn, Kind, Tensor};
 
 /// Hugging Face's Conv1D: `x @ W + b` with `W (in, out)`.
 struct Conv1d {
     weight: Tensor,
     bias: Tensor,
+    lora: Option<LoraLinear>,
 }
 
 impl Conv1d {
@@ -21,10 +23,12 @@ impl Conv1d {
         kind: Kind,
         n_in: i64,
         n_out: i64,
+        inj: &Injector,
     ) -> Result<Self> {
         Ok(Conv1d {
             weight: param(p, w, kind, "weight", &[n_in, n_out])?,
             bias: param(p, w, kind, "bias", &[n_out])?,
+            lora: inj.linear(&p.components().collect::<Vec<_>>().join("."), n_in, n_out),
         })
     }
     fn forward(&self, x: &Tensor) -> Tensor {
@@ -32,9 +36,14 @@ impl Conv1d {
         let n_in = out_shape.pop().unwrap_or_default();
         out_shape.push(self.weight.size()[1]);
         // One fused addmm over all rows, as transformers' Conv1D does.
-        self.bias
+        let y = self
+            .bias
             .addmm(&x.reshape([-1, n_in]), &self.weight)
-            .view(out_shape.as_slice())
+            .view(out_shape.as_slice());
+        match &self.lora {
+            Some(lora) => y + lora.delta(x),
+            None => y,
+        }
     }
 }
 
@@ -74,17 +83,23 @@ struct Block {
 }
 
 impl Block {
-    fn new(p: &nn::Path, w: &mut dyn WeightSource, kind: Kind, c: &Gpt2Config) -> Result<Self> {
+    fn new(
+        p: &nn::Path,
+        w: &mut dyn WeightSource,
+        kind: Kind,
+        c: &Gpt2Config,
+        inj: &Injector,
+    ) -> Result<Self> {
         let (d, inner, eps) = (c.n_embd as i64, c.inner() as i64, c.layer_norm_epsilon);
         let attn = p / "attn";
         let mlp = p / "mlp";
         Ok(Block {
             ln_1: LayerNorm::new(&(p / "ln_1"), w, kind, d, eps)?,
-            c_attn: Conv1d::new(&(&attn / "c_attn"), w, kind, d, 3 * d)?,
-            attn_proj: Conv1d::new(&(&attn / "c_proj"), w, kind, d, d)?,
+            c_attn: Conv1d::new(&(&attn / "c_attn"), w, kind, d, 3 * d, inj)?,
+            attn_proj: Conv1d::new(&(&attn / "c_proj"), w, kind, d, d, inj)?,
             ln_2: LayerNorm::new(&(p / "ln_2"), w, kind, d, eps)?,
-            c_fc: Conv1d::new(&(&mlp / "c_fc"), w, kind, d, inner)?,
-            mlp_proj: Conv1d::new(&(&mlp / "c_proj"), w, kind, inner, d)?,
+            c_fc: Conv1d::new(&(&mlp / "c_fc"), w, kind, d, inner, inj)?,
+            mlp_proj: Conv1d::new(&(&mlp / "c_proj"), w, kind, inner, d, inj)?,
             n_head: c.n_head as i64,
         })
     }
@@ -131,6 +146,7 @@ impl Gpt2 {
         c: Gpt2Config,
         w: &mut dyn WeightSource,
         kind: Kind,
+        inj: &Injector,
     ) -> Result<Self> {
         let root = vs.root();
         let t = &root / "transformer";
@@ -138,7 +154,7 @@ impl Gpt2 {
         let wte = param(&(&t / "wte"), w, kind, "weight", &[c.vocab_size as i64, d])?;
         let wpe = param(&(&t / "wpe"), w, kind, "weight", &[c.n_positions as i64, d])?;
         let blocks = (0..c.n_layer)
-            .map(|i| Block::new(&(&t / "h" / i), w, kind, &c))
+            .map(|i| Block::new(&(&t / "h" / i), w, kind, &c, inj))
             .collect::<Result<Vec<_>>>()?;
         let ln_f = LayerNorm::new(&(&t / "ln_f"), w, kind, d, c.layer_norm_epsilon)?;
         let lm_head = if c.tie_word_embeddings {

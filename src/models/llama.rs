@@ -6,6 +6,7 @@ use super::hf_config::{ArchConfig, LlamaConfig};
 use super::weights::frozen_param as param;
 use super::{Backbone, KvCache, LayerHook, WeightSource};
 use crate::error::Result;
+use crate::peft::{Injector, LoraLinear};
 use std::f64::consts::PI;
 use tch::{nn, Kind, Tensor};
 
@@ -37,6 +38,7 @@ impl RmsNorm {
 struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
+    lora: Option<LoraLinear>,
 }
 
 impl Linear {
@@ -47,8 +49,10 @@ impl Linear {
         n_in: i64,
         n_out: i64,
         bias: bool,
+        inj: &Injector,
     ) -> Result<Self> {
         Ok(Linear {
+            lora: inj.linear(&p.components().collect::<Vec<_>>().join("."), n_in, n_out),
             weight: param(p, w, kind, "weight", &[n_out, n_in])?,
             bias: if bias {
                 Some(param(p, w, kind, "bias", &[n_out])?)
@@ -58,7 +62,11 @@ impl Linear {
         })
     }
     fn forward(&self, x: &Tensor) -> Tensor {
-        x.linear(&self.weight, self.bias.as_ref())
+        let y = x.linear(&self.weight, self.bias.as_ref());
+        match &self.lora {
+            Some(lora) => y + lora.delta(x),
+            None => y,
+        }
     }
 }
 
@@ -116,7 +124,13 @@ struct Block {
 }
 
 impl Block {
-    fn new(p: &nn::Path, w: &mut dyn WeightSource, kind: Kind, c: &LlamaConfig) -> Result<Self> {
+    fn new(
+        p: &nn::Path,
+        w: &mut dyn WeightSource,
+        kind: Kind,
+        c: &LlamaConfig,
+        inj: &Injector,
+    ) -> Result<Self> {
         let d = c.hidden_size as i64;
         let (h, kvh, hd) = (
             c.num_attention_heads as i64,
@@ -129,10 +143,10 @@ impl Block {
         let ab = c.attention_bias;
         Ok(Block {
             input_layernorm: RmsNorm::new(&(p / "input_layernorm"), w, kind, d, c.rms_norm_eps)?,
-            q_proj: Linear::new(&(&a / "q_proj"), w, kind, d, h * hd, ab)?,
-            k_proj: Linear::new(&(&a / "k_proj"), w, kind, d, kvh * hd, ab)?,
-            v_proj: Linear::new(&(&a / "v_proj"), w, kind, d, kvh * hd, ab)?,
-            o_proj: Linear::new(&(&a / "o_proj"), w, kind, h * hd, d, ab)?,
+            q_proj: Linear::new(&(&a / "q_proj"), w, kind, d, h * hd, ab, inj)?,
+            k_proj: Linear::new(&(&a / "k_proj"), w, kind, d, kvh * hd, ab, inj)?,
+            v_proj: Linear::new(&(&a / "v_proj"), w, kind, d, kvh * hd, ab, inj)?,
+            o_proj: Linear::new(&(&a / "o_proj"), w, kind, h * hd, d, ab, inj)?,
             post_attention_layernorm: RmsNorm::new(
                 &(p / "post_attention_layernorm"),
                 w,
@@ -140,9 +154,9 @@ impl Block {
                 d,
                 c.rms_norm_eps,
             )?,
-            gate_proj: Linear::new(&(&m / "gate_proj"), w, kind, d, inter, c.mlp_bias)?,
-            up_proj: Linear::new(&(&m / "up_proj"), w, kind, d, inter, c.mlp_bias)?,
-            down_proj: Linear::new(&(&m / "down_proj"), w, kind, inter, d, c.mlp_bias)?,
+            gate_proj: Linear::new(&(&m / "gate_proj"), w, kind, d, inter, c.mlp_bias, inj)?,
+            up_proj: Linear::new(&(&m / "up_proj"), w, kind, d, inter, c.mlp_bias, inj)?,
+            down_proj: Linear::new(&(&m / "down_proj"), w, kind, inter, d, c.mlp_bias, inj)?,
             n_head: h,
             n_kv_head: kvh,
             head_dim: hd,
@@ -198,13 +212,14 @@ impl Llama {
         c: LlamaConfig,
         w: &mut dyn WeightSource,
         kind: Kind,
+        inj: &Injector,
     ) -> Result<Self> {
         let root = vs.root();
         let m = &root / "model";
         let (vocab, d) = (c.vocab_size as i64, c.hidden_size as i64);
         let embed_tokens = param(&(&m / "embed_tokens"), w, kind, "weight", &[vocab, d])?;
         let blocks = (0..c.num_hidden_layers)
-            .map(|i| Block::new(&(&m / "layers" / i), w, kind, &c))
+            .map(|i| Block::new(&(&m / "layers" / i), w, kind, &c, inj))
             .collect::<Result<Vec<_>>>()?;
         let norm = RmsNorm::new(&(&m / "norm"), w, kind, d, c.rms_norm_eps)?;
         let lm_head = if c.tie_word_embeddings {

@@ -99,17 +99,19 @@ pub trait Backbone: Send {
     }
 }
 
-/// Builds the backbone that `arch` describes, taking every tensor from `weights`.
+/// Builds the backbone that `arch` describes, taking every tensor from `weights` and adapters
+/// from `inj`.
 pub fn build(
     arch: &ArchConfig,
     weights: &mut dyn WeightSource,
     kind: Kind,
     device: Device,
+    inj: &crate::peft::Injector,
 ) -> crate::Result<Box<dyn Backbone>> {
     let vs = nn::VarStore::new(device);
     let model: Box<dyn Backbone> = match arch {
-        ArchConfig::Gpt2(c) => Box::new(gpt2::Gpt2::new(vs, c.clone(), weights, kind)?),
-        ArchConfig::Llama(c) => Box::new(llama::Llama::new(vs, c.clone(), weights, kind)?),
+        ArchConfig::Gpt2(c) => Box::new(gpt2::Gpt2::new(vs, c.clone(), weights, kind, inj)?),
+        ArchConfig::Llama(c) => Box::new(llama::Llama::new(vs, c.clone(), weights, kind, inj)?),
     };
     weights.finish()?;
     Ok(model)

@@ -9,6 +9,7 @@ use super::weights::{RandomSource, SafetensorsSource};
 use super::{build, ArchConfig, Backbone};
 use crate::data::TextTokenizer;
 use crate::error::{Error, Result};
+use crate::peft::Injector;
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind};
 
@@ -165,12 +166,23 @@ pub struct LoadedModel {
     pub files: ModelFiles,
 }
 
+/// Loads a plain frozen backbone.
 pub fn load(reference: &str, kind: Kind, device: Device) -> Result<LoadedModel> {
+    load_with(reference, kind, device, &Injector::none())
+}
+
+/// Loads a backbone whose linear layers get the adapters `inj` hands out.
+pub fn load_with(
+    reference: &str,
+    kind: Kind,
+    device: Device,
+    inj: &Injector,
+) -> Result<LoadedModel> {
     let files = resolve(reference)?;
     let (backbone, tokenizer) = match &files {
         ModelFiles::Preset(name) => {
             let arch = ArchConfig::preset(name)?;
-            (build(&arch, &mut RandomSource, kind, device)?, None)
+            (build(&arch, &mut RandomSource, kind, device, inj)?, None)
         }
         ModelFiles::Dir(dir) => {
             let arch = ArchConfig::from_file(&dir.join("config.json"))?;
@@ -178,7 +190,7 @@ pub fn load(reference: &str, kind: Kind, device: Device) -> Result<LoadedModel> 
             if arch.tie_word_embeddings() {
                 source.allow_unused("lm_head.weight");
             }
-            let backbone = build(&arch, &mut source, kind, device)?;
+            let backbone = build(&arch, &mut source, kind, device, inj)?;
             (backbone, TextTokenizer::from_dir(dir)?)
         }
         ModelFiles::Gguf(path) => {
@@ -186,7 +198,10 @@ pub fn load(reference: &str, kind: Kind, device: Device) -> Result<LoadedModel> 
             let arch = file.arch_config()?;
             let tokenizer = TextTokenizer::from_gguf_vocab(&file.vocab()?, path)?;
             let mut source = GgufSource::new(file)?;
-            (build(&arch, &mut source, kind, device)?, Some(tokenizer))
+            (
+                build(&arch, &mut source, kind, device, inj)?,
+                Some(tokenizer),
+            )
         }
     };
     Ok(LoadedModel {
