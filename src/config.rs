@@ -89,6 +89,8 @@ pub struct RunConfig {
     pub threads: usize,
     pub seed: u64,
     pub output_dir: String,
+    /// Run directory name under output_dir; empty: `DATASET-METHOD-sSEED`.
+    pub name: String,
 }
 
 impl Default for RunConfig {
@@ -97,6 +99,137 @@ impl Default for RunConfig {
             threads: 0,
             seed: 42,
             output_dir: "runs".into(),
+            name: String::new(),
+        }
+    }
+}
+
+/// What to train on.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// A dataset name under `$UMTUNE_CACHE/data` (see scripts/fetch_data.py) or a directory with
+    /// `train`, `validation` and `test` files (.parquet, .jsonl, .csv, .tsv or .conll).
+    pub dataset: String,
+    pub task: TaskKind,
+    pub text_column: String,
+    pub label_column: String,
+    pub tokens_column: String,
+    pub tags_column: String,
+    /// Label names in index order; empty: from the files.
+    pub label_names: Vec<String>,
+    /// Tokens per example after truncation.
+    pub max_length: usize,
+    /// Use only the first N training / evaluation examples (0: all).
+    pub train_limit: usize,
+    pub eval_limit: usize,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        DataConfig {
+            dataset: "uci-sentiment".into(),
+            task: TaskKind::Classification,
+            text_column: "text".into(),
+            label_column: "label".into(),
+            tokens_column: "tokens".into(),
+            tags_column: "ner_tags".into(),
+            label_names: Vec::new(),
+            max_length: 64,
+            train_limit: 0,
+            eval_limit: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskKind {
+    Classification,
+    Ner,
+}
+
+/// Which parameters train.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PeftConfig {
+    pub method: PeftMethod,
+    pub r: i64,
+    pub alpha: f64,
+    pub dropout: f64,
+    pub rslora: bool,
+    /// Module names that get LoRA; empty: `c_attn` for GPT-2, `q_proj`,`v_proj` for LLaMA.
+    pub targets: Vec<String>,
+}
+
+impl Default for PeftConfig {
+    fn default() -> Self {
+        PeftConfig {
+            method: PeftMethod::Lora,
+            r: 8,
+            alpha: 16.0,
+            dropout: 0.05,
+            rslora: false,
+            targets: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PeftMethod {
+    /// LoRA adapters plus the task head.
+    Lora,
+    /// The task head alone (linear probe).
+    Head,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ScheduleKind {
+    Cosine,
+    Linear,
+    Constant,
+}
+
+/// The optimization loop.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    pub epochs: usize,
+    /// Stop after this many optimizer steps (0: run all epochs).
+    pub max_steps: usize,
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub warmup_ratio: f64,
+    pub schedule: ScheduleKind,
+    /// Clip the global gradient norm to this (0: no clipping).
+    pub max_grad_norm: f64,
+    /// Evaluate on the validation split every N steps (0: only at the end).
+    pub eval_every: usize,
+    pub log_every: usize,
+    /// Stop after this many consecutive steps with a non-finite loss.
+    pub max_bad_steps: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            epochs: 1,
+            max_steps: 0,
+            batch_size: 16,
+            grad_accum: 1,
+            lr: 5e-4,
+            weight_decay: 0.01,
+            warmup_ratio: 0.06,
+            schedule: ScheduleKind::Cosine,
+            max_grad_norm: 1.0,
+            eval_every: 0,
+            log_every: 10,
+            max_bad_steps: 10,
         }
     }
 }
@@ -105,6 +238,9 @@ impl Default for RunConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub model: ModelConfig,
+    pub data: DataConfig,
+    pub peft: PeftConfig,
+    pub train: TrainConfig,
     pub run: RunConfig,
 }
 
@@ -159,6 +295,92 @@ impl Config {
             ));
         }
         parse_device(&self.model.device)?;
+        let range = |ok: bool, key: &str, value: String, want: &str| {
+            if ok {
+                Ok(())
+            } else {
+                Err(Error::Config(format!(
+                    "{key} = {value} is out of range: use {want}"
+                )))
+            }
+        };
+        range(
+            self.data.max_length >= 2,
+            "data.max_length",
+            self.data.max_length.to_string(),
+            "2 or more",
+        )?;
+        range(
+            self.peft.r >= 1,
+            "peft.r",
+            self.peft.r.to_string(),
+            "1 or more",
+        )?;
+        range(
+            self.peft.alpha > 0.0,
+            "peft.alpha",
+            self.peft.alpha.to_string(),
+            "a positive number",
+        )?;
+        range(
+            (0.0..1.0).contains(&self.peft.dropout),
+            "peft.dropout",
+            self.peft.dropout.to_string(),
+            "0 <= dropout < 1",
+        )?;
+        range(
+            self.train.epochs >= 1,
+            "train.epochs",
+            self.train.epochs.to_string(),
+            "1 or more",
+        )?;
+        range(
+            self.train.batch_size >= 1,
+            "train.batch_size",
+            self.train.batch_size.to_string(),
+            "1 or more",
+        )?;
+        range(
+            self.train.grad_accum >= 1,
+            "train.grad_accum",
+            self.train.grad_accum.to_string(),
+            "1 or more",
+        )?;
+        range(
+            self.train.lr > 0.0 && self.train.lr < 1.0,
+            "train.lr",
+            self.train.lr.to_string(),
+            "0 < lr < 1",
+        )?;
+        range(
+            self.train.weight_decay >= 0.0,
+            "train.weight_decay",
+            self.train.weight_decay.to_string(),
+            "0 or more",
+        )?;
+        range(
+            (0.0..=1.0).contains(&self.train.warmup_ratio),
+            "train.warmup_ratio",
+            self.train.warmup_ratio.to_string(),
+            "0 to 1",
+        )?;
+        range(
+            self.train.max_grad_norm >= 0.0,
+            "train.max_grad_norm",
+            self.train.max_grad_norm.to_string(),
+            "0 (off) or more",
+        )?;
+        range(
+            self.train.log_every >= 1,
+            "train.log_every",
+            self.train.log_every.to_string(),
+            "1 or more",
+        )?;
+        if self.data.dataset.trim().is_empty() {
+            return Err(Error::Config(
+                "data.dataset is empty: give a dataset name or a directory".into(),
+            ));
+        }
         if self.run.threads > 1024 {
             return Err(Error::Config(format!(
                 "run.threads = {} is out of range: use 0 (libtorch default) to 1024",

@@ -4,9 +4,11 @@ pub mod data;
 pub mod dist;
 pub mod doctor;
 pub mod error;
+pub mod heads;
 pub mod logging;
 pub mod models;
 pub mod peft;
+pub mod train;
 
 pub use config::Config;
 pub use error::{Error, Result};

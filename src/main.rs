@@ -36,6 +36,14 @@ struct ConfigArgs {
 enum Command {
     /// Print libtorch, CUDA, NCCL, threads and where models are looked up.
     Doctor,
+    /// Fine-tune as the config says; writes a run directory and prints a results table.
+    Train {
+        /// TOML experiment config (see configs/).
+        config: PathBuf,
+        /// Override a config value: `--set section.key=value` (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+    },
     /// Print the resolved configuration (file, then UMTUNE__* environment, then --set).
     Config {
         #[command(flatten)]
@@ -106,6 +114,21 @@ fn run(command: Command) -> Result<()> {
             }
         }
         Command::Config { cfg } => print!("{}", load_config(&cfg, &None)?.to_toml()),
+        Command::Train { config, overrides } => {
+            let cfg = load_config(
+                &ConfigArgs {
+                    config: Some(config),
+                    overrides,
+                },
+                &None,
+            )?;
+            let summary = umtune::train::trainer::train(&cfg)?;
+            println!(
+                "{}",
+                umtune::train::trainer::results_table(std::slice::from_ref(&summary))
+            );
+            println!("run directory: {}", summary.run_dir.display());
+        }
         Command::Generate {
             cfg,
             model,

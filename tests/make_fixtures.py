@@ -136,6 +136,28 @@ def lora_reference(name, targets, rslora=False):
     save_file({"input_ids": ids, "attention_mask": mask, "logits": logits.contiguous()}, str(d / "reference.safetensors"))
 
 
+def adamw_reference():
+    """torch.optim.AdamW on a matrix (decayed) and a bias (not decayed) for three steps of given
+    gradients, with the learning rate changing between steps."""
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(3, 4, generator=g)
+    b = torch.randn(4, generator=g)
+    tensors = {"w0": w.clone(), "b0": b.clone()}
+    w.requires_grad_(True)
+    b.requires_grad_(True)
+    opt = torch.optim.AdamW([{"params": [w], "weight_decay": 0.1}, {"params": [b], "weight_decay": 0.0}], lr=1e-2)
+    for step, lr in enumerate([1e-2, 5e-3, 2e-2]):
+        for group in opt.param_groups:
+            group["lr"] = lr
+        gw, gb = torch.randn(3, 4, generator=g), torch.randn(4, generator=g)
+        w.grad, b.grad = gw.clone(), gb.clone()
+        opt.step()
+        tensors.update({f"gw{step}": gw, f"gb{step}": gb, f"w{step + 1}": w.detach().clone(), f"b{step + 1}": b.detach().clone()})
+    d = OUT / "adamw"
+    d.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(d / "reference.safetensors"))
+
+
 def byte_level_bpe():
     """A small GPT-2-style BPE trained here, saved both as vocab.json+merges.txt and tokenizer.json."""
     from tokenizers import ByteLevelBPETokenizer
@@ -296,6 +318,7 @@ def main():
     tiny_llama("llama-tiny-untied", tied=False, rope_scaling=False, max_shard_size="60KB")
     lora_reference("gpt2-tiny", ["c_attn"])
     lora_reference("llama-tiny-tied", ["q_proj", "v_proj", "down_proj"], rslora=True)
+    adamw_reference()
     byte_level_bpe()
     tiny_llama_gguf()
     if not GGUF.exists() or not LLAMA3_TOKENIZER.exists():

@@ -1,4 +1,5 @@
 //! Text and tokens: tokenizer loading (readers, samplers and corruptions arrive with the pipeline).
+pub mod batching;
 pub mod readers;
 pub mod tokenizer;
 

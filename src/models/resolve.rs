@@ -166,6 +166,17 @@ pub struct LoadedModel {
     pub files: ModelFiles,
 }
 
+/// The tokenizer that comes with a model reference (none for presets), without its weights.
+pub fn load_tokenizer(reference: &str) -> Result<Option<TextTokenizer>> {
+    match resolve(reference)? {
+        ModelFiles::Preset(_) => Ok(None),
+        ModelFiles::Dir(dir) => TextTokenizer::from_dir(&dir),
+        ModelFiles::Gguf(path) => {
+            TextTokenizer::from_gguf_vocab(&GgufFile::open(&path)?.vocab()?, &path).map(Some)
+        }
+    }
+}
+
 /// Loads a plain frozen backbone.
 pub fn load(reference: &str, kind: Kind, device: Device) -> Result<LoadedModel> {
     load_with(reference, kind, device, &Injector::none())

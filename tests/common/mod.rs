@@ -62,3 +62,33 @@ pub fn padded_logits(model: &dyn umtune::models::Backbone, r: &HashMap<String, T
 pub fn masked(r: &HashMap<String, Tensor>, t: &Tensor) -> Tensor {
     t * r["attention_mask"].unsqueeze(-1).to_kind(tch::Kind::Float)
 }
+
+/// A quick config on the tiny LLaMA GGUF fixture (random weights with a real vocabulary).
+pub fn tiny_config(
+    tag: &str,
+    method: umtune::config::PeftMethod,
+) -> Result<umtune::config::Config, Box<dyn std::error::Error>> {
+    use umtune::config::{Config, PeftMethod};
+    let model = fixture("llama-tiny-gguf")?.join("tiny.gguf");
+    let out = std::env::temp_dir().join(format!("umtune-train-{tag}-{}", std::process::id()));
+    let sets = [
+        format!("model.source={}", model.display()),
+        "model.device=cpu".into(),
+        "data.dataset=uci-sentiment".into(),
+        "data.train_limit=64".into(),
+        "data.eval_limit=32".into(),
+        "train.max_steps=4".into(),
+        "train.batch_size=8".into(),
+        "train.lr=0.01".into(),
+        format!(
+            "peft.method={}",
+            if method == PeftMethod::Lora {
+                "lora"
+            } else {
+                "head"
+            }
+        ),
+        format!("run.output_dir={}", out.display()),
+    ];
+    Ok(Config::load(None, &sets)?)
+}

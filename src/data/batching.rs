@@ -1,0 +1,133 @@
+//! From examples to tensors: tokenization with truncation, dynamic padding (right side, so the
+//! last real token is the classification pool), and a seeded, length-bucketed sampler whose
+//! position (epoch, batch) can be saved and restored.
+use super::readers::Example;
+use super::TextTokenizer;
+use crate::error::{Error, Result};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use tch::{Device, Tensor};
+
+/// One tokenized classification example.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Encoded {
+    pub ids: Vec<i64>,
+    pub label: i64,
+}
+
+/// Tokenizes `examples`, truncating to `max_length` tokens (a BOS the tokenizer adds counts).
+pub fn encode_classification(
+    tok: &TextTokenizer,
+    examples: &[Example],
+    max_length: usize,
+) -> Result<Vec<Encoded>> {
+    examples
+        .iter()
+        .map(|ex| match ex {
+            Example::Text { text, label } => {
+                let mut ids: Vec<i64> = tok.encode(text)?.into_iter().map(i64::from).collect();
+                ids.truncate(max_length);
+                if ids.is_empty() {
+                    // An empty text still needs one position to pool from.
+                    ids.push(tok.eos_id.or(tok.bos_id).map(i64::from).unwrap_or(0));
+                }
+                Ok(Encoded { ids, label: *label as i64 })
+            }
+            Example::Tagged { .. } => Err(Error::Config("token classification batching is not available yet: use data.task = \"classification\"".into())),
+        })
+        .collect()
+}
+
+/// A padded batch: `input_ids`, `attention_mask` `(b, t)`, `labels` `(b,)`.
+pub struct Batch {
+    pub input_ids: Tensor,
+    pub attention_mask: Tensor,
+    pub labels: Tensor,
+    /// Real (non-padding) tokens in the batch.
+    pub n_tokens: usize,
+}
+
+/// Pads `items` on the right to the longest one with `pad_id`.
+pub fn collate(items: &[&Encoded], pad_id: i64, device: Device) -> Batch {
+    let seq_len = items.iter().map(|e| e.ids.len()).max().unwrap_or(1);
+    let mut ids = Vec::with_capacity(items.len() * seq_len);
+    let mut mask = Vec::with_capacity(items.len() * seq_len);
+    for e in items {
+        ids.extend(&e.ids);
+        ids.extend(std::iter::repeat_n(pad_id, seq_len - e.ids.len()));
+        mask.extend(std::iter::repeat_n(1i64, e.ids.len()));
+        mask.extend(std::iter::repeat_n(0i64, seq_len - e.ids.len()));
+    }
+    let shape = [items.len() as i64, seq_len as i64];
+    let labels: Vec<i64> = items.iter().map(|e| e.label).collect();
+    Batch {
+        input_ids: Tensor::from_slice(&ids).view(shape).to_device(device),
+        attention_mask: Tensor::from_slice(&mask).view(shape).to_device(device),
+        labels: Tensor::from_slice(&labels).to_device(device),
+        n_tokens: items.iter().map(|e| e.ids.len()).sum(),
+    }
+}
+
+/// Where a sampler stands; saved with checkpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SamplerState {
+    pub epoch: u64,
+    /// Batches of this epoch already handed out.
+    pub batch: usize,
+}
+
+/// Seeded shuffling with length bucketing: each epoch shuffles the examples, sorts windows of
+/// `BUCKET` batches by length (less padding), then shuffles the batch order.
+pub struct Sampler {
+    seed: u64,
+    batch_size: usize,
+    pub state: SamplerState,
+}
+
+const BUCKET: usize = 50;
+
+impl Sampler {
+    pub fn new(seed: u64, batch_size: usize) -> Self {
+        Sampler {
+            seed,
+            batch_size,
+            state: SamplerState { epoch: 0, batch: 0 },
+        }
+    }
+
+    /// The batches (example indices) of `epoch`, a pure function of seed, epoch and lengths.
+    pub fn epoch_batches(&self, epoch: u64, lengths: &[usize]) -> Vec<Vec<usize>> {
+        let mut rng =
+            ChaCha8Rng::seed_from_u64(self.seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let mut order: Vec<usize> = (0..lengths.len()).collect();
+        order.shuffle(&mut rng);
+        let mut batches: Vec<Vec<usize>> = Vec::new();
+        for window in order.chunks(self.batch_size * BUCKET) {
+            let mut w = window.to_vec();
+            w.sort_by_key(|&i| lengths[i]);
+            batches.extend(w.chunks(self.batch_size).map(<[usize]>::to_vec));
+        }
+        batches.shuffle(&mut rng);
+        batches
+    }
+
+    /// The next batch, moving to the next epoch when one is used up.
+    pub fn next_batch(&mut self, lengths: &[usize]) -> Vec<usize> {
+        let mut batches = self.epoch_batches(self.state.epoch, lengths);
+        if self.state.batch >= batches.len() {
+            self.state = SamplerState {
+                epoch: self.state.epoch + 1,
+                batch: 0,
+            };
+            batches = self.epoch_batches(self.state.epoch, lengths);
+        }
+        self.state.batch += 1;
+        std::mem::take(&mut batches[self.state.batch - 1])
+    }
+
+    pub fn batches_per_epoch(&self, n: usize) -> usize {
+        n.div_ceil(self.batch_size)
+    }
+}

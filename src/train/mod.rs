@@ -1,0 +1,5 @@
+//! Training: the loop, the optimizer, the learning-rate schedule and the metrics.
+pub mod metrics;
+pub mod optimizer;
+pub mod schedule;
+pub mod trainer;

@@ -1,0 +1,131 @@
+//! AdamW (Loshchilov & Hutter 2019) with decoupled weight decay, as `torch.optim.AdamW` computes
+//! it, with its state as named tensors (`exp_avg.NAME`, `exp_avg_sq.NAME`, `step`) so that it can
+//! be checkpointed. Written here because tch's optimizer keeps its state inside libtorch.
+use std::collections::BTreeMap;
+use tch::{Kind, Tensor};
+
+pub struct AdamW {
+    params: Vec<Param>,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    pub step: i64,
+}
+
+struct Param {
+    name: String,
+    tensor: Tensor,
+    decay: bool,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+}
+
+/// Biases and norm scales are not decayed.
+pub fn decays(name: &str, tensor: &Tensor) -> bool {
+    !(name.ends_with(".bias") || name.contains("norm") || name.contains(".ln_") || tensor.dim() < 2)
+}
+
+impl AdamW {
+    pub fn new(named: Vec<(String, Tensor)>, weight_decay: f64) -> Self {
+        let params = named
+            .into_iter()
+            .map(|(name, tensor)| Param {
+                decay: decays(&name, &tensor),
+                exp_avg: tensor.zeros_like().to_kind(Kind::Float),
+                exp_avg_sq: tensor.zeros_like().to_kind(Kind::Float),
+                name,
+                tensor,
+            })
+            .collect();
+        AdamW {
+            params,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay,
+            step: 0,
+        }
+    }
+
+    pub fn zero_grad(&mut self) {
+        for p in &mut self.params {
+            let mut g = p.tensor.grad();
+            if g.defined() {
+                let _ = g.zero_();
+            }
+        }
+    }
+
+    /// Global L2 norm of the gradients.
+    pub fn grad_norm(&self) -> f64 {
+        let sq: f64 = self
+            .params
+            .iter()
+            .map(|p| p.tensor.grad())
+            .filter(|g| g.defined())
+            .map(|g| {
+                g.to_kind(Kind::Float)
+                    .pow_tensor_scalar(2)
+                    .sum(Kind::Float)
+                    .double_value(&[])
+            })
+            .sum();
+        sq.sqrt()
+    }
+
+    /// Scales gradients so that their global norm is at most `max_norm`; returns the norm before.
+    pub fn clip_grad_norm(&mut self, max_norm: f64) -> f64 {
+        let norm = self.grad_norm();
+        if max_norm > 0.0 && norm > max_norm {
+            let factor = max_norm / (norm + 1e-6);
+            for p in &mut self.params {
+                let mut g = p.tensor.grad();
+                if g.defined() {
+                    let _ = g.g_mul_scalar_(factor);
+                }
+            }
+        }
+        norm
+    }
+
+    pub fn step(&mut self, lr: f64) {
+        self.step += 1;
+        let t = self.step as f64;
+        let bc1 = 1.0 - self.beta1.powf(t);
+        let bc2 = 1.0 - self.beta2.powf(t);
+        let (b1, b2, eps, wd) = (self.beta1, self.beta2, self.eps, self.weight_decay);
+        tch::no_grad(|| {
+            for p in &mut self.params {
+                let g = p.tensor.grad();
+                if !g.defined() {
+                    continue;
+                }
+                let g = g.to_kind(Kind::Float);
+                if p.decay && wd > 0.0 {
+                    let _ = p.tensor.g_mul_scalar_(1.0 - lr * wd);
+                }
+                let _ = p.exp_avg.lerp_(&g, 1.0 - b1);
+                let _ = p.exp_avg_sq.g_mul_scalar_(b2);
+                let _ = p.exp_avg_sq.addcmul_(&g, &(&g * (1.0 - b2)));
+                let denom = p.exp_avg_sq.sqrt() / bc2.sqrt() + eps;
+                let update = (&p.exp_avg / denom) * (-lr / bc1);
+                let _ = p.tensor.g_add_(&update.to_kind(p.tensor.kind()));
+            }
+        });
+    }
+
+    /// The state as named tensors.
+    pub fn state(&self) -> BTreeMap<String, Tensor> {
+        let mut out = BTreeMap::new();
+        for p in &self.params {
+            out.insert(format!("exp_avg.{}", p.name), p.exp_avg.shallow_clone());
+            out.insert(
+                format!("exp_avg_sq.{}", p.name),
+                p.exp_avg_sq.shallow_clone(),
+            );
+        }
+        out.insert("step".into(), Tensor::from(self.step));
+        out
+    }
+}

@@ -1,0 +1,506 @@
+//! The fine-tuning loop for sequence classification: data, model with adapters and head, AdamW
+//! with warmup and decay, gradient accumulation and clipping, evaluation, and the run directory
+//! (`config.toml`, `metrics.jsonl`, `summary.json`, `trainable.safetensors`).
+//! Gradients are synchronized (a no-op in one process) at exactly one point: `sync_gradients`.
+use super::metrics::{accuracy, macro_f1};
+use super::optimizer::AdamW;
+use super::schedule::learning_rate;
+use crate::config::{parse_device, Config, PeftMethod, TaskKind};
+use crate::data::batching::{collate, encode_classification, Encoded, Sampler};
+use crate::data::readers::{read_split, Columns, Split, Task};
+use crate::data::TextTokenizer;
+use crate::error::{Error, Result};
+use crate::heads::SequenceClassifier;
+use crate::models::resolve::{asset_cache, load_tokenizer, load_with};
+use crate::models::{ArchConfig, Backbone, NoHook};
+use crate::peft::{Injector, LoraSpec, TrainingFlag};
+use serde::Serialize;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use tch::{nn, Device, Reduction, Tensor};
+
+const SPLIT_EXTENSIONS: &[&str] = &["parquet", "jsonl", "csv", "tsv", "conll"];
+
+/// Loss and metrics on one split.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct EvalResult {
+    pub loss: f64,
+    pub accuracy: f64,
+    pub macro_f1: f64,
+    pub examples: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub run_dir: PathBuf,
+    pub model: String,
+    pub dataset: String,
+    pub method: String,
+    pub label_names: Vec<String>,
+    pub trainable_params: i64,
+    pub backbone_params: i64,
+    pub trainable_share: f64,
+    pub steps: usize,
+    pub skipped_steps: usize,
+    pub train_tokens_per_s: f64,
+    pub seconds: f64,
+    pub validation: EvalResult,
+    pub test: Option<EvalResult>,
+}
+
+/// The dataset directory: a path, or a name under `$UMTUNE_CACHE/data`.
+pub fn dataset_dir(dataset: &str) -> PathBuf {
+    let p = Path::new(dataset);
+    if p.is_dir() {
+        p.to_path_buf()
+    } else {
+        asset_cache().join("data").join(dataset)
+    }
+}
+
+fn split_file(dir: &Path, split: &str) -> Option<PathBuf> {
+    SPLIT_EXTENSIONS
+        .iter()
+        .map(|e| dir.join(format!("{split}.{e}")))
+        .find(|p| p.exists())
+}
+
+/// Default LoRA targets: the attention projections PEFT uses for each architecture.
+fn default_targets(arch: &ArchConfig) -> Vec<String> {
+    match arch {
+        ArchConfig::Gpt2(_) => vec!["c_attn".into()],
+        ArchConfig::Llama(_) => vec!["q_proj".into(), "v_proj".into()],
+    }
+}
+
+struct Data {
+    train: Vec<Encoded>,
+    validation: Vec<Encoded>,
+    test: Option<Vec<Encoded>>,
+    label_names: Vec<String>,
+}
+
+fn load_data(cfg: &Config, tok: &TextTokenizer) -> Result<Data> {
+    if cfg.data.task != TaskKind::Classification {
+        return Err(Error::Config(
+            "data.task = \"ner\" is not trainable yet: use \"classification\"".into(),
+        ));
+    }
+    let dir = dataset_dir(&cfg.data.dataset);
+    let cols = Columns {
+        text: cfg.data.text_column.clone(),
+        label: cfg.data.label_column.clone(),
+        tokens: cfg.data.tokens_column.clone(),
+        tags: cfg.data.tags_column.clone(),
+    };
+    let need = |split: &str| {
+        split_file(&dir, split).ok_or_else(|| {
+            Error::data(&dir, None, None, format!("no {split} split ({split}.parquet/.jsonl/.csv/.tsv/.conll); for the packaged datasets run `make data`"))
+        })
+    };
+    let configured = (!cfg.data.label_names.is_empty()).then_some(cfg.data.label_names.as_slice());
+    let train: Split = read_split(&need("train")?, Task::Classification, &cols, configured)?;
+    let names = train.label_names.clone();
+    let read = |path: &Path| read_split(path, Task::Classification, &cols, Some(&names));
+    let validation = read(&need("validation")?)?;
+    let test = split_file(&dir, "test").map(|p| read(&p)).transpose()?;
+    let limit = |mut v: Vec<_>, n: usize| {
+        if n > 0 {
+            v.truncate(n);
+        }
+        v
+    };
+    let max_len = cfg.data.max_length;
+    Ok(Data {
+        train: encode_classification(tok, &limit(train.examples, cfg.data.train_limit), max_len)?,
+        validation: encode_classification(
+            tok,
+            &limit(validation.examples, cfg.data.eval_limit),
+            max_len,
+        )?,
+        test: test
+            .map(|t| encode_classification(tok, &limit(t.examples, cfg.data.eval_limit), max_len))
+            .transpose()?,
+        label_names: names,
+    })
+}
+
+/// Everything that takes part in a forward pass.
+pub struct TaskModel {
+    pub backbone: Box<dyn Backbone>,
+    pub head: SequenceClassifier,
+    pub trainable: nn::VarStore,
+    pub training: TrainingFlag,
+    pub tokenizer: TextTokenizer,
+}
+
+impl TaskModel {
+    pub fn build(cfg: &Config, num_labels: usize) -> Result<(TaskModel, Device)> {
+        let device = parse_device(&cfg.model.device)?;
+        let trainable = nn::VarStore::new(device);
+        let training = TrainingFlag::default();
+        let kind = cfg.model.dtype.kind();
+        let files = crate::models::resolve(&cfg.model.source)?;
+        let arch = match &files {
+            crate::models::ModelFiles::Preset(name) => ArchConfig::preset(name)?,
+            crate::models::ModelFiles::Dir(dir) => ArchConfig::from_file(&dir.join("config.json"))?,
+            crate::models::ModelFiles::Gguf(path) => {
+                crate::models::gguf::GgufFile::open(path)?.arch_config()?
+            }
+        };
+        let loaded = match cfg.peft.method {
+            PeftMethod::Head => load_with(&cfg.model.source, kind, device, &Injector::none())?,
+            PeftMethod::Lora => {
+                let targets = if cfg.peft.targets.is_empty() {
+                    default_targets(&arch)
+                } else {
+                    cfg.peft.targets.clone()
+                };
+                let spec = LoraSpec {
+                    r: cfg.peft.r,
+                    alpha: cfg.peft.alpha,
+                    dropout: cfg.peft.dropout,
+                    rslora: cfg.peft.rslora,
+                    targets,
+                };
+                load_with(
+                    &cfg.model.source,
+                    kind,
+                    device,
+                    &Injector::lora(&trainable, spec, training.clone()),
+                )?
+            }
+        };
+        let tokenizer = loaded.tokenizer.ok_or_else(|| {
+            Error::Config(format!(
+                "model.source `{}` has no tokenizer to train with",
+                cfg.model.source
+            ))
+        })?;
+        let head = SequenceClassifier::new(
+            &trainable.root(),
+            arch.hidden_size() as i64,
+            num_labels as i64,
+        );
+        Ok((
+            TaskModel {
+                backbone: loaded.backbone,
+                head,
+                trainable,
+                training,
+                tokenizer,
+            },
+            device,
+        ))
+    }
+
+    /// Class logits `(b, num_labels)` in f32.
+    pub fn logits(&self, input_ids: &Tensor, mask: &Tensor) -> Tensor {
+        let hidden = self
+            .backbone
+            .forward(input_ids, Some(mask), None, &mut NoHook);
+        self.head.forward(&hidden, mask)
+    }
+
+    pub fn trainable_params(&self) -> i64 {
+        self.trainable
+            .variables()
+            .values()
+            .map(|t| t.numel() as i64)
+            .sum()
+    }
+}
+
+/// Loss, accuracy and macro-F1 of `model` on `data`, in length-sorted batches.
+pub fn evaluate(
+    model: &TaskModel,
+    data: &[Encoded],
+    batch_size: usize,
+    num_labels: usize,
+    device: Device,
+) -> EvalResult {
+    model.training.set(false);
+    let _g = tch::no_grad_guard();
+    let mut order: Vec<usize> = (0..data.len()).collect();
+    order.sort_by_key(|&i| data[i].ids.len());
+    let pad = model
+        .tokenizer
+        .pad_id
+        .or(model.tokenizer.eos_id)
+        .map(i64::from)
+        .unwrap_or(0);
+    let (mut pred, mut gold, mut loss_sum) =
+        (vec![0usize; data.len()], vec![0usize; data.len()], 0.0);
+    for chunk in order.chunks(batch_size.max(1)) {
+        let items: Vec<&Encoded> = chunk.iter().map(|&i| &data[i]).collect();
+        let batch = collate(&items, pad, device);
+        let logits = model.logits(&batch.input_ids, &batch.attention_mask);
+        loss_sum += logits
+            .cross_entropy_loss::<Tensor>(&batch.labels, None, Reduction::Sum, -100, 0.0)
+            .double_value(&[]);
+        let p = Vec::<i64>::try_from(logits.argmax(-1, false).to_device(Device::Cpu))
+            .unwrap_or_default();
+        for (k, &i) in chunk.iter().enumerate() {
+            pred[i] = p.get(k).copied().unwrap_or(0) as usize;
+            gold[i] = data[i].label as usize;
+        }
+    }
+    EvalResult {
+        loss: loss_sum / data.len().max(1) as f64,
+        accuracy: accuracy(&pred, &gold),
+        macro_f1: macro_f1(&pred, &gold, num_labels),
+        examples: data.len(),
+    }
+}
+
+/// Appends JSON lines to `metrics.jsonl`, flushed line by line so a crash loses at most one.
+struct MetricsLog(std::fs::File, PathBuf);
+
+impl MetricsLog {
+    fn write(&mut self, value: serde_json::Value) -> Result<()> {
+        writeln!(self.0, "{value}")
+            .and_then(|_| self.0.flush())
+            .map_err(|e| Error::io(&self.1, e))
+    }
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename: readers see the old or the new
+/// file, never half of one.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+fn save_trainable(vs: &nn::VarStore, path: &Path) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    Tensor::write_safetensors(&named, &tmp).map_err(|e| Error::format(&tmp, e.to_string()))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+fn new_run_dir(cfg: &Config) -> Result<PathBuf> {
+    let base = if cfg.run.name.is_empty() {
+        let dataset = Path::new(&cfg.data.dataset)
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("data")
+            .to_string();
+        let method = format!("{:?}", cfg.peft.method).to_lowercase();
+        format!("{dataset}-{method}-s{}", cfg.run.seed)
+    } else {
+        cfg.run.name.clone()
+    };
+    let root = Path::new(&cfg.run.output_dir);
+    // Never overwrite an earlier run: the first free `name`, `name-2`, `name-3`, ...
+    let dir = (1..)
+        .map(|i| {
+            if i == 1 {
+                root.join(&base)
+            } else {
+                root.join(format!("{base}-{i}"))
+            }
+        })
+        .find(|d| !d.exists())
+        .unwrap_or_else(|| root.join(&base));
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    Ok(dir)
+}
+
+/// Trains as `cfg` says and writes the run directory.
+pub fn train(cfg: &Config) -> Result<Summary> {
+    train_model(cfg).map(|(summary, _)| summary)
+}
+
+/// [`train`], also handing back the trained model.
+pub fn train_model(cfg: &Config) -> Result<(Summary, TaskModel)> {
+    let start = Instant::now();
+    // The head's size is the label count, so the data comes first.
+    let tok = load_tokenizer(&cfg.model.source)?.ok_or_else(|| {
+        Error::Config(format!(
+            "model.source `{}` has no tokenizer to train with",
+            cfg.model.source
+        ))
+    })?;
+    let data = load_data(cfg, &tok)?;
+    let num_labels = data.label_names.len();
+    tch::manual_seed(cfg.run.seed as i64);
+    let (model, device) = TaskModel::build(cfg, num_labels)?;
+    let run_dir = new_run_dir(cfg)?;
+    write_atomic(&run_dir.join("config.toml"), cfg.to_toml().as_bytes())?;
+    let metrics_path = run_dir.join("metrics.jsonl");
+    let file = std::fs::File::create(&metrics_path).map_err(|e| Error::io(&metrics_path, e))?;
+    let mut log = MetricsLog(file, metrics_path);
+
+    let t = &cfg.train;
+    let mut named: Vec<(String, Tensor)> = model.trainable.variables().into_iter().collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut opt = AdamW::new(named, t.weight_decay);
+    let mut sampler = Sampler::new(cfg.run.seed, t.batch_size);
+    let lengths: Vec<usize> = data.train.iter().map(|e| e.ids.len()).collect();
+    let steps_per_epoch = sampler
+        .batches_per_epoch(data.train.len())
+        .div_ceil(t.grad_accum)
+        .max(1);
+    let total = if t.max_steps > 0 {
+        t.max_steps
+    } else {
+        steps_per_epoch * t.epochs
+    };
+    let warmup = (t.warmup_ratio * total as f64).round() as usize;
+    let pad = model
+        .tokenizer
+        .pad_id
+        .or(model.tokenizer.eos_id)
+        .map(i64::from)
+        .unwrap_or(0);
+    let backbone_params = model.backbone.num_parameters();
+    tracing::info!(
+        run_dir = %run_dir.display(), train = data.train.len(), validation = data.validation.len(),
+        labels = num_labels, steps = total, trainable = model.trainable_params(), "training"
+    );
+
+    let (mut bad_in_a_row, mut skipped, mut tokens, mut train_secs) =
+        (0usize, 0usize, 0usize, 0.0f64);
+    for step in 0..total {
+        let step_start = Instant::now();
+        model.training.set(true);
+        opt.zero_grad();
+        let lr = learning_rate(t.schedule, t.lr, step, warmup, total);
+        let mut loss_value = 0.0;
+        for _ in 0..t.grad_accum {
+            let idx = sampler.next_batch(&lengths);
+            let items: Vec<&Encoded> = idx.iter().map(|&i| &data.train[i]).collect();
+            let batch = collate(&items, pad, device);
+            tokens += batch.n_tokens;
+            let logits = model.logits(&batch.input_ids, &batch.attention_mask);
+            let loss = logits.cross_entropy_loss::<Tensor>(
+                &batch.labels,
+                None,
+                Reduction::Mean,
+                -100,
+                0.0,
+            ) / t.grad_accum as f64;
+            loss_value += loss.double_value(&[]);
+            loss.backward();
+        }
+        sync_gradients(&opt);
+        if !loss_value.is_finite() {
+            skipped += 1;
+            bad_in_a_row += 1;
+            tracing::warn!(step, "non-finite loss: step skipped");
+            if bad_in_a_row >= t.max_bad_steps {
+                return Err(Error::Config(format!(
+                    "stopping at step {step}: {bad_in_a_row} consecutive non-finite losses (lower train.lr?); weights of the last evaluation are in {}",
+                    run_dir.display()
+                )));
+            }
+            continue;
+        }
+        bad_in_a_row = 0;
+        let grad_norm = opt.clip_grad_norm(t.max_grad_norm);
+        opt.step(lr);
+        train_secs += step_start.elapsed().as_secs_f64();
+        if (step + 1) % t.log_every == 0 || step + 1 == total {
+            let tps = tokens as f64 / train_secs.max(1e-9);
+            let eta = train_secs / (step + 1) as f64 * (total - step - 1) as f64;
+            tracing::info!(
+                step = step + 1,
+                total,
+                loss = loss_value,
+                lr,
+                grad_norm,
+                tokens_per_s = tps as u64,
+                eta_s = eta as u64,
+                "train"
+            );
+            log.write(serde_json::json!({"step": step + 1, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tps}))?;
+        }
+        if t.eval_every > 0 && (step + 1) % t.eval_every == 0 && step + 1 < total {
+            let ev = evaluate(
+                &model,
+                &data.validation,
+                t.batch_size * 2,
+                num_labels,
+                device,
+            );
+            tracing::info!(
+                step = step + 1,
+                loss = ev.loss,
+                accuracy = ev.accuracy,
+                macro_f1 = ev.macro_f1,
+                "validation"
+            );
+            log.write(serde_json::json!({"step": step + 1, "split": "validation", "eval": ev}))?;
+            save_trainable(&model.trainable, &run_dir.join("trainable.safetensors"))?;
+        }
+    }
+    let validation = evaluate(
+        &model,
+        &data.validation,
+        t.batch_size * 2,
+        num_labels,
+        device,
+    );
+    log.write(serde_json::json!({"step": total, "split": "validation", "eval": validation}))?;
+    let test = data
+        .test
+        .as_ref()
+        .map(|d| evaluate(&model, d, t.batch_size * 2, num_labels, device));
+    if let Some(ev) = &test {
+        log.write(serde_json::json!({"step": total, "split": "test", "eval": ev}))?;
+    }
+    save_trainable(&model.trainable, &run_dir.join("trainable.safetensors"))?;
+    let trainable_params = model.trainable_params();
+    let summary = Summary {
+        run_dir: run_dir.clone(),
+        model: cfg.model.source.clone(),
+        dataset: cfg.data.dataset.clone(),
+        method: format!("{:?}", cfg.peft.method).to_lowercase(),
+        label_names: data.label_names,
+        trainable_params,
+        backbone_params,
+        trainable_share: trainable_params as f64 / backbone_params.max(1) as f64,
+        steps: total,
+        skipped_steps: skipped,
+        train_tokens_per_s: tokens as f64 / train_secs.max(1e-9),
+        seconds: start.elapsed().as_secs_f64(),
+        validation,
+        test,
+    };
+    let json = serde_json::to_vec_pretty(&summary).map_err(|e| Error::Config(e.to_string()))?;
+    write_atomic(&run_dir.join("summary.json"), &json)?;
+    Ok((summary, model))
+}
+
+/// The one place where gradients are made consistent across workers before clipping and the
+/// optimizer step; a single process has nothing to do (the distributed issue all-reduces here).
+fn sync_gradients(_opt: &AdamW) {}
+
+/// A markdown results table for summaries.
+pub fn results_table(rows: &[Summary]) -> String {
+    let mut out = String::from(
+        "| run | split | accuracy | macro-F1 | loss | trainable params | share of backbone | train tokens/s |\n|---|---|---|---|---|---|---|---|\n",
+    );
+    for s in rows {
+        let name = s.run_dir.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        let mut line = |split: &str, e: &EvalResult| {
+            out.push_str(&format!(
+                "| {name} | {split} | {:.4} | {:.4} | {:.4} | {} | {:.4}% | {:.0} |\n",
+                e.accuracy,
+                e.macro_f1,
+                e.loss,
+                s.trainable_params,
+                100.0 * s.trainable_share,
+                s.train_tokens_per_s
+            ));
+        };
+        line("validation", &s.validation);
+        if let Some(t) = &s.test {
+            line("test", t);
+        }
+    }
+    out
+}
