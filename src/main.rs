@@ -7,6 +7,7 @@ use tch::{Kind, Tensor};
 use umtune::config::{parse_device, Config};
 use umtune::logging::{self, LogFormat};
 use umtune::models::{generate, resolve, NoHook};
+use umtune::train::{run_dir, trainer};
 
 #[derive(Parser)]
 #[command(
@@ -36,6 +37,29 @@ struct ConfigArgs {
 enum Command {
     /// Print libtorch, CUDA, NCCL, threads and where models are looked up.
     Doctor,
+    /// Evaluate a run on its validation and test splits (or on another dataset with --data).
+    Eval {
+        run_dir: PathBuf,
+        /// A dataset name or directory to evaluate on instead of the run's.
+        #[arg(long)]
+        data: Option<String>,
+    },
+    /// Predict labels for a JSONL file of texts (`{"text": ...}` per line).
+    Predict {
+        run_dir: PathBuf,
+        #[arg(long)]
+        input: PathBuf,
+        #[arg(long)]
+        output: PathBuf,
+    },
+    /// Export a run's trained weights for other tools (`--format peft`: a PEFT LoRA adapter).
+    Export {
+        run_dir: PathBuf,
+        #[arg(long, default_value = "peft")]
+        format: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Fine-tune as the config says; writes a run directory and prints a results table.
     Train {
         /// TOML experiment config (see configs/).
@@ -112,6 +136,72 @@ fn run(command: Command) -> Result<()> {
             for fact in umtune::doctor::facts() {
                 println!("{:<24} {}", fact.name, fact.value);
             }
+        }
+        Command::Eval { run_dir, data } => {
+            let overrides: Vec<String> = data.iter().map(|d| format!("data.dataset={d}")).collect();
+            let run = run_dir::load_run(&run_dir, &overrides)?;
+            let data = trainer::load_data(&run.config, &run.model.tokenizer)?;
+            let n = run.label_names.len();
+            let bs = run.config.train.batch_size * 2;
+            let mut summary: trainer::Summary = serde_json::from_str(
+                &std::fs::read_to_string(run_dir.join("summary.json")).context("summary.json")?,
+            )?;
+            summary.validation = trainer::evaluate(&run.model, &data.validation, bs, n, run.device);
+            summary.test = data
+                .test
+                .as_ref()
+                .map(|t| trainer::evaluate(&run.model, t, bs, n, run.device));
+            println!("{}", trainer::results_table(std::slice::from_ref(&summary)));
+        }
+        Command::Predict {
+            run_dir,
+            input,
+            output,
+        } => {
+            let run = run_dir::load_run(&run_dir, &[])?;
+            let column = run.config.data.text_column.clone();
+            let text =
+                std::fs::read_to_string(&input).with_context(|| input.display().to_string())?;
+            let mut rows = Vec::new();
+            for (i, line) in text
+                .lines()
+                .enumerate()
+                .filter(|(_, l)| !l.trim().is_empty())
+            {
+                let v: serde_json::Value = serde_json::from_str(line).with_context(|| {
+                    format!("{}: line {}: invalid JSON", input.display(), i + 1)
+                })?;
+                let t = v.get(&column).and_then(|t| t.as_str()).with_context(|| {
+                    format!(
+                        "{}: line {}: no string field `{column}`",
+                        input.display(),
+                        i + 1
+                    )
+                })?;
+                rows.push((v.clone(), t.to_string()));
+            }
+            let texts: Vec<String> = rows.iter().map(|(_, t)| t.clone()).collect();
+            let preds = run_dir::predict(&run, &texts, run.config.train.batch_size * 2)?;
+            let mut out = String::new();
+            for ((mut v, _), p) in rows.into_iter().zip(preds) {
+                v["label"] = p.label.into();
+                v["label_id"] = p.label_id.into();
+                v["probabilities"] = p.probabilities.into();
+                out.push_str(&format!("{v}\n"));
+            }
+            trainer::write_atomic(&output, out.as_bytes())?;
+            tracing::info!(examples = texts.len(), output = %output.display(), "predicted");
+        }
+        Command::Export {
+            run_dir,
+            format,
+            out,
+        } => {
+            if format != "peft" {
+                bail!("--format {format}: only `peft` is supported");
+            }
+            run_dir::export_peft(&run_dir::load_run(&run_dir, &[])?, &out)?;
+            println!("PEFT adapter written to {}", out.display());
         }
         Command::Config { cfg } => print!("{}", load_config(&cfg, &None)?.to_toml()),
         Command::Train { config, overrides } => {

@@ -4,6 +4,7 @@ git). Every number a Rust test compares against comes from here.
 """
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -321,6 +322,10 @@ def main():
     adamw_reference()
     byte_level_bpe()
     tiny_llama_gguf()
+    # The tiny models get the tiny BPE so that they can be fine-tuned end to end.
+    for f in ["vocab.json", "merges.txt"]:
+        shutil.copy(OUT / "bpe-tiny" / f, OUT / "gpt2-tiny" / f)
+    shutil.copy(OUT / "bpe-tiny-json" / "tokenizer.json", OUT / "llama-tiny-untied" / "tokenizer.json")
     if not GGUF.exists() or not LLAMA3_TOKENIZER.exists():
         sys.exit(f"missing {GGUF} or {LLAMA3_TOKENIZER}: run `make assets` first")
     llama3_tiktoken()

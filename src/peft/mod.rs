@@ -71,8 +71,9 @@ impl<'a> Injector<'a> {
 /// PEFT's key prefix in `adapter_model.safetensors`: trainable paths are the keys without it.
 pub const PEFT_PREFIX: &str = "base_model.model.";
 
-/// Loads PEFT adapter weights (`adapter_model.safetensors`) into the trainable VarStore; every
-/// variable must be present with its shape and no tensor may be left over.
+/// Loads trainable weights (a run's `trainable.safetensors`, or PEFT's `adapter_model.safetensors`
+/// whose keys carry the `base_model.model.` prefix) into the trainable VarStore; every variable
+/// must be present with its shape and no tensor may be left over.
 pub fn load_peft_adapter(trainable: &nn::VarStore, path: &std::path::Path) -> crate::Result<()> {
     use crate::error::Error;
     let tensors =

@@ -1,5 +1,6 @@
 //! Training: the loop, the optimizer, the learning-rate schedule and the metrics.
 pub mod metrics;
 pub mod optimizer;
+pub mod run_dir;
 pub mod schedule;
 pub mod trainer;

@@ -14,7 +14,7 @@ use crate::heads::SequenceClassifier;
 use crate::models::resolve::{asset_cache, load_tokenizer, load_with};
 use crate::models::{ArchConfig, Backbone, NoHook};
 use crate::peft::{Injector, LoraSpec, TrainingFlag};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -23,7 +23,7 @@ use tch::{nn, Device, Reduction, Tensor};
 const SPLIT_EXTENSIONS: &[&str] = &["parquet", "jsonl", "csv", "tsv", "conll"];
 
 /// Loss and metrics on one split.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct EvalResult {
     pub loss: f64,
     pub accuracy: f64,
@@ -31,7 +31,7 @@ pub struct EvalResult {
     pub examples: usize,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Summary {
     pub run_dir: PathBuf,
     pub model: String,
@@ -74,14 +74,16 @@ fn default_targets(arch: &ArchConfig) -> Vec<String> {
     }
 }
 
-struct Data {
-    train: Vec<Encoded>,
-    validation: Vec<Encoded>,
-    test: Option<Vec<Encoded>>,
-    label_names: Vec<String>,
+/// The splits of a run, tokenized.
+pub struct Data {
+    pub train: Vec<Encoded>,
+    pub validation: Vec<Encoded>,
+    pub test: Option<Vec<Encoded>>,
+    pub label_names: Vec<String>,
 }
 
-fn load_data(cfg: &Config, tok: &TextTokenizer) -> Result<Data> {
+/// Reads and tokenizes the splits `cfg.data` names.
+pub fn load_data(cfg: &Config, tok: &TextTokenizer) -> Result<Data> {
     if cfg.data.task != TaskKind::Classification {
         return Err(Error::Config(
             "data.task = \"ner\" is not trainable yet: use \"classification\"".into(),
