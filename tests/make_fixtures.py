@@ -159,6 +159,37 @@ def adamw_reference():
     save_file(tensors, str(d / "reference.safetensors"))
 
 
+def seqeval_reference():
+    """seqeval (default, non-strict CoNLL mode) on random tag sequences, malformed ones included
+    (I- after O, type switches inside a span, E-/S- tags, stray prefixes)."""
+    import random
+
+    from seqeval.metrics import f1_score, precision_score, recall_score
+    from seqeval.metrics.sequence_labeling import get_entities
+
+    rng = random.Random(7)
+    tags = ["O", "O", "O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-MISC", "I-MISC", "E-PER", "S-LOC", "I-ORG"]
+    cases = []
+    for _ in range(40):
+        y_true, y_pred = [], []
+        for _ in range(rng.randint(1, 6)):
+            n = rng.randint(1, 12)
+            t = [rng.choice(tags) for _ in range(n)]
+            # Predictions agree with the truth most of the time, so that scores are not all 0.
+            p = [x if rng.random() < 0.7 else rng.choice(tags) for x in t]
+            y_true.append(t)
+            y_pred.append(p)
+        cases.append({
+            "y_true": y_true, "y_pred": y_pred,
+            "entities_true": [list(e) for e in get_entities(y_true)],
+            "precision": precision_score(y_true, y_pred), "recall": recall_score(y_true, y_pred),
+            "f1": f1_score(y_true, y_pred),
+        })
+    d = OUT / "seqeval"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "cases.json").write_text(json.dumps(cases))
+
+
 def byte_level_bpe():
     """A small GPT-2-style BPE trained here, saved both as vocab.json+merges.txt and tokenizer.json."""
     from tokenizers import ByteLevelBPETokenizer
@@ -320,6 +351,7 @@ def main():
     lora_reference("gpt2-tiny", ["c_attn"])
     lora_reference("llama-tiny-tied", ["q_proj", "v_proj", "down_proj"], rslora=True)
     adamw_reference()
+    seqeval_reference()
     byte_level_bpe()
     tiny_llama_gguf()
     # The tiny models get the tiny BPE so that they can be fine-tuned end to end.

@@ -3,4 +3,5 @@ pub mod metrics;
 pub mod optimizer;
 pub mod run_dir;
 pub mod schedule;
+pub mod seqeval;
 pub mod trainer;
