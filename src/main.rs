@@ -141,16 +141,21 @@ fn run(command: Command) -> Result<()> {
             let overrides: Vec<String> = data.iter().map(|d| format!("data.dataset={d}")).collect();
             let run = run_dir::load_run(&run_dir, &overrides)?;
             let data = trainer::load_data(&run.config, &run.model.tokenizer)?;
-            let n = run.label_names.len();
             let bs = run.config.train.batch_size * 2;
             let mut summary: trainer::Summary = serde_json::from_str(
                 &std::fs::read_to_string(run_dir.join("summary.json")).context("summary.json")?,
             )?;
-            summary.validation = trainer::evaluate(&run.model, &data.validation, bs, n, run.device);
+            summary.validation = trainer::evaluate(
+                &run.model,
+                &data.validation,
+                bs,
+                &run.label_names,
+                run.device,
+            );
             summary.test = data
                 .test
                 .as_ref()
-                .map(|t| trainer::evaluate(&run.model, t, bs, n, run.device));
+                .map(|t| trainer::evaluate(&run.model, t, bs, &run.label_names, run.device));
             println!("{}", trainer::results_table(std::slice::from_ref(&summary)));
         }
         Command::Predict {

@@ -178,3 +178,40 @@ fn errors_name_file_row_and_column() -> TestResult {
     );
     Ok(())
 }
+
+#[test]
+fn ner_alignment_labels_first_subtokens_only() -> TestResult {
+    use umtune::data::batching::{collate, encode, IGNORE};
+    let tok = umtune::models::resolve::load_tokenizer("default")?.ok_or("tokenizer")?;
+    let ex = Example::Tagged {
+        tokens: vec!["Kgalagadiwise".into(), "is".into(), "sunny".into()],
+        tags: vec![5, 0, 0],
+    };
+    let enc = encode(&tok, std::slice::from_ref(&ex), 64)?;
+    let e = &enc[0];
+    let pieces: Vec<usize> = ["Kgalagadiwise", "is", "sunny"]
+        .iter()
+        .map(|w| tok.inner.encode(format!(" {w}"), false).map(|x| x.len()))
+        .collect::<Result<_, _>>()
+        .map_err(|e| e.to_string())?;
+    assert!(
+        pieces[0] > 1,
+        "the test needs a word split into several sub-tokens"
+    );
+    assert_eq!(e.ids.len(), pieces.iter().sum::<usize>());
+    let mut want = vec![5];
+    want.extend(std::iter::repeat_n(IGNORE, pieces[0] - 1));
+    want.extend([0, 0]);
+    assert_eq!(e.token_labels, want);
+    assert_eq!(e.words, 3);
+    // Truncation drops whole words.
+    let short = encode(&tok, std::slice::from_ref(&ex), pieces[0] + 1)?;
+    assert_eq!(short[0].words, 2);
+    let batch = collate(&[&enc[0], &short[0]], 0, tch::Device::Cpu);
+    assert_eq!(batch.labels.size(), batch.input_ids.size());
+    assert_eq!(
+        batch.labels.int64_value(&[1, e.ids.len() as i64 - 1]),
+        IGNORE
+    );
+    Ok(())
+}

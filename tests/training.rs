@@ -3,7 +3,7 @@
 mod common;
 use common::*;
 use tch::{Device, Kind};
-use umtune::config::{Config, PeftMethod, ScheduleKind};
+use umtune::config::{PeftMethod, ScheduleKind};
 use umtune::models::resolve::load;
 use umtune::train::metrics::{accuracy, macro_f1};
 use umtune::train::optimizer::AdamW;
@@ -104,40 +104,5 @@ fn frozen_backbone_stays_bitwise_unchanged() -> TestResult {
             .lines()
             .all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()));
     }
-    Ok(())
-}
-
-/// SmolLM2-135M with LoRA on 320 real sentences, 20 steps: validation accuracy far above the
-/// 50% of chance on balanced sentiment.
-#[test]
-fn smollm2_learns_sentiment() -> TestResult {
-    let out = std::env::temp_dir().join(format!("umtune-train-smollm2-{}", std::process::id()));
-    let sets: Vec<String> = [
-        "model.device=cpu",
-        "data.train_limit=320",
-        "data.eval_limit=96",
-        "train.max_steps=20",
-        "train.batch_size=16",
-        "train.lr=0.002",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .chain([format!("run.output_dir={}", out.display())])
-    .collect();
-    let cfg = Config::load(
-        Some(std::path::Path::new(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/configs/default.toml"
-        ))),
-        &sets,
-    )?;
-    let (summary, _) = train_model(&cfg)?;
-    eprintln!("smollm2 validation: {:?}", summary.validation);
-    assert!(
-        summary.validation.accuracy >= 0.75,
-        "accuracy {}",
-        summary.validation.accuracy
-    );
-    assert_eq!(summary.skipped_steps, 0);
     Ok(())
 }

@@ -1,6 +1,6 @@
-//! From examples to tensors: tokenization with truncation, dynamic padding (right side, so the
-//! last real token is the classification pool), and a seeded, length-bucketed sampler whose
-//! position (epoch, batch) can be saved and restored.
+//! From examples to tensors: tokenization with truncation and NER word-to-sub-token alignment,
+//! dynamic padding (right side, so the last real token is the classification pool), and a
+//! seeded, length-bucketed sampler whose position (epoch, batch) can be saved and restored.
 use super::readers::Example;
 use super::TextTokenizer;
 use crate::error::{Error, Result};
@@ -10,19 +10,30 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Tensor};
 
-/// One tokenized classification example.
+/// One tokenized example: a class label, or (NER) a label per token, -100 where no label applies.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Encoded {
     pub ids: Vec<i64>,
+    /// The class (sequence classification); -100 for token classification.
     pub label: i64,
+    /// Per-token labels (token classification): the word's tag on its first sub-token.
+    pub token_labels: Vec<i64>,
+    /// Words that fit after truncation (token classification).
+    pub words: usize,
 }
 
-/// Tokenizes `examples`, truncating to `max_length` tokens (a BOS the tokenizer adds counts).
-pub fn encode_classification(
+/// Label value the loss ignores.
+pub const IGNORE: i64 = -100;
+
+/// Tokenizes `examples` with truncation to `max_length` tokens (a BOS the tokenizer adds counts).
+/// Words of a tagged example are encoded one by one with a leading space (as transformers'
+/// `is_split_into_words` with `add_prefix_space`); a word's tag goes on its first sub-token.
+pub fn encode(
     tok: &TextTokenizer,
     examples: &[Example],
     max_length: usize,
 ) -> Result<Vec<Encoded>> {
+    let fallback = tok.eos_id.or(tok.bos_id).map(i64::from).unwrap_or(0);
     examples
         .iter()
         .map(|ex| match ex {
@@ -31,16 +42,56 @@ pub fn encode_classification(
                 ids.truncate(max_length);
                 if ids.is_empty() {
                     // An empty text still needs one position to pool from.
-                    ids.push(tok.eos_id.or(tok.bos_id).map(i64::from).unwrap_or(0));
+                    ids.push(fallback);
                 }
-                Ok(Encoded { ids, label: *label as i64 })
+                Ok(Encoded {
+                    ids,
+                    label: *label as i64,
+                    token_labels: Vec::new(),
+                    words: 0,
+                })
             }
-            Example::Tagged { .. } => Err(Error::Config("token classification batching is not available yet: use data.task = \"classification\"".into())),
+            Example::Tagged { tokens, tags } => {
+                let mut ids: Vec<i64> = Vec::new();
+                let mut labels: Vec<i64> = Vec::new();
+                if tok.add_bos {
+                    ids.extend(tok.bos_id.map(i64::from));
+                    labels.resize(ids.len(), IGNORE);
+                }
+                let mut words = 0;
+                for (word, &tag) in tokens.iter().zip(tags) {
+                    let enc = tok.inner.encode(format!(" {word}"), false).map_err(|e| {
+                        Error::Tokenizer {
+                            path: "<memory>".into(),
+                            msg: e.to_string(),
+                        }
+                    })?;
+                    let piece: Vec<i64> = enc.get_ids().iter().map(|&i| i64::from(i)).collect();
+                    if piece.is_empty() || ids.len() + piece.len() > max_length {
+                        break;
+                    }
+                    labels.push(tag as i64);
+                    labels.extend(std::iter::repeat_n(IGNORE, piece.len() - 1));
+                    ids.extend(piece);
+                    words += 1;
+                }
+                if ids.is_empty() {
+                    ids.push(fallback);
+                    labels.push(IGNORE);
+                }
+                Ok(Encoded {
+                    ids,
+                    label: IGNORE,
+                    token_labels: labels,
+                    words,
+                })
+            }
         })
         .collect()
 }
 
-/// A padded batch: `input_ids`, `attention_mask` `(b, t)`, `labels` `(b,)`.
+/// A padded batch: `input_ids`, `attention_mask` `(b, t)`, `labels` `(b,)` or, for token
+/// classification, `(b, t)` with -100 on padding.
 pub struct Batch {
     pub input_ids: Tensor,
     pub attention_mask: Tensor,
@@ -52,20 +103,33 @@ pub struct Batch {
 /// Pads `items` on the right to the longest one with `pad_id`.
 pub fn collate(items: &[&Encoded], pad_id: i64, device: Device) -> Batch {
     let seq_len = items.iter().map(|e| e.ids.len()).max().unwrap_or(1);
+    let tokens = items.first().is_some_and(|e| !e.token_labels.is_empty());
     let mut ids = Vec::with_capacity(items.len() * seq_len);
     let mut mask = Vec::with_capacity(items.len() * seq_len);
+    let mut labels = Vec::with_capacity(if tokens {
+        items.len() * seq_len
+    } else {
+        items.len()
+    });
     for e in items {
+        let pad = seq_len - e.ids.len();
         ids.extend(&e.ids);
-        ids.extend(std::iter::repeat_n(pad_id, seq_len - e.ids.len()));
+        ids.extend(std::iter::repeat_n(pad_id, pad));
         mask.extend(std::iter::repeat_n(1i64, e.ids.len()));
-        mask.extend(std::iter::repeat_n(0i64, seq_len - e.ids.len()));
+        mask.extend(std::iter::repeat_n(0i64, pad));
+        if tokens {
+            labels.extend(&e.token_labels);
+            labels.extend(std::iter::repeat_n(IGNORE, pad));
+        } else {
+            labels.push(e.label);
+        }
     }
     let shape = [items.len() as i64, seq_len as i64];
-    let labels: Vec<i64> = items.iter().map(|e| e.label).collect();
+    let labels = Tensor::from_slice(&labels);
     Batch {
         input_ids: Tensor::from_slice(&ids).view(shape).to_device(device),
         attention_mask: Tensor::from_slice(&mask).view(shape).to_device(device),
-        labels: Tensor::from_slice(&labels).to_device(device),
+        labels: if tokens { labels.view(shape) } else { labels }.to_device(device),
         n_tokens: items.iter().map(|e| e.ids.len()).sum(),
     }
 }

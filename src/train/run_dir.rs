@@ -106,7 +106,7 @@ pub struct Prediction {
 
 /// Class probabilities for `texts`, in batches of `batch_size` (same truncation as training).
 pub fn predict(run: &LoadedRun, texts: &[String], batch_size: usize) -> Result<Vec<Prediction>> {
-    use crate::data::batching::{collate, encode_classification};
+    use crate::data::batching::{collate, encode};
     use crate::data::readers::Example;
     let examples: Vec<Example> = texts
         .iter()
@@ -115,8 +115,7 @@ pub fn predict(run: &LoadedRun, texts: &[String], batch_size: usize) -> Result<V
             label: 0,
         })
         .collect();
-    let encoded =
-        encode_classification(&run.model.tokenizer, &examples, run.config.data.max_length)?;
+    let encoded = encode(&run.model.tokenizer, &examples, run.config.data.max_length)?;
     let pad = run
         .model
         .tokenizer

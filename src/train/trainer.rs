@@ -6,11 +6,11 @@ use super::metrics::{accuracy, macro_f1};
 use super::optimizer::AdamW;
 use super::schedule::learning_rate;
 use crate::config::{parse_device, Config, PeftMethod, TaskKind};
-use crate::data::batching::{collate, encode_classification, Encoded, Sampler};
+use crate::data::batching::{collate, encode, Encoded, Sampler, IGNORE};
 use crate::data::readers::{read_split, Columns, Split, Task};
 use crate::data::TextTokenizer;
 use crate::error::{Error, Result};
-use crate::heads::SequenceClassifier;
+use crate::heads::{Head, SequenceClassifier, TokenClassifier};
 use crate::models::resolve::{asset_cache, load_tokenizer, load_with};
 use crate::models::{ArchConfig, Backbone, NoHook};
 use crate::peft::{Injector, LoraSpec, TrainingFlag};
@@ -22,13 +22,23 @@ use tch::{nn, Device, Reduction, Tensor};
 
 const SPLIT_EXTENSIONS: &[&str] = &["parquet", "jsonl", "csv", "tsv", "conll"];
 
-/// Loss and metrics on one split.
+/// Loss and metrics on one split. Classification: accuracy and macro-F1 over examples. NER:
+/// accuracy over words, macro-F1 over tag classes, and entity-level precision/recall/F1.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct EvalResult {
     pub loss: f64,
     pub accuracy: f64,
     pub macro_f1: f64,
     pub examples: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entity: Option<EntityScores>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EntityScores {
+    pub precision: f64,
+    pub recall: f64,
+    pub f1: f64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -84,11 +94,10 @@ pub struct Data {
 
 /// Reads and tokenizes the splits `cfg.data` names.
 pub fn load_data(cfg: &Config, tok: &TextTokenizer) -> Result<Data> {
-    if cfg.data.task != TaskKind::Classification {
-        return Err(Error::Config(
-            "data.task = \"ner\" is not trainable yet: use \"classification\"".into(),
-        ));
-    }
+    let task = match cfg.data.task {
+        TaskKind::Classification => Task::Classification,
+        TaskKind::Ner => Task::Ner,
+    };
     let dir = dataset_dir(&cfg.data.dataset);
     let cols = Columns {
         text: cfg.data.text_column.clone(),
@@ -102,9 +111,9 @@ pub fn load_data(cfg: &Config, tok: &TextTokenizer) -> Result<Data> {
         })
     };
     let configured = (!cfg.data.label_names.is_empty()).then_some(cfg.data.label_names.as_slice());
-    let train: Split = read_split(&need("train")?, Task::Classification, &cols, configured)?;
+    let train: Split = read_split(&need("train")?, task, &cols, configured)?;
     let names = train.label_names.clone();
-    let read = |path: &Path| read_split(path, Task::Classification, &cols, Some(&names));
+    let read = |path: &Path| read_split(path, task, &cols, Some(&names));
     let validation = read(&need("validation")?)?;
     let test = split_file(&dir, "test").map(|p| read(&p)).transpose()?;
     let limit = |mut v: Vec<_>, n: usize| {
@@ -115,14 +124,14 @@ pub fn load_data(cfg: &Config, tok: &TextTokenizer) -> Result<Data> {
     };
     let max_len = cfg.data.max_length;
     Ok(Data {
-        train: encode_classification(tok, &limit(train.examples, cfg.data.train_limit), max_len)?,
-        validation: encode_classification(
+        train: encode(tok, &limit(train.examples, cfg.data.train_limit), max_len)?,
+        validation: encode(
             tok,
             &limit(validation.examples, cfg.data.eval_limit),
             max_len,
         )?,
         test: test
-            .map(|t| encode_classification(tok, &limit(t.examples, cfg.data.eval_limit), max_len))
+            .map(|t| encode(tok, &limit(t.examples, cfg.data.eval_limit), max_len))
             .transpose()?,
         label_names: names,
     })
@@ -131,7 +140,7 @@ pub fn load_data(cfg: &Config, tok: &TextTokenizer) -> Result<Data> {
 /// Everything that takes part in a forward pass.
 pub struct TaskModel {
     pub backbone: Box<dyn Backbone>,
-    pub head: SequenceClassifier,
+    pub head: Head,
     pub trainable: nn::VarStore,
     pub training: TrainingFlag,
     pub tokenizer: TextTokenizer,
@@ -180,11 +189,20 @@ impl TaskModel {
                 cfg.model.source
             ))
         })?;
-        let head = SequenceClassifier::new(
-            &trainable.root(),
-            arch.hidden_size() as i64,
-            num_labels as i64,
-        );
+        let (d, n) = (arch.hidden_size() as i64, num_labels as i64);
+        let head = match cfg.data.task {
+            TaskKind::Classification => {
+                Head::Sequence(SequenceClassifier::new(&trainable.root(), d, n))
+            }
+            TaskKind::Ner => {
+                let name = if matches!(arch, ArchConfig::Gpt2(_)) {
+                    "classifier"
+                } else {
+                    "score"
+                };
+                Head::Token(TokenClassifier::new(&trainable.root(), name, d, n))
+            }
+        };
         Ok((
             TaskModel {
                 backbone: loaded.backbone,
@@ -197,7 +215,7 @@ impl TaskModel {
         ))
     }
 
-    /// Class logits `(b, num_labels)` in f32.
+    /// Class logits in f32: `(b, num_labels)`, or `(b, t, num_labels)` for NER.
     pub fn logits(&self, input_ids: &Tensor, mask: &Tensor) -> Tensor {
         let hidden = self
             .backbone
@@ -214,12 +232,24 @@ impl TaskModel {
     }
 }
 
-/// Loss, accuracy and macro-F1 of `model` on `data`, in length-sorted batches.
+/// Mean cross-entropy over labelled positions (summed with `Reduction::Sum`).
+fn cross_entropy(logits: &Tensor, labels: &Tensor, reduction: Reduction) -> Tensor {
+    let n = logits.size().last().copied().unwrap_or(1);
+    logits.reshape([-1, n]).cross_entropy_loss::<Tensor>(
+        &labels.reshape([-1]),
+        None,
+        reduction,
+        IGNORE,
+        0.0,
+    )
+}
+
+/// Loss and metrics of `model` on `data` (see [`EvalResult`]), in length-sorted batches.
 pub fn evaluate(
     model: &TaskModel,
     data: &[Encoded],
     batch_size: usize,
-    num_labels: usize,
+    label_names: &[String],
     device: Device,
 ) -> EvalResult {
     model.training.set(false);
@@ -232,27 +262,64 @@ pub fn evaluate(
         .or(model.tokenizer.eos_id)
         .map(i64::from)
         .unwrap_or(0);
-    let (mut pred, mut gold, mut loss_sum) =
-        (vec![0usize; data.len()], vec![0usize; data.len()], 0.0);
+    // Per example: gold and predicted label of each scored unit (the example, or each word).
+    let mut gold: Vec<Vec<usize>> = vec![Vec::new(); data.len()];
+    let mut pred: Vec<Vec<usize>> = vec![Vec::new(); data.len()];
+    let (mut loss_sum, mut loss_count) = (0.0, 0usize);
     for chunk in order.chunks(batch_size.max(1)) {
         let items: Vec<&Encoded> = chunk.iter().map(|&i| &data[i]).collect();
         let batch = collate(&items, pad, device);
         let logits = model.logits(&batch.input_ids, &batch.attention_mask);
-        loss_sum += logits
-            .cross_entropy_loss::<Tensor>(&batch.labels, None, Reduction::Sum, -100, 0.0)
-            .double_value(&[]);
-        let p = Vec::<i64>::try_from(logits.argmax(-1, false).to_device(Device::Cpu))
+        loss_sum += cross_entropy(&logits, &batch.labels, Reduction::Sum).double_value(&[]);
+        let labels = Vec::<i64>::try_from(batch.labels.reshape([-1]).to_device(Device::Cpu))
             .unwrap_or_default();
+        let argmax = Vec::<i64>::try_from(
+            logits
+                .argmax(-1, false)
+                .reshape([-1])
+                .to_device(Device::Cpu),
+        )
+        .unwrap_or_default();
+        let per_row = labels.len() / chunk.len().max(1);
         for (k, &i) in chunk.iter().enumerate() {
-            pred[i] = p.get(k).copied().unwrap_or(0) as usize;
-            gold[i] = data[i].label as usize;
+            for j in k * per_row..(k + 1) * per_row {
+                if labels[j] != IGNORE {
+                    gold[i].push(labels[j] as usize);
+                    pred[i].push(argmax[j] as usize);
+                    loss_count += 1;
+                }
+            }
         }
     }
+    let flat = |v: &[Vec<usize>]| v.iter().flatten().copied().collect::<Vec<_>>();
+    let (g, p) = (flat(&gold), flat(&pred));
+    let entity = data
+        .first()
+        .is_some_and(|e| !e.token_labels.is_empty())
+        .then(|| {
+            let name = |seqs: &[Vec<usize>]| -> Vec<Vec<String>> {
+                seqs.iter()
+                    .map(|s| {
+                        s.iter()
+                            .map(|&t| label_names.get(t).cloned().unwrap_or_default())
+                            .collect()
+                    })
+                    .collect()
+            };
+            let (precision, recall, f1) =
+                super::seqeval::precision_recall_f1(&name(&gold), &name(&pred));
+            EntityScores {
+                precision,
+                recall,
+                f1,
+            }
+        });
     EvalResult {
-        loss: loss_sum / data.len().max(1) as f64,
-        accuracy: accuracy(&pred, &gold),
-        macro_f1: macro_f1(&pred, &gold, num_labels),
+        loss: loss_sum / loss_count.max(1) as f64,
+        accuracy: accuracy(&p, &g),
+        macro_f1: macro_f1(&p, &g, label_names.len()),
         examples: data.len(),
+        entity,
     }
 }
 
@@ -378,13 +445,7 @@ pub fn train_model(cfg: &Config) -> Result<(Summary, TaskModel)> {
             let batch = collate(&items, pad, device);
             tokens += batch.n_tokens;
             let logits = model.logits(&batch.input_ids, &batch.attention_mask);
-            let loss = logits.cross_entropy_loss::<Tensor>(
-                &batch.labels,
-                None,
-                Reduction::Mean,
-                -100,
-                0.0,
-            ) / t.grad_accum as f64;
+            let loss = cross_entropy(&logits, &batch.labels, Reduction::Mean) / t.grad_accum as f64;
             loss_value += loss.double_value(&[]);
             loss.backward();
         }
@@ -425,7 +486,7 @@ pub fn train_model(cfg: &Config) -> Result<(Summary, TaskModel)> {
                 &model,
                 &data.validation,
                 t.batch_size * 2,
-                num_labels,
+                &data.label_names,
                 device,
             );
             tracing::info!(
@@ -443,14 +504,14 @@ pub fn train_model(cfg: &Config) -> Result<(Summary, TaskModel)> {
         &model,
         &data.validation,
         t.batch_size * 2,
-        num_labels,
+        &data.label_names,
         device,
     );
     log.write(serde_json::json!({"step": total, "split": "validation", "eval": validation}))?;
     let test = data
         .test
         .as_ref()
-        .map(|d| evaluate(&model, d, t.batch_size * 2, num_labels, device));
+        .map(|d| evaluate(&model, d, t.batch_size * 2, &data.label_names, device));
     if let Some(ev) = &test {
         log.write(serde_json::json!({"step": total, "split": "test", "eval": ev}))?;
     }
@@ -484,15 +545,19 @@ fn sync_gradients(_opt: &AdamW) {}
 /// A markdown results table for summaries.
 pub fn results_table(rows: &[Summary]) -> String {
     let mut out = String::from(
-        "| run | split | accuracy | macro-F1 | loss | trainable params | share of backbone | train tokens/s |\n|---|---|---|---|---|---|---|---|\n",
+        "| run | split | accuracy | macro-F1 | entity F1 | loss | trainable params | share of backbone | train tokens/s |\n|---|---|---|---|---|---|---|---|---|\n",
     );
     for s in rows {
         let name = s.run_dir.file_name().and_then(|n| n.to_str()).unwrap_or("");
         let mut line = |split: &str, e: &EvalResult| {
             out.push_str(&format!(
-                "| {name} | {split} | {:.4} | {:.4} | {:.4} | {} | {:.4}% | {:.0} |\n",
+                "| {name} | {split} | {:.4} | {:.4} | {} | {:.4} | {} | {:.4}% | {:.0} |\n",
                 e.accuracy,
                 e.macro_f1,
+                e.entity
+                    .as_ref()
+                    .map(|x| format!("{:.4}", x.f1))
+                    .unwrap_or_else(|| "-".into()),
                 e.loss,
                 s.trainable_params,
                 100.0 * s.trainable_share,

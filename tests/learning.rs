@@ -1,0 +1,88 @@
+//! A real pretrained model learns real datasets. One test running both in turn, alone in its
+//! binary, so that libtorch's global generator makes the numbers repeatable.
+use umtune::config::Config;
+use umtune::train::trainer::train_model;
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+#[test]
+fn smollm2_learns_sentiment_and_ner() -> TestResult {
+    smollm2_learns_sentiment()?;
+    smollm2_learns_conll2003_ner()
+}
+
+/// SmolLM2-135M with LoRA on 320 real sentences, 20 steps: validation accuracy far above the
+/// 50% of chance on balanced sentiment.
+fn smollm2_learns_sentiment() -> TestResult {
+    let out = std::env::temp_dir().join(format!("umtune-train-smollm2-{}", std::process::id()));
+    let sets: Vec<String> = [
+        "model.device=cpu",
+        "data.train_limit=320",
+        "data.eval_limit=96",
+        "train.max_steps=20",
+        "train.batch_size=16",
+        "train.lr=0.002",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([format!("run.output_dir={}", out.display())])
+    .collect();
+    let cfg = Config::load(
+        Some(std::path::Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/configs/default.toml"
+        ))),
+        &sets,
+    )?;
+    let (summary, _) = train_model(&cfg)?;
+    eprintln!("smollm2 validation: {:?}", summary.validation);
+    assert!(
+        summary.validation.accuracy >= 0.75,
+        "accuracy {}",
+        summary.validation.accuracy
+    );
+    assert_eq!(summary.skipped_steps, 0);
+    Ok(())
+}
+
+/// SmolLM2-135M with LoRA and a token head on 480 CoNLL-2003 sentences, 30 steps: entity-level F1
+/// well above the 0 of predicting `O` everywhere (60 steps on 960 sentences gave 0.49 / 0.55 on
+/// validation / test in one run).
+fn smollm2_learns_conll2003_ner() -> TestResult {
+    let out = std::env::temp_dir().join(format!("umtune-train-ner-{}", std::process::id()));
+    let sets: Vec<String> = [
+        "model.device=cpu",
+        "data.dataset=conll2003",
+        "data.task=ner",
+        "data.train_limit=480",
+        "data.eval_limit=100",
+        "train.max_steps=30",
+        "train.batch_size=16",
+        "train.lr=0.002",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([format!("run.output_dir={}", out.display())])
+    .collect();
+    let cfg = Config::load(
+        Some(std::path::Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/configs/default.toml"
+        ))),
+        &sets,
+    )?;
+    let (summary, model) = train_model(&cfg)?;
+    let entity = summary
+        .validation
+        .entity
+        .clone()
+        .ok_or("no entity scores")?;
+    eprintln!("ner validation: {:?}", summary.validation);
+    assert!(entity.f1 >= 0.2, "entity F1 {}", entity.f1);
+    assert_eq!(summary.label_names.len(), 9);
+    // LLaMA's token head is `score` with a bias, as LlamaForTokenClassification.
+    let vars = model.trainable.variables();
+    assert_eq!(vars["score.weight"].size(), [9, 576]);
+    assert_eq!(vars["score.bias"].size(), [9]);
+    Ok(())
+}
