@@ -273,7 +273,7 @@ impl Config {
                 ))
             })?;
             builder = builder
-                .set_override(key.trim(), value.trim())
+                .set_override(key.trim(), override_value(value.trim()))
                 .map_err(|e| Error::Config(format!("override `{item}`: {e}")))?;
         }
         let merged = builder
@@ -392,6 +392,28 @@ impl Config {
 
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_default()
+    }
+}
+
+/// An override's value: a TOML literal (`["q_proj", "v_proj"]`, `1e-3`, `true`, `"text"`) when
+/// it parses as one, else the raw text.
+fn override_value(text: &str) -> config::Value {
+    fn convert(v: toml::Value) -> config::Value {
+        use config::ValueKind as K;
+        let kind = match v {
+            toml::Value::String(s) => K::String(s),
+            toml::Value::Integer(i) => K::I64(i),
+            toml::Value::Float(f) => K::Float(f),
+            toml::Value::Boolean(b) => K::Boolean(b),
+            toml::Value::Array(a) => K::Array(a.into_iter().map(convert).collect()),
+            toml::Value::Table(t) => K::Table(t.into_iter().map(|(k, v)| (k, convert(v))).collect()),
+            toml::Value::Datetime(d) => K::String(d.to_string()),
+        };
+        config::Value::new(None, kind)
+    }
+    match toml::from_str::<toml::Table>(&format!("v = {text}")) {
+        Ok(mut t) => t.remove("v").map(convert).unwrap_or_else(|| config::Value::new(None, text)),
+        Err(_) => config::Value::new(None, text),
     }
 }
 

@@ -88,6 +88,22 @@ enum Command {
         #[arg(long)]
         ids: bool,
     },
+    /// Time LoRA training steps (forward, backward, AdamW) on random tokens with a 2-class head,
+    /// median seconds per step as one JSON line for bench/ scripts.
+    BenchTrain {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+        #[arg(long)]
+        model: Option<String>,
+        #[arg(long, default_value_t = 8)]
+        batch: i64,
+        #[arg(long, default_value_t = 128)]
+        seq_len: i64,
+        #[arg(long, default_value_t = 5)]
+        iters: usize,
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+    },
     /// Time forward passes (median tokens/s), printed as one JSON line for bench/ scripts.
     BenchForward {
         #[command(flatten)]
@@ -118,6 +134,17 @@ fn load_config(args: &ConfigArgs, model: &Option<String>) -> Result<Config> {
     Ok(cfg)
 }
 
+/// The median, as the bench/ scripts take it for the reference.
+fn median(mut times: Vec<f64>) -> f64 {
+    times.sort_by(f64::total_cmp);
+    let mid = times.len() / 2;
+    if times.len() % 2 == 1 {
+        times[mid]
+    } else {
+        (times[mid - 1] + times[mid]) / 2.0
+    }
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     logging::init(cli.log_format);
@@ -140,7 +167,7 @@ fn run(command: Command) -> Result<()> {
         Command::Eval { run_dir, data } => {
             let overrides: Vec<String> = data.iter().map(|d| format!("data.dataset={d}")).collect();
             let run = run_dir::load_run(&run_dir, &overrides)?;
-            let data = trainer::load_data(&run.config, &run.model.tokenizer)?;
+            let data = trainer::load_data(&run.config, run.model.tokenizer()?)?;
             let bs = run.config.train.batch_size * 2;
             let mut summary: trainer::Summary = serde_json::from_str(
                 &std::fs::read_to_string(run_dir.join("summary.json")).context("summary.json")?,
@@ -260,6 +287,44 @@ fn run(command: Command) -> Result<()> {
                 println!("{}{}", prompt, tok.decode(&text)?);
             }
         }
+        Command::BenchTrain { cfg, model, batch, seq_len, iters, warmup } => {
+            let cfg = load_config(&cfg, &model)?;
+            if iters == 0 {
+                bail!("--iters must be at least 1");
+            }
+            let (task, device) = trainer::TaskModel::build(&cfg, 2)?;
+            let mut named: Vec<(String, Tensor)> = task.trainable.variables().into_iter().collect();
+            named.sort_by(|a, b| a.0.cmp(&b.0));
+            let mut opt = umtune::train::optimizer::AdamW::new(named, cfg.train.weight_decay);
+            let vocab = task.backbone.arch().vocab_size() as i64;
+            let ids = Tensor::randint(vocab, [batch, seq_len], (Kind::Int64, device));
+            let mask = Tensor::ones([batch, seq_len], (Kind::Int64, device));
+            let labels = Tensor::randint(2, [batch], (Kind::Int64, device));
+            task.training.set(true);
+            let mut step = || {
+                let start = Instant::now();
+                opt.zero_grad();
+                let loss = task.logits(&ids, &mask).cross_entropy_for_logits(&labels);
+                loss.backward();
+                opt.step(cfg.train.lr);
+                if device.is_cuda() {
+                    tch::Cuda::synchronize(0);
+                }
+                start.elapsed().as_secs_f64()
+            };
+            for _ in 0..warmup {
+                step();
+            }
+            let times: Vec<f64> = (0..iters).map(|_| step()).collect();
+            println!(
+                "{}",
+                serde_json::json!({
+                    "model": cfg.model.source, "dtype": cfg.model.dtype.as_str(), "batch": batch,
+                    "seq_len": seq_len, "threads": tch::get_num_threads(),
+                    "trainable": task.trainable_params(), "secs_per_step": median(times),
+                })
+            );
+        }
         Command::BenchForward {
             cfg,
             model,
@@ -288,21 +353,14 @@ fn run(command: Command) -> Result<()> {
             for _ in 0..warmup {
                 run();
             }
-            let mut times: Vec<f64> = (0..iters)
+            let times: Vec<f64> = (0..iters)
                 .map(|_| {
                     let start = Instant::now();
                     run();
                     start.elapsed().as_secs_f64()
                 })
                 .collect();
-            times.sort_by(f64::total_cmp);
-            let mid = times.len() / 2;
-            // The median, as bench/forward.py takes it for the reference.
-            let secs = if times.len() % 2 == 1 {
-                times[mid]
-            } else {
-                (times[mid - 1] + times[mid]) / 2.0
-            };
+            let secs = median(times);
             let dtype = cfg.model.dtype.as_str();
             println!(
                 "{}",

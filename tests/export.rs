@@ -84,7 +84,7 @@ fn peft_predictions_equal_umtune_predict() -> TestResult {
         let ours = predict(&run, &texts, 3)?;
         let ids: Vec<Vec<u32>> = texts
             .iter()
-            .map(|t| run.model.tokenizer.encode(t))
+            .map(|t| run.model.tokenizer()?.encode(t))
             .collect::<Result<_, _>>()?;
         let theirs = peft_probabilities(&base, &adapter, &ids)?;
         for ((o, t), text) in ours.iter().zip(&theirs).zip(TEXTS) {

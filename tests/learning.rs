@@ -5,6 +5,15 @@ use umtune::train::trainer::train_model;
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
+/// configs/default.toml (SmolLM2 + LoRA) with `sets` and a private output directory.
+fn default_config(tag: &str, sets: &[&str]) -> Result<Config, Box<dyn std::error::Error>> {
+    let out = std::env::temp_dir().join(format!("umtune-learning-{tag}-{}", std::process::id()));
+    let mut all: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+    all.push(format!("run.output_dir={}", out.display()));
+    let file = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/configs/default.toml"));
+    Ok(Config::load(Some(file), &all)?)
+}
+
 #[test]
 fn smollm2_learns_sentiment_and_ner() -> TestResult {
     smollm2_learns_sentiment()?;
@@ -14,25 +23,16 @@ fn smollm2_learns_sentiment_and_ner() -> TestResult {
 /// SmolLM2-135M with LoRA on 320 real sentences, 20 steps: validation accuracy far above the
 /// 50% of chance on balanced sentiment.
 fn smollm2_learns_sentiment() -> TestResult {
-    let out = std::env::temp_dir().join(format!("umtune-train-smollm2-{}", std::process::id()));
-    let sets: Vec<String> = [
-        "model.device=cpu",
-        "data.train_limit=320",
-        "data.eval_limit=96",
-        "train.max_steps=20",
-        "train.batch_size=16",
-        "train.lr=0.002",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .chain([format!("run.output_dir={}", out.display())])
-    .collect();
-    let cfg = Config::load(
-        Some(std::path::Path::new(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/configs/default.toml"
-        ))),
-        &sets,
+    let cfg = default_config(
+        "sentiment",
+        &[
+            "model.device=cpu",
+            "data.train_limit=320",
+            "data.eval_limit=96",
+            "train.max_steps=20",
+            "train.batch_size=16",
+            "train.lr=0.002",
+        ],
     )?;
     let (summary, _) = train_model(&cfg)?;
     eprintln!("smollm2 validation: {:?}", summary.validation);
@@ -49,27 +49,18 @@ fn smollm2_learns_sentiment() -> TestResult {
 /// well above the 0 of predicting `O` everywhere (60 steps on 960 sentences gave 0.49 / 0.55 on
 /// validation / test in one run).
 fn smollm2_learns_conll2003_ner() -> TestResult {
-    let out = std::env::temp_dir().join(format!("umtune-train-ner-{}", std::process::id()));
-    let sets: Vec<String> = [
-        "model.device=cpu",
-        "data.dataset=conll2003",
-        "data.task=ner",
-        "data.train_limit=480",
-        "data.eval_limit=100",
-        "train.max_steps=30",
-        "train.batch_size=16",
-        "train.lr=0.002",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .chain([format!("run.output_dir={}", out.display())])
-    .collect();
-    let cfg = Config::load(
-        Some(std::path::Path::new(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/configs/default.toml"
-        ))),
-        &sets,
+    let cfg = default_config(
+        "ner",
+        &[
+            "model.device=cpu",
+            "data.dataset=conll2003",
+            "data.task=ner",
+            "data.train_limit=480",
+            "data.eval_limit=100",
+            "train.max_steps=30",
+            "train.batch_size=16",
+            "train.lr=0.002",
+        ],
     )?;
     let (summary, model) = train_model(&cfg)?;
     let entity = summary

@@ -64,6 +64,11 @@ impl TextTokenizer {
             .map_err(|e| tok_err("<memory>", e))
     }
 
+    /// The id to pad batches with: the pad token, else EOS, else 0 (padding is masked anyway).
+    pub fn padding_id(&self) -> i64 {
+        self.pad_id.or(self.eos_id).map(i64::from).unwrap_or(0)
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }

@@ -115,14 +115,9 @@ pub fn predict(run: &LoadedRun, texts: &[String], batch_size: usize) -> Result<V
             label: 0,
         })
         .collect();
-    let encoded = encode(&run.model.tokenizer, &examples, run.config.data.max_length)?;
-    let pad = run
-        .model
-        .tokenizer
-        .pad_id
-        .or(run.model.tokenizer.eos_id)
-        .map(i64::from)
-        .unwrap_or(0);
+    let tok = run.model.tokenizer()?;
+    let encoded = encode(tok, &examples, run.config.data.max_length)?;
+    let pad = tok.padding_id();
     run.model.training.set(false);
     let _g = tch::no_grad_guard();
     let mut out = Vec::with_capacity(texts.len());

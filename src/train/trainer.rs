@@ -143,7 +143,8 @@ pub struct TaskModel {
     pub head: Head,
     pub trainable: nn::VarStore,
     pub training: TrainingFlag,
-    pub tokenizer: TextTokenizer,
+    /// None for `preset:` models (random weights, benchmarks only).
+    pub tokenizer: Option<TextTokenizer>,
 }
 
 impl TaskModel {
@@ -183,12 +184,7 @@ impl TaskModel {
                 )?
             }
         };
-        let tokenizer = loaded.tokenizer.ok_or_else(|| {
-            Error::Config(format!(
-                "model.source `{}` has no tokenizer to train with",
-                cfg.model.source
-            ))
-        })?;
+        let tokenizer = loaded.tokenizer;
         let (d, n) = (arch.hidden_size() as i64, num_labels as i64);
         let head = match cfg.data.task {
             TaskKind::Classification => {
@@ -213,6 +209,11 @@ impl TaskModel {
             },
             device,
         ))
+    }
+
+    /// The tokenizer, which every use but benchmarking needs.
+    pub fn tokenizer(&self) -> Result<&TextTokenizer> {
+        self.tokenizer.as_ref().ok_or_else(|| Error::Config("this model (a `preset:`) has no tokenizer".into()))
     }
 
     /// Class logits in f32: `(b, num_labels)`, or `(b, t, num_labels)` for NER.
@@ -256,12 +257,7 @@ pub fn evaluate(
     let _g = tch::no_grad_guard();
     let mut order: Vec<usize> = (0..data.len()).collect();
     order.sort_by_key(|&i| data[i].ids.len());
-    let pad = model
-        .tokenizer
-        .pad_id
-        .or(model.tokenizer.eos_id)
-        .map(i64::from)
-        .unwrap_or(0);
+    let pad = model.tokenizer.as_ref().map_or(0, TextTokenizer::padding_id);
     // Per example: gold and predicted label of each scored unit (the example, or each word).
     let mut gold: Vec<Vec<usize>> = vec![Vec::new(); data.len()];
     let mut pred: Vec<Vec<usize>> = vec![Vec::new(); data.len()];
@@ -419,12 +415,7 @@ pub fn train_model(cfg: &Config) -> Result<(Summary, TaskModel)> {
         steps_per_epoch * t.epochs
     };
     let warmup = (t.warmup_ratio * total as f64).round() as usize;
-    let pad = model
-        .tokenizer
-        .pad_id
-        .or(model.tokenizer.eos_id)
-        .map(i64::from)
-        .unwrap_or(0);
+    let pad = model.tokenizer.as_ref().map_or(0, TextTokenizer::padding_id);
     let backbone_params = model.backbone.num_parameters();
     tracing::info!(
         run_dir = %run_dir.display(), train = data.train.len(), validation = data.validation.len(),
