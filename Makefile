@@ -53,6 +53,7 @@ tests/fixtures/.complete: tests/make_fixtures.py $(VENV)/.test-installed | asset
 
 bench: build assets $(VENV)/.test-installed
 	$(VENV)/bin/python bench/forward.py
+	$(VENV)/bin/python bench/train_step.py
 
 doctor: build
 	$(BIN) doctor

@@ -406,13 +406,18 @@ fn override_value(text: &str) -> config::Value {
             toml::Value::Float(f) => K::Float(f),
             toml::Value::Boolean(b) => K::Boolean(b),
             toml::Value::Array(a) => K::Array(a.into_iter().map(convert).collect()),
-            toml::Value::Table(t) => K::Table(t.into_iter().map(|(k, v)| (k, convert(v))).collect()),
+            toml::Value::Table(t) => {
+                K::Table(t.into_iter().map(|(k, v)| (k, convert(v))).collect())
+            }
             toml::Value::Datetime(d) => K::String(d.to_string()),
         };
         config::Value::new(None, kind)
     }
     match toml::from_str::<toml::Table>(&format!("v = {text}")) {
-        Ok(mut t) => t.remove("v").map(convert).unwrap_or_else(|| config::Value::new(None, text)),
+        Ok(mut t) => t
+            .remove("v")
+            .map(convert)
+            .unwrap_or_else(|| config::Value::new(None, text)),
         Err(_) => config::Value::new(None, text),
     }
 }

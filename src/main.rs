@@ -287,7 +287,14 @@ fn run(command: Command) -> Result<()> {
                 println!("{}{}", prompt, tok.decode(&text)?);
             }
         }
-        Command::BenchTrain { cfg, model, batch, seq_len, iters, warmup } => {
+        Command::BenchTrain {
+            cfg,
+            model,
+            batch,
+            seq_len,
+            iters,
+            warmup,
+        } => {
             let cfg = load_config(&cfg, &model)?;
             if iters == 0 {
                 bail!("--iters must be at least 1");

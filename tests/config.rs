@@ -121,14 +121,25 @@ fn shipped_configs_are_valid() -> TestResult {
 
 #[test]
 fn overrides_take_toml_literals() -> TestResult {
-    let sets: Vec<String> = ["peft.targets=[\"q_proj\", \"o_proj\"]", "train.lr=1e-3", "peft.rslora=true", "run.name=abc"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let sets: Vec<String> = [
+        "peft.targets=[\"q_proj\", \"o_proj\"]",
+        "train.lr=1e-3",
+        "peft.rslora=true",
+        "run.name=abc",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
     let cfg = Config::load(None, &sets)?;
     assert_eq!(cfg.peft.targets, ["q_proj", "o_proj"]);
-    assert_eq!((cfg.train.lr, cfg.peft.rslora, cfg.run.name.as_str()), (1e-3, true, "abc"));
+    assert_eq!(
+        (cfg.train.lr, cfg.peft.rslora, cfg.run.name.as_str()),
+        (1e-3, true, "abc")
+    );
     let e = load_err(None, &["train.lr=2.5"]);
-    assert!(e.contains("train.lr = 2.5") && e.contains("0 < lr < 1"), "{e}");
+    assert!(
+        e.contains("train.lr = 2.5") && e.contains("0 < lr < 1"),
+        "{e}"
+    );
     Ok(())
 }

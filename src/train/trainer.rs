@@ -213,7 +213,9 @@ impl TaskModel {
 
     /// The tokenizer, which every use but benchmarking needs.
     pub fn tokenizer(&self) -> Result<&TextTokenizer> {
-        self.tokenizer.as_ref().ok_or_else(|| Error::Config("this model (a `preset:`) has no tokenizer".into()))
+        self.tokenizer
+            .as_ref()
+            .ok_or_else(|| Error::Config("this model (a `preset:`) has no tokenizer".into()))
     }
 
     /// Class logits in f32: `(b, num_labels)`, or `(b, t, num_labels)` for NER.
@@ -257,7 +259,10 @@ pub fn evaluate(
     let _g = tch::no_grad_guard();
     let mut order: Vec<usize> = (0..data.len()).collect();
     order.sort_by_key(|&i| data[i].ids.len());
-    let pad = model.tokenizer.as_ref().map_or(0, TextTokenizer::padding_id);
+    let pad = model
+        .tokenizer
+        .as_ref()
+        .map_or(0, TextTokenizer::padding_id);
     // Per example: gold and predicted label of each scored unit (the example, or each word).
     let mut gold: Vec<Vec<usize>> = vec![Vec::new(); data.len()];
     let mut pred: Vec<Vec<usize>> = vec![Vec::new(); data.len()];
@@ -415,7 +420,10 @@ pub fn train_model(cfg: &Config) -> Result<(Summary, TaskModel)> {
         steps_per_epoch * t.epochs
     };
     let warmup = (t.warmup_ratio * total as f64).round() as usize;
-    let pad = model.tokenizer.as_ref().map_or(0, TextTokenizer::padding_id);
+    let pad = model
+        .tokenizer
+        .as_ref()
+        .map_or(0, TextTokenizer::padding_id);
     let backbone_params = model.backbone.num_parameters();
     tracing::info!(
         run_dir = %run_dir.display(), train = data.train.len(), validation = data.validation.len(),
