@@ -176,12 +176,25 @@ impl TaskModel {
                     rslora: cfg.peft.rslora,
                     targets,
                 };
-                load_with(
+                let targets = spec.targets.clone();
+                let loaded = load_with(
                     &cfg.model.source,
                     kind,
                     device,
                     &Injector::lora(&trainable, spec, training.clone()),
-                )?
+                )?;
+                // A target list that matches nothing would silently train the head alone.
+                if trainable.variables().is_empty() {
+                    let known = match arch {
+                        ArchConfig::Gpt2(_) => "c_attn, c_proj, c_fc",
+                        ArchConfig::Llama(_) => "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj",
+                    };
+                    return Err(Error::Config(format!(
+                        "peft.targets = {targets:?} matches no module of `{}`; its linear layers are {known}",
+                        cfg.model.source
+                    )));
+                }
+                loaded
             }
         };
         let tokenizer = loaded.tokenizer;
