@@ -33,6 +33,52 @@ struct ConfigArgs {
     overrides: Vec<String>,
 }
 
+/// What both benchmark commands take.
+#[derive(clap::Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    cfg: ConfigArgs,
+    #[arg(long)]
+    model: Option<String>,
+    #[arg(long, default_value_t = 8)]
+    batch: i64,
+    #[arg(long, default_value_t = 128)]
+    seq_len: i64,
+    #[arg(long, default_value_t = 5)]
+    iters: usize,
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+}
+
+impl BenchArgs {
+    /// Runs `f` `warmup` times, then `iters` timed times (synchronizing CUDA after each), and
+    /// returns the median seconds, as the bench/ scripts take it for the reference.
+    fn median_secs(&self, device: tch::Device, mut f: impl FnMut()) -> Result<f64> {
+        if self.iters == 0 {
+            bail!("--iters must be at least 1");
+        }
+        let mut timed = || {
+            let start = Instant::now();
+            f();
+            if device.is_cuda() {
+                tch::Cuda::synchronize(0);
+            }
+            start.elapsed().as_secs_f64()
+        };
+        for _ in 0..self.warmup {
+            timed();
+        }
+        let mut times: Vec<f64> = (0..self.iters).map(|_| timed()).collect();
+        times.sort_by(f64::total_cmp);
+        let mid = times.len() / 2;
+        Ok(if times.len() % 2 == 1 {
+            times[mid]
+        } else {
+            (times[mid - 1] + times[mid]) / 2.0
+        })
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Print libtorch, CUDA, NCCL, threads and where models are looked up.
@@ -90,35 +136,9 @@ enum Command {
     },
     /// Time LoRA training steps (forward, backward, AdamW) on random tokens with a 2-class head,
     /// median seconds per step as one JSON line for bench/ scripts.
-    BenchTrain {
-        #[command(flatten)]
-        cfg: ConfigArgs,
-        #[arg(long)]
-        model: Option<String>,
-        #[arg(long, default_value_t = 8)]
-        batch: i64,
-        #[arg(long, default_value_t = 128)]
-        seq_len: i64,
-        #[arg(long, default_value_t = 5)]
-        iters: usize,
-        #[arg(long, default_value_t = 2)]
-        warmup: usize,
-    },
+    BenchTrain(BenchArgs),
     /// Time forward passes (median tokens/s), printed as one JSON line for bench/ scripts.
-    BenchForward {
-        #[command(flatten)]
-        cfg: ConfigArgs,
-        #[arg(long)]
-        model: Option<String>,
-        #[arg(long, default_value_t = 8)]
-        batch: i64,
-        #[arg(long, default_value_t = 128)]
-        seq_len: i64,
-        #[arg(long, default_value_t = 10)]
-        iters: usize,
-        #[arg(long, default_value_t = 2)]
-        warmup: usize,
-    },
+    BenchForward(BenchArgs),
 }
 
 fn load_config(args: &ConfigArgs, model: &Option<String>) -> Result<Config> {
@@ -132,17 +152,6 @@ fn load_config(args: &ConfigArgs, model: &Option<String>) -> Result<Config> {
     }
     tch::manual_seed(cfg.run.seed as i64);
     Ok(cfg)
-}
-
-/// The median, as the bench/ scripts take it for the reference.
-fn median(mut times: Vec<f64>) -> f64 {
-    times.sort_by(f64::total_cmp);
-    let mid = times.len() / 2;
-    if times.len() % 2 == 1 {
-        times[mid]
-    } else {
-        (times[mid - 1] + times[mid]) / 2.0
-    }
 }
 
 fn main() -> std::process::ExitCode {
@@ -287,94 +296,54 @@ fn run(command: Command) -> Result<()> {
                 println!("{}{}", prompt, tok.decode(&text)?);
             }
         }
-        Command::BenchTrain {
-            cfg,
-            model,
-            batch,
-            seq_len,
-            iters,
-            warmup,
-        } => {
-            let cfg = load_config(&cfg, &model)?;
-            if iters == 0 {
-                bail!("--iters must be at least 1");
-            }
+        Command::BenchTrain(args) => {
+            let cfg = load_config(&args.cfg, &args.model)?;
             let (task, device) = trainer::TaskModel::build(&cfg, 2)?;
-            let mut named: Vec<(String, Tensor)> = task.trainable.variables().into_iter().collect();
-            named.sort_by(|a, b| a.0.cmp(&b.0));
-            let mut opt = umtune::train::optimizer::AdamW::new(named, cfg.train.weight_decay);
+            let mut opt = umtune::train::optimizer::AdamW::new(
+                task.named_trainable(),
+                cfg.train.weight_decay,
+            );
             let vocab = task.backbone.arch().vocab_size() as i64;
-            let ids = Tensor::randint(vocab, [batch, seq_len], (Kind::Int64, device));
-            let mask = Tensor::ones([batch, seq_len], (Kind::Int64, device));
-            let labels = Tensor::randint(2, [batch], (Kind::Int64, device));
+            let (b_sz, seq_len) = (args.batch, args.seq_len);
+            let ids = Tensor::randint(vocab, [b_sz, seq_len], (Kind::Int64, device));
+            let mask = Tensor::ones([b_sz, seq_len], (Kind::Int64, device));
+            let labels = Tensor::randint(2, [b_sz], (Kind::Int64, device));
             task.training.set(true);
-            let mut step = || {
-                let start = Instant::now();
+            let secs = args.median_secs(device, || {
                 opt.zero_grad();
-                let loss = task.logits(&ids, &mask).cross_entropy_for_logits(&labels);
-                loss.backward();
+                task.logits(&ids, &mask)
+                    .cross_entropy_for_logits(&labels)
+                    .backward();
                 opt.step(cfg.train.lr);
-                if device.is_cuda() {
-                    tch::Cuda::synchronize(0);
-                }
-                start.elapsed().as_secs_f64()
-            };
-            for _ in 0..warmup {
-                step();
-            }
-            let times: Vec<f64> = (0..iters).map(|_| step()).collect();
+            })?;
             println!(
                 "{}",
                 serde_json::json!({
-                    "model": cfg.model.source, "dtype": cfg.model.dtype.as_str(), "batch": batch,
+                    "model": cfg.model.source, "dtype": cfg.model.dtype.as_str(), "batch": b_sz,
                     "seq_len": seq_len, "threads": tch::get_num_threads(),
-                    "trainable": task.trainable_params(), "secs_per_step": median(times),
+                    "trainable": task.trainable_params(), "secs_per_step": secs,
                 })
             );
         }
-        Command::BenchForward {
-            cfg,
-            model,
-            batch,
-            seq_len,
-            iters,
-            warmup,
-        } => {
-            let cfg = load_config(&cfg, &model)?;
-            if iters == 0 {
-                bail!("--iters must be at least 1");
-            }
+        Command::BenchForward(args) => {
+            let cfg = load_config(&args.cfg, &args.model)?;
             let device = parse_device(&cfg.model.device)?;
             let loaded = resolve::load(&cfg.model.source, cfg.model.dtype.kind(), device)?;
             tracing::info!(model = %cfg.model.source, parameters = loaded.backbone.num_parameters(), "loaded");
             let vocab = loaded.backbone.arch().vocab_size() as i64;
-            let ids = Tensor::randint(vocab, [batch, seq_len], (Kind::Int64, device));
+            let (b_sz, seq_len) = (args.batch, args.seq_len);
+            let ids = Tensor::randint(vocab, [b_sz, seq_len], (Kind::Int64, device));
             let _guard = tch::no_grad_guard();
-            let run = || {
+            let secs = args.median_secs(device, || {
                 let h = loaded.backbone.forward(&ids, None, None, &mut NoHook);
                 drop(loaded.backbone.lm_logits(&h));
-                if device.is_cuda() {
-                    tch::Cuda::synchronize(0);
-                }
-            };
-            for _ in 0..warmup {
-                run();
-            }
-            let times: Vec<f64> = (0..iters)
-                .map(|_| {
-                    let start = Instant::now();
-                    run();
-                    start.elapsed().as_secs_f64()
-                })
-                .collect();
-            let secs = median(times);
-            let dtype = cfg.model.dtype.as_str();
+            })?;
             println!(
                 "{}",
                 serde_json::json!({
-                    "model": cfg.model.source, "dtype": dtype, "batch": batch, "seq_len": seq_len,
-                    "threads": tch::get_num_threads(), "secs_per_iter": secs,
-                    "tokens_per_s": (batch * seq_len) as f64 / secs,
+                    "model": cfg.model.source, "dtype": cfg.model.dtype.as_str(), "batch": b_sz,
+                    "seq_len": seq_len, "threads": tch::get_num_threads(), "secs_per_iter": secs,
+                    "tokens_per_s": (b_sz * seq_len) as f64 / secs,
                 })
             );
         }

@@ -111,7 +111,10 @@ fn frozen_backbone_stays_bitwise_unchanged() -> TestResult {
 fn lora_targets_that_match_nothing_are_an_error() -> TestResult {
     let mut cfg = tiny_config("no-targets", PeftMethod::Lora)?;
     cfg.peft.targets = vec!["c_attn".into()]; // a GPT-2 name on a LLaMA model
-    let e = train_model(&cfg).err().ok_or("expected an error")?.to_string();
+    let e = train_model(&cfg)
+        .err()
+        .ok_or("expected an error")?
+        .to_string();
     assert!(e.contains("peft.targets") && e.contains("q_proj"), "{e}");
     Ok(())
 }

@@ -187,7 +187,9 @@ impl TaskModel {
                 if trainable.variables().is_empty() {
                     let known = match arch {
                         ArchConfig::Gpt2(_) => "c_attn, c_proj, c_fc",
-                        ArchConfig::Llama(_) => "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj",
+                        ArchConfig::Llama(_) => {
+                            "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"
+                        }
                     };
                     return Err(Error::Config(format!(
                         "peft.targets = {targets:?} matches no module of `{}`; its linear layers are {known}",
@@ -237,6 +239,13 @@ impl TaskModel {
             .backbone
             .forward(input_ids, Some(mask), None, &mut NoHook);
         self.head.forward(&hidden, mask)
+    }
+
+    /// The trainable variables sorted by name (a stable order for the optimizer).
+    pub fn named_trainable(&self) -> Vec<(String, Tensor)> {
+        let mut named: Vec<(String, Tensor)> = self.trainable.variables().into_iter().collect();
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        named
     }
 
     pub fn trainable_params(&self) -> i64 {
@@ -418,9 +427,7 @@ pub fn train_model(cfg: &Config) -> Result<(Summary, TaskModel)> {
     let mut log = MetricsLog(file, metrics_path);
 
     let t = &cfg.train;
-    let mut named: Vec<(String, Tensor)> = model.trainable.variables().into_iter().collect();
-    named.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut opt = AdamW::new(named, t.weight_decay);
+    let mut opt = AdamW::new(model.named_trainable(), t.weight_decay);
     let mut sampler = Sampler::new(cfg.run.seed, t.batch_size);
     let lengths: Vec<usize> = data.train.iter().map(|e| e.ids.len()).collect();
     let steps_per_epoch = sampler
