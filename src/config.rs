@@ -1,6 +1,7 @@
 //! Typed experiment configuration: a TOML file, then `UMTUNE__SECTION__KEY` environment variables,
 //! then `--set section.key=value` overrides (later wins), merged by the `config` crate and
 //! deserialized with serde (`deny_unknown_fields`). `validate()` runs before any tensor exists.
+use crate::data::corrupt::Corruption;
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -123,6 +124,10 @@ pub struct DataConfig {
     /// Use only the first N training / evaluation examples (0: all).
     pub train_limit: usize,
     pub eval_limit: usize,
+    /// Robustness protocols on the training split (e.g. `label_noise = 0.3`).
+    pub train_corruption: Corruption,
+    /// Robustness protocols on the evaluated splits (`umtune eval --corrupt drop=0.3` sets it).
+    pub eval_corruption: Corruption,
 }
 
 impl Default for DataConfig {
@@ -138,6 +143,8 @@ impl Default for DataConfig {
             max_length: 64,
             train_limit: 0,
             eval_limit: 0,
+            train_corruption: Corruption::default(),
+            eval_corruption: Corruption::default(),
         }
     }
 }
@@ -158,8 +165,15 @@ pub struct PeftConfig {
     pub alpha: f64,
     pub dropout: f64,
     pub rslora: bool,
-    /// Module names that get LoRA; empty: `c_attn` for GPT-2, `q_proj`,`v_proj` for LLaMA.
+    /// Modules that get adapters, by their last path components (`q_proj`, `mlp.c_proj`). Empty:
+    /// PEFT's defaults for the method and architecture (LoRA: `c_attn` / `q_proj`,`v_proj`;
+    /// (IA)^3: `c_attn`,`mlp.c_proj` / `k_proj`,`v_proj`,`down_proj`; Houlsby: the attention and
+    /// MLP output projections).
     pub targets: Vec<String>,
+    /// Houlsby adapters: width of the bottleneck.
+    pub bottleneck: i64,
+    /// Prefix tuning: number of virtual tokens per layer.
+    pub num_virtual_tokens: i64,
 }
 
 impl Default for PeftConfig {
@@ -171,6 +185,8 @@ impl Default for PeftConfig {
             dropout: 0.05,
             rslora: false,
             targets: Vec::new(),
+            bottleneck: 64,
+            num_virtual_tokens: 20,
         }
     }
 }
@@ -182,6 +198,30 @@ pub enum PeftMethod {
     Lora,
     /// The task head alone (linear probe).
     Head,
+    /// Every backbone weight and the head.
+    Full,
+    /// Bias terms (BitFit) and the head.
+    Bitfit,
+    /// Houlsby bottleneck adapters and the head.
+    Houlsby,
+    /// Prefix tuning (trainable keys/values of virtual tokens) and the head.
+    Prefix,
+    /// (IA)^3 scaling vectors and the head.
+    Ia3,
+}
+
+impl PeftMethod {
+    pub fn name(self) -> &'static str {
+        match self {
+            PeftMethod::Lora => "lora",
+            PeftMethod::Head => "head",
+            PeftMethod::Full => "full",
+            PeftMethod::Bitfit => "bitfit",
+            PeftMethod::Houlsby => "houlsby",
+            PeftMethod::Prefix => "prefix",
+            PeftMethod::Ia3 => "ia3",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -317,6 +357,24 @@ impl Config {
             "1 or more",
         )?;
         range(
+            self.peft.bottleneck >= 1,
+            "peft.bottleneck",
+            self.peft.bottleneck.to_string(),
+            "1 or more",
+        )?;
+        range(
+            self.peft.num_virtual_tokens >= 1,
+            "peft.num_virtual_tokens",
+            self.peft.num_virtual_tokens.to_string(),
+            "1 or more",
+        )?;
+        if self.peft.method == PeftMethod::Full && self.model.dtype != Dtype::F32 {
+            return Err(Error::Config(format!(
+                "peft.method = \"full\" updates the backbone in place and keeps no f32 master copy: set model.dtype = \"f32\" (it is {:?})",
+                self.model.dtype
+            )));
+        }
+        range(
             self.peft.alpha > 0.0,
             "peft.alpha",
             self.peft.alpha.to_string(),
@@ -376,6 +434,10 @@ impl Config {
             self.train.log_every.to_string(),
             "1 or more",
         )?;
+        self.data
+            .train_corruption
+            .validate("data.train_corruption")?;
+        self.data.eval_corruption.validate("data.eval_corruption")?;
         if self.data.dataset.trim().is_empty() {
             return Err(Error::Config(
                 "data.dataset is empty: give a dataset name or a directory".into(),

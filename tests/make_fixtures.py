@@ -121,20 +121,36 @@ def tiny_llama(name, tied, rope_scaling, max_shard_size=None):
 
 def lora_reference(name, targets, rslora=False):
     """PEFT LoRA with random (non-zero) A and B on a tiny model: its adapter files and logits."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
+    peft_reference(name, "lora", LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0,
+                                            init_lora_weights=False, use_rslora=rslora))
+
+
+def peft_reference(name, tag, cfg):
+    """A PEFT method with random (non-identity) weights on a tiny model: its adapter files and the
+    logits of the padded batch."""
+    from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(3)
     base = AutoModelForCausalLM.from_pretrained(str(OUT / name), dtype=torch.float32)
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0,
-                     init_lora_weights=False, use_rslora=rslora)
     model = get_peft_model(base, cfg).eval()
-    d = OUT / f"{name}-lora"
+    d = OUT / f"{name}-{tag}"
     model.save_pretrained(str(d))
     ids, mask = batch_inputs(base.config.vocab_size)
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=mask).logits.float()
     save_file({"input_ids": ids, "attention_mask": mask, "logits": logits.contiguous()}, str(d / "reference.safetensors"))
+
+
+def ia3_and_prefix_references():
+    from peft import IA3Config, PrefixTuningConfig
+    peft_reference("gpt2-tiny", "ia3", IA3Config(target_modules=["c_attn", "mlp.c_proj"],
+                                                 feedforward_modules=["mlp.c_proj"], init_ia3_weights=False))
+    peft_reference("llama-tiny-tied", "ia3", IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
+                                                       feedforward_modules=["down_proj"], init_ia3_weights=False))
+    for name in ["gpt2-tiny", "llama-tiny-tied"]:
+        peft_reference(name, "prefix", PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
 
 
 def adamw_reference():
@@ -350,6 +366,7 @@ def main():
     tiny_llama("llama-tiny-untied", tied=False, rope_scaling=False, max_shard_size="60KB")
     lora_reference("gpt2-tiny", ["c_attn"])
     lora_reference("llama-tiny-tied", ["q_proj", "v_proj", "down_proj"], rslora=True)
+    ia3_and_prefix_references()
     adamw_reference()
     seqeval_reference()
     byte_level_bpe()

@@ -1,5 +1,6 @@
-//! Text and tokens: tokenizer loading (readers, samplers and corruptions arrive with the pipeline).
+//! Text and tokens: readers, tokenization, batching and sampling, robustness corruptions.
 pub mod batching;
+pub mod corrupt;
 pub mod readers;
 pub mod tokenizer;
 

@@ -6,14 +6,14 @@ use super::hf_config::{ArchConfig, Gpt2Config};
 use super::weights::frozen_param as param;
 use super::{Backbone, KvCache, LayerHook, WeightSource};
 use crate::error::Result;
-use crate::peft::{Injector, LoraLinear};
+use crate::peft::{Adapter, Injector};
 use tch::{nn, Kind, Tensor};
 
 /// Hugging Face's Conv1D: `x @ W + b` with `W (in, out)`.
 struct Conv1d {
     weight: Tensor,
     bias: Tensor,
-    lora: Option<LoraLinear>,
+    adapter: Option<Adapter>,
 }
 
 impl Conv1d {
@@ -28,47 +28,63 @@ impl Conv1d {
         Ok(Conv1d {
             weight: param(p, w, kind, "weight", &[n_in, n_out])?,
             bias: param(p, w, kind, "bias", &[n_out])?,
-            lora: inj.linear(&p.components().collect::<Vec<_>>().join("."), n_in, n_out),
+            adapter: inj.linear(&p.components().collect::<Vec<_>>().join("."), n_in, n_out),
         })
     }
     fn forward(&self, x: &Tensor) -> Tensor {
+        match &self.adapter {
+            Some(adapter) => adapter.forward(x, |x| self.base(x)),
+            None => self.base(x),
+        }
+    }
+    fn base(&self, x: &Tensor) -> Tensor {
         let mut out_shape = x.size();
         let n_in = out_shape.pop().unwrap_or_default();
         out_shape.push(self.weight.size()[1]);
         // One fused addmm over all rows, as transformers' Conv1D does.
-        let y = self
+        self
             .bias
             .addmm(&x.reshape([-1, n_in]), &self.weight)
-            .view(out_shape.as_slice());
-        match &self.lora {
-            Some(lora) => y + lora.delta(x),
-            None => y,
-        }
+            .view(out_shape.as_slice())
     }
 }
 
 struct LayerNorm {
     weight: Tensor,
     bias: Tensor,
+    /// BitFit's trainable shift of `bias`.
+    bias_delta: Option<Tensor>,
     eps: f64,
 }
 
 impl LayerNorm {
-    fn new(p: &nn::Path, w: &mut dyn WeightSource, kind: Kind, d: i64, eps: f64) -> Result<Self> {
+    fn new(
+        p: &nn::Path,
+        w: &mut dyn WeightSource,
+        kind: Kind,
+        d: i64,
+        eps: f64,
+        inj: &Injector,
+    ) -> Result<Self> {
         Ok(LayerNorm {
             weight: param(p, w, kind, "weight", &[d])?,
             bias: param(p, w, kind, "bias", &[d])?,
+            bias_delta: inj.norm_bias(&p.components().collect::<Vec<_>>().join("."), d),
             eps,
         })
     }
     fn forward(&self, x: &Tensor) -> Tensor {
-        x.layer_norm(
+        let y = x.layer_norm(
             [self.weight.size()[0]],
             Some(&self.weight),
             Some(&self.bias),
             self.eps,
             true,
-        )
+        );
+        match &self.bias_delta {
+            Some(delta) => y + delta.to_kind(x.kind()),
+            None => y,
+        }
     }
 }
 
@@ -94,10 +110,10 @@ impl Block {
         let attn = p / "attn";
         let mlp = p / "mlp";
         Ok(Block {
-            ln_1: LayerNorm::new(&(p / "ln_1"), w, kind, d, eps)?,
+            ln_1: LayerNorm::new(&(p / "ln_1"), w, kind, d, eps, inj)?,
             c_attn: Conv1d::new(&(&attn / "c_attn"), w, kind, d, 3 * d, inj)?,
             attn_proj: Conv1d::new(&(&attn / "c_proj"), w, kind, d, d, inj)?,
-            ln_2: LayerNorm::new(&(p / "ln_2"), w, kind, d, eps)?,
+            ln_2: LayerNorm::new(&(p / "ln_2"), w, kind, d, eps, inj)?,
             c_fc: Conv1d::new(&(&mlp / "c_fc"), w, kind, d, inner, inj)?,
             mlp_proj: Conv1d::new(&(&mlp / "c_proj"), w, kind, inner, d, inj)?,
             n_head: c.n_head as i64,
@@ -156,7 +172,7 @@ impl Gpt2 {
         let blocks = (0..c.n_layer)
             .map(|i| Block::new(&(&t / "h" / i), w, kind, &c, inj))
             .collect::<Result<Vec<_>>>()?;
-        let ln_f = LayerNorm::new(&(&t / "ln_f"), w, kind, d, c.layer_norm_epsilon)?;
+        let ln_f = LayerNorm::new(&(&t / "ln_f"), w, kind, d, c.layer_norm_epsilon, inj)?;
         let lm_head = if c.tie_word_embeddings {
             wte.shallow_clone()
         } else {

@@ -23,6 +23,21 @@ impl ArchConfig {
             ArchConfig::Llama(c) => c.hidden_size,
         }
     }
+    /// `(layers, key/value heads, head dim)`: the shape of one token's KV cache entry.
+    pub fn kv_shape(&self) -> (i64, i64, i64) {
+        match self {
+            ArchConfig::Gpt2(c) => (
+                c.n_layer as i64,
+                c.n_head as i64,
+                (c.n_embd / c.n_head) as i64,
+            ),
+            ArchConfig::Llama(c) => (
+                c.num_hidden_layers as i64,
+                c.num_key_value_heads as i64,
+                c.head_dim as i64,
+            ),
+        }
+    }
     pub fn vocab_size(&self) -> usize {
         match self {
             ArchConfig::Gpt2(c) => c.vocab_size,

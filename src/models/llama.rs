@@ -6,7 +6,7 @@ use super::hf_config::{ArchConfig, LlamaConfig};
 use super::weights::frozen_param as param;
 use super::{Backbone, KvCache, LayerHook, WeightSource};
 use crate::error::Result;
-use crate::peft::{Injector, LoraLinear};
+use crate::peft::{Adapter, Injector};
 use std::f64::consts::PI;
 use tch::{nn, Kind, Tensor};
 
@@ -38,7 +38,7 @@ impl RmsNorm {
 struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
-    lora: Option<LoraLinear>,
+    adapter: Option<Adapter>,
 }
 
 impl Linear {
@@ -52,7 +52,7 @@ impl Linear {
         inj: &Injector,
     ) -> Result<Self> {
         Ok(Linear {
-            lora: inj.linear(&p.components().collect::<Vec<_>>().join("."), n_in, n_out),
+            adapter: inj.linear(&p.components().collect::<Vec<_>>().join("."), n_in, n_out),
             weight: param(p, w, kind, "weight", &[n_out, n_in])?,
             bias: if bias {
                 Some(param(p, w, kind, "bias", &[n_out])?)
@@ -62,10 +62,9 @@ impl Linear {
         })
     }
     fn forward(&self, x: &Tensor) -> Tensor {
-        let y = x.linear(&self.weight, self.bias.as_ref());
-        match &self.lora {
-            Some(lora) => y + lora.delta(x),
-            None => y,
+        match &self.adapter {
+            Some(adapter) => adapter.forward(x, |x| x.linear(&self.weight, self.bias.as_ref())),
+            None => x.linear(&self.weight, self.bias.as_ref()),
         }
     }
 }

@@ -1,14 +1,23 @@
 //! Parameter-efficient fine-tuning: which backbone modules get trainable parts, and those parts.
-//! The backbone asks an [`Injector`] for each linear layer it builds; the injector answers with
-//! an adapter (or none) whose variables live in the trainable VarStore under the module's
-//! Hugging Face path, with PEFT's names (`...q_proj.lora_A.weight`), so export is a prefix.
+//! The backbone asks an [`Injector`] for each linear layer (and norm) it builds; the injector
+//! answers with an [`Adapter`] (or none) whose variables live in the trainable VarStore under the
+//! module's Hugging Face path, with PEFT's names (`...q_proj.lora_A.weight`, `...k_proj.ia3_l`),
+//! so export is a prefix. Prefix tuning touches no module: see [`prefix`].
+pub mod bitfit;
+pub mod houlsby;
+pub mod ia3;
 pub mod lora;
+pub mod prefix;
 
+pub use houlsby::Bottleneck;
+pub use ia3::Ia3Scale;
 pub use lora::{LoraLinear, LoraSpec};
+pub use prefix::PrefixKv;
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use tch::nn;
+use tch::{nn, Tensor};
 
 /// Train/eval switch shared by every adapter of a model (dropout is active only in training).
 #[derive(Clone, Default)]
@@ -23,10 +32,56 @@ impl TrainingFlag {
     }
 }
 
+/// Which adapters the injector hands out.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AdapterSpec {
+    Lora(LoraSpec),
+    /// (IA)^3 scaling vectors on `targets`; the MLP's output projection scales its input.
+    Ia3 { targets: Vec<String> },
+    /// A zero-initialized trainable shift of every bias (added where the layer has none).
+    BitFit,
+    /// Houlsby bottleneck adapters of width `bottleneck` on the outputs of `targets`.
+    Houlsby {
+        bottleneck: i64,
+        targets: Vec<String>,
+    },
+}
+
+/// PEFT's target rule: a target names a module by its last path components (`c_attn`,
+/// `mlp.c_proj`).
+pub fn matches_target(module: &str, targets: &[String]) -> bool {
+    targets
+        .iter()
+        .any(|t| module == t || module.ends_with(&format!(".{t}")))
+}
+
+/// The trainable part of one linear layer; `forward` wraps the frozen layer `base`.
+pub enum Adapter {
+    Lora(LoraLinear),
+    Ia3(Ia3Scale),
+    Bias(Tensor),
+    Bottleneck(Bottleneck),
+}
+
+impl Adapter {
+    pub fn forward(&self, x: &Tensor, base: impl Fn(&Tensor) -> Tensor) -> Tensor {
+        match self {
+            Adapter::Lora(lora) => base(x) + lora.delta(x),
+            Adapter::Ia3(ia3) => ia3.forward(x, base),
+            Adapter::Bias(delta) => {
+                let y = base(x);
+                let kind = y.kind();
+                y + delta.to_kind(kind)
+            }
+            Adapter::Bottleneck(adapter) => adapter.forward(&base(x)),
+        }
+    }
+}
+
 /// Hands out adapters while a backbone is built.
 pub struct Injector<'a> {
     trainable: Option<&'a nn::VarStore>,
-    lora: Option<LoraSpec>,
+    spec: Option<AdapterSpec>,
     pub training: TrainingFlag,
 }
 
@@ -35,36 +90,64 @@ impl<'a> Injector<'a> {
     pub fn none() -> Self {
         Injector {
             trainable: None,
-            lora: None,
+            spec: None,
             training: TrainingFlag::default(),
         }
     }
 
-    /// LoRA on the modules `spec` targets, variables in `trainable`.
-    pub fn lora(trainable: &'a nn::VarStore, spec: LoraSpec, training: TrainingFlag) -> Self {
+    /// Adapters as `spec` says, variables in `trainable`.
+    pub fn new(trainable: &'a nn::VarStore, spec: AdapterSpec, training: TrainingFlag) -> Self {
         Injector {
             trainable: Some(trainable),
-            lora: Some(spec),
+            spec: Some(spec),
             training,
         }
     }
 
+    /// LoRA on the modules `spec` targets.
+    pub fn lora(trainable: &'a nn::VarStore, spec: LoraSpec, training: TrainingFlag) -> Self {
+        Self::new(trainable, AdapterSpec::Lora(spec), training)
+    }
+
+    /// Whether this injector adds adapters at all.
+    pub fn has_spec(&self) -> bool {
+        self.spec.is_some()
+    }
+
+    fn path<'v>(vs: &'v nn::VarStore, module: &str) -> nn::Path<'v> {
+        module.split('.').fold(vs.root(), |p, c| p.sub(c))
+    }
+
     /// The adapter for the linear layer at `module` (its HF path, e.g.
-    /// `model.layers.0.self_attn.q_proj`), if it is targeted.
-    pub fn linear(&self, module: &str, n_in: i64, n_out: i64) -> Option<LoraLinear> {
-        let (vs, spec) = (self.trainable?, self.lora.as_ref()?);
-        let name = module.rsplit('.').next().unwrap_or(module);
-        if !spec.targets.iter().any(|t| t == name) {
-            return None;
+    /// `model.layers.0.self_attn.q_proj`), if it gets one.
+    pub fn linear(&self, module: &str, n_in: i64, n_out: i64) -> Option<Adapter> {
+        let (vs, spec) = (self.trainable?, self.spec.as_ref()?);
+        let path = Self::path(vs, module);
+        match spec {
+            AdapterSpec::Lora(lora) => matches_target(module, &lora.targets).then(|| {
+                Adapter::Lora(LoraLinear::new(
+                    &path,
+                    lora,
+                    n_in,
+                    n_out,
+                    self.training.clone(),
+                ))
+            }),
+            AdapterSpec::Ia3 { targets } => matches_target(module, targets)
+                .then(|| Adapter::Ia3(Ia3Scale::new(&path, module, n_in, n_out))),
+            AdapterSpec::BitFit => Some(Adapter::Bias(bitfit::bias_delta(&path, n_out))),
+            AdapterSpec::Houlsby {
+                bottleneck,
+                targets,
+            } => matches_target(module, targets)
+                .then(|| Adapter::Bottleneck(Bottleneck::new(&path, n_out, *bottleneck))),
         }
-        let path = module.split('.').fold(vs.root(), |p, c| p.sub(c));
-        Some(LoraLinear::new(
-            &path,
-            spec,
-            n_in,
-            n_out,
-            self.training.clone(),
-        ))
+    }
+
+    /// A trainable shift for the bias of the norm at `module` (BitFit on LayerNorm).
+    pub fn norm_bias(&self, module: &str, d: i64) -> Option<Tensor> {
+        let (vs, spec) = (self.trainable?, self.spec.as_ref()?);
+        (*spec == AdapterSpec::BitFit).then(|| bitfit::bias_delta(&Self::path(vs, module), d))
     }
 }
 
@@ -75,10 +158,13 @@ pub const PEFT_PREFIX: &str = "base_model.model.";
 /// whose keys carry the `base_model.model.` prefix) into the trainable VarStore; every variable
 /// must be present with its shape and no tensor may be left over.
 pub fn load_peft_adapter(trainable: &nn::VarStore, path: &std::path::Path) -> crate::Result<()> {
+    load_named(trainable.variables(), path)
+}
+
+/// [`load_peft_adapter`] into any set of named tensors.
+pub fn load_named(mut vars: HashMap<String, Tensor>, path: &std::path::Path) -> crate::Result<()> {
     use crate::error::Error;
-    let tensors =
-        tch::Tensor::read_safetensors(path).map_err(|e| Error::format(path, e.to_string()))?;
-    let mut vars = trainable.variables();
+    let tensors = Tensor::read_safetensors(path).map_err(|e| Error::format(path, e.to_string()))?;
     for (key, value) in tensors {
         let name = key.strip_prefix(PEFT_PREFIX).unwrap_or(&key);
         let mut var = vars.remove(name).ok_or_else(|| {

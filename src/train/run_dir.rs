@@ -5,7 +5,7 @@ use super::trainer::{write_atomic, TaskModel};
 use crate::config::{Config, PeftMethod};
 use crate::error::{Error, Result};
 use crate::models::ArchConfig;
-use crate::peft::{load_peft_adapter, PEFT_PREFIX};
+use crate::peft::{load_named, PEFT_PREFIX};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use tch::{Device, Tensor};
@@ -31,7 +31,7 @@ pub fn load_run(dir: &Path, overrides: &[String]) -> Result<LoadedRun> {
     let label_names: Vec<String> = serde_json::from_value(summary["label_names"].clone())
         .map_err(|e| Error::format(&summary_path, format!("label_names: {e}")))?;
     let (model, device) = TaskModel::build(&config, label_names.len())?;
-    load_peft_adapter(&model.trainable, &dir.join("trainable.safetensors"))?;
+    load_named(model.trained_vars(), &dir.join("trainable.safetensors"))?;
     Ok(LoadedRun {
         dir: dir.to_path_buf(),
         config,

@@ -7,14 +7,16 @@ use super::optimizer::AdamW;
 use super::schedule::learning_rate;
 use crate::config::{parse_device, Config, PeftMethod, TaskKind};
 use crate::data::batching::{collate, encode, Encoded, Sampler, IGNORE};
-use crate::data::readers::{read_split, Columns, Split, Task};
+use crate::data::corrupt::Corruption;
+use crate::data::readers::{read_split, Columns, Example, Split, Task};
 use crate::data::TextTokenizer;
 use crate::error::{Error, Result};
 use crate::heads::{Head, SequenceClassifier, TokenClassifier};
 use crate::models::resolve::{asset_cache, load_tokenizer, load_with};
 use crate::models::{ArchConfig, Backbone, NoHook};
-use crate::peft::{Injector, LoraSpec, TrainingFlag};
+use crate::peft::{AdapterSpec, Injector, LoraSpec, PrefixKv, TrainingFlag};
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -76,12 +78,18 @@ fn split_file(dir: &Path, split: &str) -> Option<PathBuf> {
         .find(|p| p.exists())
 }
 
-/// Default LoRA targets: the attention projections PEFT uses for each architecture.
-fn default_targets(arch: &ArchConfig) -> Vec<String> {
-    match arch {
-        ArchConfig::Gpt2(_) => vec!["c_attn".into()],
-        ArchConfig::Llama(_) => vec!["q_proj".into(), "v_proj".into()],
-    }
+/// PEFT's default targets for each method and architecture.
+fn default_targets(method: PeftMethod, arch: &ArchConfig) -> Vec<String> {
+    let gpt2 = matches!(arch, ArchConfig::Gpt2(_));
+    let names: &[&str] = match (method, gpt2) {
+        (PeftMethod::Ia3, true) => &["c_attn", "mlp.c_proj"],
+        (PeftMethod::Ia3, false) => &["k_proj", "v_proj", "down_proj"],
+        (PeftMethod::Houlsby, true) => &["c_proj"],
+        (PeftMethod::Houlsby, false) => &["o_proj", "down_proj"],
+        (_, true) => &["c_attn"],
+        (_, false) => &["q_proj", "v_proj"],
+    };
+    names.iter().map(|n| n.to_string()).collect()
 }
 
 /// The splits of a run, tokenized.
@@ -116,22 +124,29 @@ pub fn load_data(cfg: &Config, tok: &TextTokenizer) -> Result<Data> {
     let read = |path: &Path| read_split(path, task, &cols, Some(&names));
     let validation = read(&need("validation")?)?;
     let test = split_file(&dir, "test").map(|p| read(&p)).transpose()?;
-    let limit = |mut v: Vec<_>, n: usize| {
+    let n_labels = names.len();
+    // Limit first, so a corrupted subset is the same subset.
+    let prepare = |mut v: Vec<Example>, n: usize, c: &Corruption| {
         if n > 0 {
             v.truncate(n);
         }
-        v
+        if c.is_none() {
+            v
+        } else {
+            c.apply(&v, n_labels)
+        }
     };
-    let max_len = cfg.data.max_length;
+    let (d, max_len) = (&cfg.data, cfg.data.max_length);
+    let eval = |examples| prepare(examples, d.eval_limit, &d.eval_corruption);
     Ok(Data {
-        train: encode(tok, &limit(train.examples, cfg.data.train_limit), max_len)?,
-        validation: encode(
+        train: encode(
             tok,
-            &limit(validation.examples, cfg.data.eval_limit),
+            &prepare(train.examples, d.train_limit, &d.train_corruption),
             max_len,
         )?,
+        validation: encode(tok, &eval(validation.examples), max_len)?,
         test: test
-            .map(|t| encode(tok, &limit(t.examples, cfg.data.eval_limit), max_len))
+            .map(|t| encode(tok, &eval(t.examples), max_len))
             .transpose()?,
         label_names: names,
     })
@@ -145,6 +160,10 @@ pub struct TaskModel {
     pub training: TrainingFlag,
     /// None for `preset:` models (random weights, benchmarks only).
     pub tokenizer: Option<TextTokenizer>,
+    /// Prefix tuning's virtual keys and values.
+    pub prefix: Option<PrefixKv>,
+    /// Full fine-tuning: the backbone's weights train too.
+    pub full: bool,
 }
 
 impl TaskModel {
@@ -161,44 +180,75 @@ impl TaskModel {
                 crate::models::gguf::GgufFile::open(path)?.arch_config()?
             }
         };
-        let loaded = match cfg.peft.method {
-            PeftMethod::Head => load_with(&cfg.model.source, kind, device, &Injector::none())?,
-            PeftMethod::Lora => {
-                let targets = if cfg.peft.targets.is_empty() {
-                    default_targets(&arch)
-                } else {
-                    cfg.peft.targets.clone()
-                };
-                let spec = LoraSpec {
-                    r: cfg.peft.r,
-                    alpha: cfg.peft.alpha,
-                    dropout: cfg.peft.dropout,
-                    rslora: cfg.peft.rslora,
-                    targets,
-                };
-                let targets = spec.targets.clone();
-                let loaded = load_with(
-                    &cfg.model.source,
-                    kind,
-                    device,
-                    &Injector::lora(&trainable, spec, training.clone()),
-                )?;
-                // A target list that matches nothing would silently train the head alone.
-                if trainable.variables().is_empty() {
-                    let known = match arch {
-                        ArchConfig::Gpt2(_) => "c_attn, c_proj, c_fc",
-                        ArchConfig::Llama(_) => {
-                            "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"
-                        }
-                    };
-                    return Err(Error::Config(format!(
-                        "peft.targets = {targets:?} matches no module of `{}`; its linear layers are {known}",
-                        cfg.model.source
-                    )));
-                }
-                loaded
+        if let ArchConfig::Gpt2(c) = &arch {
+            let virtual_tokens = if cfg.peft.method == PeftMethod::Prefix {
+                cfg.peft.num_virtual_tokens as usize
+            } else {
+                0
+            };
+            if cfg.data.max_length + virtual_tokens > c.n_positions {
+                return Err(Error::Config(format!(
+                    "data.max_length = {} (+ {virtual_tokens} virtual tokens) exceeds the {} positions of `{}`: lower data.max_length",
+                    cfg.data.max_length, c.n_positions, cfg.model.source
+                )));
             }
+        }
+        let targets = if cfg.peft.targets.is_empty() {
+            default_targets(cfg.peft.method, &arch)
+        } else {
+            cfg.peft.targets.clone()
         };
+        let spec = match cfg.peft.method {
+            PeftMethod::Head | PeftMethod::Full | PeftMethod::Prefix => None,
+            PeftMethod::Lora => Some(AdapterSpec::Lora(LoraSpec {
+                r: cfg.peft.r,
+                alpha: cfg.peft.alpha,
+                dropout: cfg.peft.dropout,
+                rslora: cfg.peft.rslora,
+                targets: targets.clone(),
+            })),
+            PeftMethod::Ia3 => Some(AdapterSpec::Ia3 {
+                targets: targets.clone(),
+            }),
+            PeftMethod::Bitfit => Some(AdapterSpec::BitFit),
+            PeftMethod::Houlsby => Some(AdapterSpec::Houlsby {
+                bottleneck: cfg.peft.bottleneck,
+                targets: targets.clone(),
+            }),
+        };
+        let inj = match spec {
+            Some(spec) => Injector::new(&trainable, spec, training.clone()),
+            None => Injector::none(),
+        };
+        let loaded = load_with(&cfg.model.source, kind, device, &inj)?;
+        // A target list that matches nothing would silently train the head alone.
+        if inj.has_spec() && trainable.variables().is_empty() {
+            let known = match arch {
+                ArchConfig::Gpt2(_) => "c_attn, c_proj (attn.c_proj, mlp.c_proj), c_fc",
+                ArchConfig::Llama(_) => {
+                    "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"
+                }
+            };
+            return Err(Error::Config(format!(
+                "peft.targets = {targets:?} matches no module of `{}`; its linear layers are {known}",
+                cfg.model.source
+            )));
+        }
+        if cfg.peft.method == PeftMethod::Full {
+            for (_, var) in loaded.backbone.var_store().variables() {
+                let _ = var.set_requires_grad(true);
+            }
+        }
+        let prefix = (cfg.peft.method == PeftMethod::Prefix).then(|| {
+            let (layers, kv_heads, head_dim) = arch.kv_shape();
+            PrefixKv::new(
+                &trainable.root(),
+                cfg.peft.num_virtual_tokens,
+                layers,
+                kv_heads,
+                head_dim,
+            )
+        });
         let tokenizer = loaded.tokenizer;
         let (d, n) = (arch.hidden_size() as i64, num_labels as i64);
         let head = match cfg.data.task {
@@ -221,6 +271,8 @@ impl TaskModel {
                 trainable,
                 training,
                 tokenizer,
+                prefix,
+                full: cfg.peft.method == PeftMethod::Full,
             },
             device,
         ))
@@ -235,22 +287,35 @@ impl TaskModel {
 
     /// Class logits in f32: `(b, num_labels)`, or `(b, t, num_labels)` for NER.
     pub fn logits(&self, input_ids: &Tensor, mask: &Tensor) -> Tensor {
+        let mut cache = self
+            .prefix
+            .as_ref()
+            .map(|p| p.cache(input_ids.size()[0], self.backbone.kind()));
         let hidden = self
             .backbone
-            .forward(input_ids, Some(mask), None, &mut NoHook);
+            .forward(input_ids, Some(mask), cache.as_mut(), &mut NoHook);
         self.head.forward(&hidden, mask)
     }
 
-    /// The trainable variables sorted by name (a stable order for the optimizer).
+    /// Every trained tensor by name: the trainable VarStore, plus the backbone's weights under
+    /// full fine-tuning (their Hugging Face names do not collide with adapter or head names).
+    pub fn trained_vars(&self) -> HashMap<String, Tensor> {
+        let mut vars = self.trainable.variables();
+        if self.full {
+            vars.extend(self.backbone.var_store().variables());
+        }
+        vars
+    }
+
+    /// [`Self::trained_vars`] sorted by name (a stable order for the optimizer and checkpoints).
     pub fn named_trainable(&self) -> Vec<(String, Tensor)> {
-        let mut named: Vec<(String, Tensor)> = self.trainable.variables().into_iter().collect();
+        let mut named: Vec<(String, Tensor)> = self.trained_vars().into_iter().collect();
         named.sort_by(|a, b| a.0.cmp(&b.0));
         named
     }
 
     pub fn trainable_params(&self) -> i64 {
-        self.trainable
-            .variables()
+        self.trained_vars()
             .values()
             .map(|t| t.numel() as i64)
             .sum()
@@ -365,10 +430,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
-fn save_trainable(vs: &nn::VarStore, path: &Path) -> Result<()> {
+fn save_trainable(model: &TaskModel, path: &Path) -> Result<()> {
     let tmp = path.with_extension("tmp");
-    let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
-    named.sort_by(|a, b| a.0.cmp(&b.0));
+    let named = model.named_trainable();
     Tensor::write_safetensors(&named, &tmp).map_err(|e| Error::format(&tmp, e.to_string()))?;
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
@@ -380,7 +444,7 @@ fn new_run_dir(cfg: &Config) -> Result<PathBuf> {
             .and_then(|n| n.to_str())
             .unwrap_or("data")
             .to_string();
-        let method = format!("{:?}", cfg.peft.method).to_lowercase();
+        let method = cfg.peft.method.name().to_string();
         format!("{dataset}-{method}-s{}", cfg.run.seed)
     } else {
         cfg.run.name.clone()
@@ -516,7 +580,7 @@ pub fn train_model(cfg: &Config) -> Result<(Summary, TaskModel)> {
                 "validation"
             );
             log.write(serde_json::json!({"step": step + 1, "split": "validation", "eval": ev}))?;
-            save_trainable(&model.trainable, &run_dir.join("trainable.safetensors"))?;
+            save_trainable(&model, &run_dir.join("trainable.safetensors"))?;
         }
     }
     let validation = evaluate(
@@ -534,13 +598,13 @@ pub fn train_model(cfg: &Config) -> Result<(Summary, TaskModel)> {
     if let Some(ev) = &test {
         log.write(serde_json::json!({"step": total, "split": "test", "eval": ev}))?;
     }
-    save_trainable(&model.trainable, &run_dir.join("trainable.safetensors"))?;
+    save_trainable(&model, &run_dir.join("trainable.safetensors"))?;
     let trainable_params = model.trainable_params();
     let summary = Summary {
         run_dir: run_dir.clone(),
         model: cfg.model.source.clone(),
         dataset: cfg.data.dataset.clone(),
-        method: format!("{:?}", cfg.peft.method).to_lowercase(),
+        method: cfg.peft.method.name().to_string(),
         label_names: data.label_names,
         trainable_params,
         backbone_params,

@@ -68,8 +68,16 @@ pub fn tiny_config(
     tag: &str,
     method: umtune::config::PeftMethod,
 ) -> Result<umtune::config::Config, Box<dyn std::error::Error>> {
-    use umtune::config::{Config, PeftMethod};
     let model = fixture("llama-tiny-gguf")?.join("tiny.gguf");
+    tiny_config_on(tag, method, &model)
+}
+
+/// [`tiny_config`] on any model (a tiny fixture with a tokenizer).
+pub fn tiny_config_on(
+    tag: &str,
+    method: umtune::config::PeftMethod,
+    model: &std::path::Path,
+) -> Result<umtune::config::Config, Box<dyn std::error::Error>> {
     let out = std::env::temp_dir().join(format!("umtune-train-{tag}-{}", std::process::id()));
     let sets = [
         format!("model.source={}", model.display()),
@@ -80,15 +88,8 @@ pub fn tiny_config(
         "train.max_steps=4".into(),
         "train.batch_size=8".into(),
         "train.lr=0.01".into(),
-        format!(
-            "peft.method={}",
-            if method == PeftMethod::Lora {
-                "lora"
-            } else {
-                "head"
-            }
-        ),
+        format!("peft.method={}", method.name()),
         format!("run.output_dir={}", out.display()),
     ];
-    Ok(Config::load(None, &sets)?)
+    Ok(umtune::config::Config::load(None, &sets)?)
 }

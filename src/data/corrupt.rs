@@ -1,0 +1,167 @@
+//! The robustness protocols of METHOD.md section 6, applied to examples before tokenization:
+//! missing information (a fraction of the words of each example removed, or replaced by an
+//! unknown marker; NER always replaces so that tags stay aligned) and label noise (a fraction of
+//! labels flipped to a different class, uniformly). Seeded per example, so a corruption is the
+//! same whatever the order or the subset the examples are read in.
+use super::readers::Example;
+use crate::error::{Error, Result};
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+/// The word that replaces masked words.
+pub const UNKNOWN_WORD: &str = "<unk>";
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Corruption {
+    /// Fraction of each example's words removed (replaced by the marker for NER).
+    pub drop: f64,
+    /// Fraction of each example's words replaced by the marker.
+    pub mask: f64,
+    /// Fraction of labels (NER: of word tags) flipped to another class.
+    pub label_noise: f64,
+    pub seed: u64,
+}
+
+impl Default for Corruption {
+    fn default() -> Self {
+        Corruption {
+            drop: 0.0,
+            mask: 0.0,
+            label_noise: 0.0,
+            seed: 1234,
+        }
+    }
+}
+
+impl Corruption {
+    pub fn is_none(&self) -> bool {
+        self.drop == 0.0 && self.mask == 0.0 && self.label_noise == 0.0
+    }
+
+    /// Parses `drop=0.3,mask=0.1,label_noise=0.2,seed=7` (any subset, `key=value` by commas).
+    pub fn parse(text: &str) -> Result<Self> {
+        let mut c = Corruption::default();
+        for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let bad = || {
+                Error::Config(format!(
+                    "corruption `{part}`: write key=value with key drop, mask, label_noise or seed (e.g. drop=0.3)"
+                ))
+            };
+            let (key, value) = part.split_once('=').ok_or_else(bad)?;
+            match key.trim() {
+                "drop" => c.drop = value.trim().parse().map_err(|_| bad())?,
+                "mask" => c.mask = value.trim().parse().map_err(|_| bad())?,
+                "label_noise" => c.label_noise = value.trim().parse().map_err(|_| bad())?,
+                "seed" => c.seed = value.trim().parse().map_err(|_| bad())?,
+                _ => return Err(bad()),
+            }
+        }
+        c.validate("corruption")?;
+        Ok(c)
+    }
+
+    /// Every fraction within [0, 1]; `what` names the setting in the message.
+    pub fn validate(&self, what: &str) -> Result<()> {
+        for (key, v) in [
+            ("drop", self.drop),
+            ("mask", self.mask),
+            ("label_noise", self.label_noise),
+        ] {
+            if !(0.0..=1.0).contains(&v) {
+                return Err(Error::Config(format!(
+                    "{what}.{key} = {v} is out of range: use a fraction from 0 to 1"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn rng(&self, index: usize, stream: u64) -> ChaCha8Rng {
+        let mut rng = ChaCha8Rng::seed_from_u64(self.seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        rng.set_stream(stream);
+        rng
+    }
+
+    /// The corrupted copy of `examples`; `num_labels` classes for label noise.
+    pub fn apply(&self, examples: &[Example], num_labels: usize) -> Vec<Example> {
+        examples
+            .iter()
+            .enumerate()
+            .map(|(i, e)| self.apply_one(i, e, num_labels))
+            .collect()
+    }
+
+    fn apply_one(&self, index: usize, example: &Example, num_labels: usize) -> Example {
+        match example {
+            Example::Text { text, label } => {
+                let words: Vec<&str> = text.split_whitespace().collect();
+                let dropped = chosen(&mut self.rng(index, 1), words.len(), self.drop);
+                let masked = chosen(&mut self.rng(index, 2), words.len(), self.mask);
+                let kept: Vec<&str> = words
+                    .iter()
+                    .enumerate()
+                    .filter(|(j, _)| !dropped[*j])
+                    .map(|(j, w)| if masked[j] { UNKNOWN_WORD } else { *w })
+                    .collect();
+                let mut rng = self.rng(index, 3);
+                Example::Text {
+                    text: kept.join(" "),
+                    label: flip(&mut rng, *label, num_labels, self.label_noise),
+                }
+            }
+            Example::Tagged { tokens, tags } => {
+                let n = tokens.len();
+                let dropped = chosen(&mut self.rng(index, 1), n, self.drop);
+                let masked = chosen(&mut self.rng(index, 2), n, self.mask);
+                let tokens = tokens
+                    .iter()
+                    .enumerate()
+                    .map(|(j, w)| {
+                        if dropped[j] || masked[j] {
+                            UNKNOWN_WORD.to_string()
+                        } else {
+                            w.clone()
+                        }
+                    })
+                    .collect();
+                let mut rng = self.rng(index, 3);
+                let tags = tags
+                    .iter()
+                    .map(|&t| flip(&mut rng, t, num_labels, self.label_noise))
+                    .collect();
+                Example::Tagged { tokens, tags }
+            }
+        }
+    }
+}
+
+/// `round(rate * n)` of `n` positions, uniformly without replacement.
+fn chosen(rng: &mut ChaCha8Rng, n: usize, rate: f64) -> Vec<bool> {
+    let k = (rate * n as f64).round() as usize;
+    let mut out = vec![false; n];
+    if k == 0 {
+        return out;
+    }
+    let mut idx: Vec<usize> = (0..n).collect();
+    idx.shuffle(rng);
+    for &i in idx.iter().take(k) {
+        out[i] = true;
+    }
+    out
+}
+
+/// With probability `rate`, a label other than `label`, uniformly.
+fn flip(rng: &mut ChaCha8Rng, label: usize, num_labels: usize, rate: f64) -> usize {
+    if num_labels < 2 || rate == 0.0 || !rng.random_bool(rate) {
+        return label;
+    }
+    let other = rng.random_range(0..num_labels - 1);
+    if other >= label {
+        other + 1
+    } else {
+        other
+    }
+}
