@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 use tch::{Kind, Tensor};
 use umtune::config::{parse_device, Config};
+use umtune::data::corrupt::Corruption;
 use umtune::logging::{self, LogFormat};
 use umtune::models::{generate, resolve, NoHook};
 use umtune::train::{run_dir, trainer};
@@ -89,6 +90,10 @@ enum Command {
         /// A dataset name or directory to evaluate on instead of the run's.
         #[arg(long)]
         data: Option<String>,
+        /// Robustness protocol on the evaluated splits, e.g. `drop=0.3` or `mask=0.2,seed=7`
+        /// (keys: drop, mask, label_noise, seed).
+        #[arg(long)]
+        corrupt: Option<String>,
     },
     /// Predict labels for a JSONL file of texts (`{"text": ...}` per line).
     Predict {
@@ -173,10 +178,20 @@ fn run(command: Command) -> Result<()> {
                 println!("{:<24} {}", fact.name, fact.value);
             }
         }
-        Command::Eval { run_dir, data } => {
+        Command::Eval {
+            run_dir,
+            data,
+            corrupt,
+        } => {
             let overrides: Vec<String> = data.iter().map(|d| format!("data.dataset={d}")).collect();
-            let run = run_dir::load_run(&run_dir, &overrides)?;
+            let mut run = run_dir::load_run(&run_dir, &overrides)?;
+            if let Some(spec) = &corrupt {
+                run.config.data.eval_corruption = Corruption::parse(spec)?;
+            }
             let data = trainer::load_data(&run.config, run.model.tokenizer()?)?;
+            if corrupt.is_some() {
+                println!("corruption: {:?}", run.config.data.eval_corruption);
+            }
             let bs = run.config.train.batch_size * 2;
             let mut summary: trainer::Summary = serde_json::from_str(
                 &std::fs::read_to_string(run_dir.join("summary.json")).context("summary.json")?,

@@ -85,6 +85,13 @@ impl Corruption {
         rng
     }
 
+    /// Which of `n` words are dropped and which (of the others) are masked.
+    fn positions(&self, index: usize, n: usize) -> (Vec<bool>, Vec<bool>) {
+        let dropped = chosen(&mut self.rng(index, 1), &vec![false; n], self.drop);
+        let masked = chosen(&mut self.rng(index, 2), &dropped, self.mask);
+        (dropped, masked)
+    }
+
     /// The corrupted copy of `examples`; `num_labels` classes for label noise.
     pub fn apply(&self, examples: &[Example], num_labels: usize) -> Vec<Example> {
         examples
@@ -98,8 +105,7 @@ impl Corruption {
         match example {
             Example::Text { text, label } => {
                 let words: Vec<&str> = text.split_whitespace().collect();
-                let dropped = chosen(&mut self.rng(index, 1), words.len(), self.drop);
-                let masked = chosen(&mut self.rng(index, 2), words.len(), self.mask);
+                let (dropped, masked) = self.positions(index, words.len());
                 let kept: Vec<&str> = words
                     .iter()
                     .enumerate()
@@ -114,8 +120,7 @@ impl Corruption {
             }
             Example::Tagged { tokens, tags } => {
                 let n = tokens.len();
-                let dropped = chosen(&mut self.rng(index, 1), n, self.drop);
-                let masked = chosen(&mut self.rng(index, 2), n, self.mask);
+                let (dropped, masked) = self.positions(index, n);
                 let tokens = tokens
                     .iter()
                     .enumerate()
@@ -138,16 +143,13 @@ impl Corruption {
     }
 }
 
-/// `round(rate * n)` of `n` positions, uniformly without replacement.
-fn chosen(rng: &mut ChaCha8Rng, n: usize, rate: f64) -> Vec<bool> {
-    let k = (rate * n as f64).round() as usize;
-    let mut out = vec![false; n];
-    if k == 0 {
-        return out;
-    }
-    let mut idx: Vec<usize> = (0..n).collect();
-    idx.shuffle(rng);
-    for &i in idx.iter().take(k) {
+/// `round(rate * n)` of the positions where `taken` is false, uniformly without replacement.
+fn chosen(rng: &mut ChaCha8Rng, taken: &[bool], rate: f64) -> Vec<bool> {
+    let k = (rate * taken.len() as f64).round() as usize;
+    let mut out = vec![false; taken.len()];
+    let mut free: Vec<usize> = (0..taken.len()).filter(|&i| !taken[i]).collect();
+    free.shuffle(rng);
+    for &i in free.iter().take(k) {
         out[i] = true;
     }
     out

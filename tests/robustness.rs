@@ -1,0 +1,173 @@
+//! METHOD.md section 6 robustness protocols: word dropping and masking remove exactly the stated
+//! fraction, NER stays aligned, label noise flips the stated share to other classes, everything is
+//! seeded and independent of the subset read; `umtune eval --corrupt` applies them to a run.
+mod common;
+use common::*;
+use std::process::Command;
+use umtune::config::PeftMethod;
+use umtune::data::corrupt::{Corruption, UNKNOWN_WORD};
+use umtune::data::readers::Example;
+use umtune::train::trainer::train;
+
+fn texts(n: usize) -> Vec<Example> {
+    (0..n)
+        .map(|i| Example::Text {
+            text: (0..10).map(|w| format!("w{i}x{w}")).collect::<Vec<_>>().join(" "),
+            label: i % 3,
+        })
+        .collect()
+}
+
+fn text_of(e: &Example) -> &str {
+    match e {
+        Example::Text { text, .. } => text,
+        _ => "",
+    }
+}
+
+#[test]
+fn word_drop_and_mask_take_the_stated_fraction() -> TestResult {
+    let clean = texts(50);
+    let c = Corruption::parse("drop=0.3,mask=0.2,seed=7")?;
+    let noisy = c.apply(&clean, 3);
+    for (a, b) in clean.iter().zip(&noisy) {
+        let (wa, wb): (Vec<&str>, Vec<&str>) = (
+            text_of(a).split(' ').collect(),
+            text_of(b).split(' ').collect(),
+        );
+        assert_eq!(wb.len(), 7, "3 of 10 words dropped: {wb:?}");
+        assert_eq!(wb.iter().filter(|w| **w == UNKNOWN_WORD).count(), 2);
+        // The words left are in their original order.
+        let kept: Vec<&str> = wb.iter().copied().filter(|w| *w != UNKNOWN_WORD).collect();
+        let mut pos = 0;
+        for w in kept {
+            pos += wa[pos..].iter().position(|x| *x == w).ok_or("reordered")? + 1;
+        }
+    }
+    // Seeded: the same again, another seed differs, and a subset gets the same corruption.
+    assert_eq!(c.apply(&clean, 3), noisy);
+    assert_ne!(Corruption::parse("drop=0.3,mask=0.2,seed=8")?.apply(&clean, 3), noisy);
+    assert_eq!(c.apply(&clean[..10], 3), noisy[..10]);
+    Ok(())
+}
+
+#[test]
+fn ner_words_are_masked_not_removed() -> TestResult {
+    let clean: Vec<Example> = (0..20)
+        .map(|i| Example::Tagged {
+            tokens: (0..8).map(|w| format!("t{i}{w}")).collect(),
+            tags: (0..8).map(|w| (w + i) % 5).collect(),
+        })
+        .collect();
+    let noisy = Corruption::parse("drop=0.5")?.apply(&clean, 5);
+    for (a, b) in clean.iter().zip(&noisy) {
+        let (Example::Tagged { tokens: ta, tags: ga }, Example::Tagged { tokens: tb, tags: gb }) =
+            (a, b)
+        else {
+            return Err("not tagged".into());
+        };
+        assert_eq!(ga, gb, "tags untouched without label noise");
+        assert_eq!(ta.len(), tb.len());
+        assert_eq!(tb.iter().filter(|w| *w == UNKNOWN_WORD).count(), 4);
+    }
+    Ok(())
+}
+
+#[test]
+fn label_noise_flips_the_stated_share_to_other_classes() -> TestResult {
+    let clean = texts(4000);
+    let noisy = Corruption::parse("label_noise=0.3")?.apply(&clean, 3);
+    let mut flipped = 0;
+    let mut to = [0usize; 3];
+    for (a, b) in clean.iter().zip(&noisy) {
+        let (Example::Text { label: la, text: xa }, Example::Text { label: lb, text: xb }) = (a, b)
+        else {
+            return Err("not text".into());
+        };
+        assert_eq!(xa, xb, "text untouched by label noise");
+        if la != lb {
+            flipped += 1;
+            to[*lb] += 1;
+        }
+    }
+    // Binomial(4000, 0.3): sd = 29; 5 sd either side.
+    assert!((1055..=1345).contains(&flipped), "{flipped} of 4000 flipped");
+    assert!(to.iter().all(|&n| n > 300), "flips spread over classes: {to:?}");
+    Ok(())
+}
+
+#[test]
+fn bad_corruption_specs_are_errors() {
+    for (spec, says) in [
+        ("drop=1.5", "drop"),
+        ("noise=0.1", "label_noise"),
+        ("drop", "key=value"),
+    ] {
+        let e = Corruption::parse(spec).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains(says), "{spec}: {e}");
+    }
+}
+
+#[test]
+fn eval_corrupt_changes_the_scores() -> TestResult {
+    let cfg = tiny_config("robust-eval", PeftMethod::Head)?;
+    let summary = train(&cfg)?;
+    let run = summary.run_dir.to_str().ok_or("path")?;
+    let eval = |extra: &[&str]| -> Result<String, Box<dyn std::error::Error>> {
+        let out = Command::new(env!("CARGO_BIN_EXE_umtune"))
+            .args(["eval", run])
+            .args(extra)
+            .output()?;
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned().into());
+        }
+        Ok(String::from_utf8(out.stdout)?)
+    };
+    let clean = eval(&[])?;
+    let dropped = eval(&["--corrupt", "drop=0.8"])?;
+    assert!(dropped.contains("drop: 0.8"), "{dropped}");
+    let rows = |s: &str| {
+        s.lines()
+            .filter(|l| l.contains("| validation |"))
+            .map(String::from)
+            .collect::<Vec<_>>()
+    };
+    assert_ne!(rows(&clean), rows(&dropped), "dropping 80% of words changed nothing");
+    let e = eval(&["--corrupt", "drop=2"]).err().ok_or("expected an error")?;
+    assert!(e.to_string().contains("drop"), "{e}");
+    Ok(())
+}
+
+#[test]
+fn label_noise_from_the_config_reaches_only_the_training_split() -> TestResult {
+    use umtune::models::resolve::load_tokenizer;
+    use umtune::train::trainer::load_data;
+    let mut cfg = tiny_config("robust-config", PeftMethod::Head)?;
+    cfg.data.train_limit = 600;
+    let tok = load_tokenizer(&cfg.model.source)?.ok_or("tokenizer")?;
+    let clean = load_data(&cfg, &tok)?;
+    let noisy_cfg = umtune::Config::load(
+        None,
+        &[
+            format!("model.source={}", cfg.model.source),
+            "data.train_limit=600".into(),
+            "data.eval_limit=32".into(),
+            "data.train_corruption.label_noise=0.3".into(),
+        ],
+    )?;
+    assert_eq!(noisy_cfg.data.train_corruption.label_noise, 0.3);
+    let noisy = load_data(&noisy_cfg, &tok)?;
+    let flipped = clean
+        .train
+        .iter()
+        .zip(&noisy.train)
+        .filter(|(a, b)| a.label != b.label)
+        .count();
+    assert!((120..=240).contains(&flipped), "{flipped} of 600 flipped");
+    assert!(clean
+        .validation
+        .iter()
+        .zip(&noisy.validation)
+        .all(|(a, b)| a.label == b.label && a.ids == b.ids));
+    Ok(())
+}
