@@ -253,6 +253,28 @@ pub struct TrainConfig {
     pub log_every: usize,
     /// Stop after this many consecutive steps with a non-finite loss.
     pub max_bad_steps: usize,
+    /// Mixed precision for forward passes: "off", "bf16" or "f16" (matmuls in that dtype on
+    /// f32 weights, as torch.autocast; meant for CUDA, slow on most CPUs).
+    pub autocast: Autocast,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Autocast {
+    Off,
+    Bf16,
+    F16,
+}
+
+impl Autocast {
+    /// The dtype autocast computes in, if on.
+    pub fn kind(self) -> Option<tch::Kind> {
+        match self {
+            Autocast::Off => None,
+            Autocast::Bf16 => Some(tch::Kind::BFloat16),
+            Autocast::F16 => Some(tch::Kind::Half),
+        }
+    }
 }
 
 impl Default for TrainConfig {
@@ -270,6 +292,7 @@ impl Default for TrainConfig {
             eval_every: 0,
             log_every: 10,
             max_bad_steps: 10,
+            autocast: Autocast::Off,
         }
     }
 }

@@ -119,3 +119,33 @@ fn lora_targets_that_match_nothing_are_an_error() -> TestResult {
     assert!(e.contains("peft.targets") && e.contains("q_proj"), "{e}");
     Ok(())
 }
+
+#[test]
+fn autocast_computes_in_bf16_and_restores_the_state() -> TestResult {
+    use umtune::train::autocast::autocast;
+    let a = tch::Tensor::randn([4, 8], (Kind::Float, Device::Cpu));
+    let b = tch::Tensor::randn([8, 3], (Kind::Float, Device::Cpu));
+    let inside = autocast(Device::Cpu, Kind::BFloat16, || a.matmul(&b));
+    assert_eq!(inside.kind(), Kind::BFloat16, "autocast did not take effect");
+    let nested = autocast(Device::Cpu, Kind::BFloat16, || {
+        autocast(Device::Cpu, Kind::Half, || a.matmul(&b)).kind()
+    });
+    assert_eq!(nested, Kind::Half);
+    assert_eq!(a.matmul(&b).kind(), Kind::Float, "autocast left enabled");
+    let full = a.matmul(&b);
+    let d = max_abs_diff(&inside, &full);
+    assert!(d > 0.0 && d < 0.1, "bf16 matmul error {d}");
+
+    // A training run under autocast: the same trajectory as f32 within bf16 error.
+    let mut cfg = tiny_config("autocast", PeftMethod::Lora)?;
+    cfg.train.autocast = umtune::config::Autocast::Bf16;
+    let (mixed, model) = train_model(&cfg)?;
+    let (plain, _) = train_model(&tiny_config("autocast-off", PeftMethod::Lora)?)?;
+    assert!(mixed.validation.loss.is_finite());
+    let gap = (mixed.validation.loss - plain.validation.loss).abs();
+    assert!(gap > 0.0 && gap < 0.05, "validation loss gap {gap}");
+    let ids = tch::Tensor::from_slice(&[5i64, 9, 3]).view([1, 3]);
+    let logits = tch::no_grad(|| model.logits(&ids, &ids.ones_like()));
+    assert_eq!(logits.kind(), Kind::Float);
+    Ok(())
+}

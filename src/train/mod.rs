@@ -1,4 +1,5 @@
 //! Training: the loop, the optimizer, the learning-rate schedule and the metrics.
+pub mod autocast;
 pub mod metrics;
 pub mod optimizer;
 pub mod run_dir;

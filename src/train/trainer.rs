@@ -2,6 +2,7 @@
 //! with warmup and decay, gradient accumulation and clipping, evaluation, and the run directory
 //! (`config.toml`, `metrics.jsonl`, `summary.json`, `trainable.safetensors`).
 //! Gradients are synchronized (a no-op in one process) at exactly one point: `sync_gradients`.
+use super::autocast::autocast;
 use super::metrics::{accuracy, macro_f1};
 use super::optimizer::AdamW;
 use super::schedule::learning_rate;
@@ -164,6 +165,8 @@ pub struct TaskModel {
     pub prefix: Option<PrefixKv>,
     /// Full fine-tuning: the backbone's weights train too.
     pub full: bool,
+    /// Forward passes under autocast to this dtype.
+    pub autocast: Option<tch::Kind>,
 }
 
 impl TaskModel {
@@ -273,6 +276,7 @@ impl TaskModel {
                 tokenizer,
                 prefix,
                 full: cfg.peft.method == PeftMethod::Full,
+                autocast: cfg.train.autocast.kind(),
             },
             device,
         ))
@@ -287,6 +291,16 @@ impl TaskModel {
 
     /// Class logits in f32: `(b, num_labels)`, or `(b, t, num_labels)` for NER.
     pub fn logits(&self, input_ids: &Tensor, mask: &Tensor) -> Tensor {
+        match self.autocast {
+            Some(kind) => autocast(self.backbone.device(), kind, || {
+                self.logits_in_kind(input_ids, mask)
+            })
+            .to_kind(tch::Kind::Float),
+            None => self.logits_in_kind(input_ids, mask),
+        }
+    }
+
+    fn logits_in_kind(&self, input_ids: &Tensor, mask: &Tensor) -> Tensor {
         let mut cache = self
             .prefix
             .as_ref()
