@@ -215,38 +215,8 @@ fn run(command: Command) -> Result<()> {
             output,
         } => {
             let run = run_dir::load_run(&run_dir, &[])?;
-            let column = run.config.data.text_column.clone();
-            let text =
-                std::fs::read_to_string(&input).with_context(|| input.display().to_string())?;
-            let mut rows = Vec::new();
-            for (i, line) in text
-                .lines()
-                .enumerate()
-                .filter(|(_, l)| !l.trim().is_empty())
-            {
-                let v: serde_json::Value = serde_json::from_str(line).with_context(|| {
-                    format!("{}: line {}: invalid JSON", input.display(), i + 1)
-                })?;
-                let t = v.get(&column).and_then(|t| t.as_str()).with_context(|| {
-                    format!(
-                        "{}: line {}: no string field `{column}`",
-                        input.display(),
-                        i + 1
-                    )
-                })?;
-                rows.push((v.clone(), t.to_string()));
-            }
-            let texts: Vec<String> = rows.iter().map(|(_, t)| t.clone()).collect();
-            let preds = run_dir::predict(&run, &texts, run.config.train.batch_size * 2)?;
-            let mut out = String::new();
-            for ((mut v, _), p) in rows.into_iter().zip(preds) {
-                v["label"] = p.label.into();
-                v["label_id"] = p.label_id.into();
-                v["probabilities"] = p.probabilities.into();
-                out.push_str(&format!("{v}\n"));
-            }
-            trainer::write_atomic(&output, out.as_bytes())?;
-            tracing::info!(examples = texts.len(), output = %output.display(), "predicted");
+            let n = run_dir::predict_jsonl(&run, &input, &output)?;
+            tracing::info!(examples = n, output = %output.display(), "predicted");
         }
         Command::Export {
             run_dir,

@@ -15,11 +15,12 @@ const TEXTS: &[&str] = &[
     "I loved the acting and the plot!",
 ];
 
-fn peft_probabilities(
+fn peft_probabilities<T: serde::de::DeserializeOwned>(
     base: &std::path::Path,
     adapter: &std::path::Path,
-    ids: &[Vec<u32>],
-) -> Result<Vec<Vec<f64>>, Box<dyn std::error::Error>> {
+    ids: &[Vec<i64>],
+    args: &[&str],
+) -> Result<Vec<T>, Box<dyn std::error::Error>> {
     let python = concat!(env!("CARGO_MANIFEST_DIR"), "/.venv/bin/python");
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/peft_reference.py");
     let mut child = Command::new(python)
@@ -27,8 +28,8 @@ fn peft_probabilities(
             script,
             base.to_str().ok_or("path")?,
             adapter.to_str().ok_or("path")?,
-            "2",
         ])
+        .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -82,11 +83,19 @@ fn peft_predictions_equal_umtune_predict() -> TestResult {
         export_peft(&run, &adapter)?;
         let texts: Vec<String> = TEXTS.iter().map(|s| s.to_string()).collect();
         let ours = predict(&run, &texts, 3)?;
-        let ids: Vec<Vec<u32>> = texts
+        let ids: Vec<Vec<i64>> = texts
             .iter()
-            .map(|t| run.model.tokenizer()?.encode(t))
-            .collect::<Result<_, _>>()?;
-        let theirs = peft_probabilities(&base, &adapter, &ids)?;
+            .map(|t| {
+                Ok(run
+                    .model
+                    .tokenizer()?
+                    .encode(t)?
+                    .into_iter()
+                    .map(i64::from)
+                    .collect())
+            })
+            .collect::<Result<_, Box<dyn std::error::Error>>>()?;
+        let theirs: Vec<Vec<f64>> = peft_probabilities(&base, &adapter, &ids, &["2"])?;
         for ((o, t), text) in ours.iter().zip(&theirs).zip(TEXTS) {
             for (a, b) in o.probabilities.iter().zip(t) {
                 assert!(
@@ -96,6 +105,93 @@ fn peft_predictions_equal_umtune_predict() -> TestResult {
                 );
             }
         }
+    }
+    Ok(())
+}
+
+#[test]
+fn ner_predictions_per_word_equal_peft_token_classification() -> TestResult {
+    use umtune::data::batching::{encode, IGNORE};
+    use umtune::data::readers::Example;
+    use umtune::train::run_dir::{predict_jsonl, predict_tags};
+    let sentences: Vec<Vec<String>> = [
+        "EU rejects German call to boycott British lamb .",
+        "Peter Blackburn",
+        "The European Commission said on Thursday it disagreed with German advice .",
+    ]
+    .iter()
+    .map(|s| s.split(' ').map(String::from).collect())
+    .collect();
+    for name in ["gpt2-tiny", "llama-tiny-untied"] {
+        let base = fixture(name)?;
+        let out = std::env::temp_dir().join(format!("umtune-ner-{name}-{}", std::process::id()));
+        let sets: Vec<String> = vec![
+            format!("model.source={}", base.display()),
+            "model.device=cpu".into(),
+            "data.dataset=conll2003".into(),
+            "data.task=ner".into(),
+            "data.max_length=48".into(),
+            "data.train_limit=64".into(),
+            "data.eval_limit=16".into(),
+            "train.max_steps=3".into(),
+            "train.batch_size=8".into(),
+            "train.lr=0.05".into(),
+            "peft.dropout=0.0".into(),
+            format!("run.output_dir={}", out.display()),
+        ];
+        let summary = train(&Config::load(None, &sets)?)?;
+        let run = load_run(&summary.run_dir, &[])?;
+        let adapter = out.join("peft");
+        export_peft(&run, &adapter)?;
+        let ours = predict_tags(&run, &sentences, 2)?;
+        let tok = run.model.tokenizer()?;
+        let examples: Vec<Example> = sentences
+            .iter()
+            .map(|w| Example::Tagged {
+                tokens: w.clone(),
+                tags: vec![0; w.len()],
+            })
+            .collect();
+        let encoded = encode(tok, &examples, run.config.data.max_length)?;
+        let ids: Vec<Vec<i64>> = encoded.iter().map(|e| e.ids.clone()).collect();
+        let n = summary.label_names.len().to_string();
+        let theirs: Vec<Vec<Vec<f64>>> = peft_probabilities(&base, &adapter, &ids, &[&n, "token"])?;
+        for ((o, t), e) in ours.iter().zip(&theirs).zip(&encoded) {
+            let first: Vec<&Vec<f64>> = t
+                .iter()
+                .zip(&e.token_labels)
+                .filter(|(_, &l)| l != IGNORE)
+                .map(|(p, _)| p)
+                .collect();
+            assert_eq!(o.len(), first.len(), "{name}: one prediction per word");
+            for (word, (a, b)) in o.iter().zip(first).enumerate() {
+                for (x, y) in a.probabilities.iter().zip(b) {
+                    assert!((x - y).abs() < 1e-4, "{name} word {word}: {x} vs peft {y}");
+                }
+            }
+        }
+        // The CLI path: JSONL with a word list or a text, tags and probabilities per word.
+        let input = out.join("in.jsonl");
+        std::fs::write(
+            &input,
+            "{\"tokens\": [\"Peter\", \"Blackburn\"]}\n{\"text\": \"EU rejects German call\"}\n",
+        )?;
+        let output = out.join("out.jsonl");
+        assert_eq!(predict_jsonl(&run, &input, &output)?, 2);
+        let lines: Vec<serde_json::Value> = std::fs::read_to_string(&output)?
+            .lines()
+            .map(serde_json::from_str)
+            .collect::<Result<_, _>>()?;
+        assert_eq!(lines[0]["tags"].as_array().map(Vec::len), Some(2));
+        assert_eq!(lines[1]["tokens"].as_array().map(Vec::len), Some(4));
+        assert_eq!(lines[1]["tags"][2], serde_json::json!(ours[0][2].label));
+        let sum: f64 = lines[1]["tag_probabilities"][0]
+            .as_array()
+            .ok_or("probabilities")?
+            .iter()
+            .filter_map(|p| p.as_f64())
+            .sum();
+        assert!((sum - 1.0).abs() < 1e-9);
     }
     Ok(())
 }

@@ -19,11 +19,11 @@ fn path_of(name: &str) -> Result<String, Box<dyn std::error::Error>> {
 /// The plain backbone must be far from PEFT's output, or the comparison proves nothing.
 fn assert_adapter_matters(base: &str, r: &HashMap<String, Tensor>) -> TestResult {
     let plain = load(&path_of(base)?, Kind::Float, Device::Cpu)?.backbone;
-    let d = max_abs_diff(
-        &padded_logits(plain.as_ref(), r),
-        &masked(r, &r["logits"]),
+    let d = max_abs_diff(&padded_logits(plain.as_ref(), r), &masked(r, &r["logits"]));
+    assert!(
+        d > 1e-2,
+        "{base}: the adapter barely changes the logits ({d:e})"
     );
-    assert!(d > 1e-2, "{base}: the adapter barely changes the logits ({d:e})");
     Ok(())
 }
 
@@ -42,7 +42,10 @@ fn ia3_logits_match_peft() -> TestResult {
         let model = load_with(&path_of(base)?, Kind::Float, Device::Cpu, &inj)?.backbone;
         assert_eq!(trainable.variables().len(), expect, "{base}: ia3 vectors");
         let tag = format!("{base}-ia3");
-        load_peft_adapter(&trainable, &fixture(&tag)?.join("adapter_model.safetensors"))?;
+        load_peft_adapter(
+            &trainable,
+            &fixture(&tag)?.join("adapter_model.safetensors"),
+        )?;
         let r = reference(&tag)?;
         let d = max_abs_diff(
             &padded_logits(model.as_ref(), &r),
@@ -63,7 +66,10 @@ fn prefix_tuning_logits_match_peft() -> TestResult {
         let (layers, kv_heads, head_dim) = model.arch().kv_shape();
         let prefix = PrefixKv::new(&trainable.root(), 3, layers, kv_heads, head_dim);
         let tag = format!("{base}-prefix");
-        load_peft_adapter(&trainable, &fixture(&tag)?.join("adapter_model.safetensors"))?;
+        load_peft_adapter(
+            &trainable,
+            &fixture(&tag)?.join("adapter_model.safetensors"),
+        )?;
         let r = reference(&tag)?;
         let (ids, mask) = (&r["input_ids"], &r["attention_mask"]);
         let mut cache = prefix.cache(ids.size()[0], Kind::Float);
@@ -72,7 +78,10 @@ fn prefix_tuning_logits_match_peft() -> TestResult {
             &masked(&r, &model.lm_logits(&hidden)),
             &masked(&r, &r["logits"]),
         );
-        assert!(d < 1e-4, "{base}: max |logit diff| vs PEFT prefix tuning {d:e}");
+        assert!(
+            d < 1e-4,
+            "{base}: max |logit diff| vs PEFT prefix tuning {d:e}"
+        );
         assert_adapter_matters(base, &r)?;
     }
     Ok(())
@@ -177,7 +186,10 @@ fn every_method_trains_only_its_own_parameters() -> TestResult {
                 }
             }
             if method == PeftMethod::Full {
-                assert!(changed_backbone * 2 > before.len(), "{tag}: backbone barely trained");
+                assert!(
+                    changed_backbone * 2 > before.len(),
+                    "{tag}: backbone barely trained"
+                );
             }
             let init = initial.trained_vars();
             let mut head = 0;

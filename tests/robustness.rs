@@ -12,7 +12,10 @@ use umtune::train::trainer::train;
 fn texts(n: usize) -> Vec<Example> {
     (0..n)
         .map(|i| Example::Text {
-            text: (0..10).map(|w| format!("w{i}x{w}")).collect::<Vec<_>>().join(" "),
+            text: (0..10)
+                .map(|w| format!("w{i}x{w}"))
+                .collect::<Vec<_>>()
+                .join(" "),
             label: i % 3,
         })
         .collect()
@@ -46,7 +49,10 @@ fn word_drop_and_mask_take_the_stated_fraction() -> TestResult {
     }
     // Seeded: the same again, another seed differs, and a subset gets the same corruption.
     assert_eq!(c.apply(&clean, 3), noisy);
-    assert_ne!(Corruption::parse("drop=0.3,mask=0.2,seed=8")?.apply(&clean, 3), noisy);
+    assert_ne!(
+        Corruption::parse("drop=0.3,mask=0.2,seed=8")?.apply(&clean, 3),
+        noisy
+    );
     assert_eq!(c.apply(&clean[..10], 3), noisy[..10]);
     Ok(())
 }
@@ -61,8 +67,16 @@ fn ner_words_are_masked_not_removed() -> TestResult {
         .collect();
     let noisy = Corruption::parse("drop=0.5")?.apply(&clean, 5);
     for (a, b) in clean.iter().zip(&noisy) {
-        let (Example::Tagged { tokens: ta, tags: ga }, Example::Tagged { tokens: tb, tags: gb }) =
-            (a, b)
+        let (
+            Example::Tagged {
+                tokens: ta,
+                tags: ga,
+            },
+            Example::Tagged {
+                tokens: tb,
+                tags: gb,
+            },
+        ) = (a, b)
         else {
             return Err("not tagged".into());
         };
@@ -80,7 +94,16 @@ fn label_noise_flips_the_stated_share_to_other_classes() -> TestResult {
     let mut flipped = 0;
     let mut to = [0usize; 3];
     for (a, b) in clean.iter().zip(&noisy) {
-        let (Example::Text { label: la, text: xa }, Example::Text { label: lb, text: xb }) = (a, b)
+        let (
+            Example::Text {
+                label: la,
+                text: xa,
+            },
+            Example::Text {
+                label: lb,
+                text: xb,
+            },
+        ) = (a, b)
         else {
             return Err("not text".into());
         };
@@ -91,8 +114,14 @@ fn label_noise_flips_the_stated_share_to_other_classes() -> TestResult {
         }
     }
     // Binomial(4000, 0.3): sd = 29; 5 sd either side.
-    assert!((1055..=1345).contains(&flipped), "{flipped} of 4000 flipped");
-    assert!(to.iter().all(|&n| n > 300), "flips spread over classes: {to:?}");
+    assert!(
+        (1055..=1345).contains(&flipped),
+        "{flipped} of 4000 flipped"
+    );
+    assert!(
+        to.iter().all(|&n| n > 300),
+        "flips spread over classes: {to:?}"
+    );
     Ok(())
 }
 
@@ -103,7 +132,10 @@ fn bad_corruption_specs_are_errors() {
         ("noise=0.1", "label_noise"),
         ("drop", "key=value"),
     ] {
-        let e = Corruption::parse(spec).err().map(|e| e.to_string()).unwrap_or_default();
+        let e = Corruption::parse(spec)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         assert!(e.contains(says), "{spec}: {e}");
     }
 }
@@ -132,8 +164,14 @@ fn eval_corrupt_changes_the_scores() -> TestResult {
             .map(String::from)
             .collect::<Vec<_>>()
     };
-    assert_ne!(rows(&clean), rows(&dropped), "dropping 80% of words changed nothing");
-    let e = eval(&["--corrupt", "drop=2"]).err().ok_or("expected an error")?;
+    assert_ne!(
+        rows(&clean),
+        rows(&dropped),
+        "dropping 80% of words changed nothing"
+    );
+    let e = eval(&["--corrupt", "drop=2"])
+        .err()
+        .ok_or("expected an error")?;
     assert!(e.to_string().contains("drop"), "{e}");
     Ok(())
 }

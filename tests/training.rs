@@ -126,7 +126,11 @@ fn autocast_computes_in_bf16_and_restores_the_state() -> TestResult {
     let a = tch::Tensor::randn([4, 8], (Kind::Float, Device::Cpu));
     let b = tch::Tensor::randn([8, 3], (Kind::Float, Device::Cpu));
     let inside = autocast(Device::Cpu, Kind::BFloat16, || a.matmul(&b));
-    assert_eq!(inside.kind(), Kind::BFloat16, "autocast did not take effect");
+    assert_eq!(
+        inside.kind(),
+        Kind::BFloat16,
+        "autocast did not take effect"
+    );
     let nested = autocast(Device::Cpu, Kind::BFloat16, || {
         autocast(Device::Cpu, Kind::Half, || a.matmul(&b)).kind()
     });

@@ -42,8 +42,7 @@ impl Conv1d {
         let n_in = out_shape.pop().unwrap_or_default();
         out_shape.push(self.weight.size()[1]);
         // One fused addmm over all rows, as transformers' Conv1D does.
-        self
-            .bias
+        self.bias
             .addmm(&x.reshape([-1, n_in]), &self.weight)
             .view(out_shape.as_slice())
     }

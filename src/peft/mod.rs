@@ -37,7 +37,9 @@ impl TrainingFlag {
 pub enum AdapterSpec {
     Lora(LoraSpec),
     /// (IA)^3 scaling vectors on `targets`; the MLP's output projection scales its input.
-    Ia3 { targets: Vec<String> },
+    Ia3 {
+        targets: Vec<String>,
+    },
     /// A zero-initialized trainable shift of every bias (added where the layer has none).
     BitFit,
     /// Houlsby bottleneck adapters of width `bottleneck` on the outputs of `targets`.

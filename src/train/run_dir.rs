@@ -75,16 +75,19 @@ pub fn export_peft(run: &LoadedRun, out: &Path) -> Result<()> {
     targets.sort();
     targets.dedup();
     let gpt2 = matches!(run.model.backbone.arch(), ArchConfig::Gpt2(_));
+    let ner = cfg.data.task == crate::config::TaskKind::Ner;
+    // The head's module, as GPT2/LlamaFor{Sequence,Token}Classification name it.
+    let head = if ner && gpt2 { "classifier" } else { "score" };
     let adapter_config = json!({
         "peft_type": "LORA",
-        "task_type": "SEQ_CLS",
+        "task_type": if ner { "TOKEN_CLS" } else { "SEQ_CLS" },
         "base_model_name_or_path": cfg.model.source,
         "r": cfg.peft.r,
         "lora_alpha": cfg.peft.alpha,
         "lora_dropout": cfg.peft.dropout,
         "use_rslora": cfg.peft.rslora,
         "target_modules": targets,
-        "modules_to_save": ["score"],
+        "modules_to_save": [head],
         // GPT-2's Conv1D stores weights (in, out).
         "fan_in_fan_out": gpt2,
         "bias": "none",
@@ -104,9 +107,66 @@ pub struct Prediction {
     pub probabilities: Vec<f64>,
 }
 
-/// Class probabilities for `texts`, in batches of `batch_size` (same truncation as training).
+impl Prediction {
+    fn from_probabilities(probabilities: Vec<f64>, label_names: &[String]) -> Self {
+        let label_id = probabilities
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map(|(i, _)| i)
+            .unwrap_or(0);
+        Prediction {
+            label: label_names.get(label_id).cloned().unwrap_or_default(),
+            label_id,
+            probabilities,
+        }
+    }
+}
+
+/// Per-unit class probabilities of `examples` (one row per example, or one per word that fits
+/// after truncation for NER), in batches of `batch_size` with the training truncation.
+fn probabilities(
+    run: &LoadedRun,
+    examples: &[crate::data::readers::Example],
+    batch_size: usize,
+) -> Result<Vec<Vec<Vec<f64>>>> {
+    use crate::data::batching::{collate, encode, IGNORE};
+    let tok = run.model.tokenizer()?;
+    let encoded = encode(tok, examples, run.config.data.max_length)?;
+    let pad = tok.padding_id();
+    run.model.training.set(false);
+    let _g = tch::no_grad_guard();
+    let mut out = Vec::with_capacity(examples.len());
+    for chunk in encoded.chunks(batch_size.max(1)) {
+        let items: Vec<_> = chunk.iter().collect();
+        let batch = collate(&items, pad, run.device);
+        let probs = run
+            .model
+            .logits(&batch.input_ids, &batch.attention_mask)
+            .softmax(-1, tch::Kind::Double)
+            .to_device(Device::Cpu);
+        for (k, e) in chunk.iter().enumerate() {
+            let p = probs.get(k as i64);
+            let rows: Vec<Vec<f64>> = if e.token_labels.is_empty() {
+                vec![Vec::<f64>::try_from(p).map_err(|e| Error::Config(e.to_string()))?]
+            } else {
+                // First sub-token of each word: where the encoder put the word's tag.
+                let all = Vec::<Vec<f64>>::try_from(p).map_err(|e| Error::Config(e.to_string()))?;
+                e.token_labels
+                    .iter()
+                    .zip(all)
+                    .filter(|(&l, _)| l != IGNORE)
+                    .map(|(_, row)| row)
+                    .collect()
+            };
+            out.push(rows);
+        }
+    }
+    Ok(out)
+}
+
+/// Class probabilities for `texts` (sequence classification).
 pub fn predict(run: &LoadedRun, texts: &[String], batch_size: usize) -> Result<Vec<Prediction>> {
-    use crate::data::batching::{collate, encode};
     use crate::data::readers::Example;
     let examples: Vec<Example> = texts
         .iter()
@@ -115,34 +175,102 @@ pub fn predict(run: &LoadedRun, texts: &[String], batch_size: usize) -> Result<V
             label: 0,
         })
         .collect();
-    let tok = run.model.tokenizer()?;
-    let encoded = encode(tok, &examples, run.config.data.max_length)?;
-    let pad = tok.padding_id();
-    run.model.training.set(false);
-    let _g = tch::no_grad_guard();
-    let mut out = Vec::with_capacity(texts.len());
-    for chunk in encoded.chunks(batch_size.max(1)) {
-        let items: Vec<_> = chunk.iter().collect();
-        let batch = collate(&items, pad, run.device);
-        let probs = run
-            .model
-            .logits(&batch.input_ids, &batch.attention_mask)
-            .softmax(-1, tch::Kind::Double);
-        let rows: Vec<Vec<f64>> = Vec::<Vec<f64>>::try_from(probs.to_device(Device::Cpu))
-            .map_err(|e| Error::Config(e.to_string()))?;
-        for p in rows {
-            let label_id = p
+    Ok(probabilities(run, &examples, batch_size)?
+        .into_iter()
+        .map(|mut rows| Prediction::from_probabilities(rows.remove(0), &run.label_names))
+        .collect())
+}
+
+/// Per-word tags for `sentences` (NER): one prediction per word that fits in
+/// `data.max_length` tokens (later words are cut, as in training).
+pub fn predict_tags(
+    run: &LoadedRun,
+    sentences: &[Vec<String>],
+    batch_size: usize,
+) -> Result<Vec<Vec<Prediction>>> {
+    use crate::data::readers::Example;
+    let examples: Vec<Example> = sentences
+        .iter()
+        .map(|words| Example::Tagged {
+            tokens: words.clone(),
+            tags: vec![0; words.len()],
+        })
+        .collect();
+    Ok(probabilities(run, &examples, batch_size)?
+        .into_iter()
+        .map(|rows| {
+            rows.into_iter()
+                .map(|p| Prediction::from_probabilities(p, &run.label_names))
+                .collect()
+        })
+        .collect())
+}
+
+/// `umtune predict`: reads JSONL (the text column, or for NER the tokens column as a list of
+/// words or the text column split on whitespace), writes each line back with the predictions
+/// added: `label`, `label_id`, `probabilities`; for NER `tokens`, `tags`, `tag_probabilities`.
+pub fn predict_jsonl(run: &LoadedRun, input: &Path, output: &Path) -> Result<usize> {
+    let d = &run.config.data;
+    let ner = d.task == crate::config::TaskKind::Ner;
+    let text = std::fs::read_to_string(input).map_err(|e| Error::io(input, e))?;
+    let mut rows: Vec<(Value, Vec<String>)> = Vec::new();
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let row = i + 1;
+        let v: Value = serde_json::from_str(line)
+            .map_err(|e| Error::data(input, Some(row), None, format!("invalid JSON: {e}")))?;
+        let words = match (ner, v.get(&d.tokens_column), v.get(&d.text_column)) {
+            (true, Some(Value::Array(a)), _) => a
                 .iter()
-                .enumerate()
-                .max_by(|a, b| a.1.total_cmp(b.1))
-                .map(|(i, _)| i)
-                .unwrap_or(0);
-            out.push(Prediction {
-                label: run.label_names.get(label_id).cloned().unwrap_or_default(),
-                label_id,
-                probabilities: p,
-            });
+                .map(|w| w.as_str().map(String::from))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| {
+                    Error::data(
+                        input,
+                        Some(row),
+                        Some(&d.tokens_column),
+                        "words must be strings",
+                    )
+                })?,
+            (true, _, Some(Value::String(t))) => t.split_whitespace().map(String::from).collect(),
+            (false, _, Some(Value::String(t))) => vec![t.clone()],
+            _ => {
+                let want = if ner {
+                    format!(
+                        "a list `{}` or a string `{}`",
+                        d.tokens_column, d.text_column
+                    )
+                } else {
+                    format!("a string `{}`", d.text_column)
+                };
+                return Err(Error::data(input, Some(row), None, format!("needs {want}")));
+            }
+        };
+        rows.push((v, words));
+    }
+    let bs = run.config.train.batch_size * 2;
+    let mut out = String::new();
+    if ner {
+        let sentences: Vec<Vec<String>> = rows.iter().map(|(_, w)| w.clone()).collect();
+        for ((mut v, words), tags) in rows.into_iter().zip(predict_tags(run, &sentences, bs)?) {
+            v["tokens"] = json!(words);
+            v["tags"] = json!(tags.iter().map(|p| &p.label).collect::<Vec<_>>());
+            v["tag_probabilities"] =
+                json!(tags.iter().map(|p| &p.probabilities).collect::<Vec<_>>());
+            out.push_str(&format!("{v}\n"));
+        }
+    } else {
+        let texts: Vec<String> = rows.iter().map(|(_, w)| w[0].clone()).collect();
+        for ((mut v, _), p) in rows.into_iter().zip(predict(run, &texts, bs)?) {
+            v["label"] = p.label.into();
+            v["label_id"] = p.label_id.into();
+            v["probabilities"] = p.probabilities.into();
+            out.push_str(&format!("{v}\n"));
         }
     }
-    Ok(out)
+    write_atomic(output, out.as_bytes())?;
+    Ok(out.lines().count())
 }

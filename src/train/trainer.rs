@@ -329,10 +329,7 @@ impl TaskModel {
     }
 
     pub fn trainable_params(&self) -> i64 {
-        self.trained_vars()
-            .values()
-            .map(|t| t.numel() as i64)
-            .sum()
+        self.trained_vars().values().map(|t| t.numel() as i64).sum()
     }
 }
 
