@@ -98,3 +98,43 @@ fn bad_input_exits_nonzero_with_one_clear_line() -> Result<(), Box<dyn std::erro
     assert!(String::from_utf8(out.stderr)?.contains("/nonexistent/model.gguf"));
     Ok(())
 }
+
+#[test]
+fn progress_bar_only_on_a_terminal() -> Result<(), Box<dyn std::error::Error>> {
+    let dir = env!("CARGO_MANIFEST_DIR");
+    let out_dir = std::env::temp_dir().join(format!("umtune-progress-{}", std::process::id()));
+    let args = format!(
+        "{bin} train {dir}/configs/default.toml --set model.source={dir}/tests/fixtures/llama-tiny-gguf/tiny.gguf \
+         --set data.train_limit=32 --set data.eval_limit=8 --set train.max_steps=3 --set train.log_every=1 \
+         --set run.output_dir={out}",
+        bin = env!("CARGO_BIN_EXE_umtune"),
+        out = out_dir.display()
+    );
+    // Under a pseudo-terminal (util-linux `script`) the bar is drawn with its fields.
+    let tty = Command::new("script")
+        .args(["-qec", &args, "/dev/null"])
+        .env_remove("RUST_LOG")
+        .output()?;
+    let screen = String::from_utf8_lossy(&tty.stdout);
+    assert!(tty.status.success(), "{screen}");
+    assert!(
+        screen.contains("/3 steps") && screen.contains("tok/s") && screen.contains("loss"),
+        "{screen}"
+    );
+    // In a pipe: log lines, no bar.
+    let piped = Command::new("sh")
+        .args(["-c", &args])
+        .env_remove("RUST_LOG")
+        .output()?;
+    let stderr = String::from_utf8(piped.stderr)?;
+    assert!(piped.status.success(), "{stderr}");
+    assert!(
+        !stderr.contains("steps  loss") && !stderr.contains('\r'),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("train") && stderr.contains("tokens_per_s"),
+        "{stderr}"
+    );
+    Ok(())
+}

@@ -215,3 +215,30 @@ fn ner_alignment_labels_first_subtokens_only() -> TestResult {
     );
     Ok(())
 }
+
+#[test]
+fn sampler_resumes_from_a_saved_state() -> Result<(), Box<dyn std::error::Error>> {
+    use umtune::data::batching::{Sampler, SamplerState};
+    let lengths: Vec<usize> = (0..103).map(|i| (i * 37) % 61 + 1).collect();
+    let mut a = Sampler::new(7, 8);
+    // Every example once per epoch (13 batches, the last short), batches of similar lengths.
+    let epoch: Vec<Vec<usize>> = (0..13).map(|_| a.next_batch(&lengths)).collect();
+    let mut seen: Vec<usize> = epoch.iter().flatten().copied().collect();
+    seen.sort();
+    assert_eq!(seen, (0..103).collect::<Vec<_>>());
+    for _ in 0..5 {
+        a.next_batch(&lengths);
+    }
+    // Save mid-epoch (as JSON, like a checkpoint), restore into a fresh sampler, continue both.
+    let saved = serde_json::to_string(&a.state)?;
+    let mut b = Sampler::new(7, 8);
+    b.state = serde_json::from_str::<SamplerState>(&saved)?;
+    assert_eq!(b.state, SamplerState { epoch: 1, batch: 5 });
+    for _ in 0..20 {
+        assert_eq!(a.next_batch(&lengths), b.next_batch(&lengths));
+    }
+    // Another epoch is another order; another seed is another order.
+    assert_ne!(Sampler::new(7, 8).epoch_batches(1, &lengths), epoch);
+    assert_ne!(Sampler::new(8, 8).epoch_batches(0, &lengths), epoch);
+    Ok(())
+}

@@ -153,3 +153,111 @@ fn autocast_computes_in_bf16_and_restores_the_state() -> TestResult {
     assert_eq!(logits.kind(), Kind::Float);
     Ok(())
 }
+
+/// GPT-2 tiny with the embedding rows of `poison`'s tokens set to NaN, and a dataset where every
+/// other example contains that word: those batches give a NaN loss, the others are fine.
+fn poisoned_setup(
+    tag: &str,
+) -> Result<(std::path::PathBuf, std::path::PathBuf), Box<dyn std::error::Error>> {
+    let root = std::env::temp_dir().join(format!("umtune-nan-{tag}-{}", std::process::id()));
+    let (model, data) = (root.join("model"), root.join("data"));
+    std::fs::create_dir_all(&model)?;
+    std::fs::create_dir_all(&data)?;
+    let src = fixture("gpt2-tiny")?;
+    for f in ["config.json", "vocab.json", "merges.txt"] {
+        std::fs::copy(src.join(f), model.join(f))?;
+    }
+    let tok =
+        umtune::models::resolve::load_tokenizer(src.to_str().ok_or("path")?)?.ok_or("tokenizer")?;
+    let clean = ["the movie was good", "the movie was bad"];
+    let mut clean_ids = std::collections::BTreeSet::new();
+    for t in clean {
+        clean_ids.extend(tok.encode(t)?);
+    }
+    let poison: Vec<u32> = tok
+        .encode(" QQXZ")?
+        .into_iter()
+        .filter(|i| !clean_ids.contains(i))
+        .collect();
+    assert!(
+        !poison.is_empty(),
+        "no token of the poison word is unique to it"
+    );
+    let mut tensors = tch::Tensor::read_safetensors(src.join("model.safetensors"))?;
+    for (name, t) in tensors.iter_mut() {
+        if name.ends_with("wte.weight") {
+            for &i in &poison {
+                let _ = t.get(i as i64).fill_(f64::NAN);
+            }
+        }
+    }
+    tch::Tensor::write_safetensors(&tensors, model.join("model.safetensors"))?;
+    let mut lines = String::new();
+    for i in 0..64 {
+        let text = if i % 2 == 0 {
+            clean[i % 4 / 2].to_string()
+        } else {
+            format!("{} QQXZ", clean[i % 4 / 2])
+        };
+        let label = if i % 4 < 2 { "pos" } else { "neg" };
+        lines.push_str(&serde_json::json!({"text": text, "label": label}).to_string());
+        lines.push('\n');
+    }
+    std::fs::write(data.join("train.jsonl"), &lines)?;
+    let valid: String = lines.lines().step_by(2).map(|l| format!("{l}\n")).collect();
+    std::fs::write(data.join("validation.jsonl"), valid)?;
+    Ok((model, data))
+}
+
+fn poisoned_config(
+    tag: &str,
+    max_bad: usize,
+) -> Result<umtune::Config, Box<dyn std::error::Error>> {
+    let (model, data) = poisoned_setup(tag)?;
+    let mut cfg = tiny_config_on(tag, PeftMethod::Lora, &model)?;
+    cfg.data.dataset = data.display().to_string();
+    cfg.data.max_length = 32;
+    cfg.train.batch_size = 1;
+    cfg.train.max_steps = 40;
+    cfg.train.eval_every = 1;
+    cfg.train.max_bad_steps = max_bad;
+    Ok(cfg)
+}
+
+#[test]
+fn non_finite_losses_are_skipped_then_stop_training() -> TestResult {
+    // Isolated NaN batches are skipped and counted; the weights stay finite.
+    let cfg = poisoned_config("skip", 1000)?;
+    let (summary, model) = train_model(&cfg)?;
+    assert!(
+        (8..=32).contains(&summary.skipped_steps),
+        "about half of 40 steps skipped, got {}",
+        summary.skipped_steps
+    );
+    for (name, t) in model.named_trainable() {
+        assert!(
+            t.isfinite().all().int64_value(&[]) == 1,
+            "{name} is not finite"
+        );
+    }
+    // Two bad steps in a row stop the run with a message; the last evaluation's weights stay.
+    let cfg = poisoned_config("stop", 2)?;
+    let e = train_model(&cfg)
+        .err()
+        .ok_or("expected a stop")?
+        .to_string();
+    assert!(e.contains("2 consecutive non-finite losses"), "{e}");
+    let dir = std::fs::read_dir(&cfg.run.output_dir)?
+        .next()
+        .ok_or("no run dir")??
+        .path();
+    let saved = tch::Tensor::read_safetensors(dir.join("trainable.safetensors"))?;
+    assert!(!saved.is_empty());
+    for (name, t) in saved {
+        assert!(
+            t.isfinite().all().int64_value(&[]) == 1,
+            "saved {name} is not finite"
+        );
+    }
+    Ok(())
+}

@@ -2,6 +2,7 @@
 pub mod autocast;
 pub mod metrics;
 pub mod optimizer;
+pub mod progress;
 pub mod run_dir;
 pub mod schedule;
 pub mod seqeval;

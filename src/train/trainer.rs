@@ -5,6 +5,7 @@
 use super::autocast::autocast;
 use super::metrics::{accuracy, macro_f1};
 use super::optimizer::AdamW;
+use super::progress::Progress;
 use super::schedule::learning_rate;
 use crate::config::{parse_device, Config, PeftMethod, TaskKind};
 use crate::data::batching::{collate, encode, Encoded, Sampler, IGNORE};
@@ -525,6 +526,7 @@ pub fn train_model(cfg: &Config) -> Result<(Summary, TaskModel)> {
         labels = num_labels, steps = total, trainable = model.trainable_params(), "training"
     );
 
+    let progress = Progress::new(total, true);
     let (mut bad_in_a_row, mut skipped, mut tokens, mut train_secs) =
         (0usize, 0usize, 0usize, 0.0f64);
     for step in 0..total {
@@ -547,8 +549,9 @@ pub fn train_model(cfg: &Config) -> Result<(Summary, TaskModel)> {
         if !loss_value.is_finite() {
             skipped += 1;
             bad_in_a_row += 1;
-            tracing::warn!(step, "non-finite loss: step skipped");
+            progress.suspend(|| tracing::warn!(step, "non-finite loss: step skipped"));
             if bad_in_a_row >= t.max_bad_steps {
+                progress.finish();
                 return Err(Error::Config(format!(
                     "stopping at step {step}: {bad_in_a_row} consecutive non-finite losses (lower train.lr?); weights of the last evaluation are in {}",
                     run_dir.display()
@@ -563,16 +566,28 @@ pub fn train_model(cfg: &Config) -> Result<(Summary, TaskModel)> {
         if (step + 1) % t.log_every == 0 || step + 1 == total {
             let tps = tokens as f64 / train_secs.max(1e-9);
             let eta = train_secs / (step + 1) as f64 * (total - step - 1) as f64;
-            tracing::info!(
-                step = step + 1,
-                total,
-                loss = loss_value,
-                lr,
-                grad_norm,
-                tokens_per_s = tps as u64,
-                eta_s = eta as u64,
-                "train"
-            );
+            progress.step(step + 1, loss_value, lr, tps);
+            if progress.is_visible() {
+                tracing::debug!(
+                    step = step + 1,
+                    total,
+                    loss = loss_value,
+                    lr,
+                    grad_norm,
+                    "train"
+                );
+            } else {
+                tracing::info!(
+                    step = step + 1,
+                    total,
+                    loss = loss_value,
+                    lr,
+                    grad_norm,
+                    tokens_per_s = tps as u64,
+                    eta_s = eta as u64,
+                    "train"
+                );
+            }
             log.write(serde_json::json!({"step": step + 1, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tps}))?;
         }
         if t.eval_every > 0 && (step + 1) % t.eval_every == 0 && step + 1 < total {
@@ -583,17 +598,20 @@ pub fn train_model(cfg: &Config) -> Result<(Summary, TaskModel)> {
                 &data.label_names,
                 device,
             );
-            tracing::info!(
-                step = step + 1,
-                loss = ev.loss,
-                accuracy = ev.accuracy,
-                macro_f1 = ev.macro_f1,
-                "validation"
-            );
+            progress.suspend(|| {
+                tracing::info!(
+                    step = step + 1,
+                    loss = ev.loss,
+                    accuracy = ev.accuracy,
+                    macro_f1 = ev.macro_f1,
+                    "validation"
+                )
+            });
             log.write(serde_json::json!({"step": step + 1, "split": "validation", "eval": ev}))?;
             save_trainable(&model, &run_dir.join("trainable.safetensors"))?;
         }
     }
+    progress.finish();
     let validation = evaluate(
         &model,
         &data.validation,
