@@ -27,6 +27,11 @@ impl BatchMask {
         let past_mask = cache
             .as_ref()
             .and_then(|c| c.mask.as_ref().map(|m| m.shallow_clone()));
+        // A mask without padding on a fresh sequence is plain causal attention, which the fused
+        // kernels run faster (transformers makes the same check).
+        let attention_mask = attention_mask.filter(|m| {
+            past > 0 || past_mask.is_some() || Tensor::eq(m, 0).any().int64_value(&[]) != 0
+        });
         let padded = attention_mask.is_some() || past_mask.is_some();
         let full = padded.then(|| {
             let new = match attention_mask {
