@@ -9,6 +9,7 @@ pub mod logging;
 pub mod models;
 pub mod peft;
 pub mod train;
+pub mod uncertainty;
 
 pub use config::Config;
 pub use error::{Error, Result};

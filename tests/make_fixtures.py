@@ -153,6 +153,50 @@ def ia3_and_prefix_references():
         peft_reference(name, "prefix", PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
 
 
+def calibration_reference():
+    """ECE (15 bins, Guo et al.'s binning), NLL, Brier and AURC with numpy on random logits, and the
+    NLL-optimal temperature found by torch LBFGS, with the scores after scaling."""
+    import numpy as np
+    g = torch.Generator().manual_seed(11)
+    n, c = 600, 4
+    labels = torch.randint(0, c, (n,), generator=g)
+    logits = torch.randn(n, c, generator=g, dtype=torch.float64) * 2.5
+    logits[torch.arange(n), labels] += 1.5  # better than chance, over-confident
+    logits[100:120] = logits[100]  # ties in confidence
+    def scores(z):
+        p = torch.softmax(z, -1).numpy()
+        y = labels.numpy()
+        conf, pred = p.max(1), p.argmax(1)
+        correct = (pred == y).astype(np.float64)
+        edges = np.linspace(0, 1, 16)
+        ece = 0.0
+        for lo, hi in zip(edges[:-1], edges[1:]):
+            m = (conf > lo) & (conf <= hi)
+            if m.any():
+                ece += abs(correct[m].mean() - conf[m].mean()) * m.mean()
+        nll = float(-np.log(p[np.arange(n), y]).mean())
+        onehot = np.eye(c)[y]
+        brier = float(((p - onehot) ** 2).sum(1).mean())
+        order = np.argsort(-conf, kind="stable")
+        risk = np.cumsum(1 - correct[order]) / np.arange(1, n + 1)
+        return {"ece": float(ece), "nll": nll, "brier": brier, "aurc": float(risk.mean())}
+    log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=1, max_iter=200, tolerance_grad=1e-12, tolerance_change=1e-15,
+                            line_search_fn="strong_wolfe")
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(logits / log_t.exp(), labels)
+        loss.backward()
+        return loss
+    opt.step(closure)
+    t = float(log_t.detach().exp())
+    d = OUT / "calibration"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "reference.json").write_text(json.dumps({
+        "logits": logits.tolist(), "labels": labels.tolist(), "raw": scores(logits),
+        "temperature": t, "calibrated": scores(logits / t)}))
+
+
 def adamw_reference():
     """torch.optim.AdamW on a matrix (decayed) and a bias (not decayed) for three steps of given
     gradients, with the learning rate changing between steps."""
@@ -368,6 +412,7 @@ def main():
     lora_reference("llama-tiny-tied", ["q_proj", "v_proj", "down_proj"], rslora=True)
     ia3_and_prefix_references()
     adamw_reference()
+    calibration_reference()
     seqeval_reference()
     byte_level_bpe()
     tiny_llama_gguf()

@@ -30,8 +30,19 @@ pub fn load_run(dir: &Path, overrides: &[String]) -> Result<LoadedRun> {
     let summary = read_json(&summary_path)?;
     let label_names: Vec<String> = serde_json::from_value(summary["label_names"].clone())
         .map_err(|e| Error::format(&summary_path, format!("label_names: {e}")))?;
-    let (model, device) = TaskModel::build(&config, label_names.len())?;
+    let (mut model, device) = TaskModel::build(&config, label_names.len())?;
     load_named(model.trained_vars(), &dir.join("trainable.safetensors"))?;
+    let calibration = dir.join("calibration.json");
+    if calibration.exists() {
+        let c = read_json(&calibration)?;
+        let t = c["temperature"]
+            .as_f64()
+            .filter(|t| *t > 0.0)
+            .ok_or_else(|| {
+                Error::format(&calibration, "`temperature` must be a positive number")
+            })?;
+        model.temperature = Some(t);
+    }
     Ok(LoadedRun {
         dir: dir.to_path_buf(),
         config,
@@ -105,9 +116,19 @@ pub struct Prediction {
     pub label: String,
     pub label_id: usize,
     pub probabilities: Vec<f64>,
+    /// The probabilities at the run's fitted temperature (the label is the same).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub calibrated: Option<Vec<f64>>,
 }
 
 impl Prediction {
+    fn from_logits(logits: Vec<f64>, label_names: &[String], temperature: Option<f64>) -> Self {
+        use crate::uncertainty::metrics::softmax;
+        let mut p = Self::from_probabilities(softmax(&logits, 1.0), label_names);
+        p.calibrated = temperature.map(|t| softmax(&logits, t));
+        p
+    }
+
     fn from_probabilities(probabilities: Vec<f64>, label_names: &[String]) -> Self {
         let label_id = probabilities
             .iter()
@@ -119,13 +140,14 @@ impl Prediction {
             label: label_names.get(label_id).cloned().unwrap_or_default(),
             label_id,
             probabilities,
+            calibrated: None,
         }
     }
 }
 
-/// Per-unit class probabilities of `examples` (one row per example, or one per word that fits
+/// Per-unit class logits of `examples` (one row per example, or one per word that fits
 /// after truncation for NER), in batches of `batch_size` with the training truncation.
-fn probabilities(
+fn unit_logits(
     run: &LoadedRun,
     examples: &[crate::data::readers::Example],
     batch_size: usize,
@@ -143,7 +165,7 @@ fn probabilities(
         let probs = run
             .model
             .logits(&batch.input_ids, &batch.attention_mask)
-            .softmax(-1, tch::Kind::Double)
+            .to_kind(tch::Kind::Double)
             .to_device(Device::Cpu);
         for (k, e) in chunk.iter().enumerate() {
             let p = probs.get(k as i64);
@@ -175,9 +197,10 @@ pub fn predict(run: &LoadedRun, texts: &[String], batch_size: usize) -> Result<V
             label: 0,
         })
         .collect();
-    Ok(probabilities(run, &examples, batch_size)?
+    let t = run.model.temperature;
+    Ok(unit_logits(run, &examples, batch_size)?
         .into_iter()
-        .map(|mut rows| Prediction::from_probabilities(rows.remove(0), &run.label_names))
+        .map(|mut rows| Prediction::from_logits(rows.remove(0), &run.label_names, t))
         .collect())
 }
 
@@ -196,11 +219,12 @@ pub fn predict_tags(
             tags: vec![0; words.len()],
         })
         .collect();
-    Ok(probabilities(run, &examples, batch_size)?
+    let t = run.model.temperature;
+    Ok(unit_logits(run, &examples, batch_size)?
         .into_iter()
         .map(|rows| {
             rows.into_iter()
-                .map(|p| Prediction::from_probabilities(p, &run.label_names))
+                .map(|z| Prediction::from_logits(z, &run.label_names, t))
                 .collect()
         })
         .collect())
@@ -260,6 +284,10 @@ pub fn predict_jsonl(run: &LoadedRun, input: &Path, output: &Path) -> Result<usi
             v["tags"] = json!(tags.iter().map(|p| &p.label).collect::<Vec<_>>());
             v["tag_probabilities"] =
                 json!(tags.iter().map(|p| &p.probabilities).collect::<Vec<_>>());
+            if run.model.temperature.is_some() {
+                v["calibrated_tag_probabilities"] =
+                    json!(tags.iter().map(|p| &p.calibrated).collect::<Vec<_>>());
+            }
             out.push_str(&format!("{v}\n"));
         }
     } else {
@@ -268,6 +296,9 @@ pub fn predict_jsonl(run: &LoadedRun, input: &Path, output: &Path) -> Result<usi
             v["label"] = p.label.into();
             v["label_id"] = p.label_id.into();
             v["probabilities"] = p.probabilities.into();
+            if let Some(c) = p.calibrated {
+                v["calibrated_probabilities"] = c.into();
+            }
             out.push_str(&format!("{v}\n"));
         }
     }

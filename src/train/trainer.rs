@@ -17,6 +17,8 @@ use crate::heads::{Head, SequenceClassifier, TokenClassifier};
 use crate::models::resolve::{asset_cache, load_tokenizer, load_with};
 use crate::models::{ArchConfig, Backbone, NoHook};
 use crate::peft::{AdapterSpec, Injector, LoraSpec, PrefixKv, TrainingFlag};
+use crate::uncertainty::calibration::{calibrated, fit_temperature};
+use crate::uncertainty::{calibration_scores, CalibrationScores};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::io::Write;
@@ -36,6 +38,15 @@ pub struct EvalResult {
     pub examples: usize,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub entity: Option<EntityScores>,
+    /// ECE, NLL, Brier, AURC of the raw probabilities (NER: on entity words).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calibration: Option<CalibrationScores>,
+    /// The post-hoc temperature, when one was fitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f64>,
+    /// The same scores after temperature scaling.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calibrated: Option<CalibrationScores>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -168,6 +179,8 @@ pub struct TaskModel {
     pub full: bool,
     /// Forward passes under autocast to this dtype.
     pub autocast: Option<tch::Kind>,
+    /// Post-hoc temperature fitted on the validation split (None before fitting).
+    pub temperature: Option<f64>,
 }
 
 impl TaskModel {
@@ -278,6 +291,7 @@ impl TaskModel {
                 prefix,
                 full: cfg.peft.method == PeftMethod::Full,
                 autocast: cfg.train.autocast.kind(),
+                temperature: None,
             },
             device,
         ))
@@ -346,14 +360,18 @@ fn cross_entropy(logits: &Tensor, labels: &Tensor, reduction: Reduction) -> Tens
     )
 }
 
-/// Loss and metrics of `model` on `data` (see [`EvalResult`]), in length-sorted batches.
-pub fn evaluate(
-    model: &TaskModel,
-    data: &[Encoded],
-    batch_size: usize,
-    label_names: &[String],
-    device: Device,
-) -> EvalResult {
+/// What one pass over a split yields: per example, the gold label, prediction and logits of each
+/// scored unit (the example, or each word that fits for NER), and the summed loss.
+pub struct Outputs {
+    pub gold: Vec<Vec<usize>>,
+    pub pred: Vec<Vec<usize>>,
+    pub logits: Vec<Vec<Vec<f64>>>,
+    pub loss_sum: f64,
+    pub units: usize,
+}
+
+/// Runs `model` over `data` in length-sorted batches without gradients.
+pub fn outputs(model: &TaskModel, data: &[Encoded], batch_size: usize, device: Device) -> Outputs {
     model.training.set(false);
     let _g = tch::no_grad_guard();
     let mut order: Vec<usize> = (0..data.len()).collect();
@@ -362,21 +380,25 @@ pub fn evaluate(
         .tokenizer
         .as_ref()
         .map_or(0, TextTokenizer::padding_id);
-    // Per example: gold and predicted label of each scored unit (the example, or each word).
-    let mut gold: Vec<Vec<usize>> = vec![Vec::new(); data.len()];
-    let mut pred: Vec<Vec<usize>> = vec![Vec::new(); data.len()];
-    let (mut loss_sum, mut loss_count) = (0.0, 0usize);
+    let mut out = Outputs {
+        gold: vec![Vec::new(); data.len()],
+        pred: vec![Vec::new(); data.len()],
+        logits: vec![Vec::new(); data.len()],
+        loss_sum: 0.0,
+        units: 0,
+    };
     for chunk in order.chunks(batch_size.max(1)) {
         let items: Vec<&Encoded> = chunk.iter().map(|&i| &data[i]).collect();
         let batch = collate(&items, pad, device);
         let logits = model.logits(&batch.input_ids, &batch.attention_mask);
-        loss_sum += cross_entropy(&logits, &batch.labels, Reduction::Sum).double_value(&[]);
+        out.loss_sum += cross_entropy(&logits, &batch.labels, Reduction::Sum).double_value(&[]);
+        let n = logits.size().last().copied().unwrap_or(1);
         let labels = Vec::<i64>::try_from(batch.labels.reshape([-1]).to_device(Device::Cpu))
             .unwrap_or_default();
-        let argmax = Vec::<i64>::try_from(
+        let rows = Vec::<Vec<f64>>::try_from(
             logits
-                .argmax(-1, false)
-                .reshape([-1])
+                .reshape([-1, n])
+                .to_kind(tch::Kind::Double)
                 .to_device(Device::Cpu),
         )
         .unwrap_or_default();
@@ -384,42 +406,90 @@ pub fn evaluate(
         for (k, &i) in chunk.iter().enumerate() {
             for j in k * per_row..(k + 1) * per_row {
                 if labels[j] != IGNORE {
-                    gold[i].push(labels[j] as usize);
-                    pred[i].push(argmax[j] as usize);
-                    loss_count += 1;
+                    let z = &rows[j];
+                    let argmax = (0..z.len())
+                        .max_by(|&a, &b| z[a].total_cmp(&z[b]).then(b.cmp(&a)))
+                        .unwrap_or(0);
+                    out.gold[i].push(labels[j] as usize);
+                    out.pred[i].push(argmax);
+                    out.logits[i].push(z.clone());
+                    out.units += 1;
                 }
             }
         }
     }
-    let flat = |v: &[Vec<usize>]| v.iter().flatten().copied().collect::<Vec<_>>();
-    let (g, p) = (flat(&gold), flat(&pred));
-    let entity = data
-        .first()
-        .is_some_and(|e| !e.token_labels.is_empty())
-        .then(|| {
-            let name = |seqs: &[Vec<usize>]| -> Vec<Vec<String>> {
-                seqs.iter()
-                    .map(|s| {
-                        s.iter()
-                            .map(|&t| label_names.get(t).cloned().unwrap_or_default())
-                            .collect()
-                    })
-                    .collect()
-            };
-            let (precision, recall, f1) =
-                super::seqeval::precision_recall_f1(&name(&gold), &name(&pred));
-            EntityScores {
-                precision,
-                recall,
-                f1,
+    out
+}
+
+/// The units calibration is measured on: every example, or for NER the words whose gold tag is
+/// an entity tag (not `O`). Returns (logits, gold labels).
+pub fn calibration_units(out: &Outputs, label_names: &[String]) -> (Vec<Vec<f64>>, Vec<usize>) {
+    let mut logits = Vec::new();
+    let mut gold = Vec::new();
+    let ner = out.gold.iter().any(|g| g.len() != 1) || label_names.iter().any(|l| l == "O");
+    for (g, z) in out.gold.iter().zip(&out.logits) {
+        for (&y, row) in g.iter().zip(z) {
+            if !ner || label_names.get(y).is_some_and(|l| l != "O") {
+                logits.push(row.clone());
+                gold.push(y);
             }
-        });
+        }
+    }
+    (logits, gold)
+}
+
+/// Loss and metrics of `model` on `data` (see [`EvalResult`]); calibration scores raw and, if the
+/// model has a fitted temperature, after scaling.
+pub fn evaluate(
+    model: &TaskModel,
+    data: &[Encoded],
+    batch_size: usize,
+    label_names: &[String],
+    device: Device,
+) -> EvalResult {
+    let out = outputs(model, data, batch_size, device);
+    scores(&out, label_names, model.temperature, data.len())
+}
+
+/// [`EvalResult`] of collected outputs.
+pub fn scores(
+    out: &Outputs,
+    label_names: &[String],
+    temperature: Option<f64>,
+    examples: usize,
+) -> EvalResult {
+    let flat = |v: &[Vec<usize>]| v.iter().flatten().copied().collect::<Vec<_>>();
+    let (g, p) = (flat(&out.gold), flat(&out.pred));
+    let is_ner = out.gold.iter().any(|g| g.len() != 1);
+    let entity = is_ner.then(|| {
+        let name = |seqs: &[Vec<usize>]| -> Vec<Vec<String>> {
+            seqs.iter()
+                .map(|s| {
+                    s.iter()
+                        .map(|&t| label_names.get(t).cloned().unwrap_or_default())
+                        .collect()
+                })
+                .collect()
+        };
+        let (precision, recall, f1) =
+            super::seqeval::precision_recall_f1(&name(&out.gold), &name(&out.pred));
+        EntityScores {
+            precision,
+            recall,
+            f1,
+        }
+    });
+    let (logits, gold) = calibration_units(out, label_names);
+    let at = |t: f64| calibration_scores(&calibrated(&logits, t), &gold);
     EvalResult {
-        loss: loss_sum / loss_count.max(1) as f64,
+        loss: out.loss_sum / out.units.max(1) as f64,
         accuracy: accuracy(&p, &g),
         macro_f1: macro_f1(&p, &g, label_names.len()),
-        examples: data.len(),
+        examples,
         entity,
+        calibration: (!gold.is_empty()).then(|| at(1.0)),
+        temperature,
+        calibrated: temperature.filter(|_| !gold.is_empty()).map(at),
     }
 }
 
@@ -495,7 +565,7 @@ pub fn train_model(cfg: &Config) -> Result<(Summary, TaskModel)> {
     let data = load_data(cfg, &tok)?;
     let num_labels = data.label_names.len();
     tch::manual_seed(cfg.run.seed as i64);
-    let (model, device) = TaskModel::build(cfg, num_labels)?;
+    let (mut model, device) = TaskModel::build(cfg, num_labels)?;
     let run_dir = new_run_dir(cfg)?;
     write_atomic(&run_dir.join("config.toml"), cfg.to_toml().as_bytes())?;
     let metrics_path = run_dir.join("metrics.jsonl");
@@ -612,12 +682,21 @@ pub fn train_model(cfg: &Config) -> Result<(Summary, TaskModel)> {
         }
     }
     progress.finish();
-    let validation = evaluate(
-        &model,
-        &data.validation,
-        t.batch_size * 2,
+    // Post-hoc temperature scaling, fitted on the validation split and kept with the run.
+    let val_out = outputs(&model, &data.validation, t.batch_size * 2, device);
+    let (val_logits, val_gold) = calibration_units(&val_out, &data.label_names);
+    model.temperature = Some(fit_temperature(&val_logits, &val_gold));
+    write_atomic(
+        &run_dir.join("calibration.json"),
+        serde_json::json!({"temperature": model.temperature, "fitted_on": "validation"})
+            .to_string()
+            .as_bytes(),
+    )?;
+    let validation = scores(
+        &val_out,
         &data.label_names,
-        device,
+        model.temperature,
+        data.validation.len(),
     );
     log.write(serde_json::json!({"step": total, "split": "validation", "eval": validation}))?;
     let test = data
@@ -654,23 +733,29 @@ pub fn train_model(cfg: &Config) -> Result<(Summary, TaskModel)> {
 /// optimizer step; a single process has nothing to do (the distributed issue all-reduces here).
 fn sync_gradients(_opt: &AdamW) {}
 
-/// A markdown results table for summaries.
+/// A markdown results table for summaries: task metrics, calibration before and after the
+/// temperature, trainable parameters and throughput.
 pub fn results_table(rows: &[Summary]) -> String {
     let mut out = String::from(
-        "| run | split | accuracy | macro-F1 | entity F1 | loss | trainable params | share of backbone | train tokens/s |\n|---|---|---|---|---|---|---|---|---|\n",
+        "| run | split | accuracy | macro-F1 | entity F1 | loss | ECE | ECE (T) | NLL | NLL (T) | Brier | AURC | trainable params | share of backbone | train tokens/s |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
+    let num = |x: Option<f64>| x.map_or_else(|| "-".to_string(), |v| format!("{v:.4}"));
     for s in rows {
         let name = s.run_dir.file_name().and_then(|n| n.to_str()).unwrap_or("");
         let mut line = |split: &str, e: &EvalResult| {
+            let (raw, cal) = (e.calibration.as_ref(), e.calibrated.as_ref());
             out.push_str(&format!(
-                "| {name} | {split} | {:.4} | {:.4} | {} | {:.4} | {} | {:.4}% | {:.0} |\n",
+                "| {name} | {split} | {:.4} | {:.4} | {} | {:.4} | {} | {} | {} | {} | {} | {} | {} | {:.4}% | {:.0} |\n",
                 e.accuracy,
                 e.macro_f1,
-                e.entity
-                    .as_ref()
-                    .map(|x| format!("{:.4}", x.f1))
-                    .unwrap_or_else(|| "-".into()),
+                num(e.entity.as_ref().map(|x| x.f1)),
                 e.loss,
+                num(raw.map(|c| c.ece)),
+                num(cal.map(|c| c.ece)),
+                num(raw.map(|c| c.nll)),
+                num(cal.map(|c| c.nll)),
+                num(raw.map(|c| c.brier)),
+                num(raw.map(|c| c.aurc)),
                 s.trainable_params,
                 100.0 * s.trainable_share,
                 s.train_tokens_per_s
