@@ -305,6 +305,51 @@ pub struct Config {
     pub peft: PeftConfig,
     pub train: TrainConfig,
     pub run: RunConfig,
+    pub uncertainty: UncertaintyConfig,
+}
+
+/// Uncertainty modeling (METHOD.md section 1); every sub-part has its own switch for ablations.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct UncertaintyConfig {
+    pub enabled: bool,
+    /// Blocks (0-based) that carry the estimator; empty: the top 4.
+    pub layers: Vec<usize>,
+    /// Bottleneck width r_u of each block's log-variance estimator.
+    pub rank: i64,
+    /// Cross-layer propagation (p_l mixes p_{l-1}; c_l feeds it into the estimate).
+    pub propagation: bool,
+    /// Training-time reparameterized noise on the hidden states.
+    pub noise: bool,
+    pub noise_scale: f64,
+    /// Damping of the pooled representation where uncertain.
+    pub suppression: bool,
+    /// Heteroscedastic logits with the sampled-softmax loss.
+    pub heteroscedastic: bool,
+    /// Samples of the sampled-softmax loss.
+    pub n_mc: i64,
+    /// Weight of the variance regularizer mean(p).
+    pub lambda_var: f64,
+    /// Uncertainty-conditioned temperature T(x) in training and evaluation.
+    pub conditioned_temperature: bool,
+}
+
+impl Default for UncertaintyConfig {
+    fn default() -> Self {
+        UncertaintyConfig {
+            enabled: false,
+            layers: Vec::new(),
+            rank: 32,
+            propagation: true,
+            noise: true,
+            noise_scale: 1.0,
+            suppression: true,
+            heteroscedastic: true,
+            n_mc: 8,
+            lambda_var: 1e-3,
+            conditioned_temperature: true,
+        }
+    }
 }
 
 const ENV_PREFIX: &str = "UMTUNE";
@@ -456,6 +501,31 @@ impl Config {
             "train.log_every",
             self.train.log_every.to_string(),
             "1 or more",
+        )?;
+        let u = &self.uncertainty;
+        range(
+            u.rank >= 1,
+            "uncertainty.rank",
+            u.rank.to_string(),
+            "1 or more",
+        )?;
+        range(
+            u.n_mc >= 1,
+            "uncertainty.n_mc",
+            u.n_mc.to_string(),
+            "1 or more",
+        )?;
+        range(
+            u.noise_scale >= 0.0,
+            "uncertainty.noise_scale",
+            u.noise_scale.to_string(),
+            "0 or more",
+        )?;
+        range(
+            u.lambda_var >= 0.0,
+            "uncertainty.lambda_var",
+            u.lambda_var.to_string(),
+            "0 or more",
         )?;
         self.data
             .train_corruption

@@ -107,3 +107,177 @@ fn runs_fit_a_temperature_that_eval_and_predict_apply() -> TestResult {
     assert!((a / t - b).abs() < 1e-9, "{a} / {t} vs {b}");
     Ok(())
 }
+
+fn um_config(tag: &str, sets: &[&str]) -> Result<umtune::Config, Box<dyn std::error::Error>> {
+    let mut cfg = tiny_config(tag, umtune::config::PeftMethod::Lora)?;
+    cfg.uncertainty.enabled = true;
+    cfg.peft.dropout = 0.0;
+    for s in sets {
+        let (k, v) = s.split_once('=').ok_or("k=v")?;
+        match k {
+            "noise" => cfg.uncertainty.noise = v == "true",
+            "propagation" => cfg.uncertainty.propagation = v == "true",
+            "suppression" => cfg.uncertainty.suppression = v == "true",
+            "heteroscedastic" => cfg.uncertainty.heteroscedastic = v == "true",
+            "conditioned_temperature" => cfg.uncertainty.conditioned_temperature = v == "true",
+            _ => return Err(format!("unknown switch {k}").into()),
+        }
+    }
+    Ok(cfg)
+}
+
+fn batch(
+    model: &umtune::train::trainer::TaskModel,
+) -> Result<(tch::Tensor, tch::Tensor, tch::Tensor), Box<dyn std::error::Error>> {
+    let tok = model.tokenizer()?;
+    let texts = [
+        "a wonderful little film",
+        "the service was slow and the food cold",
+    ];
+    let ids: Vec<Vec<i64>> = texts
+        .iter()
+        .map(|t| Ok(tok.encode(t)?.into_iter().map(i64::from).collect()))
+        .collect::<Result<_, Box<dyn std::error::Error>>>()?;
+    let len = ids.iter().map(Vec::len).max().unwrap_or(1);
+    let mut flat = Vec::new();
+    let mut mask = Vec::new();
+    for row in &ids {
+        flat.extend(
+            row.iter()
+                .copied()
+                .chain(std::iter::repeat_n(0, len - row.len())),
+        );
+        mask.extend((0..len).map(|j| i64::from(j < row.len())));
+    }
+    let shape = [ids.len() as i64, len as i64];
+    Ok((
+        tch::Tensor::from_slice(&flat).view(shape),
+        tch::Tensor::from_slice(&mask).view(shape),
+        tch::Tensor::from_slice(&[1i64, 0]),
+    ))
+}
+
+#[test]
+fn gradients_reach_every_uncertainty_tensor_and_no_frozen_one() -> TestResult {
+    use umtune::train::optimizer::AdamW;
+    use umtune::train::trainer::TaskModel;
+    let cfg = um_config("um-grads", &[])?;
+    let (model, _) = TaskModel::build(&cfg, 2)?;
+    let names: Vec<String> = model
+        .named_trainable()
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    for want in [
+        "uncertainty.blocks.",
+        ".c",
+        ".theta",
+        "head.gamma",
+        "head.w_a",
+        "head.b_a",
+        "head.w_t",
+        "head.b_t",
+    ] {
+        assert!(
+            names
+                .iter()
+                .any(|n| n.starts_with("uncertainty.") && n.contains(want)),
+            "no {want} in {names:?}"
+        );
+    }
+    let (ids, mask, labels) = batch(&model)?;
+    let mut opt = AdamW::new(model.named_trainable(), 0.0);
+    model.training.set(true);
+    // Two steps: the zero-initialized last layers move in the first, everything has a gradient
+    // in the second.
+    for _ in 0..2 {
+        opt.zero_grad();
+        let f = model.forward(&ids, &mask);
+        assert!(f.samples.is_some() && f.regularizer.is_some());
+        model.loss(&f, &labels).backward();
+        opt.step(1e-2);
+    }
+    opt.zero_grad();
+    model.loss(&model.forward(&ids, &mask), &labels).backward();
+    for (name, t) in model.named_trainable() {
+        let g = t.grad();
+        assert!(g.defined(), "{name}: no gradient");
+        assert!(
+            g.abs().sum(tch::Kind::Float).double_value(&[]) > 0.0,
+            "{name}: zero gradient"
+        );
+    }
+    for (name, t) in model.backbone.var_store().variables() {
+        assert!(!t.grad().defined(), "frozen {name} got a gradient");
+    }
+    Ok(())
+}
+
+#[test]
+fn every_uncertainty_part_switches_off() -> TestResult {
+    use umtune::train::trainer::TaskModel;
+    let off = [
+        "noise=false",
+        "suppression=false",
+        "heteroscedastic=false",
+        "conditioned_temperature=false",
+    ];
+    let mut plain_cfg = tiny_config("um-plain", umtune::config::PeftMethod::Lora)?;
+    plain_cfg.peft.dropout = 0.0;
+    let (plain, _) = TaskModel::build(&plain_cfg, 2)?;
+    let (bare, _) = TaskModel::build(&um_config("um-bare", &off)?, 2)?;
+    // The same adapters and head in both (tests share the global RNG, so seeds cannot do it).
+    let bare_vars = bare.trained_vars();
+    for (name, t) in plain.named_trainable() {
+        let mut dst = bare_vars[&name].shallow_clone();
+        tch::no_grad(|| dst.copy_(&t));
+    }
+    let (ids, mask, _) = batch(&plain)?;
+    // Estimation alone changes nothing the head sees, even in training mode.
+    bare.training.set(true);
+    plain.training.set(true);
+    let f = bare.forward(&ids, &mask);
+    assert!(f.samples.is_none() && f.regularizer.is_some());
+    let d = max_abs_diff(&f.logits, &plain.forward(&ids, &mask).logits);
+    assert!(d == 0.0, "logits differ by {d}");
+    let names: Vec<String> = bare.named_trainable().into_iter().map(|(n, _)| n).collect();
+    assert!(
+        !names.iter().any(|n| n.contains("uncertainty.head.")),
+        "{names:?}"
+    );
+    // Each switch on its own adds its part.
+    for (switch, part) in [
+        ("suppression", "head.gamma"),
+        ("heteroscedastic", "head.w_a"),
+        ("conditioned_temperature", "head.w_t"),
+    ] {
+        let sets: Vec<&str> = off
+            .iter()
+            .copied()
+            .filter(|s| !s.starts_with(switch))
+            .collect();
+        let (m, _) = TaskModel::build(&um_config(switch, &sets)?, 2)?;
+        assert!(
+            m.named_trainable().iter().any(|(n, _)| n.contains(part)),
+            "{switch}"
+        );
+    }
+    // Without propagation no block has c; noise makes training passes differ.
+    let (m, _) = TaskModel::build(&um_config("um-noprop", &["propagation=false"])?, 2)?;
+    assert!(!m.named_trainable().iter().any(|(n, _)| n.ends_with(".c")));
+    let (noisy, _) = TaskModel::build(&um_config("um-noise", &off[1..])?, 2)?;
+    noisy.training.set(true);
+    let (a, b) = (noisy.logits(&ids, &mask), noisy.logits(&ids, &mask));
+    assert!(!a.equal(&b), "training noise is off");
+    noisy.training.set(false);
+    assert!(noisy.logits(&ids, &mask).equal(&noisy.logits(&ids, &mask)));
+    Ok(())
+}
+
+#[test]
+fn a_run_with_uncertainty_modeling_trains_and_reports_calibration() -> TestResult {
+    let summary = umtune::train::trainer::train(&um_config("um-run", &[])?)?;
+    assert!(summary.validation.loss.is_finite());
+    assert!(summary.validation.calibration.is_some() && summary.validation.calibrated.is_some());
+    Ok(())
+}

@@ -23,12 +23,17 @@ impl SequenceClassifier {
 
     /// Logits `(b, num_labels)` in f32 from `hidden (b, t, d)` and a right-padded `mask (b, t)`.
     pub fn forward(&self, hidden: &Tensor, mask: &Tensor) -> Tensor {
-        let (b_sz, _, d) = hidden.size3().unwrap_or_default();
-        let last = (mask.sum_dim_intlist(1, false, Kind::Int64) - 1).clamp_min(0); // (b,)
-        let index = last.view([b_sz, 1, 1]).expand([b_sz, 1, d], false);
-        let pooled = hidden.gather(1, &index, false).squeeze_dim(1); // (b, d)
-        pooled
+        last_token(hidden, mask)
             .to_kind(Kind::Float)
             .linear::<&Tensor>(&self.score, None)
     }
+}
+
+/// The row of the last real token of each sequence: `x (b, t, d)`, right-padded `mask (b, t)`
+/// → `(b, d)`.
+pub fn last_token(x: &Tensor, mask: &Tensor) -> Tensor {
+    let (b_sz, _, d) = x.size3().unwrap_or_default();
+    let last = (mask.sum_dim_intlist(1, false, Kind::Int64) - 1).clamp_min(0); // (b,)
+    let index = last.view([b_sz, 1, 1]).expand([b_sz, 1, d], false);
+    x.gather(1, &index, false).squeeze_dim(1) // (b, d)
 }

@@ -16,9 +16,32 @@ pub enum Head {
 impl Head {
     /// `(b, num_labels)` for sequences, `(b, t, num_labels)` for tokens; f32.
     pub fn forward(&self, hidden: &Tensor, mask: &Tensor) -> Tensor {
+        self.project(&self.pool(hidden, mask))
+    }
+
+    /// What the head scores: the last real token's row `(b, ·)` for sequences, every token
+    /// `(b, t, ·)` for NER; in f32. Works for any `(b, t, ·)` tensor (hidden states, variances).
+    pub fn pool(&self, x: &Tensor, mask: &Tensor) -> Tensor {
         match self {
-            Head::Sequence(h) => h.forward(hidden, mask),
-            Head::Token(h) => h.forward(hidden),
+            Head::Sequence(_) => classification::last_token(x, mask),
+            Head::Token(_) => x.to_kind(tch::Kind::Float),
+        }
+        .to_kind(tch::Kind::Float)
+    }
+
+    /// Logits of pooled features `z (…, d)`.
+    pub fn project(&self, z: &Tensor) -> Tensor {
+        match self {
+            Head::Sequence(h) => z.linear::<&Tensor>(&h.score, None),
+            Head::Token(h) => z.linear(&h.weight, Some(&h.bias)),
+        }
+    }
+
+    /// The projection matrix `(num_labels, d)`.
+    pub fn weight(&self) -> &Tensor {
+        match self {
+            Head::Sequence(h) => &h.score,
+            Head::Token(h) => &h.weight,
         }
     }
 }

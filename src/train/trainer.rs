@@ -18,7 +18,7 @@ use crate::models::resolve::{asset_cache, load_tokenizer, load_with};
 use crate::models::{ArchConfig, Backbone, NoHook};
 use crate::peft::{AdapterSpec, Injector, LoraSpec, PrefixKv, TrainingFlag};
 use crate::uncertainty::calibration::{calibrated, fit_temperature};
-use crate::uncertainty::{calibration_scores, CalibrationScores};
+use crate::uncertainty::{calibration_scores, plugin_layers, CalibrationScores, Uncertainty};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::io::Write;
@@ -165,6 +165,16 @@ pub fn load_data(cfg: &Config, tok: &TextTokenizer) -> Result<Data> {
     })
 }
 
+/// What a forward pass gives the loss.
+pub struct Forward {
+    /// `(b, C)` or `(b, t, C)` f32: what evaluation and prediction use.
+    pub logits: Tensor,
+    /// `(n_mc, …)` heteroscedastic samples (training with uncertainty modeling).
+    pub samples: Option<Tensor>,
+    /// `lambda_var * mean(p)` (uncertainty modeling).
+    pub regularizer: Option<Tensor>,
+}
+
 /// Everything that takes part in a forward pass.
 pub struct TaskModel {
     pub backbone: Box<dyn Backbone>,
@@ -181,6 +191,8 @@ pub struct TaskModel {
     pub autocast: Option<tch::Kind>,
     /// Post-hoc temperature fitted on the validation split (None before fitting).
     pub temperature: Option<f64>,
+    /// Uncertainty modeling (METHOD.md section 1), if enabled.
+    pub um: Option<Uncertainty>,
 }
 
 impl TaskModel {
@@ -281,6 +293,27 @@ impl TaskModel {
                 Head::Token(TokenClassifier::new(&trainable.root(), name, d, n))
             }
         };
+        // After the head, so that the head's initialization does not depend on this switch.
+        let um = if cfg.uncertainty.enabled {
+            let n = arch.num_layers();
+            let layers = plugin_layers(&cfg.uncertainty, n);
+            if let Some(bad) = layers.iter().find(|&&l| l >= n) {
+                return Err(Error::Config(format!(
+                    "uncertainty.layers has block {bad}; `{}` has blocks 0 to {}",
+                    cfg.model.source,
+                    n - 1
+                )));
+            }
+            Some(Uncertainty::new(
+                &trainable.root(),
+                &cfg.uncertainty,
+                &layers,
+                arch.hidden_size() as i64,
+                training.clone(),
+            ))
+        } else {
+            None
+        };
         Ok((
             TaskModel {
                 backbone: loaded.backbone,
@@ -292,6 +325,7 @@ impl TaskModel {
                 full: cfg.peft.method == PeftMethod::Full,
                 autocast: cfg.train.autocast.kind(),
                 temperature: None,
+                um,
             },
             device,
         ))
@@ -306,24 +340,93 @@ impl TaskModel {
 
     /// Class logits in f32: `(b, num_labels)`, or `(b, t, num_labels)` for NER.
     pub fn logits(&self, input_ids: &Tensor, mask: &Tensor) -> Tensor {
+        self.forward(input_ids, mask).logits
+    }
+
+    /// One forward pass (under autocast if configured): logits in f32 and, with uncertainty
+    /// modeling, the training-time extras.
+    pub fn forward(&self, input_ids: &Tensor, mask: &Tensor) -> Forward {
         match self.autocast {
-            Some(kind) => autocast(self.backbone.device(), kind, || {
-                self.logits_in_kind(input_ids, mask)
-            })
-            .to_kind(tch::Kind::Float),
-            None => self.logits_in_kind(input_ids, mask),
+            Some(kind) => {
+                let f = autocast(self.backbone.device(), kind, || {
+                    self.forward_in_kind(input_ids, mask)
+                });
+                Forward {
+                    logits: f.logits.to_kind(tch::Kind::Float),
+                    ..f
+                }
+            }
+            None => self.forward_in_kind(input_ids, mask),
         }
     }
 
-    fn logits_in_kind(&self, input_ids: &Tensor, mask: &Tensor) -> Tensor {
+    fn forward_in_kind(&self, input_ids: &Tensor, mask: &Tensor) -> Forward {
         let mut cache = self
             .prefix
             .as_ref()
             .map(|p| p.cache(input_ids.size()[0], self.backbone.kind()));
+        let Some(um) = &self.um else {
+            let hidden = self
+                .backbone
+                .forward(input_ids, Some(mask), cache.as_mut(), &mut NoHook);
+            return Forward {
+                logits: self.head.forward(&hidden, mask),
+                samples: None,
+                regularizer: None,
+            };
+        };
+        let mut hook = um.features.hook();
         let hidden = self
             .backbone
-            .forward(input_ids, Some(mask), cache.as_mut(), &mut NoHook);
-        self.head.forward(&hidden, mask)
+            .forward(input_ids, Some(mask), cache.as_mut(), &mut hook);
+        let z = self.head.pool(&hidden, mask);
+        let p_z = match hook.last() {
+            Some(p) => self.head.pool(p, mask),
+            None => z.zeros_like(),
+        };
+        let out = um.head.forward(&self.head, &z, &p_z);
+        let samples = if self.training.get() {
+            um.head.samples(&out)
+        } else {
+            None
+        };
+        let regularizer = (!hook.p.is_empty()).then(|| {
+            let n = hook.p.len() as f64;
+            hook.p
+                .iter()
+                .map(|p| p.mean(tch::Kind::Float))
+                .fold(Tensor::zeros([], (tch::Kind::Float, z.device())), |a, b| {
+                    a + b
+                })
+                * (um.lambda_var / n)
+        });
+        Forward {
+            logits: out.logits,
+            samples,
+            regularizer,
+        }
+    }
+
+    /// The training loss of a forward pass: cross-entropy on the logits, or its mean over the
+    /// heteroscedastic samples, plus the variance regularizer.
+    pub fn loss(&self, f: &Forward, labels: &Tensor) -> Tensor {
+        let ce = match &f.samples {
+            Some(samples) => {
+                let n = samples.size()[0];
+                (0..n)
+                    .map(|i| cross_entropy(&samples.get(i), labels, Reduction::Mean))
+                    .fold(
+                        Tensor::zeros([], (tch::Kind::Float, labels.device())),
+                        |a, b| a + b,
+                    )
+                    / n as f64
+            }
+            None => cross_entropy(&f.logits, labels, Reduction::Mean),
+        };
+        match &f.regularizer {
+            Some(r) => ce + r,
+            None => ce,
+        }
     }
 
     /// Every trained tensor by name: the trainable VarStore, plus the backbone's weights under
@@ -610,8 +713,8 @@ pub fn train_model(cfg: &Config) -> Result<(Summary, TaskModel)> {
             let items: Vec<&Encoded> = idx.iter().map(|&i| &data.train[i]).collect();
             let batch = collate(&items, pad, device);
             tokens += batch.n_tokens;
-            let logits = model.logits(&batch.input_ids, &batch.attention_mask);
-            let loss = cross_entropy(&logits, &batch.labels, Reduction::Mean) / t.grad_accum as f64;
+            let fwd = model.forward(&batch.input_ids, &batch.attention_mask);
+            let loss = model.loss(&fwd, &batch.labels) / t.grad_accum as f64;
             loss_value += loss.double_value(&[]);
             loss.backward();
         }

@@ -1,6 +1,52 @@
-//! Uncertainty: calibration metrics and post-hoc temperature scaling (METHOD.md section 1).
+//! Uncertainty (METHOD.md section 1): feature-level estimation with cross-layer propagation and
+//! training-time noise, the uncertain head (suppression, heteroscedastic logits, conditioned
+//! temperature), calibration metrics and post-hoc temperature scaling.
 pub mod calibration;
+pub mod estimation;
+pub mod head;
 pub mod metrics;
 
 pub use calibration::fit_temperature;
+pub use estimation::FeatureUncertainty;
+pub use head::UncertainHead;
 pub use metrics::{calibration_scores, CalibrationScores};
+
+use crate::config::UncertaintyConfig;
+use crate::peft::TrainingFlag;
+use tch::nn;
+
+/// The blocks that carry estimators: the configured ones, or the top 4.
+pub fn plugin_layers(cfg: &UncertaintyConfig, num_layers: usize) -> Vec<usize> {
+    let mut layers = if cfg.layers.is_empty() {
+        (num_layers.saturating_sub(4)..num_layers).collect()
+    } else {
+        cfg.layers.clone()
+    };
+    layers.sort_unstable();
+    layers.dedup();
+    layers
+}
+
+/// Everything uncertainty modeling adds to a model.
+pub struct Uncertainty {
+    pub features: FeatureUncertainty,
+    pub head: UncertainHead,
+    pub lambda_var: f64,
+}
+
+impl Uncertainty {
+    pub fn new(
+        root: &nn::Path,
+        cfg: &UncertaintyConfig,
+        layers: &[usize],
+        d: i64,
+        training: TrainingFlag,
+    ) -> Self {
+        let p = root / "uncertainty";
+        Uncertainty {
+            features: FeatureUncertainty::new(&p, layers, d, cfg, training),
+            head: UncertainHead::new(&p, d, cfg),
+            lambda_var: cfg.lambda_var,
+        }
+    }
+}

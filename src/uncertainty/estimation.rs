@@ -1,0 +1,126 @@
+//! Feature-level uncertainty estimation with cross-layer propagation and training-time noise
+//! (METHOD.md section 1), as a [`LayerHook`] between backbone blocks. At each block l in S:
+//! `logvar_l = clamp(B_l(LN(h_l)) + c_l p_{l-1}, -10, 10)`, `p_l = rho_l p_{l-1} + (1 - rho_l)
+//! exp(logvar_l)` with `rho_l = sigmoid(theta_l)`, and in training `h_l += s sqrt(p_l) eps`
+//! (the reparameterization of Kendall & Gal 2017, <https://arxiv.org/abs/1703.04977>). Parameters
+//! are f32 under `uncertainty.blocks.{l}`; the estimate starts at exp(-4) everywhere (B's last
+//! layer is zero with bias -4), so a fresh estimator changes nothing but the noise it adds.
+use crate::config::UncertaintyConfig;
+use crate::models::LayerHook;
+use crate::peft::TrainingFlag;
+use tch::nn::{self, Module};
+use tch::{Kind, Tensor};
+
+struct BlockEstimator {
+    layer: usize,
+    norm: nn::LayerNorm,
+    down: nn::Linear,
+    up: nn::Linear,
+    /// Weight of p_{l-1} in the estimate (absent at the first block, where p_{l-1} = 0).
+    c: Option<Tensor>,
+    theta: Tensor,
+}
+
+/// The estimators of every block in S, in block order.
+pub struct FeatureUncertainty {
+    blocks: Vec<BlockEstimator>,
+    propagation: bool,
+    noise_scale: f64,
+    training: TrainingFlag,
+}
+
+impl FeatureUncertainty {
+    /// `layers` are the blocks in S (sorted, distinct); `d` the hidden size.
+    pub fn new(
+        p: &nn::Path,
+        layers: &[usize],
+        d: i64,
+        cfg: &UncertaintyConfig,
+        training: TrainingFlag,
+    ) -> Self {
+        let blocks = layers
+            .iter()
+            .enumerate()
+            .map(|(i, &layer)| {
+                let b = p / "blocks" / layer;
+                let up = nn::LinearConfig {
+                    ws_init: nn::Init::Const(0.0),
+                    bs_init: Some(nn::Init::Const(-4.0)),
+                    bias: true,
+                };
+                BlockEstimator {
+                    layer,
+                    norm: nn::layer_norm(&b / "norm", vec![d], Default::default()),
+                    down: nn::linear(&b / "down", d, cfg.rank, Default::default()),
+                    up: nn::linear(&b / "up", cfg.rank, d, up),
+                    c: (i > 0 && cfg.propagation).then(|| b.var("c", &[1], nn::Init::Const(1.0))),
+                    theta: b.var("theta", &[1], nn::Init::Const(0.0)),
+                }
+            })
+            .collect();
+        FeatureUncertainty {
+            blocks,
+            propagation: cfg.propagation,
+            noise_scale: if cfg.noise { cfg.noise_scale } else { 0.0 },
+            training,
+        }
+    }
+
+    /// A hook for one forward pass; it collects every block's p.
+    pub fn hook(&self) -> UncertaintyHook<'_> {
+        UncertaintyHook {
+            module: self,
+            next: 0,
+            p: Vec::new(),
+        }
+    }
+}
+
+/// The per-forward state: which estimator comes next and the p of the blocks passed.
+pub struct UncertaintyHook<'a> {
+    module: &'a FeatureUncertainty,
+    next: usize,
+    /// `(b, t, d)` f32 variances p_l of each block in S, in order.
+    pub p: Vec<Tensor>,
+}
+
+impl UncertaintyHook<'_> {
+    /// p of the last block in S (the one the head sees).
+    pub fn last(&self) -> Option<&Tensor> {
+        self.p.last()
+    }
+}
+
+impl LayerHook for UncertaintyHook<'_> {
+    fn after_block(&mut self, layer: usize, hidden: Tensor) -> Tensor {
+        let Some(est) = self.module.blocks.get(self.next) else {
+            return hidden;
+        };
+        if est.layer != layer {
+            return hidden;
+        }
+        self.next += 1;
+        let h = hidden.to_kind(Kind::Float);
+        let u = est.norm.forward(&h);
+        let mut logvar = est.up.forward(&est.down.forward(&u).gelu("none")); // (b, t, d)
+        let prev = self.p.last();
+        if let (Some(c), Some(prev)) = (&est.c, prev) {
+            logvar = logvar + c * prev;
+        }
+        let v = logvar.clamp(-10.0, 10.0).exp();
+        let rho = est.theta.sigmoid();
+        let p: Tensor = match (self.module.propagation, prev) {
+            (true, Some(prev)) => &rho * prev + (1.0 - &rho) * &v,
+            _ => (1.0 - &rho) * &v,
+        };
+        let out = if self.module.noise_scale > 0.0 && self.module.training.get() {
+            let kind = hidden.kind();
+            let noise = p.sqrt() * p.randn_like() * self.module.noise_scale;
+            hidden + noise.to_kind(kind)
+        } else {
+            hidden
+        };
+        self.p.push(p);
+        out
+    }
+}
