@@ -32,6 +32,9 @@ pub enum Error {
     },
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
+    /// A collective operation failed on `rank`.
+    #[error("rank {rank}: {msg}")]
+    Collective { rank: usize, msg: String },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -6,6 +6,7 @@ pub mod doctor;
 pub mod error;
 pub mod heads;
 pub mod logging;
+pub mod memory;
 pub mod models;
 pub mod peft;
 pub mod train;

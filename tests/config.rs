@@ -108,14 +108,16 @@ fn missing_file_is_named() {
 fn shipped_configs_are_valid() -> TestResult {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("configs");
     let mut n = 0;
-    for entry in std::fs::read_dir(&dir)? {
-        let path = entry?.path();
-        if path.extension().is_some_and(|e| e == "toml") {
-            Config::load(Some(&path), &[]).map_err(|e| format!("{}: {e}", path.display()))?;
-            n += 1;
+    for sub in [dir.clone(), dir.join("ablations")] {
+        for entry in std::fs::read_dir(&sub)? {
+            let path = entry?.path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                Config::load(Some(&path), &[]).map_err(|e| format!("{}: {e}", path.display()))?;
+                n += 1;
+            }
         }
     }
-    assert!(n >= 4, "expected the shipped configs in {}", dir.display());
+    assert!(n >= 16, "expected the shipped configs in {}", dir.display());
     Ok(())
 }
 

@@ -1,2 +1,6 @@
-//! Distributed execution. For now: whether the NCCL backend can be loaded at all.
+//! Distributed execution: the collective operations the memory and the trainer use, and whether
+//! the NCCL backend can be loaded.
+pub mod collective;
 pub mod nccl;
+
+pub use collective::{Collective, InProcessGroup, SingleProcess};

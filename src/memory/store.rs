@@ -1,0 +1,348 @@
+//! The key-value memory of METHOD.md section 2 (in the style of Memorizing Transformers, Wu et al.
+//! 2022, <https://arxiv.org/abs/2203.08913>): a FIFO ring of `capacity` (key, value, example id)
+//! entries, sharded over the ranks of a [`Collective`] — rank i holds ring slots i, i+W, i+2W, ...
+//! Reads are exact top-k by `q . k / tau`, with entries of the query's own example masked out;
+//! ties are broken by ring slot (oldest slot first), so a sharded read returns exactly what an
+//! unsharded memory with the same entries returns, values and order. Written by hand because no
+//! crate does exact, deterministic top-k over libtorch tensors across ranks; faiss is the
+//! reference the benchmark compares against.
+use crate::dist::Collective;
+use crate::error::{Error, Result};
+use tch::{Device, Kind, Tensor};
+
+/// Entries of one read: `scores (q, k)` (already divided by tau; -inf where fewer than k entries
+/// qualified), `values (q, k, d_v)`, `ids (q, k)` (-1 for none), `slots (q, k)` (ring slots).
+pub struct Retrieved {
+    pub scores: Tensor,
+    pub values: Tensor,
+    pub ids: Tensor,
+    pub slots: Tensor,
+}
+
+impl Retrieved {
+    /// `r = sum_j softmax(scores)_j v_j`, `(q, d_v)`; zero for a query with no entry.
+    pub fn weighted_values(&self) -> Tensor {
+        let valid = self.ids.ge(0); // (q, k)
+        let any = valid.any_dim(1, true); // (q, 1)
+        let safe = self.scores.where_self(&any, &self.scores.zeros_like());
+        let w = safe.softmax(-1, Kind::Float) * valid.to_kind(Kind::Float); // (q, k)
+        (w.unsqueeze(-1) * &self.values).sum_dim_intlist(1, false, Kind::Float)
+    }
+}
+
+pub struct ShardedKvMemory {
+    capacity: usize,
+    rank: usize,
+    world_size: usize,
+    tau: f64,
+    /// `(local capacity, d_k)`, `(local capacity, d_v)` f32.
+    keys: Tensor,
+    values: Tensor,
+    /// `(local capacity,)` i64: the example id of each entry, -1 when empty.
+    ids: Tensor,
+    /// Entries written so far, all ranks together (the ring position of the next write).
+    written: u64,
+}
+
+const NO_SLOT: i64 = i64::MAX;
+
+impl ShardedKvMemory {
+    /// This rank's shard of a memory of `capacity` entries.
+    pub fn new(
+        capacity: usize,
+        d_key: i64,
+        d_value: i64,
+        tau: f64,
+        rank: usize,
+        world_size: usize,
+        device: Device,
+    ) -> Self {
+        let local = Self::local_capacity(capacity, rank, world_size) as i64;
+        ShardedKvMemory {
+            capacity,
+            rank,
+            world_size,
+            tau,
+            keys: Tensor::zeros([local, d_key], (Kind::Float, device)),
+            values: Tensor::zeros([local, d_value], (Kind::Float, device)),
+            ids: Tensor::full([local], -1, (Kind::Int64, device)),
+            written: 0,
+        }
+    }
+
+    /// Slots `rank, rank + W, ...` below `capacity`.
+    pub fn local_capacity(capacity: usize, rank: usize, world_size: usize) -> usize {
+        (capacity + world_size - 1 - rank) / world_size
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Entries held by all ranks together.
+    pub fn len(&self) -> usize {
+        (self.written as usize).min(self.capacity)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.written == 0
+    }
+
+    /// Bytes of this rank's shard.
+    pub fn bytes(&self) -> usize {
+        [&self.keys, &self.values, &self.ids]
+            .iter()
+            .map(|t| t.numel() * t.kind().elt_size_in_bytes())
+            .sum()
+    }
+
+    /// The ring slot of local row `j`.
+    fn slot_of(&self, local: &Tensor) -> Tensor {
+        local * self.world_size as i64 + self.rank as i64
+    }
+
+    /// Appends every rank's `keys (n, d_k)`, `values (n, d_v)`, `ids (n,)` (gathered in rank
+    /// order) to the ring; each rank stores the slots it owns. Collective: all ranks call it.
+    pub fn write(
+        &mut self,
+        group: &dyn Collective,
+        keys: &Tensor,
+        values: &Tensor,
+        ids: &Tensor,
+    ) -> Result<()> {
+        let gather = |t: &Tensor| -> Result<Tensor> { Ok(Tensor::cat(&group.all_gather(t)?, 0)) };
+        let device = self.keys.device();
+        let (mut k, mut v, mut i) = (
+            gather(&keys.detach().to_kind(Kind::Float))?.to_device(device),
+            gather(&values.detach().to_kind(Kind::Float))?.to_device(device),
+            gather(&ids.to_kind(Kind::Int64))?.to_device(device),
+        );
+        let mut n = k.size()[0];
+        if k.size()[1] != self.keys.size()[1] || v.size()[1] != self.values.size()[1] {
+            return Err(Error::Collective {
+                rank: self.rank,
+                msg: format!(
+                    "memory write of keys {:?} / values {:?}: the memory holds {:?} / {:?}",
+                    k.size(),
+                    v.size(),
+                    self.keys.size(),
+                    self.values.size()
+                ),
+            });
+        }
+        let cap = self.capacity as i64;
+        let mut start = self.written as i64;
+        if n > cap {
+            // Only the last `capacity` entries survive a write this large.
+            let skip = n - cap;
+            (k, v, i) = (
+                k.narrow(0, skip, cap),
+                v.narrow(0, skip, cap),
+                i.narrow(0, skip, cap),
+            );
+            start += skip;
+            n = cap;
+        }
+        let slots = (Tensor::arange(n, (Kind::Int64, device)) + start).remainder(cap);
+        let mine = slots.remainder(self.world_size as i64).eq(self.rank as i64);
+        let rows = mine.nonzero().squeeze_dim(1);
+        if rows.numel() > 0 {
+            let local = slots
+                .index_select(0, &rows)
+                .divide_scalar_mode(self.world_size as i64, "floor");
+            let _ = self.keys.index_copy_(0, &local, &k.index_select(0, &rows));
+            let _ = self
+                .values
+                .index_copy_(0, &local, &v.index_select(0, &rows));
+            let _ = self.ids.index_copy_(0, &local, &i.index_select(0, &rows));
+        }
+        self.written = (start + n) as u64;
+        Ok(())
+    }
+
+    /// Top-`k` of this shard for `queries (q, d_k)`, excluding entries whose id equals the
+    /// query's; ties broken by ring slot.
+    pub fn search_local(&self, queries: &Tensor, query_ids: &Tensor, k: usize) -> Retrieved {
+        let q = queries.size()[0];
+        let local = self.keys.size()[0];
+        let device = self.keys.device();
+        let k = k as i64;
+        if local == 0 || q == 0 {
+            return empty(q, k, self.values.size()[1], device);
+        }
+        let scores = queries.to_kind(Kind::Float).matmul(&self.keys.tr()) / self.tau; // (q, n)
+        let banned = self
+            .ids
+            .eq(-1)
+            .unsqueeze(0)
+            .logical_or(&self.ids.unsqueeze(0).eq_tensor(&query_ids.unsqueeze(1))); // (q, n)
+        let scores = scores.masked_fill(&banned, f64::NEG_INFINITY);
+        let kk = k.min(local);
+        let (top, _) = scores.topk(kk, 1, true, true);
+        let kth = top.narrow(1, kk - 1, 1); // (q, 1)
+                                            // Everything above the k-th score, then the oldest slots among those equal to it.
+        let above = scores.gt_tensor(&kth);
+        let equal = scores.eq_tensor(&kth);
+        let room = -above.sum_dim_intlist(1, true, Kind::Int64) + kk; // (q, 1)
+        let take =
+            above.logical_or(&equal.logical_and(&equal.cumsum(1, Kind::Int64).le_tensor(&room))); // exactly kk per row, in slot order
+        let cols = take.nonzero().select(1, 1).view([q, kk]); // (q, kk)
+        let picked = scores.gather(1, &cols, false);
+        let slots = self.slot_of(&cols);
+        let ids = self.ids.index_select(0, &cols.view([-1])).view([q, kk]);
+        let values = self
+            .values
+            .index_select(0, &cols.view([-1]))
+            .view([q, kk, -1]);
+        let found = Retrieved {
+            scores: picked,
+            values,
+            ids,
+            slots,
+        };
+        let found = sort_by_score_then_slot(mark_invalid(found));
+        pad_to(found, k)
+    }
+
+    /// The global top-`k` for this rank's `queries (q, d_k)` and their example ids `(q,)`.
+    /// Collective when sharded: every rank calls it with its own queries.
+    pub fn read(
+        &self,
+        group: &dyn Collective,
+        queries: &Tensor,
+        query_ids: &Tensor,
+        k: usize,
+    ) -> Result<Retrieved> {
+        if group.world_size() == 1 {
+            return Ok(self.search_local(queries, query_ids, k));
+        }
+        let device = self.keys.device();
+        let all_q = group.all_gather(&queries.detach().to_kind(Kind::Float))?;
+        let all_ids = Tensor::cat(&group.all_gather(&query_ids.to_kind(Kind::Int64))?, 0);
+        let counts: Vec<i64> = all_q.iter().map(|t| t.size()[0]).collect();
+        let offset: i64 = counts[..group.rank()].iter().sum();
+        let mine = counts[group.rank()];
+        let local = self.search_local(
+            &Tensor::cat(&all_q, 0).to_device(device),
+            &all_ids.to_device(device),
+            k,
+        );
+        let gather = |t: &Tensor| -> Result<Vec<Tensor>> {
+            Ok(group
+                .all_gather(t)?
+                .into_iter()
+                .map(|x| x.narrow(0, offset, mine).to_device(device))
+                .collect())
+        };
+        let merged = Retrieved {
+            scores: Tensor::cat(&gather(&local.scores)?, 1),
+            values: Tensor::cat(&gather(&local.values)?, 1),
+            ids: Tensor::cat(&gather(&local.ids)?, 1),
+            slots: Tensor::cat(&gather(&local.slots)?, 1),
+        };
+        let sorted = sort_by_score_then_slot(merged);
+        let k = k as i64;
+        Ok(Retrieved {
+            scores: sorted.scores.narrow(1, 0, k),
+            values: sorted.values.narrow(1, 0, k),
+            ids: sorted.ids.narrow(1, 0, k),
+            slots: sorted.slots.narrow(1, 0, k),
+        })
+    }
+
+    /// This shard's tensors (for saving with a run).
+    pub fn tensors(&self) -> Vec<(String, Tensor)> {
+        vec![
+            ("keys".into(), self.keys.shallow_clone()),
+            ("values".into(), self.values.shallow_clone()),
+            ("ids".into(), self.ids.shallow_clone()),
+            ("written".into(), Tensor::from_slice(&[self.written as i64])),
+        ]
+    }
+
+    /// Restores a shard saved by [`Self::tensors`]; `path` names the file in errors.
+    pub fn load(&mut self, tensors: Vec<(String, Tensor)>, path: &std::path::Path) -> Result<()> {
+        let mut found = std::collections::HashMap::<String, Tensor>::from_iter(tensors);
+        let mut take = |name: &str, like: &Tensor| -> Result<Tensor> {
+            let t = found
+                .remove(name)
+                .ok_or_else(|| Error::tensor(path, name, "missing from the memory file"))?;
+            if t.size() != like.size() {
+                return Err(Error::tensor(
+                    path,
+                    name,
+                    format!("has shape {:?}, the memory is {:?}", t.size(), like.size()),
+                ));
+            }
+            Ok(t.to_device(like.device()).to_kind(like.kind()))
+        };
+        self.keys = take("keys", &self.keys)?;
+        self.values = take("values", &self.values)?;
+        self.ids = take("ids", &self.ids)?;
+        self.written = take("written", &Tensor::zeros([1], (Kind::Int64, Device::Cpu)))?
+            .int64_value(&[0]) as u64;
+        Ok(())
+    }
+}
+
+fn empty(q: i64, k: i64, d_value: i64, device: Device) -> Retrieved {
+    Retrieved {
+        scores: Tensor::full([q, k], f64::NEG_INFINITY, (Kind::Float, device)),
+        values: Tensor::zeros([q, k, d_value], (Kind::Float, device)),
+        ids: Tensor::full([q, k], -1, (Kind::Int64, device)),
+        slots: Tensor::full([q, k], NO_SLOT, (Kind::Int64, device)),
+    }
+}
+
+/// Entries with a -inf score become padding: id -1, zero value, no slot.
+fn mark_invalid(r: Retrieved) -> Retrieved {
+    let invalid = r.scores.isinf(); // scores are never +inf for normalized keys
+    Retrieved {
+        ids: r.ids.masked_fill(&invalid, -1),
+        slots: r.slots.masked_fill(&invalid, NO_SLOT),
+        values: r.values.masked_fill(&invalid.unsqueeze(-1), 0.0),
+        scores: r.scores,
+    }
+}
+
+/// Rows sorted by score (high first), equal scores by slot (low first): two stable sorts.
+fn sort_by_score_then_slot(r: Retrieved) -> Retrieved {
+    let by_slot = r.slots.sort_stable(true, 1, false).1;
+    let apply = |t: &Tensor, order: &Tensor| -> Tensor {
+        if t.dim() == 3 {
+            let d = t.size()[2];
+            t.gather(1, &order.unsqueeze(-1).expand([-1, -1, d], false), false)
+        } else {
+            t.gather(1, order, false)
+        }
+    };
+    let r = Retrieved {
+        scores: apply(&r.scores, &by_slot),
+        values: apply(&r.values, &by_slot),
+        ids: apply(&r.ids, &by_slot),
+        slots: apply(&r.slots, &by_slot),
+    };
+    let by_score = r.scores.sort_stable(true, 1, true).1;
+    Retrieved {
+        scores: apply(&r.scores, &by_score),
+        values: apply(&r.values, &by_score),
+        ids: apply(&r.ids, &by_score),
+        slots: apply(&r.slots, &by_score),
+    }
+}
+
+/// Pads a read of fewer than `k` columns (a shard smaller than k) with empty entries.
+fn pad_to(r: Retrieved, k: i64) -> Retrieved {
+    let have = r.scores.size()[1];
+    if have >= k {
+        return r;
+    }
+    let (q, d) = (r.scores.size()[0], r.values.size()[2]);
+    let pad = empty(q, k - have, d, r.scores.device());
+    Retrieved {
+        scores: Tensor::cat(&[r.scores, pad.scores], 1),
+        values: Tensor::cat(&[r.values, pad.values], 1),
+        ids: Tensor::cat(&[r.ids, pad.ids], 1),
+        slots: Tensor::cat(&[r.slots, pad.slots], 1),
+    }
+}

@@ -1,0 +1,201 @@
+//! The external memory: FIFO ring writes, exact top-k with self-exclusion against a brute-force
+//! reference, and sharded reads over simulated ranks (threads of an in-process group) that return
+//! exactly the unsharded result — scores, values, ids and order — with ties and with shards
+//! holding fewer than k entries.
+use tch::{Device, Kind, Tensor};
+use umtune::dist::{Collective, InProcessGroup, SingleProcess};
+use umtune::memory::{Retrieved, ShardedKvMemory};
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+const D_K: i64 = 4;
+const D_V: i64 = 3;
+
+/// Entry `i`: a key from a small lattice (so that scores tie), a value that identifies it, and
+/// example id `i / 2` (two entries per example).
+fn entry(i: usize) -> (Vec<f32>, Vec<f32>, i64) {
+    let key: Vec<f32> = (0..D_K as usize)
+        .map(|j| ((i * 7 + j * 3) % 4) as f32 - 1.5)
+        .collect();
+    let value: Vec<f32> = (0..D_V as usize).map(|j| (i * 10 + j) as f32).collect();
+    (key, value, (i / 2) as i64)
+}
+
+fn tensors(range: std::ops::Range<usize>) -> (Tensor, Tensor, Tensor) {
+    let n = range.len() as i64;
+    let (mut k, mut v, mut ids) = (Vec::new(), Vec::new(), Vec::new());
+    for i in range {
+        let (a, b, c) = entry(i);
+        k.extend(a);
+        v.extend(b);
+        ids.push(c);
+    }
+    (
+        Tensor::from_slice(&k).view([n, D_K]),
+        Tensor::from_slice(&v).view([n, D_V]),
+        Tensor::from_slice(&ids),
+    )
+}
+
+fn queries(n: usize, seed: usize) -> (Tensor, Tensor) {
+    let q: Vec<f32> = (0..n * D_K as usize)
+        .map(|j| (((j + seed) * 5) % 7) as f32 - 3.0)
+        .collect();
+    let ids: Vec<i64> = (0..n).map(|j| ((j + seed) % 5) as i64).collect();
+    (
+        Tensor::from_slice(&q).view([n as i64, D_K]),
+        Tensor::from_slice(&ids),
+    )
+}
+
+/// Brute force over the ring's surviving entries: (score, slot, id, value) sorted by score
+/// (high first) then slot, own example excluded, first k.
+fn brute_force(
+    written: usize,
+    capacity: usize,
+    tau: f64,
+    q: &[f32],
+    qid: i64,
+    k: usize,
+) -> Vec<(f32, i64, i64, Vec<f32>)> {
+    let mut slots: Vec<Option<usize>> = vec![None; capacity];
+    for i in 0..written {
+        slots[i % capacity] = Some(i);
+    }
+    let mut found: Vec<(f32, i64, i64, Vec<f32>)> = slots
+        .iter()
+        .enumerate()
+        .filter_map(|(slot, e)| e.map(|i| (slot, entry(i))))
+        .filter(|(_, (_, _, id))| *id != qid)
+        .map(|(slot, (key, value, id))| {
+            let dot: f32 = key.iter().zip(q).map(|(a, b)| a * b).sum();
+            ((dot as f64 / tau) as f32, slot as i64, id, value)
+        })
+        .collect();
+    found.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    found.truncate(k);
+    found
+}
+
+fn rows(r: &Retrieved) -> Result<Vec<Vec<(f32, i64, i64, Vec<f32>)>>, Box<dyn std::error::Error>> {
+    let scores = Vec::<Vec<f32>>::try_from(&r.scores)?;
+    let slots = Vec::<Vec<i64>>::try_from(&r.slots)?;
+    let ids = Vec::<Vec<i64>>::try_from(&r.ids)?;
+    let q = scores.len();
+    let mut out = Vec::new();
+    for i in 0..q {
+        let mut row = Vec::new();
+        for j in 0..scores[i].len() {
+            if ids[i][j] >= 0 {
+                let v = Vec::<f32>::try_from(r.values.get(i as i64).get(j as i64))?;
+                row.push((scores[i][j], slots[i][j], ids[i][j], v));
+            }
+        }
+        out.push(row);
+    }
+    Ok(out)
+}
+
+#[test]
+fn ring_top_k_and_self_exclusion_match_brute_force() -> TestResult {
+    let (capacity, tau, k) = (8, 0.5, 5);
+    let mut mem = ShardedKvMemory::new(capacity, D_K, D_V, tau, 0, 1, Device::Cpu);
+    // 13 entries in three writes: the ring wraps and keeps the newest 8.
+    for range in [0..5, 5..6, 6..13] {
+        let (k_, v, ids) = tensors(range);
+        mem.write(&SingleProcess, &k_, &v, &ids)?;
+    }
+    assert_eq!(mem.len(), capacity);
+    let (q, qids) = queries(6, 1);
+    let got = rows(&mem.read(&SingleProcess, &q, &qids, k)?)?;
+    let qv = Vec::<Vec<f32>>::try_from(&q)?;
+    let qi = Vec::<i64>::try_from(&qids)?;
+    for (i, row) in got.iter().enumerate() {
+        let want = brute_force(13, capacity, tau, &qv[i], qi[i], k);
+        assert_eq!(row, &want, "query {i}");
+        assert!(row.iter().all(|e| e.2 != qi[i]), "own example retrieved");
+    }
+    // A write larger than the ring keeps its last `capacity` entries.
+    let (k_, v, ids) = tensors(13..40);
+    mem.write(&SingleProcess, &k_, &v, &ids)?;
+    let got = rows(&mem.read(&SingleProcess, &q, &qids, k)?)?;
+    for (i, row) in got.iter().enumerate() {
+        assert_eq!(row, &brute_force(40, capacity, tau, &qv[i], qi[i], k));
+    }
+    // The read value is the softmax-weighted sum of the entries.
+    let r = mem.read(&SingleProcess, &q, &qids, k)?;
+    let manual = (r.scores.softmax(-1, Kind::Float).unsqueeze(-1) * &r.values).sum_dim_intlist(
+        1,
+        false,
+        Kind::Float,
+    );
+    assert!(r.weighted_values().allclose(&manual, 1e-6, 1e-6, false));
+    Ok(())
+}
+
+/// Each rank writes its slice of `0..written` (unequal sizes), then reads its own queries; the
+/// results of every rank, in rank order.
+fn sharded_reads(
+    world: usize,
+    capacity: usize,
+    written: usize,
+    k: usize,
+) -> Result<Vec<Vec<Vec<(f32, i64, i64, Vec<f32>)>>>, String> {
+    let handles: Vec<_> = InProcessGroup::new(world)
+        .into_iter()
+        .map(|group| {
+            std::thread::spawn(move || -> Result<_, String> {
+                let rank = group.rank();
+                let mut mem =
+                    ShardedKvMemory::new(capacity, D_K, D_V, 0.5, rank, world, Device::Cpu);
+                // Two writes; in each, rank r contributes a contiguous piece, in rank order.
+                let half = written / 2;
+                for (lo, hi) in [(0, half), (half, written)] {
+                    let n = hi - lo;
+                    let a = lo + n * rank / world;
+                    let b = lo + n * (rank + 1) / world;
+                    let (k_, v, ids) = tensors(a..b);
+                    mem.write(&group, &k_, &v, &ids)
+                        .map_err(|e| e.to_string())?;
+                }
+                let (q, qids) = queries(rank + 1, rank * 3);
+                let r = mem.read(&group, &q, &qids, k).map_err(|e| e.to_string())?;
+                rows(&r).map_err(|e| e.to_string())
+            })
+        })
+        .collect();
+    handles
+        .into_iter()
+        .map(|h| h.join().map_err(|_| "rank panicked".to_string())?)
+        .collect()
+}
+
+#[test]
+fn sharded_reads_equal_the_unsharded_memory() -> TestResult {
+    // (capacity, entries written, k): wrapped ring with ties; and a memory so small that some
+    // shards hold fewer than k entries (or none).
+    for (capacity, written, k) in [(24, 40, 6), (10, 5, 8)] {
+        let single = sharded_reads(1, capacity, written, k)?;
+        for world in [2, 3, 4] {
+            let sharded = sharded_reads(world, capacity, written, k)?;
+            for (rank, got) in sharded.iter().enumerate() {
+                let (q, qids) = queries(rank + 1, rank * 3);
+                let qv = Vec::<Vec<f32>>::try_from(&q)?;
+                let qi = Vec::<i64>::try_from(&qids)?;
+                for (i, row) in got.iter().enumerate() {
+                    let want = brute_force(written, capacity, 0.5, &qv[i], qi[i], k);
+                    assert_eq!(row, &want, "world {world} rank {rank} query {i}");
+                }
+            }
+        }
+        // Ties exist in this data (the point of the test): some row has equal scores.
+        let any_tie = single[0]
+            .iter()
+            .any(|row| row.windows(2).any(|w| w[0].0 == w[1].0));
+        assert!(
+            any_tie || written < k,
+            "no tied scores in capacity {capacity}"
+        );
+    }
+    Ok(())
+}
