@@ -8,6 +8,9 @@ use umtune::memory::{Retrieved, ShardedKvMemory};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
+/// One retrieved entry: (score, ring slot, example id, value).
+type Hit = (f32, i64, i64, Vec<f32>);
+
 const D_K: i64 = 4;
 const D_V: i64 = 3;
 
@@ -57,12 +60,12 @@ fn brute_force(
     q: &[f32],
     qid: i64,
     k: usize,
-) -> Vec<(f32, i64, i64, Vec<f32>)> {
+) -> Vec<Hit> {
     let mut slots: Vec<Option<usize>> = vec![None; capacity];
     for i in 0..written {
         slots[i % capacity] = Some(i);
     }
-    let mut found: Vec<(f32, i64, i64, Vec<f32>)> = slots
+    let mut found: Vec<Hit> = slots
         .iter()
         .enumerate()
         .filter_map(|(slot, e)| e.map(|i| (slot, entry(i))))
@@ -77,7 +80,7 @@ fn brute_force(
     found
 }
 
-fn rows(r: &Retrieved) -> Result<Vec<Vec<(f32, i64, i64, Vec<f32>)>>, Box<dyn std::error::Error>> {
+fn rows(r: &Retrieved) -> Result<Vec<Vec<Hit>>, Box<dyn std::error::Error>> {
     let scores = Vec::<Vec<f32>>::try_from(&r.scores)?;
     let slots = Vec::<Vec<i64>>::try_from(&r.slots)?;
     let ids = Vec::<Vec<i64>>::try_from(&r.ids)?;
@@ -140,7 +143,7 @@ fn sharded_reads(
     capacity: usize,
     written: usize,
     k: usize,
-) -> Result<Vec<Vec<Vec<(f32, i64, i64, Vec<f32>)>>>, String> {
+) -> Result<Vec<Vec<Vec<Hit>>>, String> {
     let handles: Vec<_> = InProcessGroup::new(world)
         .into_iter()
         .map(|group| {

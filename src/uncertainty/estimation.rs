@@ -105,7 +105,7 @@ impl LayerHook for UncertaintyHook<'_> {
         let mut logvar = est.up.forward(&est.down.forward(&u).gelu("none")); // (b, t, d)
         let prev = self.p.last();
         if let (Some(c), Some(prev)) = (&est.c, prev) {
-            logvar = logvar + c * prev;
+            logvar += c * prev;
         }
         let v = logvar.clamp(-10.0, 10.0).exp();
         let rho = est.theta.sigmoid();
