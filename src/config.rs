@@ -306,6 +306,40 @@ pub struct Config {
     pub train: TrainConfig,
     pub run: RunConfig,
     pub uncertainty: UncertaintyConfig,
+    pub memory: MemoryConfig,
+}
+
+/// External memory (METHOD.md section 2).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MemoryConfig {
+    pub enabled: bool,
+    /// Entries in the FIFO ring (all ranks together).
+    pub capacity: usize,
+    /// d_k of the normalized keys and queries.
+    pub key_size: i64,
+    /// Entries read per query.
+    pub k: usize,
+    /// Score temperature tau_m.
+    pub tau: f64,
+    /// The block (0-based) whose output the memory reads and fuses; -1: the last.
+    pub layer: i64,
+    /// Weight of the in-batch InfoNCE between queries and keys (0: off; keys then never train).
+    pub lambda_mem: f64,
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        MemoryConfig {
+            enabled: false,
+            capacity: 16384,
+            key_size: 128,
+            k: 16,
+            tau: 0.07,
+            layer: -1,
+            lambda_mem: 0.1,
+        }
+    }
 }
 
 /// Uncertainty modeling (METHOD.md section 1); every sub-part has its own switch for ablations.
@@ -501,6 +535,38 @@ impl Config {
             "train.log_every",
             self.train.log_every.to_string(),
             "1 or more",
+        )?;
+        let m = &self.memory;
+        range(
+            m.capacity >= 1,
+            "memory.capacity",
+            m.capacity.to_string(),
+            "1 or more",
+        )?;
+        range(
+            m.key_size >= 1,
+            "memory.key_size",
+            m.key_size.to_string(),
+            "1 or more",
+        )?;
+        range(m.k >= 1, "memory.k", m.k.to_string(), "1 or more")?;
+        range(
+            m.tau > 0.0,
+            "memory.tau",
+            m.tau.to_string(),
+            "a positive number",
+        )?;
+        range(
+            m.layer >= -1,
+            "memory.layer",
+            m.layer.to_string(),
+            "a block index, or -1 for the last",
+        )?;
+        range(
+            m.lambda_mem >= 0.0,
+            "memory.lambda_mem",
+            m.lambda_mem.to_string(),
+            "0 or more",
         )?;
         let u = &self.uncertainty;
         range(

@@ -54,22 +54,22 @@ struct BenchArgs {
 impl BenchArgs {
     /// Runs `f` `warmup` times, then `iters` timed times (synchronizing CUDA after each), and
     /// returns the median seconds, as the bench/ scripts take it for the reference.
-    fn median_secs(&self, device: tch::Device, mut f: impl FnMut()) -> Result<f64> {
+    fn median_secs(&self, device: tch::Device, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
         if self.iters == 0 {
             bail!("--iters must be at least 1");
         }
-        let mut timed = || {
+        let mut timed = || -> Result<f64> {
             let start = Instant::now();
-            f();
+            f()?;
             if device.is_cuda() {
                 tch::Cuda::synchronize(0);
             }
-            start.elapsed().as_secs_f64()
+            Ok(start.elapsed().as_secs_f64())
         };
         for _ in 0..self.warmup {
-            timed();
+            timed()?;
         }
-        let mut times: Vec<f64> = (0..self.iters).map(|_| timed()).collect();
+        let mut times: Vec<f64> = (0..self.iters).map(|_| timed()).collect::<Result<_>>()?;
         times.sort_by(f64::total_cmp);
         let mid = times.len() / 2;
         Ok(if times.len() % 2 == 1 {
@@ -202,11 +202,12 @@ fn run(command: Command) -> Result<()> {
                 bs,
                 &run.label_names,
                 run.device,
-            );
+            )?;
             summary.test = data
                 .test
                 .as_ref()
-                .map(|t| trainer::evaluate(&run.model, t, bs, &run.label_names, run.device));
+                .map(|t| trainer::evaluate(&run.model, t, bs, &run.label_names, run.device))
+                .transpose()?;
             println!("{}", trainer::results_table(std::slice::from_ref(&summary)));
         }
         Command::Predict {
@@ -294,12 +295,14 @@ fn run(command: Command) -> Result<()> {
             let mask = Tensor::ones([b_sz, seq_len], (Kind::Int64, device));
             let labels = Tensor::randint(2, [b_sz], (Kind::Int64, device));
             task.training.set(true);
+            let example_ids = Tensor::arange(b_sz, (Kind::Int64, device));
             let secs = args.median_secs(device, || {
                 opt.zero_grad();
-                task.logits(&ids, &mask)
-                    .cross_entropy_for_logits(&labels)
-                    .backward();
+                let fwd = task.forward(&ids, &mask, Some(&example_ids))?;
+                task.loss(&fwd, &labels).backward();
                 opt.step(cfg.train.lr);
+                task.commit_memory()?;
+                Ok(())
             })?;
             println!(
                 "{}",
@@ -322,6 +325,7 @@ fn run(command: Command) -> Result<()> {
             let secs = args.median_secs(device, || {
                 let h = loaded.backbone.forward(&ids, None, None, &mut NoHook);
                 drop(loaded.backbone.lm_logits(&h));
+                Ok(())
             })?;
             println!(
                 "{}",

@@ -202,3 +202,174 @@ fn sharded_reads_equal_the_unsharded_memory() -> TestResult {
     }
     Ok(())
 }
+
+mod common;
+
+/// A tiny LLaMA task model with the memory (and optionally UM) on, LoRA dropout off.
+fn memory_model(
+    tag: &str,
+    with_um: bool,
+) -> Result<umtune::train::trainer::TaskModel, Box<dyn std::error::Error>> {
+    let mut cfg = common::tiny_config(tag, umtune::config::PeftMethod::Lora)?;
+    cfg.peft.dropout = 0.0;
+    cfg.memory.enabled = true;
+    cfg.memory.capacity = 64;
+    cfg.memory.k = 4;
+    cfg.uncertainty.enabled = with_um;
+    Ok(umtune::train::trainer::TaskModel::build(&cfg, 2)?.0)
+}
+
+fn toy_batch() -> (Tensor, Tensor, Tensor, Tensor) {
+    let ids = Tensor::from_slice(&[5i64, 9, 3, 7, 2, 11, 4, 4, 8, 1, 6, 0]).view([3, 4]);
+    let mask = Tensor::from_slice(&[1i64, 1, 1, 1, 1, 1, 1, 0, 1, 1, 0, 0]).view([3, 4]);
+    (
+        ids,
+        mask,
+        Tensor::from_slice(&[1i64, 0, 1]),
+        Tensor::from_slice(&[10i64, 11, 12]),
+    )
+}
+
+#[test]
+fn a_fresh_memory_fusion_is_exactly_the_model_without_it() -> TestResult {
+    use umtune::train::optimizer::AdamW;
+    let model = memory_model("mem-step0", false)?;
+    let mut cfg = common::tiny_config("mem-plain", umtune::config::PeftMethod::Lora)?;
+    cfg.peft.dropout = 0.0;
+    let (plain, _) = umtune::train::trainer::TaskModel::build(&cfg, 2)?;
+    let vars = model.trained_vars();
+    for (name, t) in plain.named_trainable() {
+        let mut dst = vars[&name].shallow_clone();
+        tch::no_grad(|| dst.copy_(&t));
+    }
+    let (ids, mask, labels, example_ids) = toy_batch();
+    // Fill the memory so that reads return real entries, then compare (W_o is still zero).
+    model.training.set(true);
+    for _ in 0..2 {
+        tch::no_grad(|| model.forward(&ids, &mask, Some(&example_ids)))?;
+        model.commit_memory()?;
+    }
+    let filled = model
+        .memory
+        .as_ref()
+        .ok_or("memory")?
+        .memory
+        .lock()
+        .map_err(|_| "lock")?
+        .len();
+    assert_eq!(filled, 6, "two batches of 3 written");
+    model.training.set(false);
+    plain.training.set(false);
+    let with = tch::no_grad(|| model.logits(&ids, &mask))?;
+    let without = tch::no_grad(|| plain.logits(&ids, &mask))?;
+    assert!(
+        with.equal(&without),
+        "zero W_o must leave the logits bitwise unchanged"
+    );
+
+    // Training: gradients reach every memory tensor (W_k through the InfoNCE term), none the
+    // backbone; after a step the memory changes the output.
+    model.training.set(true);
+    let mut opt = AdamW::new(model.named_trainable(), 0.0);
+    for _ in 0..2 {
+        opt.zero_grad();
+        let f = model.forward(&ids, &mask, Some(&example_ids))?;
+        model.loss(&f, &labels).backward();
+        opt.step(1e-2);
+        model.commit_memory()?;
+    }
+    opt.zero_grad();
+    let f = model.forward(&ids, &mask, Some(&example_ids))?;
+    model.loss(&f, &labels).backward();
+    for (name, t) in model
+        .named_trainable()
+        .iter()
+        .filter(|(n, _)| n.starts_with("memory."))
+    {
+        let g = t.grad();
+        assert!(
+            g.defined() && g.abs().sum(Kind::Float).double_value(&[]) > 0.0,
+            "{name}: no gradient"
+        );
+    }
+    for (name, t) in model.backbone.var_store().variables() {
+        assert!(!t.grad().defined(), "frozen {name} got a gradient");
+    }
+    model.training.set(false);
+    let moved = tch::no_grad(|| model.logits(&ids, &mask))?;
+    assert!(!moved.equal(&with));
+    Ok(())
+}
+
+#[test]
+fn uncertainty_and_memory_train_together() -> TestResult {
+    let model = memory_model("mem-um", true)?;
+    let names: Vec<String> = model
+        .named_trainable()
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    // The gate sees [h ; r ; log p]: 3d inputs when UM estimates at the memory's block.
+    let w_g = model.trained_vars()["memory.w_g.weight"].size();
+    assert_eq!(w_g[1], 3 * w_g[0], "{w_g:?}");
+    assert!(names.iter().any(|n| n.starts_with("uncertainty.")));
+    let (ids, mask, labels, example_ids) = toy_batch();
+    model.training.set(true);
+    let f = model.forward(&ids, &mask, Some(&example_ids))?;
+    assert!(f.samples.is_some() && f.regularizer.is_some());
+    let loss = model.loss(&f, &labels);
+    assert!(loss.double_value(&[]).is_finite());
+    Ok(())
+}
+
+#[test]
+fn the_memory_is_saved_with_the_run_and_restored_by_eval() -> TestResult {
+    use umtune::train::run_dir::load_run;
+    use umtune::train::trainer::{evaluate, load_data, train_model};
+    let mut cfg = common::tiny_config("mem-run", umtune::config::PeftMethod::Lora)?;
+    cfg.memory.enabled = true;
+    cfg.memory.capacity = 20; // 4 steps x 8 examples wrap the ring
+    let (summary, trained) = train_model(&cfg)?;
+    let held = trained
+        .memory
+        .as_ref()
+        .ok_or("memory")?
+        .memory
+        .lock()
+        .map_err(|_| "lock")?
+        .len();
+    assert_eq!(held, 20);
+    let run = load_run(&summary.run_dir, &[])?;
+    let restored = run
+        .model
+        .memory
+        .as_ref()
+        .ok_or("memory")?
+        .memory
+        .lock()
+        .map_err(|_| "lock")?
+        .len();
+    assert_eq!(restored, 20);
+    let data = load_data(&run.config, run.model.tokenizer()?)?;
+    let again = evaluate(
+        &run.model,
+        &data.validation,
+        16,
+        &run.label_names,
+        run.device,
+    )?;
+    assert!(
+        (again.loss - summary.validation.loss).abs() < 1e-9,
+        "{} vs {}",
+        again.loss,
+        summary.validation.loss
+    );
+    // Without the memory file the run cannot be restored silently wrong.
+    std::fs::remove_file(summary.run_dir.join("memory.safetensors"))?;
+    let e = load_run(&summary.run_dir, &[])
+        .err()
+        .ok_or("expected an error")?
+        .to_string();
+    assert!(e.contains("memory.safetensors"), "{e}");
+    Ok(())
+}

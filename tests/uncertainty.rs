@@ -93,7 +93,7 @@ fn runs_fit_a_temperature_that_eval_and_predict_apply() -> TestResult {
         16,
         &run.label_names,
         run.device,
-    );
+    )?;
     assert!((again.calibrated.ok_or("eval")?.nll - cal.nll).abs() < 1e-9);
     let p = predict(&run, &["a fine film".to_string()], 1)?.remove(0);
     let c = p
@@ -192,13 +192,15 @@ fn gradients_reach_every_uncertainty_tensor_and_no_frozen_one() -> TestResult {
     // in the second.
     for _ in 0..2 {
         opt.zero_grad();
-        let f = model.forward(&ids, &mask);
+        let f = model.forward(&ids, &mask, None)?;
         assert!(f.samples.is_some() && f.regularizer.is_some());
         model.loss(&f, &labels).backward();
         opt.step(1e-2);
     }
     opt.zero_grad();
-    model.loss(&model.forward(&ids, &mask), &labels).backward();
+    model
+        .loss(&model.forward(&ids, &mask, None)?, &labels)
+        .backward();
     for (name, t) in model.named_trainable() {
         let g = t.grad();
         assert!(g.defined(), "{name}: no gradient");
@@ -236,9 +238,9 @@ fn every_uncertainty_part_switches_off() -> TestResult {
     // Estimation alone changes nothing the head sees, even in training mode.
     bare.training.set(true);
     plain.training.set(true);
-    let f = bare.forward(&ids, &mask);
+    let f = bare.forward(&ids, &mask, None)?;
     assert!(f.samples.is_none() && f.regularizer.is_some());
-    let d = max_abs_diff(&f.logits, &plain.forward(&ids, &mask).logits);
+    let d = max_abs_diff(&f.logits, &plain.forward(&ids, &mask, None)?.logits);
     assert!(d == 0.0, "logits differ by {d}");
     let names: Vec<String> = bare.named_trainable().into_iter().map(|(n, _)| n).collect();
     assert!(
@@ -267,10 +269,12 @@ fn every_uncertainty_part_switches_off() -> TestResult {
     assert!(!m.named_trainable().iter().any(|(n, _)| n.ends_with(".c")));
     let (noisy, _) = TaskModel::build(&um_config("um-noise", &off[1..])?, 2)?;
     noisy.training.set(true);
-    let (a, b) = (noisy.logits(&ids, &mask), noisy.logits(&ids, &mask));
+    let (a, b) = (noisy.logits(&ids, &mask)?, noisy.logits(&ids, &mask)?);
     assert!(!a.equal(&b), "training noise is off");
     noisy.training.set(false);
-    assert!(noisy.logits(&ids, &mask).equal(&noisy.logits(&ids, &mask)));
+    assert!(noisy
+        .logits(&ids, &mask)?
+        .equal(&noisy.logits(&ids, &mask)?));
     Ok(())
 }
 

@@ -20,6 +20,9 @@ pub struct Encoded {
     pub token_labels: Vec<i64>,
     /// Words that fit after truncation (token classification).
     pub words: usize,
+    /// The example's id: its index in its split (plus the split's offset, see `load_data`); the
+    /// external memory never returns an entry of the querying example.
+    pub id: i64,
 }
 
 /// Label value the loss ignores.
@@ -36,7 +39,8 @@ pub fn encode(
     let fallback = tok.eos_id.or(tok.bos_id).map(i64::from).unwrap_or(0);
     examples
         .iter()
-        .map(|ex| match ex {
+        .enumerate()
+        .map(|(id, ex)| match ex {
             Example::Text { text, label } => {
                 let mut ids: Vec<i64> = tok.encode(text)?.into_iter().map(i64::from).collect();
                 ids.truncate(max_length);
@@ -49,6 +53,7 @@ pub fn encode(
                     label: *label as i64,
                     token_labels: Vec::new(),
                     words: 0,
+                    id: id as i64,
                 })
             }
             Example::Tagged { tokens, tags } => {
@@ -84,6 +89,7 @@ pub fn encode(
                     label: IGNORE,
                     token_labels: labels,
                     words,
+                    id: id as i64,
                 })
             }
         })
@@ -98,6 +104,8 @@ pub struct Batch {
     pub labels: Tensor,
     /// Real (non-padding) tokens in the batch.
     pub n_tokens: usize,
+    /// `(b,)` example ids.
+    pub example_ids: Tensor,
 }
 
 /// Pads `items` on the right to the longest one with `pad_id`.
@@ -131,6 +139,8 @@ pub fn collate(items: &[&Encoded], pad_id: i64, device: Device) -> Batch {
         attention_mask: Tensor::from_slice(&mask).view(shape).to_device(device),
         labels: if tokens { labels.view(shape) } else { labels }.to_device(device),
         n_tokens: items.iter().map(|e| e.ids.len()).sum(),
+        example_ids: Tensor::from_slice(&items.iter().map(|e| e.id).collect::<Vec<_>>())
+            .to_device(device),
     }
 }
 

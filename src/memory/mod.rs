@@ -1,4 +1,7 @@
 //! External memory (METHOD.md section 2): the sharded key-value store and its reads.
+pub mod fusion;
 pub mod store;
+
+pub use fusion::MemoryFusion;
 
 pub use store::{Retrieved, ShardedKvMemory};

@@ -32,6 +32,15 @@ pub fn load_run(dir: &Path, overrides: &[String]) -> Result<LoadedRun> {
         .map_err(|e| Error::format(&summary_path, format!("label_names: {e}")))?;
     let (mut model, device) = TaskModel::build(&config, label_names.len())?;
     load_named(model.trained_vars(), &dir.join("trainable.safetensors"))?;
+    if let Some(m) = &model.memory {
+        let path = dir.join("memory.safetensors");
+        let tensors =
+            Tensor::read_safetensors(&path).map_err(|e| Error::format(&path, e.to_string()))?;
+        m.memory
+            .lock()
+            .map_err(|_| Error::Config("memory lock poisoned".into()))?
+            .load(tensors, &path)?;
+    }
     let calibration = dir.join("calibration.json");
     if calibration.exists() {
         let c = read_json(&calibration)?;
@@ -164,7 +173,12 @@ fn unit_logits(
         let batch = collate(&items, pad, run.device);
         let probs = run
             .model
-            .logits(&batch.input_ids, &batch.attention_mask)
+            .forward(
+                &batch.input_ids,
+                &batch.attention_mask,
+                Some(&batch.example_ids),
+            )?
+            .logits
             .to_kind(tch::Kind::Double)
             .to_device(Device::Cpu);
         for (k, e) in chunk.iter().enumerate() {

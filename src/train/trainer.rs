@@ -14,6 +14,7 @@ use crate::data::readers::{read_split, Columns, Example, Split, Task};
 use crate::data::TextTokenizer;
 use crate::error::{Error, Result};
 use crate::heads::{Head, SequenceClassifier, TokenClassifier};
+use crate::memory::MemoryFusion;
 use crate::models::resolve::{asset_cache, load_tokenizer, load_with};
 use crate::models::{ArchConfig, Backbone, NoHook};
 use crate::peft::{AdapterSpec, Injector, LoraSpec, PrefixKv, TrainingFlag};
@@ -151,18 +152,60 @@ pub fn load_data(cfg: &Config, tok: &TextTokenizer) -> Result<Data> {
     };
     let (d, max_len) = (&cfg.data, cfg.data.max_length);
     let eval = |examples| prepare(examples, d.eval_limit, &d.eval_corruption);
+    // Ids are unique across splits (validation and test never match a training entry).
+    let offset = |mut v: Vec<Encoded>, split: i64| {
+        for e in &mut v {
+            e.id += split << 40;
+        }
+        v
+    };
     Ok(Data {
         train: encode(
             tok,
             &prepare(train.examples, d.train_limit, &d.train_corruption),
             max_len,
         )?,
-        validation: encode(tok, &eval(validation.examples), max_len)?,
+        validation: offset(encode(tok, &eval(validation.examples), max_len)?, 1),
         test: test
-            .map(|t| encode(tok, &eval(t.examples), max_len))
+            .map(|t| encode(tok, &eval(t.examples), max_len).map(|e| offset(e, 2)))
             .transpose()?,
         label_names: names,
     })
+}
+
+/// The plug-ins between blocks: UM's estimators, then at block m the memory fusion (which sees
+/// UM's p of that block).
+struct ModelHook<'a> {
+    um: Option<crate::uncertainty::estimation::UncertaintyHook<'a>>,
+    memory: Option<&'a MemoryFusion>,
+    mask: &'a Tensor,
+    example_ids: &'a Tensor,
+    training: bool,
+    contrastive: Option<Tensor>,
+    error: Option<Error>,
+}
+
+impl crate::models::LayerHook for ModelHook<'_> {
+    fn after_block(&mut self, layer: usize, hidden: Tensor) -> Tensor {
+        let hidden = match &mut self.um {
+            Some(um) => um.after_block(layer, hidden),
+            None => hidden,
+        };
+        let Some(memory) = self.memory.filter(|m| m.layer == layer) else {
+            return hidden;
+        };
+        let p = self.um.as_ref().and_then(|um| um.p_at(layer));
+        match memory.forward(&hidden, self.mask, self.example_ids, p, self.training) {
+            Ok(out) => {
+                self.contrastive = out.contrastive;
+                out.hidden
+            }
+            Err(e) => {
+                self.error = Some(e);
+                hidden
+            }
+        }
+    }
 }
 
 /// What a forward pass gives the loss.
@@ -171,7 +214,7 @@ pub struct Forward {
     pub logits: Tensor,
     /// `(n_mc, …)` heteroscedastic samples (training with uncertainty modeling).
     pub samples: Option<Tensor>,
-    /// `lambda_var * mean(p)` (uncertainty modeling).
+    /// `lambda_var * mean(p)` (uncertainty modeling) plus the memory's InfoNCE term.
     pub regularizer: Option<Tensor>,
 }
 
@@ -193,6 +236,8 @@ pub struct TaskModel {
     pub temperature: Option<f64>,
     /// Uncertainty modeling (METHOD.md section 1), if enabled.
     pub um: Option<Uncertainty>,
+    /// The external memory and its fusion (METHOD.md section 2), if enabled.
+    pub memory: Option<MemoryFusion>,
 }
 
 impl TaskModel {
@@ -314,6 +359,42 @@ impl TaskModel {
         } else {
             None
         };
+        let memory = if cfg.memory.enabled {
+            let n = arch.num_layers();
+            let layer = if cfg.memory.layer < 0 {
+                n - 1
+            } else {
+                cfg.memory.layer as usize
+            };
+            if layer >= n {
+                return Err(Error::Config(format!(
+                    "memory.layer = {layer}; `{}` has blocks 0 to {}",
+                    cfg.model.source,
+                    n - 1
+                )));
+            }
+            let with_um = um.is_some() && plugin_layers(&cfg.uncertainty, n).contains(&layer);
+            let fusion = MemoryFusion::new(
+                &trainable.root(),
+                &cfg.memory,
+                layer,
+                arch.hidden_size() as i64,
+                cfg.data.task == TaskKind::Ner,
+                with_um,
+                std::sync::Arc::new(crate::dist::SingleProcess),
+            );
+            if let Ok(m) = fusion.memory.lock() {
+                tracing::info!(
+                    entries = m.capacity(),
+                    bytes = m.bytes(),
+                    layer,
+                    "external memory"
+                );
+            }
+            Some(fusion)
+        } else {
+            None
+        };
         Ok((
             TaskModel {
                 backbone: loaded.backbone,
@@ -326,6 +407,7 @@ impl TaskModel {
                 autocast: cfg.train.autocast.kind(),
                 temperature: None,
                 um,
+                memory,
             },
             device,
         ))
@@ -339,48 +421,87 @@ impl TaskModel {
     }
 
     /// Class logits in f32: `(b, num_labels)`, or `(b, t, num_labels)` for NER.
-    pub fn logits(&self, input_ids: &Tensor, mask: &Tensor) -> Tensor {
-        self.forward(input_ids, mask).logits
+    pub fn logits(&self, input_ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        Ok(self.forward(input_ids, mask, None)?.logits)
     }
 
     /// One forward pass (under autocast if configured): logits in f32 and, with uncertainty
-    /// modeling, the training-time extras.
-    pub fn forward(&self, input_ids: &Tensor, mask: &Tensor) -> Forward {
+    /// modeling or the memory, the training-time extras. `example_ids (b,)` keep the memory from
+    /// returning an example's own entries (None: ids that match nothing).
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        mask: &Tensor,
+        example_ids: Option<&Tensor>,
+    ) -> Result<Forward> {
         match self.autocast {
             Some(kind) => {
                 let f = autocast(self.backbone.device(), kind, || {
-                    self.forward_in_kind(input_ids, mask)
-                });
-                Forward {
+                    self.forward_in_kind(input_ids, mask, example_ids)
+                })?;
+                Ok(Forward {
                     logits: f.logits.to_kind(tch::Kind::Float),
                     ..f
-                }
+                })
             }
-            None => self.forward_in_kind(input_ids, mask),
+            None => self.forward_in_kind(input_ids, mask, example_ids),
         }
     }
 
-    fn forward_in_kind(&self, input_ids: &Tensor, mask: &Tensor) -> Forward {
+    fn forward_in_kind(
+        &self,
+        input_ids: &Tensor,
+        mask: &Tensor,
+        example_ids: Option<&Tensor>,
+    ) -> Result<Forward> {
         let mut cache = self
             .prefix
             .as_ref()
             .map(|p| p.cache(input_ids.size()[0], self.backbone.kind()));
-        let Some(um) = &self.um else {
+        if self.um.is_none() && self.memory.is_none() {
             let hidden = self
                 .backbone
                 .forward(input_ids, Some(mask), cache.as_mut(), &mut NoHook);
-            return Forward {
+            return Ok(Forward {
                 logits: self.head.forward(&hidden, mask),
                 samples: None,
                 regularizer: None,
-            };
+            });
+        }
+        let b_sz = input_ids.size()[0];
+        let unknown;
+        let example_ids = match example_ids {
+            Some(ids) => ids,
+            None => {
+                unknown = Tensor::arange(b_sz, (tch::Kind::Int64, input_ids.device())) + i64::MIN;
+                &unknown
+            }
         };
-        let mut hook = um.features.hook();
+        let mut hook = ModelHook {
+            um: self.um.as_ref().map(|um| um.features.hook()),
+            memory: self.memory.as_ref(),
+            mask,
+            example_ids,
+            training: self.training.get(),
+            contrastive: None,
+            error: None,
+        };
         let hidden = self
             .backbone
             .forward(input_ids, Some(mask), cache.as_mut(), &mut hook);
+        if let Some(e) = hook.error.take() {
+            return Err(e);
+        }
+        let mut regularizer = hook.contrastive.take();
+        let Some((um, um_hook)) = self.um.as_ref().zip(hook.um.as_ref()) else {
+            return Ok(Forward {
+                logits: self.head.forward(&hidden, mask),
+                samples: None,
+                regularizer,
+            });
+        };
         let z = self.head.pool(&hidden, mask);
-        let p_z = match hook.last() {
+        let p_z = match um_hook.last() {
             Some(p) => self.head.pool(p, mask),
             None => z.zeros_like(),
         };
@@ -390,20 +511,33 @@ impl TaskModel {
         } else {
             None
         };
-        let regularizer = (!hook.p.is_empty()).then(|| {
-            let n = hook.p.len() as f64;
-            hook.p
+        if !um_hook.p.is_empty() {
+            let n = um_hook.p.len() as f64;
+            let var = um_hook
+                .p
                 .iter()
                 .map(|p| p.mean(tch::Kind::Float))
                 .fold(Tensor::zeros([], (tch::Kind::Float, z.device())), |a, b| {
                     a + b
                 })
-                * (um.lambda_var / n)
-        });
-        Forward {
+                * (um.lambda_var / n);
+            regularizer = Some(match regularizer {
+                Some(r) => r + var,
+                None => var,
+            });
+        }
+        Ok(Forward {
             logits: out.logits,
             samples,
             regularizer,
+        })
+    }
+
+    /// After an optimizer step: the batch's memory entries go into the ring (collective).
+    pub fn commit_memory(&self) -> Result<()> {
+        match &self.memory {
+            Some(m) => m.commit(),
+            None => Ok(()),
         }
     }
 
@@ -474,7 +608,12 @@ pub struct Outputs {
 }
 
 /// Runs `model` over `data` in length-sorted batches without gradients.
-pub fn outputs(model: &TaskModel, data: &[Encoded], batch_size: usize, device: Device) -> Outputs {
+pub fn outputs(
+    model: &TaskModel,
+    data: &[Encoded],
+    batch_size: usize,
+    device: Device,
+) -> Result<Outputs> {
     model.training.set(false);
     let _g = tch::no_grad_guard();
     let mut order: Vec<usize> = (0..data.len()).collect();
@@ -493,7 +632,13 @@ pub fn outputs(model: &TaskModel, data: &[Encoded], batch_size: usize, device: D
     for chunk in order.chunks(batch_size.max(1)) {
         let items: Vec<&Encoded> = chunk.iter().map(|&i| &data[i]).collect();
         let batch = collate(&items, pad, device);
-        let logits = model.logits(&batch.input_ids, &batch.attention_mask);
+        let logits = model
+            .forward(
+                &batch.input_ids,
+                &batch.attention_mask,
+                Some(&batch.example_ids),
+            )?
+            .logits;
         out.loss_sum += cross_entropy(&logits, &batch.labels, Reduction::Sum).double_value(&[]);
         let n = logits.size().last().copied().unwrap_or(1);
         let labels = Vec::<i64>::try_from(batch.labels.reshape([-1]).to_device(Device::Cpu))
@@ -521,7 +666,7 @@ pub fn outputs(model: &TaskModel, data: &[Encoded], batch_size: usize, device: D
             }
         }
     }
-    out
+    Ok(out)
 }
 
 /// The units calibration is measured on: every example, or for NER the words whose gold tag is
@@ -549,9 +694,9 @@ pub fn evaluate(
     batch_size: usize,
     label_names: &[String],
     device: Device,
-) -> EvalResult {
-    let out = outputs(model, data, batch_size, device);
-    scores(&out, label_names, model.temperature, data.len())
+) -> Result<EvalResult> {
+    let out = outputs(model, data, batch_size, device)?;
+    Ok(scores(&out, label_names, model.temperature, data.len()))
 }
 
 /// [`EvalResult`] of collected outputs.
@@ -619,6 +764,18 @@ fn save_trainable(model: &TaskModel, path: &Path) -> Result<()> {
     let tmp = path.with_extension("tmp");
     let named = model.named_trainable();
     Tensor::write_safetensors(&named, &tmp).map_err(|e| Error::format(&tmp, e.to_string()))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+/// The memory's entries (this rank's shard), written atomically.
+pub fn save_memory(m: &MemoryFusion, path: &Path) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    let tensors = m
+        .memory
+        .lock()
+        .map_err(|_| Error::Config("memory lock poisoned".into()))?
+        .tensors();
+    Tensor::write_safetensors(&tensors, &tmp).map_err(|e| Error::format(&tmp, e.to_string()))?;
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
@@ -713,7 +870,11 @@ pub fn train_model(cfg: &Config) -> Result<(Summary, TaskModel)> {
             let items: Vec<&Encoded> = idx.iter().map(|&i| &data.train[i]).collect();
             let batch = collate(&items, pad, device);
             tokens += batch.n_tokens;
-            let fwd = model.forward(&batch.input_ids, &batch.attention_mask);
+            let fwd = model.forward(
+                &batch.input_ids,
+                &batch.attention_mask,
+                Some(&batch.example_ids),
+            )?;
             let loss = model.loss(&fwd, &batch.labels) / t.grad_accum as f64;
             loss_value += loss.double_value(&[]);
             loss.backward();
@@ -735,6 +896,7 @@ pub fn train_model(cfg: &Config) -> Result<(Summary, TaskModel)> {
         bad_in_a_row = 0;
         let grad_norm = opt.clip_grad_norm(t.max_grad_norm);
         opt.step(lr);
+        model.commit_memory()?;
         train_secs += step_start.elapsed().as_secs_f64();
         if (step + 1) % t.log_every == 0 || step + 1 == total {
             let tps = tokens as f64 / train_secs.max(1e-9);
@@ -770,7 +932,7 @@ pub fn train_model(cfg: &Config) -> Result<(Summary, TaskModel)> {
                 t.batch_size * 2,
                 &data.label_names,
                 device,
-            );
+            )?;
             progress.suspend(|| {
                 tracing::info!(
                     step = step + 1,
@@ -786,7 +948,7 @@ pub fn train_model(cfg: &Config) -> Result<(Summary, TaskModel)> {
     }
     progress.finish();
     // Post-hoc temperature scaling, fitted on the validation split and kept with the run.
-    let val_out = outputs(&model, &data.validation, t.batch_size * 2, device);
+    let val_out = outputs(&model, &data.validation, t.batch_size * 2, device)?;
     let (val_logits, val_gold) = calibration_units(&val_out, &data.label_names);
     model.temperature = Some(fit_temperature(&val_logits, &val_gold));
     write_atomic(
@@ -805,11 +967,15 @@ pub fn train_model(cfg: &Config) -> Result<(Summary, TaskModel)> {
     let test = data
         .test
         .as_ref()
-        .map(|d| evaluate(&model, d, t.batch_size * 2, &data.label_names, device));
+        .map(|d| evaluate(&model, d, t.batch_size * 2, &data.label_names, device))
+        .transpose()?;
     if let Some(ev) = &test {
         log.write(serde_json::json!({"step": total, "split": "test", "eval": ev}))?;
     }
     save_trainable(&model, &run_dir.join("trainable.safetensors"))?;
+    if let Some(m) = &model.memory {
+        save_memory(m, &run_dir.join("memory.safetensors"))?;
+    }
     let trainable_params = model.trainable_params();
     let summary = Summary {
         run_dir: run_dir.clone(),

@@ -85,6 +85,12 @@ pub struct UncertaintyHook<'a> {
 }
 
 impl UncertaintyHook<'_> {
+    /// p of block `layer`, if it carries an estimator and has been passed.
+    pub fn p_at(&self, layer: usize) -> Option<&Tensor> {
+        let i = self.module.blocks.iter().position(|b| b.layer == layer)?;
+        self.p.get(i)
+    }
+
     /// p of the last block in S (the one the head sees).
     pub fn last(&self) -> Option<&Tensor> {
         self.p.last()

@@ -1,0 +1,200 @@
+//! The memory inside the model (METHOD.md section 2): at block m, query
+//! `q = normalize(W_q pool(h_m))`, read the top-k entries `r`, and fuse with the uncertainty-aware
+//! gate `g = sigmoid(W_g [h ; r ; log p] + b_g)` (b_g = -2; `log p` only with UM at block m):
+//! `h <- h + g * W_o r`, `W_o` zero-initialized so that a fresh model is exactly the backbone.
+//! Granularity: one read per sequence (the last real token) for classification, fused at every
+//! position; one read per token for NER. In training the batch's detached
+//! `(normalize(W_k pool(h_m)), pool(h_m), example id)` wait in `pending` until the trainer commits
+//! them after the optimizer step; an in-batch InfoNCE between queries and keys (weight
+//! `lambda_mem`) is what trains `W_k`, whose keys are otherwise detached.
+use super::store::ShardedKvMemory;
+use crate::config::MemoryConfig;
+use crate::dist::Collective;
+use crate::error::Result;
+use crate::heads::classification::last_token;
+use std::sync::{Arc, Mutex};
+use tch::nn::{self, Module};
+use tch::{Kind, Tensor};
+
+pub struct MemoryFusion {
+    pub layer: usize,
+    w_k: nn::Linear,
+    w_q: nn::Linear,
+    w_g: nn::Linear,
+    w_o: nn::Linear,
+    top_k: usize,
+    per_token: bool,
+    pub lambda_mem: f64,
+    pub memory: Mutex<ShardedKvMemory>,
+    group: Arc<dyn Collective>,
+    /// Entries of the micro-batches since the last optimizer step.
+    pending: Mutex<Vec<(Tensor, Tensor, Tensor)>>,
+}
+
+/// What one fused forward pass leaves for the loss.
+pub struct FusionOutput {
+    pub hidden: Tensor,
+    /// In-batch InfoNCE between queries and keys (training only).
+    pub contrastive: Option<Tensor>,
+}
+
+fn normalize(x: &Tensor) -> Tensor {
+    x / x.norm_scalaropt_dim(2.0, [-1], true).clamp_min(1e-12)
+}
+
+impl MemoryFusion {
+    /// `with_uncertainty`: whether UM provides p at `layer` (then the gate sees log p).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        p: &nn::Path,
+        cfg: &MemoryConfig,
+        layer: usize,
+        d: i64,
+        per_token: bool,
+        with_uncertainty: bool,
+        group: Arc<dyn Collective>,
+    ) -> Self {
+        let p = p / "memory";
+        let no_bias = nn::LinearConfig {
+            bias: false,
+            ..Default::default()
+        };
+        let gate_in = if with_uncertainty { 3 * d } else { 2 * d };
+        let gate = nn::LinearConfig {
+            bs_init: Some(nn::Init::Const(-2.0)),
+            ..Default::default()
+        };
+        let zero = nn::LinearConfig {
+            ws_init: nn::Init::Const(0.0),
+            bias: false,
+            ..Default::default()
+        };
+        let memory = ShardedKvMemory::new(
+            cfg.capacity,
+            cfg.key_size,
+            d,
+            cfg.tau,
+            group.rank(),
+            group.world_size(),
+            p.device(),
+        );
+        MemoryFusion {
+            layer,
+            w_k: nn::linear(&p / "w_k", d, cfg.key_size, no_bias),
+            w_q: nn::linear(&p / "w_q", d, cfg.key_size, no_bias),
+            w_g: nn::linear(&p / "w_g", gate_in, d, gate),
+            w_o: nn::linear(&p / "w_o", d, d, zero),
+            top_k: cfg.k,
+            per_token,
+            lambda_mem: cfg.lambda_mem,
+            memory: Mutex::new(memory),
+            group,
+            pending: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Fuses the memory into `hidden (b, t, d)` at block m. `mask (b, t)`, `example_ids (b,)`,
+    /// `p (b, t, d)` UM's variance at this block if any.
+    pub fn forward(
+        &self,
+        hidden: &Tensor,
+        mask: &Tensor,
+        example_ids: &Tensor,
+        p: Option<&Tensor>,
+        training: bool,
+    ) -> Result<FusionOutput> {
+        let h = hidden.to_kind(Kind::Float);
+        let (b_sz, seq_len, d) = h.size3()?;
+        // Rows that query and get written: (n, d) with their example ids (n,).
+        let (rows, row_ids, select) = if self.per_token {
+            let keep = mask.reshape([-1]).ne(0).nonzero().squeeze_dim(1);
+            let ids = example_ids
+                .unsqueeze(1)
+                .expand([b_sz, seq_len], false)
+                .reshape([-1])
+                .index_select(0, &keep);
+            (h.reshape([-1, d]).index_select(0, &keep), ids, Some(keep))
+        } else {
+            (last_token(&h, mask), example_ids.shallow_clone(), None)
+        };
+        let q = normalize(&self.w_q.forward(&rows));
+        let read = {
+            let memory = self
+                .memory
+                .lock()
+                .map_err(|_| crate::error::Error::Collective {
+                    rank: self.group.rank(),
+                    msg: "memory lock poisoned".into(),
+                })?;
+            memory.read(self.group.as_ref(), &q, &row_ids, self.top_k)?
+        };
+        let r_rows = read.weighted_values(); // (n, d)
+        let r = match &select {
+            Some(keep) => Tensor::zeros([b_sz * seq_len, d], (Kind::Float, h.device()))
+                .index_copy(0, keep, &r_rows)
+                .view([b_sz, seq_len, d]),
+            None => r_rows.unsqueeze(1).expand([b_sz, seq_len, d], false),
+        };
+        let mut gate_in = vec![h.shallow_clone(), r.shallow_clone()];
+        if let Some(p) = p {
+            gate_in.push(p.clamp_min(1e-12).log());
+        }
+        let g = self.w_g.forward(&Tensor::cat(&gate_in, -1)).sigmoid();
+        let fused = hidden + (g * self.w_o.forward(&r)).to_kind(hidden.kind());
+        let mut contrastive = None;
+        if training {
+            let k = normalize(&self.w_k.forward(&rows));
+            if self.lambda_mem > 0.0 && rows.size()[0] > 1 {
+                let logits = q.matmul(&k.tr()) / self.memory_tau();
+                let target = Tensor::arange(rows.size()[0], (Kind::Int64, h.device()));
+                contrastive = Some(logits.cross_entropy_for_logits(&target) * self.lambda_mem);
+            }
+            if let Ok(mut pending) = self.pending.lock() {
+                pending.push((k.detach(), rows.detach(), row_ids));
+            }
+        }
+        Ok(FusionOutput {
+            hidden: fused,
+            contrastive,
+        })
+    }
+
+    fn memory_tau(&self) -> f64 {
+        self.memory.lock().map(|m| m.tau()).unwrap_or(1.0)
+    }
+
+    /// Writes the last training batch's entries (after the optimizer step). Collective.
+    pub fn commit(&self) -> Result<()> {
+        let pending = self
+            .pending
+            .lock()
+            .map(|mut p| std::mem::take(&mut *p))
+            .unwrap_or_default();
+        if pending.is_empty() && self.group.world_size() == 1 {
+            return Ok(());
+        }
+        let cat = |i: usize| -> Tensor {
+            let parts: Vec<&Tensor> = pending
+                .iter()
+                .map(|e| match i {
+                    0 => &e.0,
+                    1 => &e.1,
+                    _ => &e.2,
+                })
+                .collect();
+            Tensor::cat(&parts, 0)
+        };
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let (k, v, ids) = (cat(0), cat(1), cat(2));
+        let mut memory = self
+            .memory
+            .lock()
+            .map_err(|_| crate::error::Error::Collective {
+                rank: self.group.rank(),
+                msg: "memory lock poisoned".into(),
+            })?;
+        memory.write(self.group.as_ref(), &k, &v, &ids)
+    }
+}
