@@ -219,6 +219,11 @@ fn memory_model(
     Ok(umtune::train::trainer::TaskModel::build(&cfg, 2)?.0)
 }
 
+/// Entries the model's memory holds.
+fn held(model: &umtune::train::trainer::TaskModel) -> Result<usize, Box<dyn std::error::Error>> {
+    Ok(model.memory.as_ref().ok_or("no memory")?.store()?.len())
+}
+
 fn toy_batch() -> (Tensor, Tensor, Tensor, Tensor) {
     let ids = Tensor::from_slice(&[5i64, 9, 3, 7, 2, 11, 4, 4, 8, 1, 6, 0]).view([3, 4]);
     let mask = Tensor::from_slice(&[1i64, 1, 1, 1, 1, 1, 1, 0, 1, 1, 0, 0]).view([3, 4]);
@@ -249,14 +254,7 @@ fn a_fresh_memory_fusion_is_exactly_the_model_without_it() -> TestResult {
         tch::no_grad(|| model.forward(&ids, &mask, Some(&example_ids)))?;
         model.commit_memory()?;
     }
-    let filled = model
-        .memory
-        .as_ref()
-        .ok_or("memory")?
-        .memory
-        .lock()
-        .map_err(|_| "lock")?
-        .len();
+    let filled = held(&model)?;
     assert_eq!(filled, 6, "two batches of 3 written");
     model.training.set(false);
     plain.training.set(false);
@@ -330,26 +328,9 @@ fn the_memory_is_saved_with_the_run_and_restored_by_eval() -> TestResult {
     cfg.memory.enabled = true;
     cfg.memory.capacity = 20; // 4 steps x 8 examples wrap the ring
     let (summary, trained) = train_model(&cfg)?;
-    let held = trained
-        .memory
-        .as_ref()
-        .ok_or("memory")?
-        .memory
-        .lock()
-        .map_err(|_| "lock")?
-        .len();
-    assert_eq!(held, 20);
+    assert_eq!(held(&trained)?, 20);
     let run = load_run(&summary.run_dir, &[])?;
-    let restored = run
-        .model
-        .memory
-        .as_ref()
-        .ok_or("memory")?
-        .memory
-        .lock()
-        .map_err(|_| "lock")?
-        .len();
-    assert_eq!(restored, 20);
+    assert_eq!(held(&run.model)?, 20);
     let data = load_data(&run.config, run.model.tokenizer()?)?;
     let again = evaluate(
         &run.model,

@@ -25,7 +25,7 @@ pub struct MemoryFusion {
     top_k: usize,
     per_token: bool,
     pub lambda_mem: f64,
-    pub memory: Mutex<ShardedKvMemory>,
+    memory: Mutex<ShardedKvMemory>,
     group: Arc<dyn Collective>,
     /// Entries of the micro-batches since the last optimizer step.
     pending: Mutex<Vec<(Tensor, Tensor, Tensor)>>,
@@ -118,16 +118,9 @@ impl MemoryFusion {
             (last_token(&h, mask), example_ids.shallow_clone(), None)
         };
         let q = normalize(&self.w_q.forward(&rows));
-        let read = {
-            let memory = self
-                .memory
-                .lock()
-                .map_err(|_| crate::error::Error::Collective {
-                    rank: self.group.rank(),
-                    msg: "memory lock poisoned".into(),
-                })?;
-            memory.read(self.group.as_ref(), &q, &row_ids, self.top_k)?
-        };
+        let read = self
+            .store()?
+            .read(self.group.as_ref(), &q, &row_ids, self.top_k)?;
         let r_rows = read.weighted_values(); // (n, d)
         let r = match &select {
             Some(keep) => Tensor::zeros([b_sz * seq_len, d], (Kind::Float, h.device()))
@@ -159,6 +152,16 @@ impl MemoryFusion {
         })
     }
 
+    /// The store, locked (it is shared by forward passes and commits).
+    pub fn store(&self) -> Result<std::sync::MutexGuard<'_, ShardedKvMemory>> {
+        self.memory
+            .lock()
+            .map_err(|_| crate::error::Error::Collective {
+                rank: self.group.rank(),
+                msg: "memory lock poisoned by a panic".into(),
+            })
+    }
+
     fn memory_tau(&self) -> f64 {
         self.memory.lock().map(|m| m.tau()).unwrap_or(1.0)
     }
@@ -170,9 +173,6 @@ impl MemoryFusion {
             .lock()
             .map(|mut p| std::mem::take(&mut *p))
             .unwrap_or_default();
-        if pending.is_empty() && self.group.world_size() == 1 {
-            return Ok(());
-        }
         let cat = |i: usize| -> Tensor {
             let parts: Vec<&Tensor> = pending
                 .iter()
@@ -188,13 +188,6 @@ impl MemoryFusion {
             return Ok(());
         }
         let (k, v, ids) = (cat(0), cat(1), cat(2));
-        let mut memory = self
-            .memory
-            .lock()
-            .map_err(|_| crate::error::Error::Collective {
-                rank: self.group.rank(),
-                msg: "memory lock poisoned".into(),
-            })?;
-        memory.write(self.group.as_ref(), &k, &v, &ids)
+        self.store()?.write(self.group.as_ref(), &k, &v, &ids)
     }
 }

@@ -36,10 +36,7 @@ pub fn load_run(dir: &Path, overrides: &[String]) -> Result<LoadedRun> {
         let path = dir.join("memory.safetensors");
         let tensors =
             Tensor::read_safetensors(&path).map_err(|e| Error::format(&path, e.to_string()))?;
-        m.memory
-            .lock()
-            .map_err(|_| Error::Config("memory lock poisoned".into()))?
-            .load(tensors, &path)?;
+        m.store()?.load(tensors, &path)?;
     }
     let calibration = dir.join("calibration.json");
     if calibration.exists() {

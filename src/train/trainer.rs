@@ -383,14 +383,11 @@ impl TaskModel {
                 with_um,
                 std::sync::Arc::new(crate::dist::SingleProcess),
             );
-            if let Ok(m) = fusion.memory.lock() {
-                tracing::info!(
-                    entries = m.capacity(),
-                    bytes = m.bytes(),
-                    layer,
-                    "external memory"
-                );
-            }
+            let (entries, bytes) = {
+                let m = fusion.store()?;
+                (m.capacity(), m.bytes())
+            };
+            tracing::info!(entries, bytes, layer, "external memory");
             Some(fusion)
         } else {
             None
@@ -770,11 +767,7 @@ fn save_trainable(model: &TaskModel, path: &Path) -> Result<()> {
 /// The memory's entries (this rank's shard), written atomically.
 pub fn save_memory(m: &MemoryFusion, path: &Path) -> Result<()> {
     let tmp = path.with_extension("tmp");
-    let tensors = m
-        .memory
-        .lock()
-        .map_err(|_| Error::Config("memory lock poisoned".into()))?
-        .tensors();
+    let tensors = m.store()?.tensors();
     Tensor::write_safetensors(&tensors, &tmp).map_err(|e| Error::format(&tmp, e.to_string()))?;
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
