@@ -140,17 +140,20 @@ fn autocast_computes_in_bf16_and_restores_the_state() -> TestResult {
     let d = max_abs_diff(&inside, &full);
     assert!(d > 0.0 && d < 0.1, "bf16 matmul error {d}");
 
-    // A training run under autocast: the same trajectory as f32 within bf16 error.
+    // A training run under autocast trains; its model's logits with and without autocast agree
+    // within bf16 error. (Runs are not compared: tests share libtorch's global RNG.)
     let mut cfg = tiny_config("autocast", PeftMethod::Lora)?;
     cfg.train.autocast = umtune::config::Autocast::Bf16;
-    let (mixed, model) = train_model(&cfg)?;
-    let (plain, _) = train_model(&tiny_config("autocast-off", PeftMethod::Lora)?)?;
+    let (mixed, mut model) = train_model(&cfg)?;
     assert!(mixed.validation.loss.is_finite());
-    let gap = (mixed.validation.loss - plain.validation.loss).abs();
-    assert!(gap > 0.0 && gap < 0.05, "validation loss gap {gap}");
-    let ids = tch::Tensor::from_slice(&[5i64, 9, 3]).view([1, 3]);
-    let logits = tch::no_grad(|| model.logits(&ids, &ids.ones_like()))?;
-    assert_eq!(logits.kind(), Kind::Float);
+    let ids = tch::Tensor::from_slice(&[5i64, 9, 3, 7]).view([1, 4]);
+    let mask = ids.ones_like();
+    let low = tch::no_grad(|| model.logits(&ids, &mask))?;
+    assert_eq!(low.kind(), Kind::Float);
+    model.autocast = None;
+    let full = tch::no_grad(|| model.logits(&ids, &mask))?;
+    let gap = max_abs_diff(&low, &full);
+    assert!(gap > 0.0 && gap < 0.1, "bf16 vs f32 logits differ by {gap}");
     Ok(())
 }
 
