@@ -54,6 +54,7 @@ tests/fixtures/.complete: tests/make_fixtures.py $(VENV)/.test-installed | asset
 bench: build assets $(VENV)/.test-installed
 	$(VENV)/bin/python bench/forward.py
 	$(VENV)/bin/python bench/train_step.py
+	$(VENV)/bin/python bench/method_overhead.py
 
 doctor: build
 	$(BIN) doctor
