@@ -21,3 +21,4 @@ for seed in $SEEDS; do
       --set data.train_corruption.label_noise=0.3 --set data.train_corruption.seed=$seed
   done
 done
+$bin report "$OUT"

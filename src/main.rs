@@ -103,6 +103,9 @@ enum Command {
         #[arg(long)]
         output: PathBuf,
     },
+    /// A results table (markdown and CSV) of every run under a directory; writes
+    /// DIR/results.md and DIR/results.csv.
+    Report { dir: PathBuf },
     /// Export a run's trained weights for other tools (`--format peft`: a PEFT LoRA adapter).
     Export {
         run_dir: PathBuf,
@@ -229,6 +232,22 @@ fn run(command: Command) -> Result<()> {
             }
             run_dir::export_peft(&run_dir::load_run(&run_dir, &[])?, &out)?;
             println!("PEFT adapter written to {}", out.display());
+        }
+        Command::Report { dir } => {
+            let summaries = trainer::collect_summaries(&dir)?;
+            if summaries.is_empty() {
+                bail!(
+                    "{}: no run directories (with summary.json) below it",
+                    dir.display()
+                );
+            }
+            let md = trainer::results_table(&summaries);
+            trainer::write_atomic(&dir.join("results.md"), md.as_bytes())?;
+            trainer::write_atomic(
+                &dir.join("results.csv"),
+                trainer::results_csv(&summaries).as_bytes(),
+            )?;
+            print!("{md}");
         }
         Command::Config { cfg } => print!("{}", load_config(&cfg, &None)?.to_toml()),
         Command::Train { config, overrides } => {

@@ -209,3 +209,51 @@ fn label_noise_from_the_config_reaches_only_the_training_split() -> TestResult {
         .all(|(a, b)| a.label == b.label && a.ids == b.ids));
     Ok(())
 }
+
+#[test]
+fn report_tables_every_run_of_a_group() -> TestResult {
+    let mut a = tiny_config("report", PeftMethod::Head)?;
+    let group = std::path::PathBuf::from(&a.run.output_dir).join("group");
+    a.run.output_dir = group.join("nested").display().to_string();
+    let mut b = tiny_config("report", PeftMethod::Lora)?;
+    b.run.output_dir = group.display().to_string();
+    let (sa, sb) = (train(&a)?, train(&b)?);
+    let out = Command::new(env!("CARGO_BIN_EXE_umtune"))
+        .args(["report", group.to_str().ok_or("path")?])
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let md = std::fs::read_to_string(group.join("results.md"))?;
+    assert_eq!(md, String::from_utf8(out.stdout)?);
+    let csv = std::fs::read_to_string(group.join("results.csv"))?;
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(
+        lines.len(),
+        1 + 4,
+        "header + validation and test of two runs:\n{csv}"
+    );
+    assert!(lines.iter().all(|l| l.split(',').count() == 15), "{csv}");
+    for s in [&sa, &sb] {
+        let name = s
+            .run_dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or("name")?;
+        let row = lines
+            .iter()
+            .find(|l| l.starts_with(&format!("\"{name}\",validation,")))
+            .ok_or(format!("no row for {name}"))?;
+        assert!(
+            row.contains(&format!(",{:.4},", s.validation.accuracy)),
+            "{row}"
+        );
+    }
+    let e = Command::new(env!("CARGO_BIN_EXE_umtune"))
+        .args(["report", "/nonexistent-dir"])
+        .output()?;
+    assert!(!e.status.success());
+    Ok(())
+}

@@ -995,38 +995,100 @@ pub fn train_model(cfg: &Config) -> Result<(Summary, TaskModel)> {
 /// optimizer step; a single process has nothing to do (the distributed issue all-reduces here).
 fn sync_gradients(_opt: &AdamW) {}
 
-/// A markdown results table for summaries: task metrics, calibration before and after the
-/// temperature, trainable parameters and throughput.
-pub fn results_table(rows: &[Summary]) -> String {
-    let mut out = String::from(
-        "| run | split | accuracy | macro-F1 | entity F1 | loss | ECE | ECE (T) | NLL | NLL (T) | Brier | AURC | trainable params | share of backbone | train tokens/s |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
-    );
+const RESULT_COLUMNS: [&str; 15] = [
+    "run",
+    "split",
+    "accuracy",
+    "macro-F1",
+    "entity F1",
+    "loss",
+    "ECE",
+    "ECE (T)",
+    "NLL",
+    "NLL (T)",
+    "Brier",
+    "AURC",
+    "trainable params",
+    "share of backbone",
+    "train tokens/s",
+];
+
+/// One row per run and split: task metrics, calibration before and after the temperature,
+/// trainable parameters and throughput.
+fn result_rows(summaries: &[Summary]) -> Vec<Vec<String>> {
     let num = |x: Option<f64>| x.map_or_else(|| "-".to_string(), |v| format!("{v:.4}"));
-    for s in rows {
+    let mut rows = Vec::new();
+    for s in summaries {
         let name = s.run_dir.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        let mut line = |split: &str, e: &EvalResult| {
+        let mut splits = vec![("validation", &s.validation)];
+        splits.extend(s.test.as_ref().map(|t| ("test", t)));
+        for (split, e) in splits {
             let (raw, cal) = (e.calibration.as_ref(), e.calibrated.as_ref());
-            out.push_str(&format!(
-                "| {name} | {split} | {:.4} | {:.4} | {} | {:.4} | {} | {} | {} | {} | {} | {} | {} | {:.4}% | {:.0} |\n",
-                e.accuracy,
-                e.macro_f1,
+            rows.push(vec![
+                name.to_string(),
+                split.to_string(),
+                format!("{:.4}", e.accuracy),
+                format!("{:.4}", e.macro_f1),
                 num(e.entity.as_ref().map(|x| x.f1)),
-                e.loss,
+                format!("{:.4}", e.loss),
                 num(raw.map(|c| c.ece)),
                 num(cal.map(|c| c.ece)),
                 num(raw.map(|c| c.nll)),
                 num(cal.map(|c| c.nll)),
                 num(raw.map(|c| c.brier)),
                 num(raw.map(|c| c.aurc)),
-                s.trainable_params,
-                100.0 * s.trainable_share,
-                s.train_tokens_per_s
-            ));
-        };
-        line("validation", &s.validation);
-        if let Some(t) = &s.test {
-            line("test", t);
+                s.trainable_params.to_string(),
+                format!("{:.4}%", 100.0 * s.trainable_share),
+                format!("{:.0}", s.train_tokens_per_s),
+            ]);
         }
     }
+    rows
+}
+
+/// A markdown results table for summaries.
+pub fn results_table(summaries: &[Summary]) -> String {
+    let line = |cells: &[String]| format!("| {} |\n", cells.join(" | "));
+    let header: Vec<String> = RESULT_COLUMNS.iter().map(|c| c.to_string()).collect();
+    let mut out = line(&header);
+    out.push_str(&format!("|{}\n", "---|".repeat(RESULT_COLUMNS.len())));
+    for row in result_rows(summaries) {
+        out.push_str(&line(&row));
+    }
     out
+}
+
+/// The same table as CSV (no field contains a comma or a quote: run names are directory names
+/// and are quoted).
+pub fn results_csv(summaries: &[Summary]) -> String {
+    let mut out = RESULT_COLUMNS.join(",") + "\n";
+    for mut row in result_rows(summaries) {
+        row[0] = format!("\"{}\"", row[0].replace('"', "\"\""));
+        out.push_str(&(row.join(",") + "\n"));
+    }
+    out
+}
+
+/// Every run under `dir` (directories holding a `summary.json`, searched recursively), sorted
+/// by path.
+pub fn collect_summaries(dir: &Path) -> Result<Vec<Summary>> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let summary = d.join("summary.json");
+        if summary.exists() {
+            let text = std::fs::read_to_string(&summary).map_err(|e| Error::io(&summary, e))?;
+            let s: Summary =
+                serde_json::from_str(&text).map_err(|e| Error::format(&summary, e.to_string()))?;
+            found.push(s);
+        }
+        for entry in std::fs::read_dir(&d).map_err(|e| Error::io(&d, e))? {
+            let path = entry.map_err(|e| Error::io(&d, e))?.path();
+            if path.is_dir() {
+                stack.push(path);
+            }
+        }
+    }
+    found.sort_by(|a, b| a.run_dir.cmp(&b.run_dir));
+    Ok(found)
 }
