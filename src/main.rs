@@ -147,6 +147,20 @@ enum Command {
     BenchTrain(BenchArgs),
     /// Time forward passes (median tokens/s), printed as one JSON line for bench/ scripts.
     BenchForward(BenchArgs),
+    /// Time exact top-k reads of the external memory: keys and queries from a safetensors file
+    /// (`keys (n, d)`, `queries (q, d)`); prints JSON with queries/s; `--out` saves the slots found.
+    BenchMemory {
+        #[arg(long)]
+        vectors: PathBuf,
+        #[arg(long, default_value_t = 16)]
+        k: usize,
+        #[arg(long, default_value_t = 5)]
+        iters: usize,
+        #[arg(long, default_value_t = 0)]
+        threads: i32,
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 fn load_config(args: &ConfigArgs, model: &Option<String>) -> Result<Config> {
@@ -330,6 +344,68 @@ fn run(command: Command) -> Result<()> {
                     "seq_len": seq_len, "threads": tch::get_num_threads(),
                     "trainable": task.trainable_params(), "secs_per_step": secs,
                 })
+            );
+        }
+        Command::BenchMemory {
+            vectors,
+            k,
+            iters,
+            threads,
+            out,
+        } => {
+            use umtune::dist::SingleProcess;
+            use umtune::memory::ShardedKvMemory;
+            if threads > 0 {
+                tch::set_num_threads(threads);
+            }
+            let tensors: std::collections::HashMap<String, Tensor> =
+                Tensor::read_safetensors(&vectors)
+                    .with_context(|| vectors.display().to_string())?
+                    .into_iter()
+                    .collect();
+            let get = |name: &str| {
+                tensors
+                    .get(name)
+                    .map(|t| t.to_kind(Kind::Float))
+                    .with_context(|| format!("{}: no tensor `{name}`", vectors.display()))
+            };
+            let (keys, queries) = (get("keys")?, get("queries")?);
+            let (n, d) = keys.size2()?;
+            let q = queries.size()[0];
+            // Values do not take part in the search; one column keeps the memory small.
+            let mut memory = ShardedKvMemory::new(n as usize, d, 1, 1.0, 0, 1, tch::Device::Cpu);
+            let chunk = 65536;
+            for start in (0..n).step_by(chunk as usize) {
+                let len = chunk.min(n - start);
+                let ids = Tensor::arange_start(start, start + len, (Kind::Int64, tch::Device::Cpu));
+                memory.write(
+                    &SingleProcess,
+                    &keys.narrow(0, start, len),
+                    &Tensor::zeros([len, 1], (Kind::Float, tch::Device::Cpu)),
+                    &ids,
+                )?;
+            }
+            let query_ids = Tensor::full([q], -2, (Kind::Int64, tch::Device::Cpu));
+            let _guard = tch::no_grad_guard();
+            let mut times = Vec::new();
+            let mut found = None;
+            for _ in 0..iters.max(1) + 1 {
+                let start = Instant::now();
+                let r = memory.search_local(&queries, &query_ids, k);
+                times.push(start.elapsed().as_secs_f64());
+                found = Some(r.slots);
+            }
+            times.remove(0); // warm-up
+            times.sort_by(f64::total_cmp);
+            let secs = times[times.len() / 2];
+            if let (Some(path), Some(slots)) = (out, found) {
+                Tensor::write_safetensors(&[("slots", slots)], &path)?;
+            }
+            println!(
+                "{}",
+                serde_json::json!({"entries": n, "queries": q, "dim": d, "k": k,
+                    "threads": tch::get_num_threads(), "secs_per_batch": secs,
+                    "queries_per_s": q as f64 / secs})
             );
         }
         Command::BenchForward(args) => {

@@ -42,6 +42,8 @@ pub struct ShardedKvMemory {
     ids: Tensor,
     /// Entries written so far, all ranks together (the ring position of the next write).
     written: u64,
+    /// Local rows of each example id, so that self-exclusion touches only those rows.
+    rows_of_id: std::collections::HashMap<i64, Vec<i64>>,
 }
 
 const NO_SLOT: i64 = i64::MAX;
@@ -67,6 +69,7 @@ impl ShardedKvMemory {
             values: Tensor::zeros([local, d_value], (Kind::Float, device)),
             ids: Tensor::full([local], -1, (Kind::Int64, device)),
             written: 0,
+            rows_of_id: Default::default(),
         }
     }
 
@@ -158,45 +161,97 @@ impl ShardedKvMemory {
             let _ = self
                 .values
                 .index_copy_(0, &local, &v.index_select(0, &rows));
-            let _ = self.ids.index_copy_(0, &local, &i.index_select(0, &rows));
+            let new_ids = i.index_select(0, &rows);
+            let rows_list = Vec::<i64>::try_from(local.to_device(Device::Cpu))?;
+            let old =
+                Vec::<i64>::try_from(self.ids.index_select(0, &local).to_device(Device::Cpu))?;
+            let new = Vec::<i64>::try_from(new_ids.to_device(Device::Cpu))?;
+            for ((&row, &was), &now) in rows_list.iter().zip(&old).zip(&new) {
+                if let Some(v) = self.rows_of_id.get_mut(&was) {
+                    v.retain(|&r| r != row);
+                    if v.is_empty() {
+                        self.rows_of_id.remove(&was);
+                    }
+                }
+                self.rows_of_id.entry(now).or_default().push(row);
+            }
+            let _ = self.ids.index_copy_(0, &local, &new_ids);
         }
         self.written = (start + n) as u64;
         Ok(())
+    }
+
+    /// Rows of this shard that hold an entry (the ring fills local rows in order).
+    fn filled_rows(&self) -> i64 {
+        let held = (self.written as usize).min(self.capacity);
+        Self::local_capacity(held, self.rank, self.world_size) as i64
     }
 
     /// Top-`k` of this shard for `queries (q, d_k)`, excluding entries whose id equals the
     /// query's; ties broken by ring slot.
     pub fn search_local(&self, queries: &Tensor, query_ids: &Tensor, k: usize) -> Retrieved {
         let q = queries.size()[0];
-        let local = self.keys.size()[0];
+        let filled = self.filled_rows();
         let device = self.keys.device();
         let k = k as i64;
-        if local == 0 || q == 0 {
+        if filled == 0 || q == 0 {
             return empty(q, k, self.values.size()[1], device);
         }
-        let scores = queries.to_kind(Kind::Float).matmul(&self.keys.tr()) / self.tau; // (q, n)
-        let banned = self
-            .ids
-            .eq(-1)
-            .unsqueeze(0)
-            .logical_or(&self.ids.unsqueeze(0).eq_tensor(&query_ids.unsqueeze(1))); // (q, n)
-        let scores = scores.masked_fill(&banned, f64::NEG_INFINITY);
-        let kk = k.min(local);
-        let (top, _) = scores.topk(kk, 1, true, true);
-        let kth = top.narrow(1, kk - 1, 1); // (q, 1)
-                                            // Everything above the k-th score, then the oldest slots among those equal to it.
-        let above = scores.gt_tensor(&kth);
-        let equal = scores.eq_tensor(&kth);
-        let room = -above.sum_dim_intlist(1, true, Kind::Int64) + kk; // (q, 1)
-        let take =
-            above.logical_or(&equal.logical_and(&equal.cumsum(1, Kind::Int64).le_tensor(&room))); // exactly kk per row, in slot order
-        let cols = take.nonzero().select(1, 1).view([q, kk]); // (q, kk)
+        let keys = self.keys.narrow(0, 0, filled);
+        let mut scores = (queries.to_kind(Kind::Float) / self.tau).matmul(&keys.tr()); // (q, n)
+                                                                                       // Self-exclusion: only the rows of the queries' own examples.
+        let qids = Vec::<i64>::try_from(query_ids.to_device(Device::Cpu)).unwrap_or_default();
+        let (mut qi, mut rows) = (Vec::new(), Vec::new());
+        for (i, id) in qids.iter().enumerate() {
+            for &r in self.rows_of_id.get(id).into_iter().flatten() {
+                if r < filled {
+                    qi.push(i as i64);
+                    rows.push(r);
+                }
+            }
+        }
+        if !qi.is_empty() {
+            let index = [
+                Some(Tensor::from_slice(&qi).to_device(device)),
+                Some(Tensor::from_slice(&rows).to_device(device)),
+            ];
+            let _ = scores.index_put_(
+                &index,
+                &Tensor::from(f64::NEG_INFINITY)
+                    .to_kind(Kind::Float)
+                    .to_device(device),
+                false,
+            );
+        }
+        let kk = k.min(filled);
+        // Fast path: the (k+1)-th score is below the k-th in every row, so topk's set is exact.
+        let (top, top_cols) = scores.topk((kk + 1).min(filled), 1, true, true);
+        let boundary_tie = kk < filled
+            && top
+                .narrow(1, kk - 1, 1)
+                .eq_tensor(&top.narrow(1, kk, 1))
+                .logical_and(&top.narrow(1, kk - 1, 1).isfinite())
+                .any()
+                .int64_value(&[])
+                != 0;
+        let cols = if !boundary_tie {
+            top_cols.narrow(1, 0, kk).contiguous()
+        } else {
+            let kth = top.narrow(1, kk - 1, 1); // (q, 1)
+                                                // Everything above the k-th score, then the oldest slots among those equal to it.
+            let above = scores.gt_tensor(&kth);
+            let equal = scores.eq_tensor(&kth);
+            let room = -above.sum_dim_intlist(1, true, Kind::Int64) + kk; // (q, 1)
+            let take = above
+                .logical_or(&equal.logical_and(&equal.cumsum(1, Kind::Int64).le_tensor(&room))); // exactly kk per row, in slot order
+            take.nonzero().select(1, 1).view([q, kk])
+        };
         let picked = scores.gather(1, &cols, false);
         let slots = self.slot_of(&cols);
-        let ids = self.ids.index_select(0, &cols.view([-1])).view([q, kk]);
+        let ids = self.ids.index_select(0, &cols.reshape([-1])).view([q, kk]);
         let values = self
             .values
-            .index_select(0, &cols.view([-1]))
+            .index_select(0, &cols.reshape([-1]))
             .view([q, kk, -1]);
         let found = Retrieved {
             scores: picked,
@@ -283,6 +338,11 @@ impl ShardedKvMemory {
         self.keys = take("keys", &self.keys)?;
         self.values = take("values", &self.values)?;
         self.ids = take("ids", &self.ids)?;
+        self.rows_of_id.clear();
+        let ids = Vec::<i64>::try_from(self.ids.to_device(Device::Cpu))?;
+        for (row, id) in ids.into_iter().enumerate().filter(|(_, id)| *id != -1) {
+            self.rows_of_id.entry(id).or_default().push(row as i64);
+        }
         self.written = take("written", &Tensor::zeros([1], (Kind::Int64, Device::Cpu)))?
             .int64_value(&[0]) as u64;
         Ok(())
