@@ -23,6 +23,7 @@ pub struct MemoryFusion {
     w_g: nn::Linear,
     w_o: nn::Linear,
     top_k: usize,
+    tau: f64,
     per_token: bool,
     pub lambda_mem: f64,
     memory: Mutex<ShardedKvMemory>,
@@ -85,6 +86,7 @@ impl MemoryFusion {
             w_g: nn::linear(&p / "w_g", gate_in, d, gate),
             w_o: nn::linear(&p / "w_o", d, d, zero),
             top_k: cfg.k,
+            tau: cfg.tau,
             per_token,
             lambda_mem: cfg.lambda_mem,
             memory: Mutex::new(memory),
@@ -138,7 +140,7 @@ impl MemoryFusion {
         if training {
             let k = normalize(&self.w_k.forward(&rows));
             if self.lambda_mem > 0.0 && rows.size()[0] > 1 {
-                let logits = q.matmul(&k.tr()) / self.memory_tau();
+                let logits = q.matmul(&k.tr()) / self.tau;
                 let target = Tensor::arange(rows.size()[0], (Kind::Int64, h.device()));
                 contrastive = Some(logits.cross_entropy_for_logits(&target) * self.lambda_mem);
             }
@@ -162,10 +164,6 @@ impl MemoryFusion {
             })
     }
 
-    fn memory_tau(&self) -> f64 {
-        self.memory.lock().map(|m| m.tau()).unwrap_or(1.0)
-    }
-
     /// Writes the last training batch's entries (after the optimizer step). Collective.
     pub fn commit(&self) -> Result<()> {
         let pending = self
@@ -173,21 +171,12 @@ impl MemoryFusion {
             .lock()
             .map(|mut p| std::mem::take(&mut *p))
             .unwrap_or_default();
-        let cat = |i: usize| -> Tensor {
-            let parts: Vec<&Tensor> = pending
-                .iter()
-                .map(|e| match i {
-                    0 => &e.0,
-                    1 => &e.1,
-                    _ => &e.2,
-                })
-                .collect();
-            Tensor::cat(&parts, 0)
-        };
         if pending.is_empty() {
             return Ok(());
         }
-        let (k, v, ids) = (cat(0), cat(1), cat(2));
+        let k = Tensor::cat(&pending.iter().map(|e| &e.0).collect::<Vec<_>>(), 0);
+        let v = Tensor::cat(&pending.iter().map(|e| &e.1).collect::<Vec<_>>(), 0);
+        let ids = Tensor::cat(&pending.iter().map(|e| &e.2).collect::<Vec<_>>(), 0);
         self.store()?.write(self.group.as_ref(), &k, &v, &ids)
     }
 }

@@ -82,10 +82,6 @@ impl ShardedKvMemory {
         self.capacity
     }
 
-    pub fn tau(&self) -> f64 {
-        self.tau
-    }
-
     /// Entries held by all ranks together.
     pub fn len(&self) -> usize {
         (self.written as usize).min(self.capacity)

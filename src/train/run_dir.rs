@@ -130,12 +130,7 @@ pub struct Prediction {
 impl Prediction {
     fn from_logits(logits: Vec<f64>, label_names: &[String], temperature: Option<f64>) -> Self {
         use crate::uncertainty::metrics::softmax;
-        let mut p = Self::from_probabilities(softmax(&logits, 1.0), label_names);
-        p.calibrated = temperature.map(|t| softmax(&logits, t));
-        p
-    }
-
-    fn from_probabilities(probabilities: Vec<f64>, label_names: &[String]) -> Self {
+        let probabilities = softmax(&logits, 1.0);
         let label_id = probabilities
             .iter()
             .enumerate()
@@ -146,7 +141,7 @@ impl Prediction {
             label: label_names.get(label_id).cloned().unwrap_or_default(),
             label_id,
             probabilities,
-            calibrated: None,
+            calibrated: temperature.map(|t| softmax(&logits, t)),
         }
     }
 }

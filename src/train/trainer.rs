@@ -509,15 +509,8 @@ impl TaskModel {
             None
         };
         if !um_hook.p.is_empty() {
-            let n = um_hook.p.len() as f64;
-            let var = um_hook
-                .p
-                .iter()
-                .map(|p| p.mean(tch::Kind::Float))
-                .fold(Tensor::zeros([], (tch::Kind::Float, z.device())), |a, b| {
-                    a + b
-                })
-                * (um.lambda_var / n);
+            let means: Vec<Tensor> = um_hook.p.iter().map(|p| p.mean(tch::Kind::Float)).collect();
+            let var = Tensor::stack(&means, 0).mean(tch::Kind::Float) * um.lambda_var;
             regularizer = Some(match regularizer {
                 Some(r) => r + var,
                 None => var,
@@ -542,15 +535,16 @@ impl TaskModel {
     /// heteroscedastic samples, plus the variance regularizer.
     pub fn loss(&self, f: &Forward, labels: &Tensor) -> Tensor {
         let ce = match &f.samples {
+            // Every sample has the same labelled positions, so the mean over all of them is the
+            // mean over samples of each sample's mean.
             Some(samples) => {
-                let n = samples.size()[0];
-                (0..n)
-                    .map(|i| cross_entropy(&samples.get(i), labels, Reduction::Mean))
-                    .fold(
-                        Tensor::zeros([], (tch::Kind::Float, labels.device())),
-                        |a, b| a + b,
-                    )
-                    / n as f64
+                let mut shape = vec![samples.size()[0]];
+                shape.extend(labels.size());
+                cross_entropy(
+                    samples,
+                    &labels.unsqueeze(0).expand(shape.as_slice(), false),
+                    Reduction::Mean,
+                )
             }
             None => cross_entropy(&f.logits, labels, Reduction::Mean),
         };
@@ -597,6 +591,8 @@ fn cross_entropy(logits: &Tensor, labels: &Tensor, reduction: Reduction) -> Tens
 /// What one pass over a split yields: per example, the gold label, prediction and logits of each
 /// scored unit (the example, or each word that fits for NER), and the summed loss.
 pub struct Outputs {
+    /// Token classification (units are words), from the data rather than guessed from counts.
+    pub tagged: bool,
     pub gold: Vec<Vec<usize>>,
     pub pred: Vec<Vec<usize>>,
     pub logits: Vec<Vec<Vec<f64>>>,
@@ -620,6 +616,7 @@ pub fn outputs(
         .as_ref()
         .map_or(0, TextTokenizer::padding_id);
     let mut out = Outputs {
+        tagged: data.first().is_some_and(|e| !e.token_labels.is_empty()),
         gold: vec![Vec::new(); data.len()],
         pred: vec![Vec::new(); data.len()],
         logits: vec![Vec::new(); data.len()],
@@ -671,10 +668,9 @@ pub fn outputs(
 pub fn calibration_units(out: &Outputs, label_names: &[String]) -> (Vec<Vec<f64>>, Vec<usize>) {
     let mut logits = Vec::new();
     let mut gold = Vec::new();
-    let ner = out.gold.iter().any(|g| g.len() != 1) || label_names.iter().any(|l| l == "O");
     for (g, z) in out.gold.iter().zip(&out.logits) {
         for (&y, row) in g.iter().zip(z) {
-            if !ner || label_names.get(y).is_some_and(|l| l != "O") {
+            if !out.tagged || label_names.get(y).is_some_and(|l| l != "O") {
                 logits.push(row.clone());
                 gold.push(y);
             }
@@ -705,8 +701,7 @@ pub fn scores(
 ) -> EvalResult {
     let flat = |v: &[Vec<usize>]| v.iter().flatten().copied().collect::<Vec<_>>();
     let (g, p) = (flat(&out.gold), flat(&out.pred));
-    let is_ner = out.gold.iter().any(|g| g.len() != 1);
-    let entity = is_ner.then(|| {
+    let entity = out.tagged.then(|| {
         let name = |seqs: &[Vec<usize>]| -> Vec<Vec<String>> {
             seqs.iter()
                 .map(|s| {
