@@ -51,24 +51,42 @@ fn peft_probabilities<T: serde::de::DeserializeOwned>(
     Ok(serde_json::from_slice(&out.stdout)?)
 }
 
+/// Three LoRA steps on `base` (plus `extra` settings), written under `out`, and the run loaded
+/// back as `eval`/`predict` see it.
+fn short_lora_run(
+    base: &std::path::Path,
+    out: &std::path::Path,
+    extra: &[&str],
+) -> Result<
+    (
+        umtune::train::trainer::Summary,
+        umtune::train::run_dir::LoadedRun,
+    ),
+    Box<dyn std::error::Error>,
+> {
+    let mut sets: Vec<String> = vec![
+        format!("model.source={}", base.display()),
+        "model.device=cpu".into(),
+        "data.train_limit=64".into(),
+        "data.eval_limit=16".into(),
+        "train.max_steps=3".into(),
+        "train.batch_size=8".into(),
+        "train.lr=0.05".into(),
+        "peft.dropout=0.0".into(),
+        format!("run.output_dir={}", out.display()),
+    ];
+    sets.extend(extra.iter().map(|s| s.to_string()));
+    let summary = train(&Config::load(None, &sets)?)?;
+    let run = load_run(&summary.run_dir, &[])?;
+    Ok((summary, run))
+}
+
 #[test]
 fn peft_predictions_equal_umtune_predict() -> TestResult {
     for name in ["gpt2-tiny", "llama-tiny-untied"] {
         let base = fixture(name)?;
         let out = std::env::temp_dir().join(format!("umtune-export-{name}-{}", std::process::id()));
-        let sets: Vec<String> = vec![
-            format!("model.source={}", base.display()),
-            "model.device=cpu".into(),
-            "data.train_limit=64".into(),
-            "data.eval_limit=16".into(),
-            "train.max_steps=3".into(),
-            "train.batch_size=8".into(),
-            "train.lr=0.05".into(),
-            "peft.dropout=0.0".into(),
-            format!("run.output_dir={}", out.display()),
-        ];
-        let summary = train(&Config::load(None, &sets)?)?;
-        let run = load_run(&summary.run_dir, &[])?;
+        let (_, run) = short_lora_run(&base, &out, &[])?;
         // Training moved the adapters away from B = 0, so the comparison covers them.
         let b_norm: f64 = run
             .model
@@ -125,22 +143,12 @@ fn ner_predictions_per_word_equal_peft_token_classification() -> TestResult {
     for name in ["gpt2-tiny", "llama-tiny-untied"] {
         let base = fixture(name)?;
         let out = std::env::temp_dir().join(format!("umtune-ner-{name}-{}", std::process::id()));
-        let sets: Vec<String> = vec![
-            format!("model.source={}", base.display()),
-            "model.device=cpu".into(),
-            "data.dataset=conll2003".into(),
-            "data.task=ner".into(),
-            "data.max_length=48".into(),
-            "data.train_limit=64".into(),
-            "data.eval_limit=16".into(),
-            "train.max_steps=3".into(),
-            "train.batch_size=8".into(),
-            "train.lr=0.05".into(),
-            "peft.dropout=0.0".into(),
-            format!("run.output_dir={}", out.display()),
+        let ner = [
+            "data.dataset=conll2003",
+            "data.task=ner",
+            "data.max_length=48",
         ];
-        let summary = train(&Config::load(None, &sets)?)?;
-        let run = load_run(&summary.run_dir, &[])?;
+        let (summary, run) = short_lora_run(&base, &out, &ner)?;
         let adapter = out.join("peft");
         export_peft(&run, &adapter)?;
         let ours = predict_tags(&run, &sentences, 2)?;
