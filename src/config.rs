@@ -366,6 +366,9 @@ pub struct UncertaintyConfig {
     pub lambda_var: f64,
     /// Uncertainty-conditioned temperature T(x) in training and evaluation.
     pub conditioned_temperature: bool,
+    /// MC samples at evaluation and prediction (feature noise and heteroscedastic logits drawn
+    /// as in training, probabilities averaged); 0: deterministic.
+    pub mc_predict: i64,
 }
 
 impl Default for UncertaintyConfig {
@@ -382,6 +385,7 @@ impl Default for UncertaintyConfig {
             n_mc: 8,
             lambda_var: 1e-3,
             conditioned_temperature: true,
+            mc_predict: 0,
         }
     }
 }
@@ -580,6 +584,18 @@ impl Config {
             "uncertainty.n_mc",
             u.n_mc.to_string(),
             "1 or more",
+        )?;
+        if u.mc_predict > 0 && !u.enabled {
+            return Err(Error::Config(format!(
+                "uncertainty.mc_predict = {}: MC sampling needs uncertainty.enabled = true",
+                u.mc_predict
+            )));
+        }
+        range(
+            u.mc_predict >= 0,
+            "uncertainty.mc_predict",
+            u.mc_predict.to_string(),
+            "0 (deterministic) or more",
         )?;
         range(
             u.noise_scale >= 0.0,

@@ -94,6 +94,13 @@ enum Command {
         /// (keys: drop, mask, label_noise, seed).
         #[arg(long)]
         corrupt: Option<String>,
+        /// Average N stochastic passes (MC sampling; runs with uncertainty modeling).
+        #[arg(long, value_name = "N")]
+        mc: Option<i64>,
+        /// Write the reliability diagram and risk-coverage plot (PNG) of the test split, or the
+        /// validation split without one, into this directory.
+        #[arg(long, value_name = "DIR")]
+        plots: Option<PathBuf>,
     },
     /// Predict labels for a JSONL file of texts (`{"text": ...}` per line).
     Predict {
@@ -102,6 +109,9 @@ enum Command {
         input: PathBuf,
         #[arg(long)]
         output: PathBuf,
+        /// Average N stochastic passes (MC sampling; runs with uncertainty modeling).
+        #[arg(long, value_name = "N")]
+        mc: Option<i64>,
     },
     /// A results table (markdown and CSV) of every run under a directory; writes
     /// DIR/results.md and DIR/results.csv.
@@ -199,8 +209,12 @@ fn run(command: Command) -> Result<()> {
             run_dir,
             data,
             corrupt,
+            mc,
+            plots,
         } => {
-            let overrides: Vec<String> = data.iter().map(|d| format!("data.dataset={d}")).collect();
+            let mut overrides: Vec<String> =
+                data.iter().map(|d| format!("data.dataset={d}")).collect();
+            overrides.extend(mc.map(|n| format!("uncertainty.mc_predict={n}")));
             let mut run = run_dir::load_run(&run_dir, &overrides)?;
             if let Some(spec) = &corrupt {
                 run.config.data.eval_corruption = Corruption::parse(spec)?;
@@ -213,26 +227,37 @@ fn run(command: Command) -> Result<()> {
             let mut summary: trainer::Summary = serde_json::from_str(
                 &std::fs::read_to_string(run_dir.join("summary.json")).context("summary.json")?,
             )?;
-            summary.validation = trainer::evaluate(
-                &run.model,
-                &data.validation,
-                bs,
-                &run.label_names,
-                run.device,
-            )?;
-            summary.test = data
+            let t = run.model.temperature;
+            let val = trainer::outputs(&run.model, &data.validation, bs, run.device)?;
+            summary.validation = trainer::scores(&val, &run.label_names, t, data.validation.len());
+            let test = data
                 .test
                 .as_ref()
-                .map(|t| trainer::evaluate(&run.model, t, bs, &run.label_names, run.device))
+                .map(|d| trainer::outputs(&run.model, d, bs, run.device).map(|o| (o, d.len())))
                 .transpose()?;
+            summary.test = test
+                .as_ref()
+                .map(|(o, n)| trainer::scores(o, &run.label_names, t, *n));
+            if let Some(dir) = plots {
+                std::fs::create_dir_all(&dir).with_context(|| dir.display().to_string())?;
+                match &test {
+                    Some((o, _)) => trainer::write_plots(&dir, "test", o, &run.label_names, t),
+                    None => trainer::write_plots(&dir, "validation", &val, &run.label_names, t),
+                }
+            }
             println!("{}", trainer::results_table(std::slice::from_ref(&summary)));
         }
         Command::Predict {
             run_dir,
             input,
             output,
+            mc,
         } => {
-            let run = run_dir::load_run(&run_dir, &[])?;
+            let overrides: Vec<String> = mc
+                .map(|n| format!("uncertainty.mc_predict={n}"))
+                .into_iter()
+                .collect();
+            let run = run_dir::load_run(&run_dir, &overrides)?;
             let n = run_dir::predict_jsonl(&run, &input, &output)?;
             tracing::info!(examples = n, output = %output.display(), "predicted");
         }

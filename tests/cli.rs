@@ -138,3 +138,81 @@ fn progress_bar_only_on_a_terminal() -> Result<(), Box<dyn std::error::Error>> {
     );
     Ok(())
 }
+
+#[test]
+fn eval_mc_sampling_is_reproducible_and_plots_on_request() -> Result<(), Box<dyn std::error::Error>>
+{
+    let dir = env!("CARGO_MANIFEST_DIR");
+    let out_dir = std::env::temp_dir().join(format!("umtune-mc-{}", std::process::id()));
+    let model = format!("model.source={dir}/tests/fixtures/llama-tiny-gguf/tiny.gguf");
+    let out = format!("run.output_dir={}", out_dir.display());
+    let mut args = vec![
+        "train",
+        "configs/default.toml",
+        "--set",
+        &model,
+        "--set",
+        &out,
+    ];
+    for s in [
+        "data.train_limit=32",
+        "data.eval_limit=32",
+        "train.max_steps=3",
+        "uncertainty.enabled=true",
+        "uncertainty.noise_scale=4",
+    ] {
+        args.extend(["--set", s]);
+    }
+    let trained = Command::new(env!("CARGO_BIN_EXE_umtune"))
+        .current_dir(dir)
+        .args(&args)
+        .output()?;
+    assert!(
+        trained.status.success(),
+        "{}",
+        String::from_utf8_lossy(&trained.stderr)
+    );
+    let run = std::fs::read_dir(&out_dir)?
+        .next()
+        .ok_or("no run directory")??
+        .path();
+    let run = run.to_str().ok_or("path")?;
+    let table = |extra: &[&str]| -> Result<String, Box<dyn std::error::Error>> {
+        let mut a = vec!["eval", run];
+        a.extend(extra);
+        let o = umtune(&a)?;
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        Ok(String::from_utf8(o.stdout)?)
+    };
+    let plain = table(&[])?;
+    let mc = table(&["--mc", "4"])?;
+    assert_eq!(
+        mc,
+        table(&["--mc", "4"])?,
+        "MC evaluation is seeded by the run"
+    );
+    assert_ne!(mc, plain, "--mc 4 changed nothing");
+    let plots = out_dir.join("plots");
+    table(&["--plots", plots.to_str().ok_or("path")?])?;
+    assert!(plots.join("reliability.png").is_file() && plots.join("risk_coverage.png").is_file());
+    // A run without uncertainty modeling has nothing to sample.
+    let lora = Command::new(env!("CARGO_BIN_EXE_umtune"))
+        .current_dir(dir)
+        .args(&args[..6])
+        .args(["--set", "data.train_limit=16", "--set", "train.max_steps=1"])
+        .args(["--set", "run.name=plain"])
+        .output()?;
+    assert!(
+        lora.status.success(),
+        "{}",
+        String::from_utf8_lossy(&lora.stderr)
+    );
+    let plain_run = out_dir.join("plain");
+    let e = umtune(&["eval", plain_run.to_str().ok_or("path")?, "--mc", "4"])?;
+    let stderr = String::from_utf8(e.stderr)?;
+    assert!(
+        !e.status.success() && stderr.contains("uncertainty.mc_predict"),
+        "{stderr}"
+    );
+    Ok(())
+}

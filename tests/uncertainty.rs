@@ -105,6 +105,89 @@ fn runs_fit_a_temperature_that_eval_and_predict_apply() -> TestResult {
         c[0].ln() - c[1].ln(),
     );
     assert!((a / t - b).abs() < 1e-9, "{a} / {t} vs {b}");
+    // The run directory has the calibration pictures (test split, raw and calibrated panels).
+    for (name, width) in [("reliability.png", 960), ("risk_coverage.png", 640)] {
+        let png = std::fs::read(summary.run_dir.join(name))?;
+        assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n", "{name}");
+        let w = u32::from_be_bytes(png[16..20].try_into()?);
+        assert_eq!(w, width, "{name}: two panels when a temperature is fitted");
+        assert!(
+            png.len() > 10_000,
+            "{name}: {} bytes, an empty picture",
+            png.len()
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn reliability_bins_and_risk_coverage_are_what_ece_and_aurc_sum() -> TestResult {
+    use umtune::uncertainty::metrics::{aurc, ece, reliability_bins, risk_coverage};
+    let r = read_json(fixture("calibration")?.join("reference.json"))?;
+    let logits: Vec<Vec<f64>> = serde_json::from_value(r["logits"].clone())?;
+    let labels: Vec<usize> = serde_json::from_value(r["labels"].clone())?;
+    let probs = calibrated(&logits, 1.0);
+    let bins = reliability_bins(&probs, &labels, 15);
+    assert_eq!(bins.len(), 15);
+    assert_eq!(bins.iter().map(|b| b.count).sum::<usize>(), labels.len());
+    let n = labels.len() as f64;
+    let mut weighted = 0.0;
+    for b in &bins {
+        assert!((b.hi - b.lo - 1.0 / 15.0).abs() < 1e-12);
+        if b.count > 0 {
+            assert!(b.confidence > b.lo && b.confidence <= b.hi, "{b:?}");
+            weighted += b.count as f64 / n * (b.accuracy - b.confidence).abs();
+        }
+    }
+    assert!((weighted - r["raw"]["ece"].as_f64().ok_or("ece")?).abs() < 1e-9);
+    assert!((ece(&probs, &labels, 15) - weighted).abs() < 1e-12);
+    let risk = risk_coverage(&probs, &labels);
+    assert_eq!(risk.len(), labels.len());
+    // At full coverage the risk is the error rate.
+    let errors = probs
+        .iter()
+        .zip(&labels)
+        .filter(|(p, &y)| p.iter().cloned().fold(f64::MIN, f64::max) > p[y])
+        .count();
+    assert!((risk[risk.len() - 1] - errors as f64 / n).abs() < 1e-12);
+    assert!((risk.iter().sum::<f64>() / n - aurc(&probs, &labels)).abs() < 1e-12);
+    Ok(())
+}
+
+#[test]
+fn mc_prediction_averages_samples_and_is_off_by_default() -> TestResult {
+    use umtune::train::trainer::TaskModel;
+    let (model, _) = TaskModel::build(&um_config("um-mc", &[])?, 2)?;
+    let (ids, mask, _) = batch(&model)?;
+    let _g = tch::no_grad_guard();
+    model.training.set(false);
+    assert_eq!(model.mc_samples, 0, "MC sampling must be opt-in");
+    let plain = model.forward(&ids, &mask, None)?.logits;
+    // Deterministic by default: the forward logits, bitwise, every time.
+    for _ in 0..2 {
+        assert!(model.predictive_logits(&ids, &mask, None)?.equal(&plain));
+    }
+    let mut mc = model;
+    mc.mc_samples = 16;
+    let a = mc.predictive_logits(&ids, &mask, None)?;
+    let sums = a.exp().sum_dim_intlist(-1, false, tch::Kind::Double);
+    assert!(max_abs_diff(&sums, &sums.ones_like()) < 1e-5, "{sums}");
+    // Feature noise and the logit draws make the samples, and so their mean, differ.
+    assert!(!a.equal(&plain.log_softmax(-1, tch::Kind::Float)));
+    assert!(!a.equal(&mc.predictive_logits(&ids, &mask, None)?));
+    // With both sources of randomness off every sample is the deterministic pass, so the mean
+    // is its softmax.
+    let (mut quiet, _) = TaskModel::build(
+        &um_config("um-mc-quiet", &["noise=false", "heteroscedastic=false"])?,
+        2,
+    )?;
+    quiet.mc_samples = 8;
+    let want = quiet
+        .forward(&ids, &mask, None)?
+        .logits
+        .log_softmax(-1, tch::Kind::Float);
+    let d = max_abs_diff(&quiet.predictive_logits(&ids, &mask, None)?, &want);
+    assert!(d < 1e-5, "{d}");
     Ok(())
 }
 

@@ -31,6 +31,8 @@ pub fn load_run(dir: &Path, overrides: &[String]) -> Result<LoadedRun> {
     let label_names: Vec<String> = serde_json::from_value(summary["label_names"].clone())
         .map_err(|e| Error::format(&summary_path, format!("label_names: {e}")))?;
     let (mut model, device) = TaskModel::build(&config, label_names.len())?;
+    // MC sampling at prediction draws from the global generator: same run, same numbers.
+    tch::manual_seed(config.run.seed as i64);
     load_named(model.trained_vars(), &dir.join("trainable.safetensors"))?;
     if let Some(m) = &model.memory {
         let path = dir.join("memory.safetensors");
@@ -165,12 +167,11 @@ fn unit_logits(
         let batch = collate(&items, pad, run.device);
         let probs = run
             .model
-            .forward(
+            .predictive_logits(
                 &batch.input_ids,
                 &batch.attention_mask,
                 Some(&batch.example_ids),
             )?
-            .logits
             .to_kind(tch::Kind::Double)
             .to_device(Device::Cpu);
         for (k, e) in chunk.iter().enumerate() {

@@ -19,7 +19,10 @@ use crate::models::resolve::{asset_cache, load_tokenizer, load_with};
 use crate::models::{ArchConfig, Backbone, NoHook};
 use crate::peft::{AdapterSpec, Injector, LoraSpec, PrefixKv, TrainingFlag};
 use crate::uncertainty::calibration::{calibrated, fit_temperature};
-use crate::uncertainty::{calibration_scores, plugin_layers, CalibrationScores, Uncertainty};
+use crate::uncertainty::plots::{write_calibration_plots, CalibrationView};
+use crate::uncertainty::{
+    calibration_scores, plugin_layers, CalibrationScores, UncertainHead, Uncertainty,
+};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::io::Write;
@@ -238,6 +241,8 @@ pub struct TaskModel {
     pub um: Option<Uncertainty>,
     /// The external memory and its fusion (METHOD.md section 2), if enabled.
     pub memory: Option<MemoryFusion>,
+    /// MC samples averaged by [`Self::predictive_logits`] (0: deterministic; needs `um`).
+    pub mc_samples: i64,
 }
 
 impl TaskModel {
@@ -354,7 +359,6 @@ impl TaskModel {
                 &cfg.uncertainty,
                 &layers,
                 arch.hidden_size() as i64,
-                training.clone(),
             ))
         } else {
             None
@@ -405,6 +409,7 @@ impl TaskModel {
                 temperature: None,
                 um,
                 memory,
+                mc_samples: cfg.uncertainty.mc_predict,
             },
             device,
         ))
@@ -422,6 +427,35 @@ impl TaskModel {
         Ok(self.forward(input_ids, mask, None)?.logits)
     }
 
+    /// What evaluation and prediction score: the deterministic logits, or with `mc_samples > 0`
+    /// (and uncertainty modeling) the log of the mean softmax over that many stochastic passes,
+    /// each with the training-time feature noise and one draw of the heteroscedastic logits.
+    /// Either way a softmax of the result gives the predictive probabilities.
+    pub fn predictive_logits(
+        &self,
+        input_ids: &Tensor,
+        mask: &Tensor,
+        example_ids: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        if self.mc_samples == 0 || self.um.is_none() {
+            return Ok(self.forward(input_ids, mask, example_ids)?.logits);
+        }
+        let mut mean: Option<Tensor> = None;
+        for _ in 0..self.mc_samples {
+            let logits = self
+                .forward_with(input_ids, mask, example_ids, true)?
+                .logits;
+            let p = logits.softmax(-1, tch::Kind::Float) / self.mc_samples as f64;
+            mean = Some(match mean {
+                Some(m) => m + p,
+                None => p,
+            });
+        }
+        Ok(mean
+            .map(|m| m.clamp_min(f64::from(f32::MIN_POSITIVE)).log())
+            .unwrap_or_default())
+    }
+
     /// One forward pass (under autocast if configured): logits in f32 and, with uncertainty
     /// modeling or the memory, the training-time extras. `example_ids (b,)` keep the memory from
     /// returning an example's own entries (None: ids that match nothing).
@@ -431,17 +465,28 @@ impl TaskModel {
         mask: &Tensor,
         example_ids: Option<&Tensor>,
     ) -> Result<Forward> {
+        self.forward_with(input_ids, mask, example_ids, false)
+    }
+
+    /// [`Self::forward`]; `sample`: one MC sample (noise and a logit draw outside training).
+    fn forward_with(
+        &self,
+        input_ids: &Tensor,
+        mask: &Tensor,
+        example_ids: Option<&Tensor>,
+        sample: bool,
+    ) -> Result<Forward> {
         match self.autocast {
             Some(kind) => {
                 let f = autocast(self.backbone.device(), kind, || {
-                    self.forward_in_kind(input_ids, mask, example_ids)
+                    self.forward_in_kind(input_ids, mask, example_ids, sample)
                 })?;
                 Ok(Forward {
                     logits: f.logits.to_kind(tch::Kind::Float),
                     ..f
                 })
             }
-            None => self.forward_in_kind(input_ids, mask, example_ids),
+            None => self.forward_in_kind(input_ids, mask, example_ids, sample),
         }
     }
 
@@ -450,6 +495,7 @@ impl TaskModel {
         input_ids: &Tensor,
         mask: &Tensor,
         example_ids: Option<&Tensor>,
+        sample: bool,
     ) -> Result<Forward> {
         let mut cache = self
             .prefix
@@ -475,7 +521,10 @@ impl TaskModel {
             }
         };
         let mut hook = ModelHook {
-            um: self.um.as_ref().map(|um| um.features.hook()),
+            um: self
+                .um
+                .as_ref()
+                .map(|um| um.features.hook(sample || self.training.get())),
             memory: self.memory.as_ref(),
             mask,
             example_ids,
@@ -502,12 +551,17 @@ impl TaskModel {
             Some(p) => self.head.pool(p, mask),
             None => z.zeros_like(),
         };
-        let out = um.head.forward(&self.head, &z, &p_z);
+        let mut out = um.head.forward(&self.head, &z, &p_z);
         let samples = if self.training.get() {
             um.head.samples(&out)
         } else {
             None
         };
+        if sample && !self.training.get() {
+            if let Some(draw) = UncertainHead::draw(&out, 1) {
+                out.logits = draw.squeeze_dim(0);
+            }
+        }
         if !um_hook.p.is_empty() {
             let means: Vec<Tensor> = um_hook.p.iter().map(|p| p.mean(tch::Kind::Float)).collect();
             let var = Tensor::stack(&means, 0).mean(tch::Kind::Float) * um.lambda_var;
@@ -626,13 +680,11 @@ pub fn outputs(
     for chunk in order.chunks(batch_size.max(1)) {
         let items: Vec<&Encoded> = chunk.iter().map(|&i| &data[i]).collect();
         let batch = collate(&items, pad, device);
-        let logits = model
-            .forward(
-                &batch.input_ids,
-                &batch.attention_mask,
-                Some(&batch.example_ids),
-            )?
-            .logits;
+        let logits = model.predictive_logits(
+            &batch.input_ids,
+            &batch.attention_mask,
+            Some(&batch.example_ids),
+        )?;
         out.loss_sum += cross_entropy(&logits, &batch.labels, Reduction::Sum).double_value(&[]);
         let n = logits.size().last().copied().unwrap_or(1);
         let labels = Vec::<i64>::try_from(batch.labels.reshape([-1]).to_device(Device::Cpu))
@@ -730,6 +782,33 @@ pub fn scores(
         calibration: (!gold.is_empty()).then(|| at(1.0)),
         temperature,
         calibrated: temperature.filter(|_| !gold.is_empty()).map(at),
+    }
+}
+
+/// The reliability diagram and risk-coverage plot of one split's outputs in `dir`. A failure
+/// (no font on the machine, say) is a warning: pictures never fail a run.
+pub fn write_plots(
+    dir: &Path,
+    split: &str,
+    out: &Outputs,
+    label_names: &[String],
+    temperature: Option<f64>,
+) {
+    let (logits, labels) = calibration_units(out, label_names);
+    if labels.is_empty() {
+        return;
+    }
+    let raw = calibrated(&logits, 1.0);
+    let scaled = temperature.map(|t| (t, calibrated(&logits, t)));
+    let view = CalibrationView {
+        split,
+        raw: &raw,
+        calibrated: scaled.as_ref().map(|(t, p)| (*t, p.as_slice())),
+        labels: &labels,
+    };
+    match write_calibration_plots(dir, &view) {
+        Ok(paths) => tracing::info!(?paths, "calibration plots"),
+        Err(e) => tracing::warn!("calibration plots skipped: {e}"),
     }
 }
 
@@ -952,13 +1031,27 @@ pub fn train_model(cfg: &Config) -> Result<(Summary, TaskModel)> {
         data.validation.len(),
     );
     log.write(serde_json::json!({"step": total, "split": "validation", "eval": validation}))?;
-    let test = data
+    let test_out = data
         .test
         .as_ref()
-        .map(|d| evaluate(&model, d, t.batch_size * 2, &data.label_names, device))
+        .map(|d| outputs(&model, d, t.batch_size * 2, device))
         .transpose()?;
+    let test = test_out
+        .as_ref()
+        .zip(data.test.as_ref())
+        .map(|(out, d)| scores(out, &data.label_names, model.temperature, d.len()));
     if let Some(ev) = &test {
         log.write(serde_json::json!({"step": total, "split": "test", "eval": ev}))?;
+    }
+    match &test_out {
+        Some(out) => write_plots(&run_dir, "test", out, &data.label_names, model.temperature),
+        None => write_plots(
+            &run_dir,
+            "validation",
+            &val_out,
+            &data.label_names,
+            model.temperature,
+        ),
     }
     save_trainable(&model, &run_dir.join("trainable.safetensors"))?;
     if let Some(m) = &model.memory {

@@ -1,13 +1,13 @@
 //! Feature-level uncertainty estimation with cross-layer propagation and training-time noise
 //! (METHOD.md section 1), as a [`LayerHook`] between backbone blocks. At each block l in S:
 //! `logvar_l = clamp(B_l(LN(h_l)) + c_l p_{l-1}, -10, 10)`, `p_l = rho_l p_{l-1} + (1 - rho_l)
-//! exp(logvar_l)` with `rho_l = sigmoid(theta_l)`, and in training `h_l += s sqrt(p_l) eps`
+//! exp(logvar_l)` with `rho_l = sigmoid(theta_l)`, and in training (or MC sampling at prediction)
+//! `h_l += s sqrt(p_l) eps`
 //! (the reparameterization of Kendall & Gal 2017, <https://arxiv.org/abs/1703.04977>). Parameters
 //! are f32 under `uncertainty.blocks.{l}`; the estimate starts at exp(-4) everywhere (B's last
 //! layer is zero with bias -4), so a fresh estimator changes nothing but the noise it adds.
 use crate::config::UncertaintyConfig;
 use crate::models::LayerHook;
-use crate::peft::TrainingFlag;
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
@@ -26,18 +26,11 @@ pub struct FeatureUncertainty {
     blocks: Vec<BlockEstimator>,
     propagation: bool,
     noise_scale: f64,
-    training: TrainingFlag,
 }
 
 impl FeatureUncertainty {
     /// `layers` are the blocks in S (sorted, distinct); `d` the hidden size.
-    pub fn new(
-        p: &nn::Path,
-        layers: &[usize],
-        d: i64,
-        cfg: &UncertaintyConfig,
-        training: TrainingFlag,
-    ) -> Self {
+    pub fn new(p: &nn::Path, layers: &[usize], d: i64, cfg: &UncertaintyConfig) -> Self {
         let blocks = layers
             .iter()
             .enumerate()
@@ -62,14 +55,15 @@ impl FeatureUncertainty {
             blocks,
             propagation: cfg.propagation,
             noise_scale: if cfg.noise { cfg.noise_scale } else { 0.0 },
-            training,
         }
     }
 
-    /// A hook for one forward pass; it collects every block's p.
-    pub fn hook(&self) -> UncertaintyHook<'_> {
+    /// A hook for one forward pass; it collects every block's p and, when `noisy` (training, or
+    /// an MC sample at prediction), perturbs the hidden states.
+    pub fn hook(&self, noisy: bool) -> UncertaintyHook<'_> {
         UncertaintyHook {
             module: self,
+            noisy,
             next: 0,
             p: Vec::new(),
         }
@@ -79,6 +73,7 @@ impl FeatureUncertainty {
 /// The per-forward state: which estimator comes next and the p of the blocks passed.
 pub struct UncertaintyHook<'a> {
     module: &'a FeatureUncertainty,
+    noisy: bool,
     next: usize,
     /// `(b, t, d)` f32 variances p_l of each block in S, in order.
     pub p: Vec<Tensor>,
@@ -119,7 +114,7 @@ impl LayerHook for UncertaintyHook<'_> {
             (true, Some(prev)) => &rho * prev + (1.0 - &rho) * &v,
             _ => (1.0 - &rho) * &v,
         };
-        let out = if self.module.noise_scale > 0.0 && self.module.training.get() {
+        let out = if self.module.noise_scale > 0.0 && self.noisy {
             let kind = hidden.kind();
             let noise = p.sqrt() * p.randn_like() * self.module.noise_scale;
             hidden + noise.to_kind(kind)

@@ -80,8 +80,13 @@ impl UncertainHead {
     /// Sampled logits `(n_mc, …, C)` for the sampled-softmax loss, or None when the head is not
     /// heteroscedastic.
     pub fn samples(&self, out: &HeadOutput) -> Option<Tensor> {
+        Self::draw(out, self.n_mc)
+    }
+
+    /// `n` draws `(n, …, C)` of `mu + sqrt(s2) eps` (None without a variance).
+    pub fn draw(out: &HeadOutput, n: i64) -> Option<Tensor> {
         let s2 = out.variance.as_ref()?;
-        let mut shape = vec![self.n_mc];
+        let mut shape = vec![n];
         shape.extend(out.logits.size());
         let eps = Tensor::randn(shape.as_slice(), (Kind::Float, out.logits.device()));
         Some(out.logits.unsqueeze(0) + s2.sqrt().unsqueeze(0) * eps)

@@ -28,16 +28,26 @@ fn confidence(p: &[f64]) -> f64 {
     p.iter().copied().fold(f64::NEG_INFINITY, f64::max)
 }
 
-/// Expected calibration error: sum over bins `(lo, hi]` of |accuracy - mean confidence| weighted
-/// by the bin's share of units (a confidence of exactly 0 falls in no bin, as in Guo et al.).
-pub fn ece(probs: &[Vec<f64>], labels: &[usize], bins: usize) -> f64 {
-    let n = probs.len().max(1) as f64;
+/// One equal-width confidence bin `(lo, hi]` of a reliability diagram.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ReliabilityBin {
+    pub lo: f64,
+    pub hi: f64,
+    pub count: usize,
+    /// Mean top probability of the bin's units (0 when empty).
+    pub confidence: f64,
+    /// Share of the bin's units predicted right (0 when empty).
+    pub accuracy: f64,
+}
+
+/// The reliability diagram's bins: a unit with confidence c falls in bin ceil(c * bins) - 1, so
+/// bins are `(lo, hi]` and a confidence of exactly 0 falls in none (as in Guo et al.).
+pub fn reliability_bins(probs: &[Vec<f64>], labels: &[usize], bins: usize) -> Vec<ReliabilityBin> {
     let mut count = vec![0usize; bins];
     let mut correct = vec![0.0; bins];
     let mut conf_sum = vec![0.0; bins];
     for (p, &y) in probs.iter().zip(labels) {
         let c = confidence(p);
-        // (lo, hi] with lo = b / bins: the bin is ceil(c * bins) - 1.
         let Some(b) = ((c * bins as f64).ceil() as usize).checked_sub(1) else {
             continue;
         };
@@ -49,8 +59,26 @@ pub fn ece(probs: &[Vec<f64>], labels: &[usize], bins: usize) -> f64 {
         }
     }
     (0..bins)
-        .filter(|&b| count[b] > 0)
-        .map(|b| (correct[b] - conf_sum[b]).abs() / n)
+        .map(|b| {
+            let n = count[b].max(1) as f64;
+            ReliabilityBin {
+                lo: b as f64 / bins as f64,
+                hi: (b + 1) as f64 / bins as f64,
+                count: count[b],
+                confidence: conf_sum[b] / n,
+                accuracy: correct[b] / n,
+            }
+        })
+        .collect()
+}
+
+/// Expected calibration error: sum over the [`reliability_bins`] of |accuracy - mean confidence|
+/// weighted by the bin's share of units.
+pub fn ece(probs: &[Vec<f64>], labels: &[usize], bins: usize) -> f64 {
+    let n = probs.len().max(1) as f64;
+    reliability_bins(probs, labels, bins)
+        .iter()
+        .map(|b| b.count as f64 * (b.accuracy - b.confidence).abs() / n)
         .sum()
 }
 
@@ -81,20 +109,27 @@ pub fn brier(probs: &[Vec<f64>], labels: &[usize]) -> f64 {
         / n
 }
 
-/// Area under the risk-coverage curve: units sorted by confidence, most confident first (ties in
-/// input order); the mean over k = 1..n of the error rate among the first k.
-pub fn aurc(probs: &[Vec<f64>], labels: &[usize]) -> f64 {
+/// The risk-coverage curve: units sorted by confidence, most confident first (ties in input
+/// order); entry k-1 is the error rate among the first k, so coverage is k / n.
+pub fn risk_coverage(probs: &[Vec<f64>], labels: &[usize]) -> Vec<f64> {
     let mut order: Vec<usize> = (0..probs.len()).collect();
     order.sort_by(|&a, &b| confidence(&probs[b]).total_cmp(&confidence(&probs[a])));
     let mut errors = 0.0;
-    let mut area = 0.0;
-    for (k, &i) in order.iter().enumerate() {
-        if argmax(&probs[i]) != labels[i] {
-            errors += 1.0;
-        }
-        area += errors / (k + 1) as f64;
-    }
-    area / probs.len().max(1) as f64
+    order
+        .iter()
+        .enumerate()
+        .map(|(k, &i)| {
+            if argmax(&probs[i]) != labels[i] {
+                errors += 1.0;
+            }
+            errors / (k + 1) as f64
+        })
+        .collect()
+}
+
+/// Area under the [`risk_coverage`] curve: the mean risk over k = 1..n.
+pub fn aurc(probs: &[Vec<f64>], labels: &[usize]) -> f64 {
+    risk_coverage(probs, labels).iter().sum::<f64>() / probs.len().max(1) as f64
 }
 
 /// All four scores.

@@ -1,10 +1,11 @@
 //! Uncertainty (METHOD.md section 1): feature-level estimation with cross-layer propagation and
 //! training-time noise, the uncertain head (suppression, heteroscedastic logits, conditioned
-//! temperature), calibration metrics and post-hoc temperature scaling.
+//! temperature), calibration metrics, post-hoc temperature scaling and their plots.
 pub mod calibration;
 pub mod estimation;
 pub mod head;
 pub mod metrics;
+pub mod plots;
 
 pub use calibration::fit_temperature;
 pub use estimation::FeatureUncertainty;
@@ -12,7 +13,6 @@ pub use head::UncertainHead;
 pub use metrics::{calibration_scores, CalibrationScores};
 
 use crate::config::UncertaintyConfig;
-use crate::peft::TrainingFlag;
 use tch::nn;
 
 /// The blocks that carry estimators: the configured ones, or the top 4.
@@ -35,16 +35,10 @@ pub struct Uncertainty {
 }
 
 impl Uncertainty {
-    pub fn new(
-        root: &nn::Path,
-        cfg: &UncertaintyConfig,
-        layers: &[usize],
-        d: i64,
-        training: TrainingFlag,
-    ) -> Self {
+    pub fn new(root: &nn::Path, cfg: &UncertaintyConfig, layers: &[usize], d: i64) -> Self {
         let p = root / "uncertainty";
         Uncertainty {
-            features: FeatureUncertainty::new(&p, layers, d, cfg, training),
+            features: FeatureUncertainty::new(&p, layers, d, cfg),
             head: UncertainHead::new(&p, d, cfg),
             lambda_var: cfg.lambda_var,
         }

@@ -1,0 +1,180 @@
+//! Calibration pictures for the run directory (plotters, PNG): a reliability diagram (accuracy per
+//! equal-width confidence bin against the diagonal, raw and after the post-hoc temperature side by
+//! side) and the risk-coverage curve of selective prediction. They draw the same bins and curve
+//! that ECE and AURC are computed from ([`super::metrics`]), so a picture never disagrees with the
+//! table. Text needs a system font (fontconfig); without one the PNGs are skipped with a warning
+//! by the caller, never failing a run.
+use super::metrics::{ece, reliability_bins, risk_coverage, ECE_BINS};
+use crate::error::{Error, Result};
+use plotters::prelude::*;
+use std::path::{Path, PathBuf};
+
+/// Probabilities of one split, raw and (if a temperature was fitted) calibrated.
+pub struct CalibrationView<'a> {
+    /// Split name for the titles ("test", "validation").
+    pub split: &'a str,
+    pub raw: &'a [Vec<f64>],
+    pub calibrated: Option<(f64, &'a [Vec<f64>])>,
+    pub labels: &'a [usize],
+}
+
+const RAW: RGBColor = RGBColor(31, 119, 180);
+const CALIBRATED: RGBColor = RGBColor(214, 39, 40);
+
+fn plot_err(path: &Path) -> impl Fn(String) -> Error + '_ {
+    move |msg| Error::format(path, format!("drawing the plot: {msg}"))
+}
+
+/// Writes `reliability.png` (accuracy bars, the gap to mean confidence in orange, the diagonal)
+/// and `risk_coverage.png` under `dir`; returns their paths.
+pub fn write_calibration_plots(dir: &Path, view: &CalibrationView) -> Result<Vec<PathBuf>> {
+    let reliability = dir.join("reliability.png");
+    draw_reliability(&reliability, view).map_err(plot_err(&reliability))?;
+    let risk = dir.join("risk_coverage.png");
+    draw_risk_coverage(&risk, view).map_err(plot_err(&risk))?;
+    Ok(vec![reliability, risk])
+}
+
+fn draw_reliability(path: &Path, view: &CalibrationView) -> std::result::Result<(), String> {
+    let mut panels = vec![("raw".to_string(), view.raw, RAW)];
+    if let Some((t, probs)) = view.calibrated {
+        panels.push((format!("temperature T = {t:.3}"), probs, CALIBRATED));
+    }
+    let width = 480 * panels.len() as u32;
+    let root = BitMapBackend::new(path, (width, 500)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| e.to_string())?;
+    let root = root
+        .titled(
+            &format!(
+                "Reliability diagram ({}, {} units, {ECE_BINS} bins)",
+                view.split,
+                view.labels.len()
+            ),
+            ("sans-serif", 22),
+        )
+        .map_err(|e| e.to_string())?;
+    for ((name, probs, color), area) in panels.iter().zip(root.split_evenly((1, panels.len()))) {
+        let bins = reliability_bins(probs, view.labels, ECE_BINS);
+        let mut chart = ChartBuilder::on(&area)
+            .caption(
+                format!("{name}: ECE {:.4}", ece(probs, view.labels, ECE_BINS)),
+                ("sans-serif", 17),
+            )
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(50)
+            .build_cartesian_2d(0f64..1f64, 0f64..1f64)
+            .map_err(|e| e.to_string())?;
+        chart
+            .configure_mesh()
+            .x_desc("confidence (top probability)")
+            .y_desc("accuracy")
+            .light_line_style(WHITE)
+            .draw()
+            .map_err(|e| e.to_string())?;
+        let filled = bins.iter().filter(|b| b.count > 0);
+        // The accuracy bars, then the gap to each bin's mean confidence over them.
+        chart
+            .draw_series(filled.clone().map(|b| {
+                Rectangle::new([(b.lo, 0.0), (b.hi, b.accuracy)], color.mix(0.75).filled())
+            }))
+            .map_err(|e| e.to_string())?;
+        chart
+            .draw_series(filled.clone().map(|b| {
+                let (lo, hi) = sorted(b.accuracy, b.confidence);
+                Rectangle::new(
+                    [(b.lo, lo), (b.hi, hi)],
+                    RGBAColor(255, 127, 14, 0.5).filled(),
+                )
+            }))
+            .map_err(|e| e.to_string())?;
+        chart
+            .draw_series(
+                filled.map(|b| {
+                    Rectangle::new([(b.lo, 0.0), (b.hi, b.accuracy)], BLACK.stroke_width(1))
+                }),
+            )
+            .map_err(|e| e.to_string())?;
+        chart
+            .draw_series(DashedLineSeries::new(
+                [(0.0, 0.0), (1.0, 1.0)],
+                6,
+                4,
+                BLACK.mix(0.6).stroke_width(1),
+            ))
+            .map_err(|e| e.to_string())?;
+    }
+    root.present().map_err(|e| e.to_string())
+}
+
+fn sorted(a: f64, b: f64) -> (f64, f64) {
+    if a <= b {
+        (a, b)
+    } else {
+        (b, a)
+    }
+}
+
+fn draw_risk_coverage(path: &Path, view: &CalibrationView) -> std::result::Result<(), String> {
+    // The raw curve is drawn wider so that it shows where the calibrated one covers it (a
+    // temperature keeps the ranking of two classes, so the curves often coincide).
+    let mut curves = vec![("raw", risk_coverage(view.raw, view.labels), RAW, 5)];
+    if let Some((_, probs)) = view.calibrated {
+        curves.push((
+            "after temperature",
+            risk_coverage(probs, view.labels),
+            CALIBRATED,
+            2,
+        ));
+    }
+    let top = curves
+        .iter()
+        .flat_map(|(_, r, _, _)| r.iter().copied())
+        .fold(0.0f64, f64::max);
+    let root = BitMapBackend::new(path, (640, 480)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| e.to_string())?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!(
+                "Risk-coverage ({}, {} units)",
+                view.split,
+                view.labels.len()
+            ),
+            ("sans-serif", 22),
+        )
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0f64..1f64, 0f64..(top * 1.1).max(0.01))
+        .map_err(|e| e.to_string())?;
+    chart
+        .configure_mesh()
+        .x_desc("coverage (most confident first)")
+        .y_desc("risk (error rate)")
+        .light_line_style(WHITE)
+        .draw()
+        .map_err(|e| e.to_string())?;
+    for (name, risk, color, width) in curves {
+        let n = risk.len().max(1) as f64;
+        let aurc = risk.iter().sum::<f64>() / n;
+        let points = risk
+            .into_iter()
+            .enumerate()
+            .map(move |(k, r)| ((k + 1) as f64 / n, r));
+        chart
+            .draw_series(LineSeries::new(points, color.stroke_width(width)))
+            .map_err(|e| e.to_string())?
+            .label(format!("{name}: AURC {aurc:.4}"))
+            .legend(move |(x, y)| {
+                PathElement::new([(x, y), (x + 20, y)], color.stroke_width(width))
+            });
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| e.to_string())?;
+    root.present().map_err(|e| e.to_string())
+}
