@@ -326,6 +326,8 @@ pub struct MemoryConfig {
     pub layer: i64,
     /// Weight of the in-batch InfoNCE between queries and keys (0: off; keys then never train).
     pub lambda_mem: f64,
+    /// A memory file of `umtune memory build` to start from (empty: an empty memory).
+    pub prebuilt: String,
 }
 
 impl Default for MemoryConfig {
@@ -338,6 +340,7 @@ impl Default for MemoryConfig {
             tau: 0.07,
             layer: -1,
             lambda_mem: 0.1,
+            prebuilt: String::new(),
         }
     }
 }

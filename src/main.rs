@@ -113,6 +113,11 @@ enum Command {
         #[arg(long, value_name = "N")]
         mc: Option<i64>,
     },
+    /// The external memory: `memory build` prebuilds one from a corpus.
+    Memory {
+        #[command(subcommand)]
+        command: MemoryCommand,
+    },
     /// A results table (markdown and CSV) of every run under a directory; writes
     /// DIR/results.md and DIR/results.csv.
     Report { dir: PathBuf },
@@ -170,6 +175,27 @@ enum Command {
         threads: i32,
         #[arg(long)]
         out: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum MemoryCommand {
+    /// Prebuild a memory from a corpus in one pass: from a run directory (its trained W_k; writes
+    /// RUN_DIR/memory.safetensors, which eval and predict read) or from a config (needs --out;
+    /// train from it with `--set memory.prebuilt=FILE`).
+    Build {
+        /// A run directory or a TOML config with `[memory] enabled = true`.
+        source: PathBuf,
+        /// A dataset (name or directory) to read instead of the source's.
+        #[arg(long)]
+        data: Option<String>,
+        #[arg(long, default_value = "train")]
+        split: String,
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Override a config value: `--set section.key=value` (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
     },
 }
 
@@ -271,6 +297,26 @@ fn run(command: Command) -> Result<()> {
             }
             run_dir::export_peft(&run_dir::load_run(&run_dir, &[])?, &out)?;
             println!("PEFT adapter written to {}", out.display());
+        }
+        Command::Memory {
+            command:
+                MemoryCommand::Build {
+                    source,
+                    data,
+                    split,
+                    out,
+                    overrides,
+                },
+        } => {
+            let report =
+                umtune::train::memory_build::build(&umtune::train::memory_build::BuildRequest {
+                    source: &source,
+                    data: data.as_deref(),
+                    split: &split,
+                    out: out.as_deref(),
+                    overrides: &overrides,
+                })?;
+            println!("{}", serde_json::to_string(&report)?);
         }
         Command::Report { dir } => {
             let summaries = trainer::collect_summaries(&dir)?;

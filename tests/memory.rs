@@ -354,3 +354,143 @@ fn the_memory_is_saved_with_the_run_and_restored_by_eval() -> TestResult {
     assert!(e.contains("memory.safetensors"), "{e}");
     Ok(())
 }
+
+#[test]
+fn memory_build_prebuilds_from_a_run_or_a_config() -> TestResult {
+    use umtune::heads::classification::last_token;
+    use umtune::models::RecordHook;
+    use umtune::train::memory_build::{build, BuildRequest};
+    use umtune::train::run_dir::load_run;
+    use umtune::train::trainer::{load_data, train_model};
+    let mut cfg = common::tiny_config("mem-build", umtune::config::PeftMethod::Lora)?;
+    cfg.peft.dropout = 0.0;
+    cfg.memory.enabled = true;
+    cfg.memory.capacity = 100;
+    let (summary, _) = train_model(&cfg)?;
+    let request = |split| BuildRequest {
+        source: &summary.run_dir,
+        data: None,
+        split,
+        out: None,
+        overrides: &[],
+    };
+    let report = build(&request("train"))?;
+    assert_eq!((report.examples, report.entries), (64, 64));
+    assert_eq!(report.out, summary.run_dir.join("memory.safetensors"));
+    // The run now holds exactly the 64 training examples, in corpus order, with their own ids
+    // (so self-exclusion keeps working), each value the last real token's hidden state at the
+    // memory layer (the last block) and each key a unit vector.
+    let run = load_run(&summary.run_dir, &[])?;
+    assert_eq!(held(&run.model)?, 64);
+    let fusion = run.model.memory.as_ref().ok_or("no memory")?;
+    let saved: std::collections::HashMap<String, Tensor> = fusion.tensors()?.into_iter().collect();
+    let ids = Vec::<i64>::try_from(&saved["ids"])?;
+    assert_eq!(ids[..64], (0..64).collect::<Vec<i64>>()[..]);
+    assert!(ids[64..].iter().all(|&i| i == -1));
+    let norms = saved["keys"]
+        .narrow(0, 0, 64)
+        .norm_scalaropt_dim(2.0, [-1], false);
+    assert!(common::max_abs_diff(&norms, &norms.ones_like()) < 1e-5);
+    let data = load_data(&run.config, run.model.tokenizer()?)?;
+    let items: Vec<_> = data.train[..4].iter().collect();
+    let batch = umtune::data::batching::collate(&items, 0, Device::Cpu);
+    let mut record = RecordHook::default();
+    let _g = tch::no_grad_guard();
+    let _ = run.model.backbone.forward(
+        &batch.input_ids,
+        Some(&batch.attention_mask),
+        None,
+        &mut record,
+    );
+    let h = record.hidden.last().ok_or("no blocks")?;
+    let want = last_token(&h.to_kind(Kind::Float), &batch.attention_mask);
+    let d = common::max_abs_diff(&saved["values"].narrow(0, 0, 4), &want);
+    assert!(d < 1e-4, "values differ from the hidden states by {d}");
+    // Another split keeps its evaluation ids; another dataset gets ids no example of the run has.
+    build(&request("validation"))?;
+    let stored_ids = || -> Result<Vec<i64>, Box<dyn std::error::Error>> {
+        let run = load_run(&summary.run_dir, &[])?;
+        let tensors = run.model.memory.as_ref().ok_or("no memory")?.tensors()?;
+        let ids = tensors.iter().find(|(n, _)| n == "ids").ok_or("ids")?;
+        Ok(Vec::<i64>::try_from(&ids.1)?)
+    };
+    assert_eq!(stored_ids()?[0], 1 << 40);
+    let foreign = build(&BuildRequest {
+        data: Some("reuters-r8"),
+        overrides: &["data.train_limit=10".into()],
+        ..request("train")
+    })?;
+    assert_eq!(
+        (foreign.dataset.as_str(), foreign.entries),
+        ("reuters-r8", 10)
+    );
+    assert_eq!(stored_ids()?[..2], [3 << 40, (3 << 40) + 1]);
+
+    // From a config: --out is required; a run that starts from the file holds its entries and
+    // the W_k they were made with.
+    let dir = std::env::temp_dir().join(format!("umtune-mem-build-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let config = dir.join("config.toml");
+    std::fs::write(&config, cfg.to_toml())?;
+    let from_config = BuildRequest {
+        source: &config,
+        out: None,
+        ..request("train")
+    };
+    let e = build(&from_config)
+        .err()
+        .ok_or("no --out accepted")?
+        .to_string();
+    assert!(e.contains("--out"), "{e}");
+    let file = dir.join("prebuilt.safetensors");
+    let report = build(&BuildRequest {
+        out: Some(&file),
+        ..from_config
+    })?;
+    assert_eq!(report.entries, 64);
+    let mut start = cfg.clone();
+    start.memory.prebuilt = file.display().to_string();
+    let (model, _) = umtune::train::trainer::TaskModel::build(&start, 2)?;
+    assert_eq!(held(&model)?, 64);
+    let file_tensors: std::collections::HashMap<String, Tensor> =
+        Tensor::read_safetensors(&file)?.into_iter().collect();
+    let model_tensors: std::collections::HashMap<String, Tensor> = model
+        .memory
+        .as_ref()
+        .ok_or("m")?
+        .tensors()?
+        .into_iter()
+        .collect();
+    for name in ["w_k", "keys", "values", "ids"] {
+        assert!(file_tensors[name].equal(&model_tensors[name]), "{name}");
+    }
+    // A file without W_k (not made by memory build) is refused by name.
+    let partial = dir.join("partial.safetensors");
+    let keep: Vec<(&str, &Tensor)> = ["keys", "values", "ids", "written"]
+        .iter()
+        .map(|n| (*n, &file_tensors[*n]))
+        .collect();
+    Tensor::write_safetensors(&keep, &partial)?;
+    start.memory.prebuilt = partial.display().to_string();
+    let e = match umtune::train::trainer::TaskModel::build(&start, 2) {
+        Ok(_) => return Err("a prebuilt memory without w_k loaded".into()),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        e.contains("partial.safetensors") && e.contains("w_k"),
+        "{e}"
+    );
+    // No memory configured: nothing to build.
+    let mut plain = cfg.clone();
+    plain.memory.enabled = false;
+    std::fs::write(&config, plain.to_toml())?;
+    let e = build(&BuildRequest {
+        out: Some(&file),
+        ..from_config
+    })
+    .err()
+    .ok_or("built without a memory")?
+    .to_string();
+    assert!(e.contains("memory.enabled"), "{e}");
+    Ok(())
+}

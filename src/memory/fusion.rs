@@ -6,12 +6,16 @@
 //! position; one read per token for NER. In training the batch's detached
 //! `(normalize(W_k pool(h_m)), pool(h_m), example id)` wait in `pending` until the trainer commits
 //! them after the optimizer step; an in-batch InfoNCE between queries and keys (weight
-//! `lambda_mem`) is what trains `W_k`, whose keys are otherwise detached.
+//! `lambda_mem`) is what trains `W_k`, whose keys are otherwise detached. A prebuilt memory
+//! (`umtune memory build`) records entries the same way in a pass without training; its file
+//! keeps the `W_k` the keys were made with, so a run that starts from it queries consistent keys.
 use super::store::ShardedKvMemory;
 use crate::config::MemoryConfig;
 use crate::dist::Collective;
+use crate::error::Error;
 use crate::error::Result;
 use crate::heads::classification::last_token;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
@@ -96,7 +100,8 @@ impl MemoryFusion {
     }
 
     /// Fuses the memory into `hidden (b, t, d)` at block m. `mask (b, t)`, `example_ids (b,)`,
-    /// `p (b, t, d)` UM's variance at this block if any.
+    /// `p (b, t, d)` UM's variance at this block if any. `training` adds the InfoNCE term;
+    /// `record` keeps the batch's entries for the next [`Self::commit`].
     pub fn forward(
         &self,
         hidden: &Tensor,
@@ -104,6 +109,7 @@ impl MemoryFusion {
         example_ids: &Tensor,
         p: Option<&Tensor>,
         training: bool,
+        record: bool,
     ) -> Result<FusionOutput> {
         let h = hidden.to_kind(Kind::Float);
         let (b_sz, seq_len, d) = h.size3()?;
@@ -137,9 +143,9 @@ impl MemoryFusion {
         let g = self.w_g.forward(&Tensor::cat(&gate_in, -1)).sigmoid();
         let fused = hidden + (g * self.w_o.forward(&r)).to_kind(hidden.kind());
         let mut contrastive = None;
-        if training {
+        if training || record {
             let k = normalize(&self.w_k.forward(&rows));
-            if self.lambda_mem > 0.0 && rows.size()[0] > 1 {
+            if training && self.lambda_mem > 0.0 && rows.size()[0] > 1 {
                 let logits = q.matmul(&k.tr()) / self.tau;
                 let target = Tensor::arange(rows.size()[0], (Kind::Int64, h.device()));
                 contrastive = Some(logits.cross_entropy_for_logits(&target) * self.lambda_mem);
@@ -162,6 +168,47 @@ impl MemoryFusion {
                 rank: self.group.rank(),
                 msg: "memory lock poisoned by a panic".into(),
             })
+    }
+
+    /// The store's tensors and `w_k` (what a memory file holds).
+    pub fn tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut t = self.store()?.tensors();
+        t.push(("w_k".into(), self.w_k.ws.detach()));
+        Ok(t)
+    }
+
+    /// Restores the store from a memory file; with `with_w_k` also `W_k` (a prebuilt memory,
+    /// whose keys were made with it).
+    pub fn load(&self, path: &Path, with_w_k: bool) -> Result<()> {
+        let tensors =
+            Tensor::read_safetensors(path).map_err(|e| Error::format(path, e.to_string()))?;
+        if with_w_k {
+            let w = tensors
+                .iter()
+                .find(|(n, _)| n == "w_k")
+                .map(|(_, t)| t)
+                .ok_or_else(|| {
+                    Error::tensor(
+                        path,
+                        "w_k",
+                        "missing (not a file of `umtune memory build`?)",
+                    )
+                })?;
+            if w.size() != self.w_k.ws.size() {
+                return Err(Error::tensor(
+                    path,
+                    "w_k",
+                    format!(
+                        "has shape {:?}, this model's is {:?}",
+                        w.size(),
+                        self.w_k.ws.size()
+                    ),
+                ));
+            }
+            let mut ws = self.w_k.ws.shallow_clone();
+            tch::no_grad(|| ws.copy_(w));
+        }
+        self.store()?.load(tensors, path)
     }
 
     /// Writes the last training batch's entries (after the optimizer step). Collective.

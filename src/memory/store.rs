@@ -91,6 +91,15 @@ impl ShardedKvMemory {
         self.written == 0
     }
 
+    /// Forgets every entry (the ring starts again at slot 0).
+    pub fn clear(&mut self) {
+        let _ = self.ids.fill_(-1);
+        let _ = self.keys.zero_();
+        let _ = self.values.zero_();
+        self.rows_of_id.clear();
+        self.written = 0;
+    }
+
     /// Bytes of this rank's shard.
     pub fn bytes(&self) -> usize {
         [&self.keys, &self.values, &self.ids]

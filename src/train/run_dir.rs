@@ -25,7 +25,10 @@ fn read_json(path: &Path) -> Result<Value> {
 
 /// The run's resolved config, its label names, and the model with the trained weights.
 pub fn load_run(dir: &Path, overrides: &[String]) -> Result<LoadedRun> {
-    let config = Config::load(Some(&dir.join("config.toml")), overrides)?;
+    // The run's own memory file supersedes the prebuilt one it may have started from.
+    let mut overrides = overrides.to_vec();
+    overrides.push("memory.prebuilt=".into());
+    let config = Config::load(Some(&dir.join("config.toml")), &overrides)?;
     let summary_path = dir.join("summary.json");
     let summary = read_json(&summary_path)?;
     let label_names: Vec<String> = serde_json::from_value(summary["label_names"].clone())
@@ -35,10 +38,7 @@ pub fn load_run(dir: &Path, overrides: &[String]) -> Result<LoadedRun> {
     tch::manual_seed(config.run.seed as i64);
     load_named(model.trained_vars(), &dir.join("trainable.safetensors"))?;
     if let Some(m) = &model.memory {
-        let path = dir.join("memory.safetensors");
-        let tensors =
-            Tensor::read_safetensors(&path).map_err(|e| Error::format(&path, e.to_string()))?;
-        m.store()?.load(tensors, &path)?;
+        m.load(&dir.join("memory.safetensors"), false)?;
     }
     let calibration = dir.join("calibration.json");
     if calibration.exists() {

@@ -184,6 +184,7 @@ struct ModelHook<'a> {
     mask: &'a Tensor,
     example_ids: &'a Tensor,
     training: bool,
+    record: bool,
     contrastive: Option<Tensor>,
     error: Option<Error>,
 }
@@ -198,7 +199,14 @@ impl crate::models::LayerHook for ModelHook<'_> {
             return hidden;
         };
         let p = self.um.as_ref().and_then(|um| um.p_at(layer));
-        match memory.forward(&hidden, self.mask, self.example_ids, p, self.training) {
+        match memory.forward(
+            &hidden,
+            self.mask,
+            self.example_ids,
+            p,
+            self.training,
+            self.record,
+        ) {
             Ok(out) => {
                 self.contrastive = out.contrastive;
                 out.hidden
@@ -209,6 +217,16 @@ impl crate::models::LayerHook for ModelHook<'_> {
             }
         }
     }
+}
+
+/// What a forward pass is for, beyond what the training flag says.
+#[derive(Clone, Copy, PartialEq)]
+enum Pass {
+    Plain,
+    /// One MC sample at prediction: feature noise and a draw of the heteroscedastic logits.
+    McSample,
+    /// Building a memory: record the entries.
+    Record,
 }
 
 /// What a forward pass gives the loss.
@@ -392,6 +410,11 @@ impl TaskModel {
                 (m.capacity(), m.bytes())
             };
             tracing::info!(entries, bytes, layer, "external memory");
+            if !cfg.memory.prebuilt.is_empty() {
+                let path = Path::new(&cfg.memory.prebuilt);
+                fusion.load(path, true)?;
+                tracing::info!(path = %path.display(), held = fusion.store()?.len(), "prebuilt memory");
+            }
             Some(fusion)
         } else {
             None
@@ -443,7 +466,7 @@ impl TaskModel {
         let mut mean: Option<Tensor> = None;
         for _ in 0..self.mc_samples {
             let logits = self
-                .forward_with(input_ids, mask, example_ids, true)?
+                .forward_with(input_ids, mask, example_ids, Pass::McSample)?
                 .logits;
             let p = logits.softmax(-1, tch::Kind::Float) / self.mc_samples as f64;
             mean = Some(match mean {
@@ -465,28 +488,39 @@ impl TaskModel {
         mask: &Tensor,
         example_ids: Option<&Tensor>,
     ) -> Result<Forward> {
-        self.forward_with(input_ids, mask, example_ids, false)
+        self.forward_with(input_ids, mask, example_ids, Pass::Plain)
     }
 
-    /// [`Self::forward`]; `sample`: one MC sample (noise and a logit draw outside training).
+    /// A pass without training that records every unit's memory entry and commits them: the
+    /// step of building a memory from a corpus. Collective with a sharded memory.
+    pub fn record_memory(
+        &self,
+        input_ids: &Tensor,
+        mask: &Tensor,
+        example_ids: &Tensor,
+    ) -> Result<()> {
+        self.forward_with(input_ids, mask, Some(example_ids), Pass::Record)?;
+        self.commit_memory()
+    }
+
     fn forward_with(
         &self,
         input_ids: &Tensor,
         mask: &Tensor,
         example_ids: Option<&Tensor>,
-        sample: bool,
+        pass: Pass,
     ) -> Result<Forward> {
         match self.autocast {
             Some(kind) => {
                 let f = autocast(self.backbone.device(), kind, || {
-                    self.forward_in_kind(input_ids, mask, example_ids, sample)
+                    self.forward_in_kind(input_ids, mask, example_ids, pass)
                 })?;
                 Ok(Forward {
                     logits: f.logits.to_kind(tch::Kind::Float),
                     ..f
                 })
             }
-            None => self.forward_in_kind(input_ids, mask, example_ids, sample),
+            None => self.forward_in_kind(input_ids, mask, example_ids, pass),
         }
     }
 
@@ -495,8 +529,9 @@ impl TaskModel {
         input_ids: &Tensor,
         mask: &Tensor,
         example_ids: Option<&Tensor>,
-        sample: bool,
+        pass: Pass,
     ) -> Result<Forward> {
+        let sample = pass == Pass::McSample;
         let mut cache = self
             .prefix
             .as_ref()
@@ -529,6 +564,7 @@ impl TaskModel {
             mask,
             example_ids,
             training: self.training.get(),
+            record: self.training.get() || pass == Pass::Record,
             contrastive: None,
             error: None,
         };
@@ -841,7 +877,7 @@ fn save_trainable(model: &TaskModel, path: &Path) -> Result<()> {
 /// The memory's entries (this rank's shard), written atomically.
 pub fn save_memory(m: &MemoryFusion, path: &Path) -> Result<()> {
     let tmp = path.with_extension("tmp");
-    let tensors = m.store()?.tensors();
+    let tensors = m.tensors()?;
     Tensor::write_safetensors(&tensors, &tmp).map_err(|e| Error::format(&tmp, e.to_string()))?;
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
