@@ -317,6 +317,29 @@ fn uncertainty_and_memory_train_together() -> TestResult {
     assert!(f.samples.is_some() && f.regularizer.is_some());
     let loss = model.loss(&f, &labels);
     assert!(loss.double_value(&[]).is_finite());
+    // Two steps (zero-initialized tensors move in the first), then every trainable tensor of
+    // LoRA, the head, UM and the memory has a gradient, and no backbone tensor has one.
+    let mut opt = umtune::train::optimizer::AdamW::new(model.named_trainable(), 0.0);
+    for _ in 0..2 {
+        opt.zero_grad();
+        let f = model.forward(&ids, &mask, Some(&example_ids))?;
+        model.loss(&f, &labels).backward();
+        opt.step(1e-2);
+        model.commit_memory()?;
+    }
+    opt.zero_grad();
+    let f = model.forward(&ids, &mask, Some(&example_ids))?;
+    model.loss(&f, &labels).backward();
+    for (name, t) in model.named_trainable() {
+        let g = t.grad();
+        assert!(
+            g.defined() && g.abs().sum(Kind::Float).double_value(&[]) > 0.0,
+            "{name}: no gradient"
+        );
+    }
+    for (name, t) in model.backbone.var_store().variables() {
+        assert!(!t.grad().defined(), "frozen {name} got a gradient");
+    }
     Ok(())
 }
 

@@ -368,3 +368,36 @@ fn a_run_with_uncertainty_modeling_trains_and_reports_calibration() -> TestResul
     assert!(summary.validation.calibration.is_some() && summary.validation.calibrated.is_some());
     Ok(())
 }
+
+#[test]
+fn ner_runs_with_uncertainty_and_memory_calibrate_on_entity_words() -> TestResult {
+    use umtune::train::trainer::{calibration_units, outputs, scores, train_model};
+    use umtune::uncertainty::calibration::calibrated;
+    let mut cfg = um_config("um-ner", &[])?;
+    cfg.data.dataset = "conll2003".into();
+    cfg.data.task = umtune::config::TaskKind::Ner;
+    cfg.memory.enabled = true; // one entry and one read per token
+    cfg.memory.capacity = 256;
+    let (summary, model) = train_model(&cfg)?;
+    assert!(summary.validation.entity.is_some());
+    let data = umtune::train::trainer::load_data(&cfg, model.tokenizer()?)?;
+    let out = outputs(&model, &data.validation, 16, tch::Device::Cpu)?;
+    let names = &summary.label_names;
+    // The calibration units are exactly the words whose gold tag is an entity tag.
+    let (logits, gold) = calibration_units(&out, names);
+    let entity_words = out
+        .gold
+        .iter()
+        .flatten()
+        .filter(|&&y| names[y] != "O")
+        .count();
+    assert!(entity_words > 0 && entity_words < out.units);
+    assert_eq!((logits.len(), gold.len()), (entity_words, entity_words));
+    assert!(gold.iter().all(|&y| names[y] != "O"));
+    // And the reported scores are the metrics of those units' probabilities.
+    let ev = scores(&out, names, model.temperature, data.validation.len());
+    let want = calibration_scores(&calibrated(&logits, 1.0), &gold);
+    assert_eq!(ev.calibration.ok_or("no calibration")?, want);
+    assert_eq!(ev.calibration, summary.validation.calibration);
+    Ok(())
+}
