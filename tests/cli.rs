@@ -195,6 +195,28 @@ fn eval_mc_sampling_is_reproducible_and_plots_on_request() -> Result<(), Box<dyn
     let plots = out_dir.join("plots");
     table(&["--plots", plots.to_str().ok_or("path")?])?;
     assert!(plots.join("reliability.png").is_file() && plots.join("risk_coverage.png").is_file());
+    // Without a usable font the pictures are skipped with a warning, and nothing half-drawn stays.
+    let no_fonts = out_dir.join("no-fonts.conf");
+    std::fs::write(
+        &no_fonts,
+        "<?xml version=\"1.0\"?><fontconfig></fontconfig>",
+    )?;
+    let bare = out_dir.join("bare");
+    let o = Command::new(env!("CARGO_BIN_EXE_umtune"))
+        .args(["eval", run, "--plots", bare.to_str().ok_or("path")?])
+        .env("FONTCONFIG_FILE", &no_fonts)
+        .env_remove("RUST_LOG")
+        .output()?;
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        o.status.success() && stderr.contains("calibration plots skipped"),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read_dir(&bare)?.count(),
+        0,
+        "a half-drawn picture was left"
+    );
     // A run without uncertainty modeling has nothing to sample.
     let lora = Command::new(env!("CARGO_BIN_EXE_umtune"))
         .current_dir(dir)

@@ -2,8 +2,9 @@
 //! equal-width confidence bin against the diagonal, raw and after the post-hoc temperature side by
 //! side) and the risk-coverage curve of selective prediction. They draw the same bins and curve
 //! that ECE and AURC are computed from ([`super::metrics`]), so a picture never disagrees with the
-//! table. Text needs a system font (fontconfig); without one the PNGs are skipped with a warning
-//! by the caller, never failing a run.
+//! table. Text needs fontconfig and a system font; without them the PNGs are an error the caller
+//! turns into a warning, never a failed run (font-kit would panic without libfontconfig, so its
+//! presence is checked first, and any other panic while drawing is caught).
 use super::metrics::{ece, reliability_bins, risk_coverage, ECE_BINS};
 use crate::error::{Error, Result};
 use plotters::prelude::*;
@@ -25,14 +26,37 @@ fn plot_err(path: &Path) -> impl Fn(String) -> Error + '_ {
     move |msg| Error::format(path, format!("drawing the plot: {msg}"))
 }
 
+/// Whether libfontconfig (loaded at run time) is there for text.
+fn fontconfig_available() -> bool {
+    fontconfig_sys::statics::LIB_RESULT.is_ok()
+}
+
 /// Writes `reliability.png` (accuracy bars, the gap to mean confidence in orange, the diagonal)
 /// and `risk_coverage.png` under `dir`; returns their paths.
 pub fn write_calibration_plots(dir: &Path, view: &CalibrationView) -> Result<Vec<PathBuf>> {
     let reliability = dir.join("reliability.png");
-    draw_reliability(&reliability, view).map_err(plot_err(&reliability))?;
+    if !fontconfig_available() {
+        return Err(plot_err(&reliability)(
+            "libfontconfig.so.1 cannot be loaded (install fontconfig for the PNGs)".into(),
+        ));
+    }
     let risk = dir.join("risk_coverage.png");
-    draw_risk_coverage(&risk, view).map_err(plot_err(&risk))?;
-    Ok(vec![reliability, risk])
+    let drawn = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        draw_reliability(&reliability, view).map_err(plot_err(&reliability))?;
+        draw_risk_coverage(&risk, view).map_err(plot_err(&risk))
+    }));
+    let result = match drawn {
+        Ok(result) => result,
+        Err(_) => Err(plot_err(&reliability)(
+            "the drawing library panicked".into(),
+        )),
+    };
+    if result.is_err() {
+        // No half-drawn pictures.
+        let _ = std::fs::remove_file(&reliability);
+        let _ = std::fs::remove_file(&risk);
+    }
+    result.map(|()| vec![reliability, risk])
 }
 
 fn draw_reliability(path: &Path, view: &CalibrationView) -> std::result::Result<(), String> {
