@@ -266,10 +266,8 @@ fn run(command: Command) -> Result<()> {
                 .map(|(o, n)| trainer::scores(o, &run.label_names, t, *n));
             if let Some(dir) = plots {
                 std::fs::create_dir_all(&dir).with_context(|| dir.display().to_string())?;
-                match &test {
-                    Some((o, _)) => trainer::write_plots(&dir, "test", o, &run.label_names, t),
-                    None => trainer::write_plots(&dir, "validation", &val, &run.label_names, t),
-                }
+                let test = test.as_ref().map(|(o, _)| o);
+                trainer::write_plots(&dir, &val, test, &run.label_names, t);
             }
             println!("{}", trainer::results_table(std::slice::from_ref(&summary)));
         }

@@ -235,51 +235,14 @@ fn toy_batch() -> (Tensor, Tensor, Tensor, Tensor) {
     )
 }
 
-/// Two training steps (zero-initialized tensors move in the first; memory writes committed), then
-/// one more backward: every trainable tensor `check` names has a non-zero gradient, and no
-/// backbone tensor has one.
-fn assert_gradients_reach(
-    model: &umtune::train::trainer::TaskModel,
-    (ids, mask, labels, example_ids): &(Tensor, Tensor, Tensor, Tensor),
-    check: impl Fn(&str) -> bool,
-) -> TestResult {
-    model.training.set(true);
-    let mut opt = umtune::train::optimizer::AdamW::new(model.named_trainable(), 0.0);
-    for _ in 0..2 {
-        opt.zero_grad();
-        let f = model.forward(ids, mask, Some(example_ids))?;
-        model.loss(&f, labels).backward();
-        opt.step(1e-2);
-        model.commit_memory()?;
-    }
-    opt.zero_grad();
-    let f = model.forward(ids, mask, Some(example_ids))?;
-    model.loss(&f, labels).backward();
-    for (name, t) in model.named_trainable().iter().filter(|(n, _)| check(n)) {
-        let g = t.grad();
-        assert!(
-            g.defined() && g.abs().sum(Kind::Float).double_value(&[]) > 0.0,
-            "{name}: no gradient"
-        );
-    }
-    for (name, t) in model.backbone.var_store().variables() {
-        assert!(!t.grad().defined(), "frozen {name} got a gradient");
-    }
-    Ok(())
-}
-
 #[test]
 fn a_fresh_memory_fusion_is_exactly_the_model_without_it() -> TestResult {
     let model = memory_model("mem-step0", false)?;
     let mut cfg = common::tiny_config("mem-plain", umtune::config::PeftMethod::Lora)?;
     cfg.peft.dropout = 0.0;
     let (plain, _) = umtune::train::trainer::TaskModel::build(&cfg, 2)?;
-    let vars = model.trained_vars();
-    for (name, t) in plain.named_trainable() {
-        let mut dst = vars[&name].shallow_clone();
-        tch::no_grad(|| dst.copy_(&t));
-    }
-    let (ids, mask, _, example_ids) = toy_batch();
+    common::copy_trainable(&plain, &model);
+    let (ids, mask, labels, example_ids) = toy_batch();
     // Fill the memory so that reads return real entries, then compare (W_o is still zero).
     model.training.set(true);
     for _ in 0..2 {
@@ -299,7 +262,9 @@ fn a_fresh_memory_fusion_is_exactly_the_model_without_it() -> TestResult {
 
     // Training: gradients reach every memory tensor (W_k through the InfoNCE term), none the
     // backbone; after a step the memory changes the output.
-    assert_gradients_reach(&model, &toy_batch(), |n| n.starts_with("memory."))?;
+    common::assert_gradients_reach(&model, (&ids, &mask, &labels), Some(&example_ids), |n| {
+        n.starts_with("memory.")
+    })?;
     model.training.set(false);
     let moved = tch::no_grad(|| model.logits(&ids, &mask))?;
     assert!(!moved.equal(&with));
@@ -325,7 +290,7 @@ fn uncertainty_and_memory_train_together() -> TestResult {
     let loss = model.loss(&f, &labels);
     assert!(loss.double_value(&[]).is_finite());
     // Every trainable tensor of LoRA, the head, UM and the memory gets a gradient.
-    assert_gradients_reach(&model, &toy_batch(), |_| true)
+    common::assert_gradients_reach(&model, (&ids, &mask, &labels), Some(&example_ids), |_| true)
 }
 
 #[test]

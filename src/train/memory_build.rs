@@ -42,22 +42,31 @@ pub struct BuildReport {
 /// validation and test ranges, so self-exclusion never mistakes them for the run's examples.
 const FOREIGN_IDS: i64 = 3 << 40;
 
+/// Points `cfg` at `data` if given; whether that is another dataset than the source's own.
+fn retarget(cfg: &mut Config, data: Option<&str>) -> bool {
+    match data {
+        Some(d) if d != cfg.data.dataset => {
+            cfg.data.dataset = d.to_string();
+            true
+        }
+        _ => false,
+    }
+}
+
 pub fn build(req: &BuildRequest) -> Result<BuildReport> {
     let start = Instant::now();
-    let mut overrides = req.overrides.to_vec();
-    overrides.extend(req.data.map(|d| format!("data.dataset={d}")));
     let is_run = req.source.join("summary.json").is_file();
-    let (own_dataset, model, config, data, out) = if is_run {
-        let own = Config::load(Some(&req.source.join("config.toml")), req.overrides)?;
-        let run = load_run(req.source, &overrides)?;
+    let (model, config, data, out, foreign) = if is_run {
+        let mut run = load_run(req.source, req.overrides)?;
+        let foreign = retarget(&mut run.config, req.data);
         let data = load_data(&run.config, run.model.tokenizer()?)?;
         let out = req
             .out
             .map_or_else(|| req.source.join("memory.safetensors"), Path::to_path_buf);
-        (own.data.dataset, run.model, run.config, data, out)
+        (run.model, run.config, data, out, foreign)
     } else if req.source.is_file() {
-        let own = Config::load(Some(req.source), req.overrides)?;
-        let cfg = Config::load(Some(req.source), &overrides)?;
+        let mut cfg = Config::load(Some(req.source), req.overrides)?;
+        let foreign = retarget(&mut cfg, req.data);
         let out = req.out.ok_or_else(|| {
             Error::Config(format!(
                 "memory build {}: --out FILE is required when building from a config",
@@ -75,10 +84,10 @@ pub fn build(req: &BuildRequest) -> Result<BuildReport> {
         })?;
         let data = load_data(&cfg, &tok)?;
         // W_k is saved with the entries, so a run that starts from them queries the same keys
-        // whatever its own initialization.
+        // whatever its own initialization (or head size).
         tch::manual_seed(cfg.run.seed as i64);
         let (model, _) = TaskModel::build(&cfg, data.label_names.len())?;
-        (own.data.dataset, model, cfg, data, out.to_path_buf())
+        (model, cfg, data, out.to_path_buf(), foreign)
     } else {
         return Err(Error::Config(format!(
             "memory build {}: neither a run directory (with summary.json) nor a config file",
@@ -106,7 +115,6 @@ pub fn build(req: &BuildRequest) -> Result<BuildReport> {
             )))
         }
     };
-    let foreign = config.data.dataset != own_dataset;
     fusion.store()?.clear();
     model.training.set(false);
     let _g = tch::no_grad_guard();

@@ -821,15 +821,20 @@ pub fn scores(
     }
 }
 
-/// The reliability diagram and risk-coverage plot of one split's outputs in `dir`. A failure
-/// (no font on the machine, say) is a warning: pictures never fail a run.
+/// The reliability diagram and risk-coverage plot in `dir`, of the test split's outputs or,
+/// without a test split, the validation split's. A failure (no font on the machine, say) is a
+/// warning: pictures never fail a run.
 pub fn write_plots(
     dir: &Path,
-    split: &str,
-    out: &Outputs,
+    validation: &Outputs,
+    test: Option<&Outputs>,
     label_names: &[String],
     temperature: Option<f64>,
 ) {
+    let (split, out) = match test {
+        Some(t) => ("test", t),
+        None => ("validation", validation),
+    };
     let (logits, labels) = calibration_units(out, label_names);
     if labels.is_empty() {
         return;
@@ -1079,16 +1084,13 @@ pub fn train_model(cfg: &Config) -> Result<(Summary, TaskModel)> {
     if let Some(ev) = &test {
         log.write(serde_json::json!({"step": total, "split": "test", "eval": ev}))?;
     }
-    match &test_out {
-        Some(out) => write_plots(&run_dir, "test", out, &data.label_names, model.temperature),
-        None => write_plots(
-            &run_dir,
-            "validation",
-            &val_out,
-            &data.label_names,
-            model.temperature,
-        ),
-    }
+    write_plots(
+        &run_dir,
+        &val_out,
+        test_out.as_ref(),
+        &data.label_names,
+        model.temperature,
+    );
     save_trainable(&model, &run_dir.join("trainable.safetensors"))?;
     if let Some(m) = &model.memory {
         save_memory(m, &run_dir.join("memory.safetensors"))?;

@@ -105,7 +105,7 @@ fn draw_reliability(path: &Path, view: &CalibrationView) -> std::result::Result<
             .map_err(|e| e.to_string())?;
         chart
             .draw_series(filled.clone().map(|b| {
-                let (lo, hi) = sorted(b.accuracy, b.confidence);
+                let (lo, hi) = (b.accuracy.min(b.confidence), b.accuracy.max(b.confidence));
                 Rectangle::new(
                     [(b.lo, lo), (b.hi, hi)],
                     RGBAColor(255, 127, 14, 0.5).filled(),
@@ -129,14 +129,6 @@ fn draw_reliability(path: &Path, view: &CalibrationView) -> std::result::Result<
             .map_err(|e| e.to_string())?;
     }
     root.present().map_err(|e| e.to_string())
-}
-
-fn sorted(a: f64, b: f64) -> (f64, f64) {
-    if a <= b {
-        (a, b)
-    } else {
-        (b, a)
-    }
 }
 
 fn draw_risk_coverage(path: &Path, view: &CalibrationView) -> std::result::Result<(), String> {

@@ -93,3 +93,50 @@ pub fn tiny_config_on(
     ];
     Ok(umtune::config::Config::load(None, &sets)?)
 }
+
+/// Two training steps (zero-initialized tensors move in the first; memory writes committed), then
+/// one more backward: every trainable tensor `check` names has a non-zero gradient, and no
+/// backbone tensor has one.
+pub fn assert_gradients_reach(
+    model: &umtune::train::trainer::TaskModel,
+    (ids, mask, labels): (&Tensor, &Tensor, &Tensor),
+    example_ids: Option<&Tensor>,
+    check: impl Fn(&str) -> bool,
+) -> TestResult {
+    model.training.set(true);
+    let mut opt = umtune::train::optimizer::AdamW::new(model.named_trainable(), 0.0);
+    for _ in 0..2 {
+        opt.zero_grad();
+        let f = model.forward(ids, mask, example_ids)?;
+        model.loss(&f, labels).backward();
+        opt.step(1e-2);
+        model.commit_memory()?;
+    }
+    opt.zero_grad();
+    let f = model.forward(ids, mask, example_ids)?;
+    model.loss(&f, labels).backward();
+    for (name, t) in model.named_trainable().iter().filter(|(n, _)| check(n)) {
+        let g = t.grad();
+        assert!(
+            g.defined() && g.abs().sum(tch::Kind::Float).double_value(&[]) > 0.0,
+            "{name}: no gradient"
+        );
+    }
+    for (name, t) in model.backbone.var_store().variables() {
+        assert!(!t.grad().defined(), "frozen {name} got a gradient");
+    }
+    Ok(())
+}
+
+/// Copies every trainable tensor of `from` into the same-named one of `into` (tests share the
+/// global RNG, so equal seeds cannot make two models' adapters and heads equal).
+pub fn copy_trainable(
+    from: &umtune::train::trainer::TaskModel,
+    into: &umtune::train::trainer::TaskModel,
+) {
+    let vars = into.trained_vars();
+    for (name, t) in from.named_trainable() {
+        let mut dst = vars[&name].shallow_clone();
+        tch::no_grad(|| dst.copy_(&t));
+    }
+}
