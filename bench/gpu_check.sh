@@ -16,7 +16,7 @@ if [[ ! -e $built_at/tests/fixtures ]]; then
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 gpu/umtune doctor
-gpu/backbones --nocapture --test-threads 1 2>&1 | grep -E "cuda|test result|panicked"
+gpu/backbones --ignored --nocapture --test-threads 1 2>&1 | grep -E "cuda|test result|panicked"
 run_bench() { python3 bench/forward.py --umtune gpu/umtune --device cuda "$@" 2>&1 | grep -v -i warn; }
 if [[ ${QUICK:-0} != 1 ]]; then
   for args in "--dtype f32" "--dtype bf16" "--dtype bf16 --batch 16 --seq-len 512"; do

@@ -409,28 +409,35 @@ impl Config {
             }
             builder = builder.add_source(config::File::from(file).format(config::FileFormat::Toml));
         }
+        let mut parsed = Vec::with_capacity(overrides.len());
+        for item in overrides {
+            let (key, value) = item.split_once('=').ok_or_else(|| {
+                Error::Config(format!("--set `{item}` must look like section.key=value"))
+            })?;
+            parsed.push((item, key.trim(), value.trim()));
+        }
+        // Built in layers, so an error names the layer that caused it: the file, the
+        // UMTUNE__* environment, or a --set override.
+        let file_origin = file.map_or_else(|| "defaults".to_string(), |f| f.display().to_string());
+        check_layer(&builder, &file_origin)?;
         builder = builder.add_source(
             config::Environment::with_prefix(ENV_PREFIX)
                 .prefix_separator("__")
                 .separator("__")
                 .try_parsing(true),
         );
-        for item in overrides {
-            let (key, value) = item.split_once('=').ok_or_else(|| {
-                Error::Config(format!(
-                    "override `{item}` must look like section.key=value"
-                ))
-            })?;
+        check_layer(&builder, "the UMTUNE__* environment variables")?;
+        for (item, key, value) in parsed {
             builder = builder
-                .set_override(key.trim(), override_value(value.trim()))
-                .map_err(|e| Error::Config(format!("override `{item}`: {e}")))?;
+                .set_override(key, override_value(value))
+                .map_err(|e| Error::Config(format!("--set `{item}`: {e}")))?;
+            check_layer(&builder, &format!("--set `{item}`"))?;
         }
-        let merged = builder
-            .build()
-            .map_err(|e| Error::Config(describe(file, &e)))?;
-        let cfg: Config = merged
+        let merged = builder.build().map_err(|e| Error::Config(e.to_string()))?;
+        let mut cfg: Config = merged
             .try_deserialize()
-            .map_err(|e| Error::Config(describe(file, &e)))?;
+            .map_err(|e| Error::Config(e.to_string()))?;
+        cfg.data.dataset = absolute_dataset(&cfg.data.dataset)?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -621,6 +628,29 @@ impl Config {
                 "data.dataset is empty: give a dataset name or a directory".into(),
             ));
         }
+        if m.k > m.capacity {
+            return Err(Error::Config(format!(
+                "memory.k = {} exceeds memory.capacity = {}: a query cannot read more entries than the memory holds",
+                m.k, m.capacity
+            )));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        if let Some(dup) = self
+            .data
+            .label_names
+            .iter()
+            .find(|n| !seen.insert(n.as_str()))
+        {
+            return Err(Error::Config(format!(
+                "data.label_names has `{dup}` twice: each label needs one name"
+            )));
+        }
+        if !self.run.name.is_empty() && !is_plain_name(&self.run.name) {
+            return Err(Error::Config(format!(
+                "run.name = `{}` must be a plain directory name (no `/`, no `..`): runs are written inside run.output_dir",
+                self.run.name
+            )));
+        }
         if self.run.threads > 1024 {
             return Err(Error::Config(format!(
                 "run.threads = {} is out of range: use 0 (libtorch default) to 1024",
@@ -630,8 +660,10 @@ impl Config {
         Ok(())
     }
 
-    pub fn to_toml(&self) -> String {
-        toml::to_string_pretty(self).unwrap_or_default()
+    /// The config as TOML (what a run directory keeps as `config.toml`).
+    pub fn to_toml(&self) -> Result<String> {
+        toml::to_string_pretty(self)
+            .map_err(|e| Error::Internal(format!("serializing the config as TOML: {e}")))
     }
 }
 
@@ -662,11 +694,80 @@ fn override_value(text: &str) -> config::Value {
     }
 }
 
-fn describe(file: Option<&Path>, e: &config::ConfigError) -> String {
-    match file {
-        Some(f) => format!("{}: {e}", f.display()),
-        None => e.to_string(),
+/// Builds the layers so far and checks them, blaming `origin` (the layer just added) for an
+/// error: earlier layers were checked before it was added.
+fn check_layer(
+    builder: &config::ConfigBuilder<config::builder::DefaultState>,
+    origin: &str,
+) -> Result<()> {
+    let merged = builder
+        .build_cloned()
+        .map_err(|e| Error::Config(format!("{origin}: {e}")))?;
+    check_integers(&merged).map_err(|msg| Error::Config(format!("{origin}: {msg}")))?;
+    merged
+        .try_deserialize::<Config>()
+        .map(drop)
+        .map_err(|e| Error::Config(format!("{origin}: {e}")))
+}
+
+/// The dotted keys whose values are integers (from the defaults' TOML).
+fn integer_keys() -> Vec<String> {
+    fn walk(prefix: &str, v: &toml::Value, out: &mut Vec<String>) {
+        match v {
+            toml::Value::Integer(_) => out.push(prefix.to_string()),
+            toml::Value::Table(t) => {
+                for (k, v) in t {
+                    let key = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    walk(&key, v, out);
+                }
+            }
+            _ => {}
+        }
     }
+    let mut out = Vec::new();
+    if let Ok(v) = toml::Value::try_from(Config::default()) {
+        walk("", &v, &mut out);
+    }
+    out
+}
+
+/// An integer key given a fractional or out-of-range number is an error, not a rounding (the
+/// `config` crate would turn `batch_size = 1.5` into 2 and `1e20` into u64::MAX).
+fn check_integers(merged: &config::Config) -> std::result::Result<(), String> {
+    for key in integer_keys() {
+        let Ok(value) = merged.get::<config::Value>(&key) else {
+            continue;
+        };
+        if let config::ValueKind::Float(f) = value.kind {
+            return Err(format!("{key} = {f}: expected a whole number (an integer)"));
+        }
+    }
+    Ok(())
+}
+
+/// A dataset given as an existing relative directory is kept as an absolute path, so the run can
+/// be evaluated from any working directory; names of packaged datasets stay names.
+fn absolute_dataset(dataset: &str) -> Result<String> {
+    let p = Path::new(dataset);
+    if p.is_relative() && p.is_dir() {
+        let abs = p.canonicalize().map_err(|e| Error::io(p, e))?;
+        Ok(abs.display().to_string())
+    } else {
+        Ok(dataset.to_string())
+    }
+}
+
+/// Whether `name` is one plain path component (no `..`, no `/`, not absolute).
+fn is_plain_name(name: &str) -> bool {
+    let mut parts = Path::new(name).components();
+    matches!(
+        (parts.next(), parts.next()),
+        (Some(std::path::Component::Normal(_)), None)
+    )
 }
 
 /// `auto` (CUDA if present), `cpu`, `cuda` or `cuda:N`.

@@ -5,11 +5,19 @@ use crate::models::resolve::{asset_cache, default_model_path};
 pub struct Fact {
     pub name: &'static str,
     pub value: String,
+    /// False for what `make run` needs and this machine lacks; `umtune doctor` then fails.
+    pub ok: bool,
 }
 
 pub fn facts() -> Vec<Fact> {
     let mut out = Vec::new();
-    let mut add = |name, value: String| out.push(Fact { name, value });
+    let mut add = |name, value: String| {
+        out.push(Fact {
+            name,
+            value,
+            ok: true,
+        })
+    };
     add("umtune", env!("CARGO_PKG_VERSION").to_string());
     add("libtorch", torch_version());
     add(
@@ -42,24 +50,41 @@ pub fn facts() -> Vec<Fact> {
             .unwrap_or(1)
             .to_string(),
     );
-    let default = default_model_path();
-    add(
-        "default model",
-        format!(
-            "{} ({})",
-            default.display(),
-            if default.exists() {
-                "present"
-            } else {
-                "missing: run `make assets`"
-            }
-        ),
-    );
     add("asset cache", asset_cache().display().to_string());
     add(
         "hugging face cache",
         hf_hub::Cache::from_env().path().display().to_string(),
     );
+    let default = default_model_path();
+    let present = default.exists();
+    out.push(Fact {
+        name: "default model",
+        value: format!(
+            "{} ({})",
+            default.display(),
+            if present {
+                "present"
+            } else {
+                "missing: run `make assets`"
+            }
+        ),
+        ok: present,
+    });
+    let data = asset_cache().join("data").join("uci-sentiment");
+    let present = data.is_dir();
+    out.push(Fact {
+        name: "default dataset",
+        value: format!(
+            "{} ({})",
+            data.display(),
+            if present {
+                "present"
+            } else {
+                "missing: run `make data`"
+            }
+        ),
+        ok: present,
+    });
     out
 }
 

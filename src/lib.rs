@@ -1,14 +1,17 @@
 //! umtune: parameter-efficient fine-tuning of LLMs with uncertainty modeling and external memory.
+pub mod atomic_file;
 pub mod config;
 pub mod data;
 pub mod dist;
 pub mod doctor;
 pub mod error;
+pub mod finite_json;
 pub mod heads;
 pub mod logging;
 pub mod memory;
 pub mod models;
 pub mod peft;
+pub mod task;
 pub mod train;
 pub mod uncertainty;
 

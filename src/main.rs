@@ -4,11 +4,19 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::time::Instant;
 use tch::{Kind, Tensor};
-use umtune::config::{parse_device, Config};
+use umtune::atomic_file::write_atomic;
+use umtune::config::Config;
 use umtune::data::corrupt::Corruption;
+use umtune::data::dataset::load_data;
+use umtune::dist::context::{device_for, setup_process};
+use umtune::dist::RunContext;
 use umtune::logging::{self, LogFormat};
 use umtune::models::{generate, resolve, NoHook};
-use umtune::train::{run_dir, trainer};
+use umtune::task::TaskModel;
+use umtune::train::eval::{outputs, scores};
+use umtune::train::report::{collect_runs, results_csv, results_table, write_plots, ReportEntry};
+use umtune::train::run_dir::read_summary;
+use umtune::train::{export, predict, restore, trainer};
 
 #[derive(Parser)]
 #[command(
@@ -158,7 +166,8 @@ enum Command {
         ids: bool,
     },
     /// Time LoRA training steps (forward, backward, AdamW) on random tokens with a 2-class head,
-    /// median seconds per step as one JSON line for bench/ scripts.
+    /// median seconds per step as one JSON line for bench/ scripts. With `memory.enabled` the
+    /// ring is filled to capacity first, so reads cost what they cost in a long run.
     BenchTrain(BenchArgs),
     /// Time forward passes (median tokens/s), printed as one JSON line for bench/ scripts.
     BenchForward(BenchArgs),
@@ -205,21 +214,36 @@ fn load_config(args: &ConfigArgs, model: &Option<String>) -> Result<Config> {
         overrides.push(format!("model.source={m}"));
     }
     let cfg = Config::load(args.config.as_deref(), &overrides)?;
-    if cfg.run.threads > 0 {
-        tch::set_num_threads(cfg.run.threads as i32);
-    }
-    tch::manual_seed(cfg.run.seed as i64);
+    setup_process(&cfg);
     Ok(cfg)
+}
+
+/// Prints to stdout; a closed pipe (`umtune train ... | head -1`) ends the output quietly
+/// instead of panicking.
+fn emit(text: &str) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => Ok(r?),
+    }
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    logging::init(cli.log_format);
+    let format = cli.log_format;
+    logging::init(format);
     match run(cli.command) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
+            let code = e
+                .downcast_ref::<umtune::Error>()
+                .map_or(1, umtune::Error::exit_code);
+            match format {
+                LogFormat::Text => eprintln!("error: {e:#}"),
+                LogFormat::Json => tracing::error!(exit_code = code, "{e:#}"),
+            }
+            std::process::ExitCode::from(code)
         }
     }
 }
@@ -227,8 +251,15 @@ fn main() -> std::process::ExitCode {
 fn run(command: Command) -> Result<()> {
     match command {
         Command::Doctor => {
-            for fact in umtune::doctor::facts() {
-                println!("{:<24} {}", fact.name, fact.value);
+            let facts = umtune::doctor::facts();
+            let mut text = String::new();
+            for fact in &facts {
+                text.push_str(&format!("{:<24} {}\n", fact.name, fact.value));
+            }
+            emit(&text)?;
+            let missing: Vec<&str> = facts.iter().filter(|f| !f.ok).map(|f| f.name).collect();
+            if !missing.is_empty() {
+                bail!("missing: {} (see above)", missing.join(", "));
             }
         }
         Command::Eval {
@@ -241,35 +272,43 @@ fn run(command: Command) -> Result<()> {
             let mut overrides: Vec<String> =
                 data.iter().map(|d| format!("data.dataset={d}")).collect();
             overrides.extend(mc.map(|n| format!("uncertainty.mc_predict={n}")));
-            let mut run = run_dir::load_run(&run_dir, &overrides)?;
+            let mut run = restore::load_run(&run_dir, &overrides)?;
             if let Some(spec) = &corrupt {
                 run.config.data.eval_corruption = Corruption::parse(spec)?;
             }
-            let data = trainer::load_data(&run.config, run.model.tokenizer()?)?;
+            let data = load_data(&run.config, run.model.tokenizer()?)?;
             if corrupt.is_some() {
-                println!("corruption: {:?}", run.config.data.eval_corruption);
+                emit(&format!(
+                    "corruption: {:?}\n",
+                    run.config.data.eval_corruption
+                ))?;
             }
             let bs = run.config.train.batch_size * 2;
-            let mut summary: trainer::Summary = serde_json::from_str(
-                &std::fs::read_to_string(run_dir.join("summary.json")).context("summary.json")?,
-            )?;
             let t = run.model.temperature;
-            let val = trainer::outputs(&run.model, &data.validation, bs, run.device)?;
-            summary.validation = trainer::scores(&val, &run.label_names, t, data.validation.len());
+            let val = outputs(&run.model, &data.validation, bs)?;
             let test = data
                 .test
                 .as_ref()
-                .map(|d| trainer::outputs(&run.model, d, bs, run.device).map(|o| (o, d.len())))
+                .map(|d| outputs(&run.model, d, bs).map(|o| (o, d.len())))
                 .transpose()?;
+            let mut summary = eval_summary(&run)?;
+            summary.validation = scores(&val, &run.label_names, t, data.validation.len());
             summary.test = test
                 .as_ref()
-                .map(|(o, n)| trainer::scores(o, &run.label_names, t, *n));
+                .map(|(o, n)| scores(o, &run.label_names, t, *n));
             if let Some(dir) = plots {
                 std::fs::create_dir_all(&dir).with_context(|| dir.display().to_string())?;
                 let test = test.as_ref().map(|(o, _)| o);
-                trainer::write_plots(&dir, &val, test, &run.label_names, t);
+                write_plots(&dir, &val, test, &run.label_names, t);
             }
-            println!("{}", trainer::results_table(std::slice::from_ref(&summary)));
+            let mut entry = ReportEntry::finished(summary);
+            if !run.finished {
+                entry.status = format!(
+                    "unfinished run, weights of step {}",
+                    run.weights_step.unwrap_or(0)
+                );
+            }
+            emit(&format!("{}\n", results_table(&[entry])))?;
         }
         Command::Predict {
             run_dir,
@@ -281,8 +320,8 @@ fn run(command: Command) -> Result<()> {
                 .map(|n| format!("uncertainty.mc_predict={n}"))
                 .into_iter()
                 .collect();
-            let run = run_dir::load_run(&run_dir, &overrides)?;
-            let n = run_dir::predict_jsonl(&run, &input, &output)?;
+            let run = restore::load_run(&run_dir, &overrides)?;
+            let n = predict::predict_jsonl(&run, &input, &output)?;
             tracing::info!(examples = n, output = %output.display(), "predicted");
         }
         Command::Export {
@@ -293,8 +332,8 @@ fn run(command: Command) -> Result<()> {
             if format != "peft" {
                 bail!("--format {format}: only `peft` is supported");
             }
-            run_dir::export_peft(&run_dir::load_run(&run_dir, &[])?, &out)?;
-            println!("PEFT adapter written to {}", out.display());
+            export::export_peft(&restore::load_run(&run_dir, &[])?, &out)?;
+            emit(&format!("PEFT adapter written to {}\n", out.display()))?;
         }
         Command::Memory {
             command:
@@ -314,25 +353,22 @@ fn run(command: Command) -> Result<()> {
                     out: out.as_deref(),
                     overrides: &overrides,
                 })?;
-            println!("{}", serde_json::to_string(&report)?);
+            emit(&format!("{}\n", serde_json::to_string(&report)?))?;
         }
         Command::Report { dir } => {
-            let summaries = trainer::collect_summaries(&dir)?;
-            if summaries.is_empty() {
+            let runs = collect_runs(&dir)?;
+            if runs.is_empty() {
                 bail!(
-                    "{}: no run directories (with summary.json) below it",
+                    "{}: no run directories (with run.json or summary.json) below it",
                     dir.display()
                 );
             }
-            let md = trainer::results_table(&summaries);
-            trainer::write_atomic(&dir.join("results.md"), md.as_bytes())?;
-            trainer::write_atomic(
-                &dir.join("results.csv"),
-                trainer::results_csv(&summaries).as_bytes(),
-            )?;
-            print!("{md}");
+            let md = results_table(&runs);
+            write_atomic(&dir.join("results.md"), md.as_bytes())?;
+            write_atomic(&dir.join("results.csv"), results_csv(&runs)?.as_bytes())?;
+            emit(&md)?;
         }
-        Command::Config { cfg } => print!("{}", load_config(&cfg, &None)?.to_toml()),
+        Command::Config { cfg } => emit(&load_config(&cfg, &None)?.to_toml()?)?,
         Command::Train { config, overrides } => {
             let cfg = load_config(
                 &ConfigArgs {
@@ -341,12 +377,13 @@ fn run(command: Command) -> Result<()> {
                 },
                 &None,
             )?;
-            let summary = umtune::train::trainer::train(&cfg)?;
-            println!(
-                "{}",
-                umtune::train::trainer::results_table(std::slice::from_ref(&summary))
-            );
-            println!("run directory: {}", summary.run_dir.display());
+            let ctx = RunContext::single(&cfg)?.with_signal_handling()?;
+            let summary = trainer::train(&cfg, &ctx)?;
+            let dir = summary.run_dir.display().to_string();
+            emit(&format!(
+                "{}\nrun directory: {dir}\n",
+                results_table(&[ReportEntry::finished(summary)])
+            ))?;
         }
         Command::Generate {
             cfg,
@@ -356,7 +393,7 @@ fn run(command: Command) -> Result<()> {
             ids,
         } => {
             let cfg = load_config(&cfg, &model)?;
-            let device = parse_device(&cfg.model.device)?;
+            let device = device_for(&cfg.model.device, 0)?;
             let start = Instant::now();
             let loaded = resolve::load(&cfg.model.source, cfg.model.dtype.kind(), device)?;
             tracing::info!(model = %cfg.model.source, device = ?device, secs = start.elapsed().as_secs_f64(), "loaded");
@@ -375,18 +412,20 @@ fn run(command: Command) -> Result<()> {
                 "generated"
             );
             if ids {
-                println!(
-                    "{}",
+                emit(&format!(
+                    "{}\n",
                     serde_json::json!({"prompt_ids": prompt_ids, "generated_ids": out})
-                );
+                ))?;
             } else {
                 let text: Vec<u32> = out.iter().map(|&i| i as u32).collect();
-                println!("{}{}", prompt, tok.decode(&text)?);
+                emit(&format!("{}{}\n", prompt, tok.decode(&text)?))?;
             }
         }
         Command::BenchTrain(args) => {
             let cfg = load_config(&args.cfg, &args.model)?;
-            let (task, device) = trainer::TaskModel::build(&cfg, 2)?;
+            let ctx = RunContext::single(&cfg)?;
+            let device = ctx.device;
+            let task = TaskModel::build(&cfg, 2, &ctx)?;
             let mut opt = umtune::train::optimizer::AdamW::new(
                 task.named_trainable(),
                 cfg.train.weight_decay,
@@ -396,9 +435,26 @@ fn run(command: Command) -> Result<()> {
             let ids = Tensor::randint(vocab, [b_sz, seq_len], (Kind::Int64, device));
             let mask = Tensor::ones([b_sz, seq_len], (Kind::Int64, device));
             let labels = Tensor::randint(2, [b_sz], (Kind::Int64, device));
+            // The memory's steady state: a full ring (every read scans `capacity` entries), so
+            // the timed steps pay what a long training run pays.
+            if let Some(m) = &task.memory {
+                let n = m.store()?.capacity() as i64;
+                let d = task.backbone.arch().hidden_size() as i64;
+                let keys = Tensor::randn([n, cfg.memory.key_size], (Kind::Float, device));
+                let keys = &keys / keys.norm_scalaropt_dim(2.0, [-1], true);
+                let values = Tensor::randn([n, d], (Kind::Float, device));
+                let ids = Tensor::arange_start(1 << 50, (1 << 50) + n, (Kind::Int64, device));
+                m.store()?.write(ctx.group.as_ref(), &keys, &values, &ids)?;
+                tracing::info!(entries = m.store()?.len(), "memory prefilled");
+            }
             task.training.set(true);
-            let example_ids = Tensor::arange(b_sz, (Kind::Int64, device));
+            // Fresh example ids each step, as training has: the memory's self-exclusion then
+            // removes nothing, and every read scans a ring that fills up as in training.
+            let mut next_id = 0;
             let secs = args.median_secs(device, || {
+                let example_ids =
+                    Tensor::arange_start(next_id, next_id + b_sz, (Kind::Int64, device));
+                next_id += b_sz;
                 opt.zero_grad();
                 let fwd = task.forward(&ids, &mask, Some(&example_ids))?;
                 task.loss(&fwd, &labels).backward();
@@ -406,14 +462,14 @@ fn run(command: Command) -> Result<()> {
                 task.commit_memory()?;
                 Ok(())
             })?;
-            println!(
-                "{}",
+            emit(&format!(
+                "{}\n",
                 serde_json::json!({
                     "model": cfg.model.source, "dtype": cfg.model.dtype.as_str(), "batch": b_sz,
                     "seq_len": seq_len, "threads": tch::get_num_threads(),
                     "trainable": task.trainable_params(), "secs_per_step": secs,
                 })
-            );
+            ))?;
         }
         Command::BenchMemory {
             vectors,
@@ -460,7 +516,7 @@ fn run(command: Command) -> Result<()> {
             let mut found = None;
             for _ in 0..iters.max(1) + 1 {
                 let start = Instant::now();
-                let r = memory.search_local(&queries, &query_ids, k);
+                let r = memory.search_local(&queries, &query_ids, k)?;
                 times.push(start.elapsed().as_secs_f64());
                 found = Some(r.slots);
             }
@@ -470,16 +526,16 @@ fn run(command: Command) -> Result<()> {
             if let (Some(path), Some(slots)) = (out, found) {
                 Tensor::write_safetensors(&[("slots", slots)], &path)?;
             }
-            println!(
-                "{}",
+            emit(&format!(
+                "{}\n",
                 serde_json::json!({"entries": n, "queries": q, "dim": d, "k": k,
                     "threads": tch::get_num_threads(), "secs_per_batch": secs,
                     "queries_per_s": q as f64 / secs})
-            );
+            ))?;
         }
         Command::BenchForward(args) => {
             let cfg = load_config(&args.cfg, &args.model)?;
-            let device = parse_device(&cfg.model.device)?;
+            let device = device_for(&cfg.model.device, 0)?;
             let loaded = resolve::load(&cfg.model.source, cfg.model.dtype.kind(), device)?;
             tracing::info!(model = %cfg.model.source, parameters = loaded.backbone.num_parameters(), "loaded");
             let vocab = loaded.backbone.arch().vocab_size() as i64;
@@ -491,15 +547,43 @@ fn run(command: Command) -> Result<()> {
                 drop(loaded.backbone.lm_logits(&h));
                 Ok(())
             })?;
-            println!(
-                "{}",
+            emit(&format!(
+                "{}\n",
                 serde_json::json!({
                     "model": cfg.model.source, "dtype": cfg.model.dtype.as_str(), "batch": b_sz,
                     "seq_len": seq_len, "threads": tch::get_num_threads(), "secs_per_iter": secs,
                     "tokens_per_s": (b_sz * seq_len) as f64 / secs,
                 })
-            );
+            ))?;
         }
     }
     Ok(())
+}
+
+/// The summary an evaluation's table starts from: the run's own for a finished run, else one
+/// made from the loaded run (no training throughput to report).
+fn eval_summary(run: &restore::LoadedRun) -> Result<umtune::train::report::Summary> {
+    if run.finished {
+        if let Ok(s) = read_summary(&run.dir) {
+            return Ok(s);
+        }
+    }
+    let model = &run.model;
+    let (trainable, backbone) = (model.trainable_params(), model.backbone.num_parameters());
+    Ok(umtune::train::report::Summary {
+        run_dir: run.dir.clone(),
+        model: run.config.model.source.clone(),
+        dataset: run.config.data.dataset.clone(),
+        method: run.config.peft.method.name().to_string(),
+        label_names: run.label_names.clone(),
+        trainable_params: trainable,
+        backbone_params: backbone,
+        trainable_share: trainable as f64 / backbone.max(1) as f64,
+        steps: run.weights_step.unwrap_or(0),
+        skipped_steps: 0,
+        train_tokens_per_s: 0.0,
+        seconds: 0.0,
+        validation: Default::default(),
+        test: None,
+    })
 }

@@ -194,13 +194,14 @@ fn backbone_is_frozen_and_named_like_safetensors() -> TestResult {
     Ok(())
 }
 
-/// On a CUDA machine: the same fixtures on the GPU, f32 and bf16. Without CUDA it has nothing to
-/// run and says so.
+/// On a CUDA machine: the same fixtures on the GPU, f32 and bf16. Ignored by default (the test
+/// suite runs on CPU machines); `cargo test --release --test backbones -- --ignored` on a GPU
+/// machine runs it, and there it fails rather than passes when CUDA cannot be used.
 #[test]
+#[ignore = "needs a CUDA device: run with --ignored on a GPU machine"]
 fn cuda_forward_matches_transformers() -> TestResult {
     if !tch::Cuda::is_available() {
-        eprintln!("no CUDA device: cuda_forward_matches_transformers has nothing to check here");
-        return Ok(());
+        return Err("no CUDA device: this test needs one".into());
     }
     let _g = tch::no_grad_guard();
     let gpu = Device::Cuda(0);

@@ -238,3 +238,184 @@ fn eval_mc_sampling_is_reproducible_and_plots_on_request() -> Result<(), Box<dyn
     );
     Ok(())
 }
+
+fn tiny_train_args(out_dir: &std::path::Path, extra: &[&str]) -> Vec<String> {
+    let dir = env!("CARGO_MANIFEST_DIR");
+    let mut args: Vec<String> = vec![
+        "train".into(),
+        format!("{dir}/configs/default.toml"),
+        "--set".into(),
+        format!("model.source={dir}/tests/fixtures/llama-tiny-gguf/tiny.gguf"),
+        "--set".into(),
+        format!("run.output_dir={}", out_dir.display()),
+        "--set".into(),
+        "data.train_limit=32".into(),
+        "--set".into(),
+        "data.eval_limit=8".into(),
+    ];
+    for e in extra {
+        args.extend(["--set".to_string(), e.to_string()]);
+    }
+    args
+}
+
+/// SIGTERM during training: the step finishes, the weights are saved, the process exits with
+/// 128 + 15 and says where they are; eval then uses them, marked unfinished; predict refuses to
+/// overwrite its input.
+#[test]
+fn sigterm_saves_and_the_run_stays_usable() -> Result<(), Box<dyn std::error::Error>> {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let out_dir = std::env::temp_dir().join(format!("umtune-sigterm-{}", std::process::id()));
+    let args = tiny_train_args(&out_dir, &["train.max_steps=100000", "train.log_every=1"]);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_umtune"))
+        .args(&args)
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let stderr = child.stderr.take().ok_or("stderr")?;
+    let mut lines = BufReader::new(stderr).lines();
+    let mut seen = Vec::new();
+    // Wait until training steps are logged, then ask it to stop.
+    for line in lines.by_ref() {
+        let line = line?;
+        let stepping = line.contains("train") && line.contains("step=2");
+        seen.push(line);
+        if stepping {
+            break;
+        }
+    }
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()?;
+    seen.extend(lines.map_while(Result::ok));
+    let status = child.wait()?;
+    let log = seen.join("\n");
+    assert_eq!(status.code(), Some(143), "{log}");
+    let last = seen.last().ok_or("no output")?;
+    assert!(
+        last.starts_with("error: interrupted by SIGTERM at step") && last.contains("saved in"),
+        "{log}"
+    );
+    let run = std::fs::read_dir(&out_dir)?
+        .next()
+        .ok_or("no run directory")??
+        .path();
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("run.json"))?)?;
+    assert_eq!(record["state"], "interrupted");
+    assert_eq!(record["weights_step"], record["step"]);
+    let run = run.to_str().ok_or("path")?;
+    let eval = umtune(&["eval", run])?;
+    let table = String::from_utf8(eval.stdout)?;
+    assert!(
+        eval.status.success(),
+        "{}",
+        String::from_utf8_lossy(&eval.stderr)
+    );
+    assert!(table.contains("unfinished run, weights of step"), "{table}");
+    // predict --output equal to --input is refused and the input stays.
+    let input = out_dir.join("texts.jsonl");
+    std::fs::write(&input, "{\"text\": \"fine\"}\n")?;
+    let same = input.to_str().ok_or("path")?;
+    let p = umtune(&["predict", run, "--input", same, "--output", same])?;
+    assert!(!p.status.success());
+    assert!(String::from_utf8(p.stderr)?.contains("is the input file"));
+    assert_eq!(std::fs::read_to_string(&input)?, "{\"text\": \"fine\"}\n");
+    Ok(())
+}
+
+/// CUDA asked for where there is none: one config error line and exit code 2, no backtrace.
+#[test]
+fn cuda_without_cuda_is_a_config_error() -> Result<(), Box<dyn std::error::Error>> {
+    if tch::Cuda::is_available() {
+        return Ok(()); // this machine has CUDA: the request is valid here
+    }
+    let out_dir = std::env::temp_dir().join(format!("umtune-nocuda-{}", std::process::id()));
+    let args = tiny_train_args(&out_dir, &["model.device=cuda"]);
+    let out = Command::new(env!("CARGO_BIN_EXE_umtune"))
+        .args(&args)
+        .output()?;
+    let stderr = String::from_utf8(out.stderr)?;
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with("error: config: model.device = `cuda`"),
+        "{stderr}"
+    );
+    Ok(())
+}
+
+/// `doctor` fails when what `make run` needs is missing; a closed stdout is no panic; with JSON
+/// logs the final error is a JSON line too.
+#[test]
+fn doctor_pipes_and_json_errors() -> Result<(), Box<dyn std::error::Error>> {
+    let out = Command::new(env!("CARGO_BIN_EXE_umtune"))
+        .arg("doctor")
+        .env("UMTUNE_CACHE", "/nonexistent-umtune-cache")
+        .output()?;
+    let stderr = String::from_utf8(out.stderr)?;
+    assert!(
+        !out.status.success(),
+        "doctor passed without the default model"
+    );
+    assert!(
+        stderr.contains("default model") && stderr.contains("default dataset"),
+        "{stderr}"
+    );
+    assert!(String::from_utf8(out.stdout)?.contains("missing: run `make assets`"));
+    // The reader of stdout is gone before umtune writes.
+    let piped = Command::new("bash")
+        .args([
+            "-c",
+            &format!(
+                "set -o pipefail; {} config | true",
+                env!("CARGO_BIN_EXE_umtune")
+            ),
+        ])
+        .output()?;
+    let stderr = String::from_utf8(piped.stderr)?;
+    assert!(
+        piped.status.success() && !stderr.contains("panicked"),
+        "{stderr}"
+    );
+    let json = umtune(&["--log-format", "json", "config", "--set", "model.dtype=f64"])?;
+    assert_eq!(json.status.code(), Some(2));
+    let line: serde_json::Value = serde_json::from_slice(&json.stderr)?;
+    assert_eq!(line["level"], "ERROR");
+    assert!(
+        line["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("model.dtype")),
+        "{line}"
+    );
+    Ok(())
+}
+
+/// A training split with one class trains, with a warning that says so.
+#[test]
+fn a_single_class_dataset_warns() -> Result<(), Box<dyn std::error::Error>> {
+    let out_dir = std::env::temp_dir().join(format!("umtune-oneclass-{}", std::process::id()));
+    let data = out_dir.join("data");
+    std::fs::create_dir_all(&data)?;
+    let rows: String = (0..8)
+        .map(|i| format!("{{\"text\": \"text number {i}\", \"label\": \"pos\"}}\n"))
+        .collect();
+    for split in ["train", "validation"] {
+        std::fs::write(data.join(format!("{split}.jsonl")), &rows)?;
+    }
+    let set = format!("data.dataset={}", data.display());
+    let args = tiny_train_args(&out_dir, &[&set, "train.max_steps=1"]);
+    let out = Command::new(env!("CARGO_BIN_EXE_umtune"))
+        .args(&args)
+        .env_remove("RUST_LOG")
+        .output()?;
+    let stderr = String::from_utf8(out.stderr)?;
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("only one class") && stderr.contains("train.jsonl"),
+        "{stderr}"
+    );
+    Ok(())
+}

@@ -36,7 +36,7 @@ fn file_then_overrides() -> TestResult {
     )?;
     assert_eq!((cfg.model.dtype, cfg.run.threads), (Dtype::F16, 1));
     // The printed config loads back to the same values.
-    let round = write("round.toml", &cfg.to_toml())?;
+    let round = write("round.toml", &cfg.to_toml()?)?;
     assert_eq!(Config::load(Some(&round), &[])?, cfg);
     Ok(())
 }

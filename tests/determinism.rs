@@ -3,7 +3,6 @@
 mod common;
 use common::*;
 use umtune::config::PeftMethod;
-use umtune::train::trainer::train_model;
 
 #[test]
 fn same_seed_same_numbers() -> TestResult {

@@ -5,8 +5,9 @@ use common::*;
 use std::io::Write;
 use std::process::{Command, Stdio};
 use umtune::config::Config;
-use umtune::train::run_dir::{export_peft, load_run, predict};
-use umtune::train::trainer::train;
+use umtune::train::export::export_peft;
+use umtune::train::predict::predict;
+use umtune::train::restore::load_run;
 
 const TEXTS: &[&str] = &[
     "the food was great",
@@ -59,8 +60,8 @@ fn short_lora_run(
     extra: &[&str],
 ) -> Result<
     (
-        umtune::train::trainer::Summary,
-        umtune::train::run_dir::LoadedRun,
+        umtune::train::report::Summary,
+        umtune::train::restore::LoadedRun,
     ),
     Box<dyn std::error::Error>,
 > {
@@ -131,7 +132,7 @@ fn peft_predictions_equal_umtune_predict() -> TestResult {
 fn ner_predictions_per_word_equal_peft_token_classification() -> TestResult {
     use umtune::data::batching::{encode, IGNORE};
     use umtune::data::readers::Example;
-    use umtune::train::run_dir::{predict_jsonl, predict_tags};
+    use umtune::train::predict::{predict_jsonl, predict_tags};
     let sentences: Vec<Vec<String>> = [
         "EU rejects German call to boycott British lamb .",
         "Peter Blackburn",

@@ -1,9 +1,8 @@
 //! A real pretrained model learns real datasets. One test running both in turn, alone in its
 //! binary, so that libtorch's global generator makes the numbers repeatable.
+mod common;
+use common::*;
 use umtune::config::Config;
-use umtune::train::trainer::train_model;
-
-type TestResult = Result<(), Box<dyn std::error::Error>>;
 
 /// configs/default.toml (SmolLM2 + LoRA) with `sets` and a private output directory.
 fn default_config(tag: &str, sets: &[&str]) -> Result<Config, Box<dyn std::error::Error>> {

@@ -204,23 +204,24 @@ fn sharded_reads_equal_the_unsharded_memory() -> TestResult {
 }
 
 mod common;
+use common::{build_model, train_model};
 
 /// A tiny LLaMA task model with the memory (and optionally UM) on, LoRA dropout off.
 fn memory_model(
     tag: &str,
     with_um: bool,
-) -> Result<umtune::train::trainer::TaskModel, Box<dyn std::error::Error>> {
+) -> Result<umtune::task::TaskModel, Box<dyn std::error::Error>> {
     let mut cfg = common::tiny_config(tag, umtune::config::PeftMethod::Lora)?;
     cfg.peft.dropout = 0.0;
     cfg.memory.enabled = true;
     cfg.memory.capacity = 64;
     cfg.memory.k = 4;
     cfg.uncertainty.enabled = with_um;
-    Ok(umtune::train::trainer::TaskModel::build(&cfg, 2)?.0)
+    Ok(build_model(&cfg, 2)?.0)
 }
 
 /// Entries the model's memory holds.
-fn held(model: &umtune::train::trainer::TaskModel) -> Result<usize, Box<dyn std::error::Error>> {
+fn held(model: &umtune::task::TaskModel) -> Result<usize, Box<dyn std::error::Error>> {
     Ok(model.memory.as_ref().ok_or("no memory")?.store()?.len())
 }
 
@@ -240,7 +241,7 @@ fn a_fresh_memory_fusion_is_exactly_the_model_without_it() -> TestResult {
     let model = memory_model("mem-step0", false)?;
     let mut cfg = common::tiny_config("mem-plain", umtune::config::PeftMethod::Lora)?;
     cfg.peft.dropout = 0.0;
-    let (plain, _) = umtune::train::trainer::TaskModel::build(&cfg, 2)?;
+    let (plain, _) = build_model(&cfg, 2)?;
     common::copy_trainable(&plain, &model);
     let (ids, mask, labels, example_ids) = toy_batch();
     // Fill the memory so that reads return real entries, then compare (W_o is still zero).
@@ -295,8 +296,9 @@ fn uncertainty_and_memory_train_together() -> TestResult {
 
 #[test]
 fn the_memory_is_saved_with_the_run_and_restored_by_eval() -> TestResult {
-    use umtune::train::run_dir::load_run;
-    use umtune::train::trainer::{evaluate, load_data, train_model};
+    use umtune::data::dataset::load_data;
+    use umtune::train::eval::evaluate;
+    use umtune::train::restore::load_run;
     let mut cfg = common::tiny_config("mem-run", umtune::config::PeftMethod::Lora)?;
     cfg.memory.enabled = true;
     cfg.memory.capacity = 20; // 4 steps x 8 examples wrap the ring
@@ -305,13 +307,7 @@ fn the_memory_is_saved_with_the_run_and_restored_by_eval() -> TestResult {
     let run = load_run(&summary.run_dir, &[])?;
     assert_eq!(held(&run.model)?, 20);
     let data = load_data(&run.config, run.model.tokenizer()?)?;
-    let again = evaluate(
-        &run.model,
-        &data.validation,
-        16,
-        &run.label_names,
-        run.device,
-    )?;
+    let again = evaluate(&run.model, &data.validation, 16, &run.label_names)?;
     assert!(
         (again.loss - summary.validation.loss).abs() < 1e-9,
         "{} vs {}",
@@ -330,11 +326,11 @@ fn the_memory_is_saved_with_the_run_and_restored_by_eval() -> TestResult {
 
 #[test]
 fn memory_build_prebuilds_from_a_run_or_a_config() -> TestResult {
+    use umtune::data::dataset::load_data;
     use umtune::heads::classification::last_token;
     use umtune::models::RecordHook;
     use umtune::train::memory_build::{build, BuildRequest};
-    use umtune::train::run_dir::load_run;
-    use umtune::train::trainer::{load_data, train_model};
+    use umtune::train::restore::load_run;
     let mut cfg = common::tiny_config("mem-build", umtune::config::PeftMethod::Lora)?;
     cfg.peft.dropout = 0.0;
     cfg.memory.enabled = true;
@@ -404,7 +400,7 @@ fn memory_build_prebuilds_from_a_run_or_a_config() -> TestResult {
     let dir = std::env::temp_dir().join(format!("umtune-mem-build-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let config = dir.join("config.toml");
-    std::fs::write(&config, cfg.to_toml())?;
+    std::fs::write(&config, cfg.to_toml()?)?;
     let from_config = BuildRequest {
         source: &config,
         out: None,
@@ -423,7 +419,7 @@ fn memory_build_prebuilds_from_a_run_or_a_config() -> TestResult {
     assert_eq!(report.entries, 64);
     let mut start = cfg.clone();
     start.memory.prebuilt = file.display().to_string();
-    let (model, _) = umtune::train::trainer::TaskModel::build(&start, 2)?;
+    let (model, _) = build_model(&start, 2)?;
     assert_eq!(held(&model)?, 64);
     let file_tensors: std::collections::HashMap<String, Tensor> =
         Tensor::read_safetensors(&file)?.into_iter().collect();
@@ -445,7 +441,7 @@ fn memory_build_prebuilds_from_a_run_or_a_config() -> TestResult {
         .collect();
     Tensor::write_safetensors(&keep, &partial)?;
     start.memory.prebuilt = partial.display().to_string();
-    let e = match umtune::train::trainer::TaskModel::build(&start, 2) {
+    let e = match build_model(&start, 2) {
         Ok(_) => return Err("a prebuilt memory without w_k loaded".into()),
         Err(e) => e.to_string(),
     };
@@ -456,7 +452,7 @@ fn memory_build_prebuilds_from_a_run_or_a_config() -> TestResult {
     // No memory configured: nothing to build.
     let mut plain = cfg.clone();
     plain.memory.enabled = false;
-    std::fs::write(&config, plain.to_toml())?;
+    std::fs::write(&config, plain.to_toml()?)?;
     let e = build(&BuildRequest {
         out: Some(&file),
         ..from_config

@@ -10,7 +10,6 @@ use umtune::config::PeftMethod;
 use umtune::models::resolve::{load, load_with};
 use umtune::models::{ArchConfig, NoHook};
 use umtune::peft::{load_peft_adapter, AdapterSpec, Injector, PrefixKv, TrainingFlag};
-use umtune::train::trainer::{train_model, TaskModel};
 
 fn path_of(name: &str) -> Result<String, Box<dyn std::error::Error>> {
     Ok(fixture(name)?.to_str().ok_or("path")?.to_string())
@@ -163,7 +162,7 @@ fn every_method_trains_only_its_own_parameters() -> TestResult {
             let (summary, trained) = train_model(&cfg)?;
             // The same seed rebuilds the initial weights (train_model seeds before building).
             tch::manual_seed(cfg.run.seed as i64);
-            let (initial, _) = TaskModel::build(&cfg, summary.label_names.len())?;
+            let (initial, _) = build_model(&cfg, summary.label_names.len())?;
             // Identity-initialized adapters leave the backbone's output bitwise unchanged.
             if !matches!(method, PeftMethod::Prefix | PeftMethod::Full) {
                 let plain = load(&cfg.model.source, Kind::Float, Device::Cpu)?.backbone;

@@ -122,6 +122,74 @@ fn jsonl_csv_tsv_and_conll() -> TestResult {
     Ok(())
 }
 
+/// Quotes inside a field and carriage returns are RFC 4180's business (the `csv` crate): a quote
+/// not at the start of a field is a literal, a CR inside quotes is kept, CRLF ends records.
+#[test]
+fn csv_follows_rfc_4180() -> TestResult {
+    let names = vec!["neg".to_string(), "pos".to_string()];
+    let p = temp(
+        "rfc.csv",
+        "text,label\r\nsay \"hi\" now,1\r\n\"two\rlines\",0\r\n",
+    )?;
+    let s = read_split(&p, Task::Classification, &Columns::default(), Some(&names))?;
+    assert_eq!(
+        s.examples,
+        [
+            Example::Text {
+                text: "say \"hi\" now".into(),
+                label: 1
+            },
+            Example::Text {
+                text: "two\rlines".into(),
+                label: 0
+            }
+        ]
+    );
+    Ok(())
+}
+
+/// A file that declares its label names has its indices mapped by name onto the expected set,
+/// and a class outside that set is an error naming it.
+#[test]
+fn declared_labels_map_by_name() -> TestResult {
+    let dir = asset_cache().join("data").join("uci-sentiment");
+    let path = dir.join("train.parquet");
+    let declared = read_split(&path, Task::Classification, &Columns::default(), None)?;
+    let mut reversed = declared.label_names.clone();
+    reversed.reverse();
+    let mapped = read_split(
+        &path,
+        Task::Classification,
+        &Columns::default(),
+        Some(&reversed),
+    )?;
+    let n = declared.label_names.len();
+    for (a, b) in declared.examples.iter().zip(&mapped.examples) {
+        match (a, b) {
+            (Example::Text { label: x, .. }, Example::Text { label: y, .. }) => {
+                assert_eq!(declared.label_names[*x], mapped.label_names[*y]);
+                assert_eq!(*y, n - 1 - *x);
+            }
+            _ => return Err("not text examples".into()),
+        }
+    }
+    let other = vec!["spam".to_string(), "ham".to_string()];
+    let e = read_split(
+        &path,
+        Task::Classification,
+        &Columns::default(),
+        Some(&other),
+    )
+    .err()
+    .ok_or("no error")?
+    .to_string();
+    assert!(
+        e.contains("not among the expected labels") && e.contains("spam"),
+        "{e}"
+    );
+    Ok(())
+}
+
 #[test]
 fn errors_name_file_row_and_column() -> TestResult {
     let names = vec!["neg".to_string(), "pos".to_string()];
@@ -134,35 +202,54 @@ fn errors_name_file_row_and_column() -> TestResult {
         .ok_or("no error")?
         .to_string();
     assert!(
-        e.contains("bad-label.jsonl")
-            && e.contains("row 1")
-            && e.contains("column `label`")
-            && e.contains("7"),
+        e.contains("bad-label.jsonl: line 2") && e.contains("column `label`") && e.contains("7"),
         "{e}"
     );
     let p = temp("no-col.jsonl", "{\"txt\": \"a\", \"label\": 0}\n")?;
     let e = err(&p, Task::Classification);
     assert!(
-        e.contains("no-col.jsonl") && e.contains("row 0") && e.contains("column `text`"),
+        e.contains("no-col.jsonl: line 1") && e.contains("column `text`"),
         "{e}"
     );
     let p = temp("broken.jsonl", "{\"text\": \"a\", \"label\": 0}\n{oops\n")?;
     let e = err(&p, Task::Classification);
     assert!(
-        e.contains("broken.jsonl") && e.contains("row 1") && e.contains("line 2"),
+        e.contains("broken.jsonl: line 2:") && e.contains("invalid JSON"),
         "{e}"
     );
     let p = temp("ragged.csv", "text,label\na,1\nb\n")?;
     let e = err(&p, Task::Classification);
     assert!(
-        e.contains("ragged.csv") && e.contains("row 1") && e.contains("1 fields"),
+        e.contains("ragged.csv: line 3") && e.contains("1 fields, the header has 2"),
         "{e}"
     );
+    // A blank line does not shift the count: the bad label is on file line 4.
+    let p = temp(
+        "gap.jsonl",
+        "{\"text\": \"a\", \"label\": 0}\n\n\n{\"text\": \"b\", \"label\": 9}\n",
+    )?;
+    let e = read_split(&p, Task::Classification, &Columns::default(), Some(&names))
+        .err()
+        .ok_or("no error")?
+        .to_string();
+    assert!(e.contains("gap.jsonl: line 4"), "{e}");
+    // Invalid UTF-8 names its line, once.
+    let p = temp("latin1.csv", "text,label\nok,1\ncaf\u{1}\n")?;
+    let mut bytes = std::fs::read(&p)?;
+    let at = bytes.iter().position(|&b| b == 1).ok_or("marker")?;
+    bytes[at] = 0xE9; // Latin-1 é
+    std::fs::write(&p, &bytes)?;
+    let e = err(&p, Task::Classification);
+    assert!(
+        e.contains("latin1.csv: line 3") && e.contains("UTF-8"),
+        "{e}"
+    );
+    assert_eq!(e.matches("not valid UTF-8").count(), 1, "{e}");
     let p = temp("empty.jsonl", "\n")?;
     assert!(err(&p, Task::Classification).contains("empty"));
-    let p = temp("short.conll", "EU\n")?;
+    let p = temp("short.conll", "EU NNP B-ORG\n\nEU\n")?;
     let e = err(&p, Task::Ner);
-    assert!(e.contains("short.conll") && e.contains("line 1"), "{e}");
+    assert!(e.contains("short.conll: line 3"), "{e}");
     let e = read_split(
         &data("uci-sentiment", "train"),
         Task::Ner,

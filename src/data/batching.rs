@@ -158,6 +158,8 @@ pub struct Sampler {
     seed: u64,
     batch_size: usize,
     pub state: SamplerState,
+    /// The current epoch's batches, computed once per epoch.
+    epoch_cache: Option<(u64, Vec<Vec<usize>>)>,
 }
 
 const BUCKET: usize = 50;
@@ -168,6 +170,7 @@ impl Sampler {
             seed,
             batch_size,
             state: SamplerState { epoch: 0, batch: 0 },
+            epoch_cache: None,
         }
     }
 
@@ -187,18 +190,25 @@ impl Sampler {
         batches
     }
 
-    /// The next batch, moving to the next epoch when one is used up.
+    /// The next batch, moving to the next epoch when one is used up. The epoch's order is
+    /// computed once per epoch (and again after the state was restored). Empty for no examples.
     pub fn next_batch(&mut self, lengths: &[usize]) -> Vec<usize> {
-        let mut batches = self.epoch_batches(self.state.epoch, lengths);
-        if self.state.batch >= batches.len() {
+        if self.state.batch >= self.batches_per_epoch(lengths.len()) {
             self.state = SamplerState {
                 epoch: self.state.epoch + 1,
                 batch: 0,
             };
-            batches = self.epoch_batches(self.state.epoch, lengths);
         }
+        let epoch = self.state.epoch;
+        if self.epoch_cache.as_ref().is_none_or(|(e, _)| *e != epoch) {
+            self.epoch_cache = Some((epoch, self.epoch_batches(epoch, lengths)));
+        }
+        let batch = self.state.batch;
         self.state.batch += 1;
-        std::mem::take(&mut batches[self.state.batch - 1])
+        match &self.epoch_cache {
+            Some((_, batches)) if batch < batches.len() => batches[batch].clone(),
+            _ => Vec::new(),
+        }
     }
 
     pub fn batches_per_epoch(&self, n: usize) -> usize {

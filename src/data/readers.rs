@@ -1,7 +1,7 @@
 //! Dataset files into examples: parquet in the Hugging Face datasets layout (label names from the
 //! schema's `huggingface` metadata), JSONL, CSV/TSV, and CoNLL column files. Every malformed
 //! file, missing column, unknown label or empty split is an error naming file, row and column.
-use crate::error::{Error, Result};
+use crate::error::{Error, Loc, Result};
 use parquet::file::reader::{FileReader, SerializedFileReader};
 use parquet::record::Field;
 use serde_json::Value;
@@ -62,6 +62,8 @@ enum RawLabel {
 }
 
 struct RawRow {
+    /// Where the row starts in its file.
+    loc: Loc,
     text: Option<String>,
     label: Option<RawLabel>,
     tokens: Option<Vec<String>>,
@@ -97,18 +99,45 @@ pub fn read_split(
     }
     let names: Vec<String> = match label_names {
         Some(n) if !n.is_empty() => n.to_vec(),
-        _ if !declared.is_empty() => declared,
+        _ if !declared.is_empty() => declared.clone(),
         _ => infer_names(&rows, task),
+    };
+    // A file that names its classes has its indices mapped by name onto the label set, so two
+    // datasets with the same classes in another order agree, and a class the set lacks is an
+    // error rather than a silent shift.
+    let by_declared: Option<Vec<usize>> = if declared.is_empty() || declared == names {
+        None
+    } else {
+        let missing: Vec<&String> = declared.iter().filter(|d| !names.contains(d)).collect();
+        if !missing.is_empty() {
+            return Err(Error::data(
+                path,
+                None,
+                None,
+                format!(
+                    "the file's labels {missing:?} are not among the expected labels {names:?} (the file declares {declared:?})"
+                ),
+            ));
+        }
+        Some(
+            declared
+                .iter()
+                .filter_map(|d| names.iter().position(|n| n == d))
+                .collect(),
+        )
     };
     let index: BTreeMap<&str, usize> = names
         .iter()
         .enumerate()
         .map(|(i, n)| (n.as_str(), i))
         .collect();
-    let resolve = |raw: &RawLabel, row: usize, column: &str| -> Result<usize> {
-        let found = match raw {
-            RawLabel::Index(i) => usize::try_from(*i).ok().filter(|&i| i < names.len()),
-            RawLabel::Name(n) => index.get(n.as_str()).copied(),
+    let resolve = |raw: &RawLabel, loc: Loc, column: &str| -> Result<usize> {
+        let found = match (raw, &by_declared) {
+            (RawLabel::Index(i), Some(map)) => {
+                usize::try_from(*i).ok().and_then(|i| map.get(i).copied())
+            }
+            (RawLabel::Index(i), None) => usize::try_from(*i).ok().filter(|&i| i < names.len()),
+            (RawLabel::Name(n), _) => index.get(n.as_str()).copied(),
         };
         found.ok_or_else(|| {
             let shown = match raw {
@@ -117,14 +146,15 @@ pub fn read_split(
             };
             Error::data(
                 path,
-                Some(row),
+                Some(loc),
                 Some(column),
                 format!("label {shown} is outside the label set {names:?}"),
             )
         })
     };
     let mut examples = Vec::with_capacity(rows.len());
-    for (i, row) in rows.into_iter().enumerate() {
+    for row in rows {
+        let i = row.loc;
         let missing = |c: &str| Error::data(path, Some(i), Some(c), "missing value");
         examples.push(match task {
             Task::Classification => Example::Text {
@@ -233,53 +263,84 @@ fn read_parquet(path: &Path, task: Task, cols: &Columns) -> Result<(Vec<RawRow>,
                 .unwrap_or_default()
         })
         .unwrap_or_default();
-    let iter = reader
-        .get_row_iter(None)
-        .map_err(|e| Error::data(path, None, None, e.to_string()))?;
+    // Row group by row group, so a corrupt page is reported with the rows it holds.
     let mut rows = Vec::new();
-    for (i, row) in iter.enumerate() {
-        let row = row.map_err(|e| Error::data(path, Some(i), None, e.to_string()))?;
-        let mut raw = RawRow {
-            text: None,
-            label: None,
-            tokens: None,
-            tags: None,
+    for g in 0..reader.num_row_groups() {
+        let first = rows.len() + 1;
+        let n = reader.metadata().row_group(g).num_rows() as usize;
+        let group_err = |msg: String| {
+            Error::data(
+                path,
+                None,
+                None,
+                format!(
+                    "row group {g} (rows {first} to {}): {msg}",
+                    first + n.saturating_sub(1)
+                ),
+            )
         };
-        for (name, field) in row.get_column_iter() {
-            let bad = |what: &str| {
-                Error::data(
-                    path,
-                    Some(i),
-                    Some(name),
-                    format!("expected {what}, found {field}"),
-                )
-            };
-            if name == &cols.text && task == Task::Classification {
-                raw.text = Some(field_str(field).ok_or_else(|| bad("a string"))?);
-            } else if name == &cols.label && task == Task::Classification {
-                raw.label =
-                    Some(field_label(field).ok_or_else(|| bad("an integer or a string label"))?);
-            } else if name == &cols.tokens && task == Task::Ner {
-                let list = field_list(field).ok_or_else(|| bad("a list of strings"))?;
-                raw.tokens = Some(
-                    list.iter()
-                        .map(field_str)
-                        .collect::<Option<_>>()
-                        .ok_or_else(|| bad("a list of strings"))?,
-                );
-            } else if name == &cols.tags && task == Task::Ner {
-                let list = field_list(field).ok_or_else(|| bad("a list of labels"))?;
-                raw.tags = Some(
-                    list.iter()
-                        .map(field_label)
-                        .collect::<Option<_>>()
-                        .ok_or_else(|| bad("a list of labels"))?,
-                );
-            }
+        let group = reader
+            .get_row_group(g)
+            .map_err(|e| group_err(e.to_string()))?;
+        let iter = group
+            .get_row_iter(None)
+            .map_err(|e| group_err(e.to_string()))?;
+        for row in iter {
+            let row = row.map_err(|e| group_err(e.to_string()))?;
+            let loc = Loc::Row(rows.len() + 1);
+            rows.push(parquet_row(path, &row, loc, task, cols)?);
         }
-        rows.push(raw);
     }
     Ok((rows, declared))
+}
+
+fn parquet_row(
+    path: &Path,
+    row: &parquet::record::Row,
+    loc: Loc,
+    task: Task,
+    cols: &Columns,
+) -> Result<RawRow> {
+    let mut raw = RawRow {
+        loc,
+        text: None,
+        label: None,
+        tokens: None,
+        tags: None,
+    };
+    for (name, field) in row.get_column_iter() {
+        let bad = |what: &str| {
+            Error::data(
+                path,
+                Some(loc),
+                Some(name),
+                format!("expected {what}, found {field}"),
+            )
+        };
+        if name == &cols.text && task == Task::Classification {
+            raw.text = Some(field_str(field).ok_or_else(|| bad("a string"))?);
+        } else if name == &cols.label && task == Task::Classification {
+            raw.label =
+                Some(field_label(field).ok_or_else(|| bad("an integer or a string label"))?);
+        } else if name == &cols.tokens && task == Task::Ner {
+            let list = field_list(field).ok_or_else(|| bad("a list of strings"))?;
+            raw.tokens = Some(
+                list.iter()
+                    .map(field_str)
+                    .collect::<Option<_>>()
+                    .ok_or_else(|| bad("a list of strings"))?,
+            );
+        } else if name == &cols.tags && task == Task::Ner {
+            let list = field_list(field).ok_or_else(|| bad("a list of labels"))?;
+            raw.tags = Some(
+                list.iter()
+                    .map(field_label)
+                    .collect::<Option<_>>()
+                    .ok_or_else(|| bad("a list of labels"))?,
+            );
+        }
+    }
+    Ok(raw)
 }
 
 fn field_str(f: &Field) -> Option<String> {
@@ -318,31 +379,41 @@ fn json_label(v: &Value) -> Option<RawLabel> {
     }
 }
 
+/// A text file as UTF-8; invalid bytes are reported with the line they are on.
+pub fn read_text(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    String::from_utf8(bytes).map_err(|e| {
+        let valid = &e.as_bytes()[..e.utf8_error().valid_up_to()];
+        let line = valid.iter().filter(|&&b| b == b'\n').count() + 1;
+        Error::data(
+            path,
+            Some(Loc::Line(line)),
+            None,
+            "not valid UTF-8 (save the file as UTF-8)",
+        )
+    })
+}
+
 fn read_jsonl(path: &Path, task: Task, cols: &Columns) -> Result<Vec<RawRow>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = read_text(path)?;
     let mut rows = Vec::new();
     for (line_no, line) in text
         .lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
     {
-        let row = rows.len();
-        let v: Value = serde_json::from_str(line).map_err(|e| {
-            Error::data(
-                path,
-                Some(row),
-                None,
-                format!("line {}: invalid JSON: {e}", line_no + 1),
-            )
-        })?;
+        let loc = Loc::Line(line_no + 1);
+        let v: Value = serde_json::from_str(line)
+            .map_err(|e| Error::data(path, Some(loc), None, format!("invalid JSON: {e}")))?;
         let get = |c: &str| {
             v.get(c)
-                .ok_or_else(|| Error::data(path, Some(row), Some(c), "no such field"))
+                .ok_or_else(|| Error::data(path, Some(loc), Some(c), "no such field"))
         };
         let bad =
-            |c: &str, what: &str| Error::data(path, Some(row), Some(c), format!("expected {what}"));
+            |c: &str, what: &str| Error::data(path, Some(loc), Some(c), format!("expected {what}"));
         rows.push(match task {
             Task::Classification => RawRow {
+                loc,
                 text: Some(
                     get(&cols.text)?
                         .as_str()
@@ -359,6 +430,7 @@ fn read_jsonl(path: &Path, task: Task, cols: &Columns) -> Result<Vec<RawRow>> {
             Task::Ner => {
                 let arr = |c: &str| get(c)?.as_array().ok_or_else(|| bad(c, "an array"));
                 RawRow {
+                    loc,
                     text: None,
                     label: None,
                     tokens: Some(
@@ -382,7 +454,7 @@ fn read_jsonl(path: &Path, task: Task, cols: &Columns) -> Result<Vec<RawRow>> {
     Ok(rows)
 }
 
-/// CSV/TSV with a header row and RFC 4180 quoting; classification only.
+/// CSV/TSV with a header row and RFC 4180 quoting (the `csv` crate); classification only.
 fn read_delimited(path: &Path, sep: u8, task: Task, cols: &Columns) -> Result<Vec<RawRow>> {
     if task != Task::Classification {
         return Err(Error::data(
@@ -392,132 +464,104 @@ fn read_delimited(path: &Path, sep: u8, task: Task, cols: &Columns) -> Result<Ve
             "CSV/TSV hold classification data; use parquet, jsonl or conll for NER",
         ));
     }
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let records = split_records(&text, sep as char)
-        .map_err(|(row, msg)| Error::data(path, Some(row), None, msg))?;
-    let Some((header, body)) = records.split_first() else {
-        return Err(Error::data(path, None, None, "the split is empty"));
+    // Read as text first so that invalid UTF-8 is reported with its line.
+    let text = read_text(path)?;
+    let mut reader = csv::ReaderBuilder::new()
+        .delimiter(sep)
+        .has_headers(true)
+        .from_reader(text.as_bytes());
+    let csv_err = |e: csv::Error| {
+        let loc = e.position().map(|p| Loc::Line(p.line() as usize));
+        let msg = match e.kind() {
+            csv::ErrorKind::UnequalLengths {
+                expected_len, len, ..
+            } => format!("{len} fields, the header has {expected_len}"),
+            _ => e.to_string(),
+        };
+        Error::data(path, loc, None, msg)
     };
+    let header = reader.headers().map_err(csv_err)?.clone();
+    if header.is_empty() {
+        return Err(Error::data(path, None, None, "the split is empty"));
+    }
     let col = |c: &str| {
         header.iter().position(|h| h == c).ok_or_else(|| {
             Error::data(
                 path,
-                None,
+                Some(Loc::Line(1)),
                 Some(c),
-                format!("no such column (header is {header:?})"),
+                format!(
+                    "no such column (header is {:?})",
+                    header.iter().collect::<Vec<_>>()
+                ),
             )
         })
     };
     let (ti, li) = (col(&cols.text)?, col(&cols.label)?);
-    body.iter()
-        .enumerate()
-        .map(|(i, rec)| {
-            if rec.len() != header.len() {
-                return Err(Error::data(
-                    path,
-                    Some(i),
-                    None,
-                    format!("{} fields, the header has {}", rec.len(), header.len()),
-                ));
-            }
-            let label = rec[li].trim();
-            Ok(RawRow {
-                text: Some(rec[ti].clone()),
-                label: Some(
-                    label
-                        .parse::<i64>()
-                        .map(RawLabel::Index)
-                        .unwrap_or_else(|_| RawLabel::Name(label.to_string())),
-                ),
-                tokens: None,
-                tags: None,
-            })
-        })
-        .collect()
-}
-
-/// Splits delimited text into records of fields, honouring double-quoted fields.
-fn split_records(text: &str, sep: char) -> std::result::Result<Vec<Vec<String>>, (usize, String)> {
-    let mut records = Vec::new();
-    let (mut record, mut field) = (Vec::new(), String::new());
-    let mut chars = text.chars().peekable();
-    let mut quoted = false;
-    while let Some(c) = chars.next() {
-        match (quoted, c) {
-            (true, '"') if chars.peek() == Some(&'"') => {
-                field.push('"');
-                chars.next();
-            }
-            (true, '"') => quoted = false,
-            (true, c) => field.push(c),
-            (false, '"') if field.is_empty() => quoted = true,
-            (false, c) if c == sep => record.push(std::mem::take(&mut field)),
-            (false, '\r') => {}
-            (false, '\n') => {
-                record.push(std::mem::take(&mut field));
-                if !(record.len() == 1 && record[0].is_empty()) {
-                    records.push(std::mem::take(&mut record));
-                } else {
-                    record.clear();
-                }
-            }
-            (false, c) => field.push(c),
-        }
+    let mut rows = Vec::new();
+    for record in reader.records() {
+        let rec = record.map_err(csv_err)?;
+        let loc = Loc::Line(rec.position().map_or(0, |p| p.line() as usize));
+        let field = |i: usize| {
+            rec.get(i)
+                .ok_or_else(|| Error::data(path, Some(loc), None, "missing field"))
+        };
+        let label = field(li)?.trim();
+        rows.push(RawRow {
+            loc,
+            text: Some(field(ti)?.to_string()),
+            label: Some(
+                label
+                    .parse::<i64>()
+                    .map(RawLabel::Index)
+                    .unwrap_or_else(|_| RawLabel::Name(label.to_string())),
+            ),
+            tokens: None,
+            tags: None,
+        });
     }
-    if quoted {
-        return Err((
-            records.len().saturating_sub(1),
-            "unterminated quoted field".into(),
-        ));
-    }
-    if !field.is_empty() || !record.is_empty() {
-        record.push(field);
-        records.push(record);
-    }
-    Ok(records)
+    Ok(rows)
 }
 
 /// CoNLL: one `word ... tag` line per token (the tag in the last column), blank lines between
-/// sentences, `-DOCSTART-` lines ignored. Rows are sentences.
+/// sentences, `-DOCSTART-` lines ignored. Rows are sentences, located at their first line.
 fn read_conll(path: &Path) -> Result<Vec<RawRow>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = read_text(path)?;
     let mut rows = Vec::new();
     let (mut tokens, mut tags) = (Vec::new(), Vec::new());
+    let mut start = 0;
+    let mut flush = |tokens: &mut Vec<String>, tags: &mut Vec<RawLabel>, start: usize| {
+        if !tokens.is_empty() {
+            rows.push(RawRow {
+                loc: Loc::Line(start),
+                text: None,
+                label: None,
+                tokens: Some(std::mem::take(tokens)),
+                tags: Some(std::mem::take(tags)),
+            });
+        }
+    };
     for (line_no, line) in text.lines().enumerate() {
         let line = line.trim();
         if line.is_empty() || line.starts_with("-DOCSTART-") {
-            if !tokens.is_empty() {
-                rows.push(RawRow {
-                    text: None,
-                    label: None,
-                    tokens: Some(std::mem::take(&mut tokens)),
-                    tags: Some(std::mem::take(&mut tags)),
-                });
-            }
+            flush(&mut tokens, &mut tags, start);
             continue;
+        }
+        if tokens.is_empty() {
+            start = line_no + 1;
         }
         let parts: Vec<&str> = line.split_whitespace().collect();
         if parts.len() < 2 {
             return Err(Error::data(
                 path,
-                Some(rows.len()),
+                Some(Loc::Line(line_no + 1)),
                 None,
-                format!(
-                    "line {}: expected `word ... tag`, got `{line}`",
-                    line_no + 1
-                ),
+                format!("expected `word ... tag`, got `{line}`"),
             ));
         }
         tokens.push(parts[0].to_string());
         tags.push(RawLabel::Name(parts[parts.len() - 1].to_string()));
     }
-    if !tokens.is_empty() {
-        rows.push(RawRow {
-            text: None,
-            label: None,
-            tokens: Some(tokens),
-            tags: Some(tags),
-        });
-    }
+    flush(&mut tokens, &mut tags, start);
     Ok(rows)
 }

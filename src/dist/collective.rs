@@ -12,6 +12,17 @@ pub trait Collective: Send + Sync {
     /// Every rank's `t` in rank order (same dtype and trailing shape, any first dimension).
     /// Every rank must call it, in the same order as the others.
     fn all_gather(&self, t: &Tensor) -> Result<Vec<Tensor>>;
+    /// Replaces `t` on every rank by the sum over ranks (same shape and dtype everywhere).
+    /// Backends with a native all-reduce override this gather-and-sum.
+    fn all_reduce_sum(&self, t: &mut Tensor) -> Result<()> {
+        let gathered = self.all_gather(t)?;
+        let sum = gathered
+            .iter()
+            .skip(1)
+            .fold(gathered[0].copy(), |acc, x| acc + x);
+        tch::no_grad(|| t.copy_(&sum));
+        Ok(())
+    }
     fn is_rank_zero(&self) -> bool {
         self.rank() == 0
     }
@@ -29,6 +40,9 @@ impl Collective for SingleProcess {
     }
     fn all_gather(&self, t: &Tensor) -> Result<Vec<Tensor>> {
         Ok(vec![t.shallow_clone()])
+    }
+    fn all_reduce_sum(&self, _t: &mut Tensor) -> Result<()> {
+        Ok(())
     }
 }
 

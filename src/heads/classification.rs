@@ -32,7 +32,10 @@ impl SequenceClassifier {
 /// The row of the last real token of each sequence: `x (b, t, d)`, right-padded `mask (b, t)`
 /// → `(b, d)`.
 pub fn last_token(x: &Tensor, mask: &Tensor) -> Tensor {
-    let (b_sz, _, d) = x.size3().unwrap_or_default();
+    let (b_sz, _, d) = {
+        let s = x.size(); // (b, t, d)
+        (s[0], s[1], s[2])
+    };
     let last = (mask.sum_dim_intlist(1, false, Kind::Int64) - 1).clamp_min(0); // (b,)
     let index = last.view([b_sz, 1, 1]).expand([b_sz, 1, d], false);
     x.gather(1, &index, false).squeeze_dim(1) // (b, d)

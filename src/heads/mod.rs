@@ -45,3 +45,14 @@ impl Head {
         }
     }
 }
+
+/// The head's module name, as transformers' `GPT2/LlamaFor{Sequence,Token}Classification` name
+/// it: GPT-2's token head is `classifier`, every other head `score`. Weight files and PEFT
+/// exports (`modules_to_save`) use it.
+pub fn head_name(task: crate::config::TaskKind, arch: &crate::models::ArchConfig) -> &'static str {
+    let gpt2 = matches!(arch, crate::models::ArchConfig::Gpt2(_));
+    match task {
+        crate::config::TaskKind::Ner if gpt2 => "classifier",
+        _ => "score",
+    }
+}

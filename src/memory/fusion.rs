@@ -150,9 +150,7 @@ impl MemoryFusion {
                 let target = Tensor::arange(rows.size()[0], (Kind::Int64, h.device()));
                 contrastive = Some(logits.cross_entropy_for_logits(&target) * self.lambda_mem);
             }
-            if let Ok(mut pending) = self.pending.lock() {
-                pending.push((k.detach(), rows.detach(), row_ids));
-            }
+            self.pending()?.push((k.detach(), rows.detach(), row_ids));
         }
         Ok(FusionOutput {
             hidden: fused,
@@ -211,19 +209,48 @@ impl MemoryFusion {
         self.store()?.load(tensors, path)
     }
 
-    /// Writes the last training batch's entries (after the optimizer step). Collective.
+    fn pending(&self) -> Result<std::sync::MutexGuard<'_, Vec<(Tensor, Tensor, Tensor)>>> {
+        self.pending.lock().map_err(|_| {
+            Error::Internal("the memory's pending entries: a thread panicked holding them".into())
+        })
+    }
+
+    /// Drops the entries recorded since the last commit (a skipped, non-finite step).
+    pub fn discard_pending(&self) -> Result<()> {
+        self.pending()?.clear();
+        Ok(())
+    }
+
+    /// Writes the last training batch's entries (after the optimizer step). Collective: every
+    /// rank calls it, so entries with a non-finite key or value are dropped here (with a
+    /// warning) rather than failing one rank alone.
     pub fn commit(&self) -> Result<()> {
-        let pending = self
-            .pending
-            .lock()
-            .map(|mut p| std::mem::take(&mut *p))
-            .unwrap_or_default();
+        let pending = std::mem::take(&mut *self.pending()?);
         if pending.is_empty() {
             return Ok(());
         }
         let k = Tensor::cat(&pending.iter().map(|e| &e.0).collect::<Vec<_>>(), 0);
         let v = Tensor::cat(&pending.iter().map(|e| &e.1).collect::<Vec<_>>(), 0);
         let ids = Tensor::cat(&pending.iter().map(|e| &e.2).collect::<Vec<_>>(), 0);
+        let finite = k
+            .isfinite()
+            .all_dim(1, false)
+            .logical_and(&v.to_kind(Kind::Float).isfinite().all_dim(1, false)); // (n,)
+        let n_bad = finite.logical_not().sum(Kind::Int64).int64_value(&[]);
+        let (k, v, ids) = if n_bad > 0 {
+            tracing::warn!(
+                entries = n_bad,
+                "memory entries with NaN or infinite keys or values dropped"
+            );
+            let keep = finite.nonzero().squeeze_dim(1);
+            (
+                k.index_select(0, &keep),
+                v.index_select(0, &keep),
+                ids.index_select(0, &keep),
+            )
+        } else {
+            (k, v, ids)
+        };
         self.store()?.write(self.group.as_ref(), &k, &v, &ids)
     }
 }

@@ -194,18 +194,25 @@ impl ShardedKvMemory {
 
     /// Top-`k` of this shard for `queries (q, d_k)`, excluding entries whose id equals the
     /// query's; ties broken by ring slot.
-    pub fn search_local(&self, queries: &Tensor, query_ids: &Tensor, k: usize) -> Retrieved {
+    pub fn search_local(
+        &self,
+        queries: &Tensor,
+        query_ids: &Tensor,
+        k: usize,
+    ) -> Result<Retrieved> {
         let q = queries.size()[0];
         let filled = self.filled_rows();
         let device = self.keys.device();
         let k = k as i64;
         if filled == 0 || q == 0 {
-            return empty(q, k, self.values.size()[1], device);
+            return Ok(empty(q, k, self.values.size()[1], device));
         }
         let keys = self.keys.narrow(0, 0, filled);
-        let mut scores = (queries.to_kind(Kind::Float) / self.tau).matmul(&keys.tr()); // (q, n)
-                                                                                       // Self-exclusion: only the rows of the queries' own examples.
-        let qids = Vec::<i64>::try_from(query_ids.to_device(Device::Cpu)).unwrap_or_default();
+        let scores = (queries.to_kind(Kind::Float) / self.tau).matmul(&keys.tr()); // (q, n)
+                                                                                   // A NaN score would sort first in top-k: it ranks last instead.
+        let mut scores = scores.masked_fill(&scores.isnan(), f64::NEG_INFINITY);
+        // Self-exclusion: only the rows of the queries' own examples.
+        let qids = Vec::<i64>::try_from(query_ids.to_device(Device::Cpu))?;
         let (mut qi, mut rows) = (Vec::new(), Vec::new());
         for (i, id) in qids.iter().enumerate() {
             for &r in self.rows_of_id.get(id).into_iter().flatten() {
@@ -265,7 +272,7 @@ impl ShardedKvMemory {
             slots,
         };
         let found = sort_by_score_then_slot(mark_invalid(found));
-        pad_to(found, k)
+        Ok(pad_to(found, k))
     }
 
     /// The global top-`k` for this rank's `queries (q, d_k)` and their example ids `(q,)`.
@@ -278,7 +285,7 @@ impl ShardedKvMemory {
         k: usize,
     ) -> Result<Retrieved> {
         if group.world_size() == 1 {
-            return Ok(self.search_local(queries, query_ids, k));
+            return self.search_local(queries, query_ids, k);
         }
         let device = self.keys.device();
         let all_q = group.all_gather(&queries.detach().to_kind(Kind::Float))?;
@@ -290,7 +297,7 @@ impl ShardedKvMemory {
             &Tensor::cat(&all_q, 0).to_device(device),
             &all_ids.to_device(device),
             k,
-        );
+        )?;
         let gather = |t: &Tensor| -> Result<Vec<Tensor>> {
             Ok(group
                 .all_gather(t)?

@@ -21,7 +21,10 @@ impl BatchMask {
         attention_mask: Option<&Tensor>,
         cache: Option<&mut KvCache>,
     ) -> BatchMask {
-        let (b_sz, seq_len) = input_ids.size2().unwrap_or_default();
+        let (b_sz, seq_len) = {
+            let s = input_ids.size(); // (b, t)
+            (s[0], s[1])
+        };
         let device = input_ids.device();
         let past = cache.as_ref().map_or(0, |c| c.seq_len());
         let past_mask = cache

@@ -126,7 +126,10 @@ impl Block {
         cache: Option<&mut KvCache>,
         layer: usize,
     ) -> Tensor {
-        let (b_sz, seq_len, d) = x.size3().unwrap_or_default();
+        let (b_sz, seq_len, d) = {
+            let s = x.size(); // (b, t, d)
+            (s[0], s[1], s[2])
+        };
         let head_dim = d / self.n_head;
         let qkv = self.c_attn.forward(&self.ln_1.forward(x)); // (b, t, 3d)
         let heads = |t: &Tensor| {

@@ -170,7 +170,10 @@ impl Block {
         cache: Option<&mut KvCache>,
         layer: usize,
     ) -> Tensor {
-        let (b_sz, seq_len, _) = x.size3().unwrap_or_default();
+        let (b_sz, seq_len, _) = {
+            let s = x.size(); // (b, t, d)
+            (s[0], s[1], s[2])
+        };
         let h = self.input_layernorm.forward(x);
         let heads = |t: Tensor, n| t.view([b_sz, seq_len, n, self.head_dim]).transpose(1, 2); // (b, n, t, hd)
         let q = heads(self.q_proj.forward(&h), self.n_head);

@@ -145,7 +145,7 @@ fn hub_snapshot(repo: &str) -> Result<PathBuf> {
                     .filter_map(|v| v.as_str().map(String::from))
                     .collect()
             })
-            .unwrap_or_default();
+            .ok_or_else(|| Error::format(&index, "no `weight_map` object"))?;
         for shard in shards {
             remote
                 .get(&shard)

@@ -8,6 +8,7 @@ pub mod houlsby;
 pub mod ia3;
 pub mod lora;
 pub mod prefix;
+pub mod targets;
 
 pub use houlsby::Bottleneck;
 pub use ia3::Ia3Scale;

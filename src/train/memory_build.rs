@@ -3,14 +3,19 @@
 //! read) or from a config (a fresh model's `W_k`, saved in the file; a run starts from the file
 //! with `memory.prebuilt` and takes that `W_k` with it). Entries are written in corpus order, so when the corpus is
 //! larger than the ring the last `capacity` entries are the ones kept, as in training.
-use super::run_dir::load_run;
-use super::trainer::{load_data, save_memory, TaskModel};
+use super::eval::for_each_batch;
+use super::restore::load_run;
+use super::run_dir::{RunDir, MEMORY_FILE};
+use crate::atomic_file::write_atomic_with;
 use crate::config::Config;
-use crate::data::batching::collate;
+use crate::data::dataset::{ids, load_data};
+use crate::dist::RunContext;
 use crate::error::{Error, Result};
 use crate::models::resolve::load_tokenizer;
+use crate::task::TaskModel;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
+use tch::Tensor;
 
 /// What `memory build` reads and writes.
 pub struct BuildRequest<'a> {
@@ -38,15 +43,13 @@ pub struct BuildReport {
     pub seconds: f64,
 }
 
-/// Ids of entries from another dataset than the source's own start at 3 * 2^40, past the train,
-/// validation and test ranges, so self-exclusion never mistakes them for the run's examples.
-const FOREIGN_IDS: i64 = 3 << 40;
-
-/// Points `cfg` at `data` if given; whether that is another dataset than the source's own.
+/// Points `cfg` at `data` if given; whether that is another dataset than the source's own. A
+/// foreign corpus keeps its own labels: the memory stores hidden states, not labels.
 fn retarget(cfg: &mut Config, data: Option<&str>) -> bool {
     match data {
         Some(d) if d != cfg.data.dataset => {
             cfg.data.dataset = d.to_string();
+            cfg.data.label_names.clear();
             true
         }
         _ => false,
@@ -55,15 +58,18 @@ fn retarget(cfg: &mut Config, data: Option<&str>) -> bool {
 
 pub fn build(req: &BuildRequest) -> Result<BuildReport> {
     let start = Instant::now();
-    let is_run = req.source.join("summary.json").is_file();
+    let is_run = req.source.is_dir();
     let (model, config, data, out, foreign) = if is_run {
         let mut run = load_run(req.source, req.overrides)?;
         let foreign = retarget(&mut run.config, req.data);
         let data = load_data(&run.config, run.model.tokenizer()?)?;
-        let out = req
-            .out
-            .map_or_else(|| req.source.join("memory.safetensors"), Path::to_path_buf);
-        (run.model, run.config, data, out, foreign)
+        (
+            run.model,
+            run.config,
+            data,
+            req.out.map(Path::to_path_buf),
+            foreign,
+        )
     } else if req.source.is_file() {
         let mut cfg = Config::load(Some(req.source), req.overrides)?;
         let foreign = retarget(&mut cfg, req.data);
@@ -73,9 +79,7 @@ pub fn build(req: &BuildRequest) -> Result<BuildReport> {
                 req.source.display()
             ))
         })?;
-        if cfg.run.threads > 0 {
-            tch::set_num_threads(cfg.run.threads as i32);
-        }
+        let ctx = RunContext::single(&cfg)?;
         let tok = load_tokenizer(&cfg.model.source)?.ok_or_else(|| {
             Error::Config(format!(
                 "model.source `{}` has no tokenizer",
@@ -86,11 +90,11 @@ pub fn build(req: &BuildRequest) -> Result<BuildReport> {
         // W_k is saved with the entries, so a run that starts from them queries the same keys
         // whatever its own initialization (or head size).
         tch::manual_seed(cfg.run.seed as i64);
-        let (model, _) = TaskModel::build(&cfg, data.label_names.len())?;
-        (model, cfg, data, out.to_path_buf(), foreign)
+        let model = TaskModel::build(&cfg, data.label_names.len(), &ctx)?;
+        (model, cfg, data, Some(out.to_path_buf()), foreign)
     } else {
         return Err(Error::Config(format!(
-            "memory build {}: neither a run directory (with summary.json) nor a config file",
+            "memory build {}: neither a run directory nor a config file",
             req.source.display()
         )));
     };
@@ -100,37 +104,35 @@ pub fn build(req: &BuildRequest) -> Result<BuildReport> {
             req.source.display()
         ))
     })?;
-    let examples = match req.split {
-        "train" => data.train,
-        "validation" => data.validation,
-        "test" => data.test.ok_or_else(|| {
-            Error::Config(format!(
-                "dataset `{}` has no test split",
-                config.data.dataset
-            ))
-        })?,
-        other => {
-            return Err(Error::Config(format!(
-                "--split {other}: expected train, validation or test"
-            )))
+    let examples = data.split(req.split)?;
+    fusion.store()?.clear();
+    let offset = if foreign { ids::FOREIGN } else { 0 };
+    // Corpus order, so the ring keeps the last `capacity` entries as training would.
+    for_each_batch(
+        &model,
+        examples,
+        config.train.batch_size * 2,
+        false,
+        |_, batch| {
+            let ids = &batch.example_ids + offset;
+            model.record_memory(&batch.input_ids, &batch.attention_mask, &ids)
+        },
+    )?;
+    let out = match out {
+        Some(path) => {
+            let tensors = fusion.tensors()?;
+            write_atomic_with(&path, |tmp| {
+                Tensor::write_safetensors(&tensors, tmp)
+                    .map_err(|e| Error::format(tmp, e.to_string()))
+            })?;
+            path
+        }
+        // The run's own memory file, with its digest in run.json.
+        None => {
+            RunDir::open(req.source)?.save_memory(fusion)?;
+            req.source.join(MEMORY_FILE)
         }
     };
-    fusion.store()?.clear();
-    model.training.set(false);
-    let _g = tch::no_grad_guard();
-    let pad = model.tokenizer()?.padding_id();
-    let device = model.backbone.device();
-    for chunk in examples.chunks(config.train.batch_size.max(1) * 2) {
-        let items: Vec<_> = chunk.iter().collect();
-        let batch = collate(&items, pad, device);
-        let ids = if foreign {
-            batch.example_ids + FOREIGN_IDS
-        } else {
-            batch.example_ids
-        };
-        model.record_memory(&batch.input_ids, &batch.attention_mask, &ids)?;
-    }
-    save_memory(fusion, &out)?;
     let store = fusion.store()?;
     Ok(BuildReport {
         out,

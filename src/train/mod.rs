@@ -1,9 +1,16 @@
-//! Training: the loop, the optimizer, the learning-rate schedule and the metrics.
+//! Training: the loop, the optimizer, the learning-rate schedule, evaluation (the one inference
+//! path), the run directory (the only writer of run files), restoring, exporting and predicting
+//! from a run, reports and metrics.
 pub mod autocast;
+pub mod eval;
+pub mod export;
 pub mod memory_build;
 pub mod metrics;
 pub mod optimizer;
+pub mod predict;
 pub mod progress;
+pub mod report;
+pub mod restore;
 pub mod run_dir;
 pub mod schedule;
 pub mod seqeval;

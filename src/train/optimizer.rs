@@ -57,21 +57,27 @@ impl AdamW {
         }
     }
 
-    /// Global L2 norm of the gradients.
-    pub fn grad_norm(&self) -> f64 {
-        let sq: f64 = self
-            .params
+    /// The defined gradients, in parameter order (what `sync_gradients` all-reduces; tensors
+    /// that share storage with the parameters' gradients, so writing them updates those).
+    pub fn gradients(&self) -> Vec<Tensor> {
+        self.params
             .iter()
             .map(|p| p.tensor.grad())
-            .filter(|g| g.defined())
-            .map(|g| {
-                g.to_kind(Kind::Float)
-                    .pow_tensor_scalar(2)
-                    .sum(Kind::Float)
-                    .double_value(&[])
-            })
-            .sum();
-        sq.sqrt()
+            .filter(Tensor::defined)
+            .collect()
+    }
+
+    /// Global L2 norm of the gradients, with one device-to-host copy.
+    pub fn grad_norm(&self) -> f64 {
+        let norms: Vec<Tensor> = self
+            .gradients()
+            .iter()
+            .map(|g| g.to_kind(Kind::Float).norm())
+            .collect();
+        if norms.is_empty() {
+            return 0.0;
+        }
+        Tensor::stack(&norms, 0).norm().double_value(&[])
     }
 
     /// Scales gradients so that their global norm is at most `max_norm`; returns the norm before.

@@ -1,314 +1,339 @@
-//! A finished run directory brought back to life (for `eval` and `predict`), and its export as a
-//! Hugging Face PEFT adapter (`adapter_config.json` + `adapter_model.safetensors`, the head as
-//! `modules_to_save`) that `PeftModel.from_pretrained` loads onto the matching transformers model.
-use super::trainer::{write_atomic, TaskModel};
-use crate::config::{Config, PeftMethod};
+//! The run directory, and the only writer of its files: `config.toml` (the resolved config),
+//! `run.json` (labels, state, step, the step the saved weights are from, and the size and
+//! sha256 of every weight file), `metrics.jsonl`, `trainable.safetensors`, `memory.safetensors`,
+//! `calibration.json`, `summary.json` and the calibration plots. Every file is written
+//! atomically (see [`crate::atomic_file`]), and only by the writer rank. `run.json` exists from
+//! the first step on, so a run that was killed, interrupted or diverged can still be evaluated
+//! (its last saved weights) and reported (as unfinished).
+use super::report::Summary;
+use crate::atomic_file::{write_atomic, write_atomic_with};
+use crate::config::Config;
+use crate::dist::RunContext;
 use crate::error::{Error, Result};
-use crate::models::ArchConfig;
-use crate::peft::{load_named, PEFT_PREFIX};
-use serde_json::{json, Value};
+use crate::memory::MemoryFusion;
+use crate::task::TaskModel;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use tch::{Device, Tensor};
+use tch::Tensor;
 
-pub struct LoadedRun {
-    pub dir: PathBuf,
-    pub config: Config,
+pub const CONFIG_FILE: &str = "config.toml";
+pub const RUN_FILE: &str = "run.json";
+pub const METRICS_FILE: &str = "metrics.jsonl";
+pub const SUMMARY_FILE: &str = "summary.json";
+pub const TRAINABLE_FILE: &str = "trainable.safetensors";
+pub const MEMORY_FILE: &str = "memory.safetensors";
+pub const CALIBRATION_FILE: &str = "calibration.json";
+
+/// Where a run stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunState {
+    /// Training (or killed without a chance to say so: kill -9, a node failure).
+    Running,
+    Finished,
+    /// Stopped by SIGINT/SIGTERM after saving.
+    Interrupted,
+    /// Stopped after too many consecutive non-finite losses.
+    Diverged,
+}
+
+impl RunState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunState::Running => "running",
+            RunState::Finished => "finished",
+            RunState::Interrupted => "interrupted",
+            RunState::Diverged => "diverged",
+        }
+    }
+}
+
+/// Size and sha256 of a file as it was written.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileDigest {
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+/// `run.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunRecord {
     pub label_names: Vec<String>,
-    pub model: TaskModel,
-    pub device: Device,
+    pub state: RunState,
+    /// Optimizer steps done.
+    pub step: usize,
+    pub total_steps: usize,
+    /// The step the saved weights are from (None: no weights saved yet).
+    #[serde(default)]
+    pub weights_step: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// The weight files, by name.
+    #[serde(default)]
+    pub files: BTreeMap<String, FileDigest>,
 }
 
-fn read_json(path: &Path) -> Result<Value> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_str(&text).map_err(|e| Error::format(path, e.to_string()))
+/// A run directory: written through on the writer rank, read anywhere.
+pub struct RunDir {
+    path: PathBuf,
+    writer: bool,
+    record: RunRecord,
 }
 
-/// The run's resolved config, its label names, and the model with the trained weights.
-pub fn load_run(dir: &Path, overrides: &[String]) -> Result<LoadedRun> {
-    // The run's own memory file supersedes the prebuilt one it may have started from.
-    let mut overrides = overrides.to_vec();
-    overrides.push("memory.prebuilt=".into());
-    let config = Config::load(Some(&dir.join("config.toml")), &overrides)?;
-    let summary_path = dir.join("summary.json");
-    let summary = read_json(&summary_path)?;
-    let label_names: Vec<String> = serde_json::from_value(summary["label_names"].clone())
-        .map_err(|e| Error::format(&summary_path, format!("label_names: {e}")))?;
-    let (mut model, device) = TaskModel::build(&config, label_names.len())?;
-    // MC sampling at prediction draws from the global generator: same run, same numbers.
-    tch::manual_seed(config.run.seed as i64);
-    load_named(model.trained_vars(), &dir.join("trainable.safetensors"))?;
-    if let Some(m) = &model.memory {
-        m.load(&dir.join("memory.safetensors"), false)?;
+impl RunDir {
+    /// A new directory under `run.output_dir` named `run.name` (or `DATASET-METHOD-sSEED`), the
+    /// first free of `name`, `name-2`, ...; writes `config.toml` and `run.json`.
+    pub fn create(
+        cfg: &Config,
+        ctx: &RunContext,
+        label_names: &[String],
+        total_steps: usize,
+    ) -> Result<RunDir> {
+        let base = run_name(cfg);
+        let root = Path::new(&cfg.run.output_dir);
+        // Never overwrite an earlier run.
+        let path = (1..)
+            .map(|i| match i {
+                1 => root.join(&base),
+                _ => root.join(format!("{base}-{i}")),
+            })
+            .find(|d| !d.exists())
+            .ok_or_else(|| Error::Internal("no free run directory name".into()))?;
+        let dir = RunDir {
+            path,
+            writer: ctx.is_writer,
+            record: RunRecord {
+                label_names: label_names.to_vec(),
+                state: RunState::Running,
+                step: 0,
+                total_steps,
+                weights_step: None,
+                message: None,
+                files: BTreeMap::new(),
+            },
+        };
+        if dir.writer {
+            std::fs::create_dir_all(&dir.path).map_err(|e| Error::io(&dir.path, e))?;
+            write_atomic(&dir.path.join(CONFIG_FILE), cfg.to_toml()?.as_bytes())?;
+            dir.write_record()?;
+        }
+        Ok(dir)
     }
-    let calibration = dir.join("calibration.json");
-    if calibration.exists() {
-        let c = read_json(&calibration)?;
-        let t = c["temperature"]
-            .as_f64()
-            .filter(|t| *t > 0.0)
-            .ok_or_else(|| {
-                Error::format(&calibration, "`temperature` must be a positive number")
-            })?;
-        model.temperature = Some(t);
+
+    /// An existing run directory, for reading (and for `memory build`, which replaces its
+    /// memory file).
+    pub fn open(path: &Path) -> Result<RunDir> {
+        if !path.join(CONFIG_FILE).is_file() {
+            return Err(Error::run(
+                path,
+                format!("not a run directory (no {CONFIG_FILE})"),
+            ));
+        }
+        Ok(RunDir {
+            path: path.to_path_buf(),
+            writer: true,
+            record: read_record(path)?,
+        })
     }
-    Ok(LoadedRun {
-        dir: dir.to_path_buf(),
-        config,
-        label_names,
-        model,
-        device,
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn record(&self) -> &RunRecord {
+        &self.record
+    }
+
+    fn write_record(&self) -> Result<()> {
+        let json = serde_json::to_vec_pretty(&self.record)
+            .map_err(|e| Error::Internal(format!("{RUN_FILE}: {e}")))?;
+        write_atomic(&self.path.join(RUN_FILE), &json)
+    }
+
+    /// Records the steps done (written with the next state change or weights).
+    pub fn set_step(&mut self, step: usize) {
+        self.record.step = step;
+    }
+
+    /// Records how the run stands now.
+    pub fn set_state(&mut self, state: RunState, message: Option<String>) -> Result<()> {
+        self.record.state = state;
+        self.record.message = message;
+        if self.writer {
+            self.write_record()?;
+        }
+        Ok(())
+    }
+
+    /// `metrics.jsonl`, created empty.
+    pub fn metrics(&self) -> Result<MetricsLog> {
+        let path = self.path.join(METRICS_FILE);
+        let file = if self.writer {
+            Some(std::fs::File::create(&path).map_err(|e| Error::io(&path, e))?)
+        } else {
+            None
+        };
+        Ok(MetricsLog { file, path })
+    }
+
+    /// Saves the trained tensors (and the memory) as the weights of `step`, with their digests.
+    pub fn save_weights(&mut self, model: &TaskModel, step: usize) -> Result<()> {
+        if !self.writer {
+            return Ok(());
+        }
+        self.write_tensors(TRAINABLE_FILE, &model.named_trainable())?;
+        if let Some(m) = &model.memory {
+            self.save_memory(m)?;
+        }
+        self.record.weights_step = Some(step);
+        self.record.step = self.record.step.max(step);
+        self.write_record()
+    }
+
+    /// The memory's entries (this rank's shard), and its digest in `run.json`.
+    pub fn save_memory(&mut self, memory: &MemoryFusion) -> Result<()> {
+        self.write_tensors(MEMORY_FILE, &memory.tensors()?)?;
+        self.write_record()
+    }
+
+    fn write_tensors(&mut self, name: &str, tensors: &[(String, Tensor)]) -> Result<()> {
+        let path = self.path.join(name);
+        write_atomic_with(&path, |tmp| {
+            Tensor::write_safetensors(tensors, tmp).map_err(|e| Error::format(tmp, e.to_string()))
+        })?;
+        self.record.files.insert(name.to_string(), digest(&path)?);
+        Ok(())
+    }
+
+    /// Checks `name` against the size and sha256 `run.json` recorded for it (files of runs from
+    /// before digests were recorded pass unchecked).
+    pub fn verify(&self, name: &str) -> Result<()> {
+        let Some(want) = self.record.files.get(name) else {
+            return Ok(());
+        };
+        let path = self.path.join(name);
+        let got = digest(&path)?;
+        if got.bytes != want.bytes {
+            return Err(Error::format(
+                &path,
+                format!(
+                    "is {} bytes, {RUN_FILE} recorded {}: the file is truncated or was replaced",
+                    got.bytes, want.bytes
+                ),
+            ));
+        }
+        if got.sha256 != want.sha256 {
+            return Err(Error::format(
+                &path,
+                format!(
+                    "sha256 {} differs from the {} that {RUN_FILE} recorded: the file is corrupt",
+                    got.sha256, want.sha256
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn write_calibration(&self, temperature: f64) -> Result<()> {
+        if !self.writer {
+            return Ok(());
+        }
+        let json = serde_json::json!({"temperature": temperature, "fitted_on": "validation"});
+        write_atomic(
+            &self.path.join(CALIBRATION_FILE),
+            json.to_string().as_bytes(),
+        )
+    }
+
+    /// The final summary; the run is then finished.
+    pub fn write_summary(&mut self, summary: &Summary) -> Result<()> {
+        if !self.writer {
+            return Ok(());
+        }
+        let json = serde_json::to_vec_pretty(summary)
+            .map_err(|e| Error::Internal(format!("{SUMMARY_FILE}: {e}")))?;
+        write_atomic(&self.path.join(SUMMARY_FILE), &json)?;
+        let flag = (!summary.is_finite())
+            .then(|| "finished with non-finite metrics (see summary.json)".to_string());
+        self.set_state(RunState::Finished, flag)
+    }
+}
+
+/// The run directory's name: `run.name`, or `DATASET-METHOD-sSEED`.
+fn run_name(cfg: &Config) -> String {
+    if !cfg.run.name.is_empty() {
+        return cfg.run.name.clone();
+    }
+    let dataset = Path::new(&cfg.data.dataset)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("data");
+    format!("{dataset}-{}-s{}", cfg.peft.method.name(), cfg.run.seed)
+}
+
+/// `run.json` of `dir`; a run from before it existed has its labels in `summary.json` and is
+/// finished.
+pub fn read_record(dir: &Path) -> Result<RunRecord> {
+    let run = dir.join(RUN_FILE);
+    if run.is_file() {
+        let text = std::fs::read_to_string(&run).map_err(|e| Error::io(&run, e))?;
+        return serde_json::from_str(&text).map_err(|e| Error::format(&run, e.to_string()));
+    }
+    let summary = read_summary(dir)?;
+    Ok(RunRecord {
+        label_names: summary.label_names,
+        state: RunState::Finished,
+        step: summary.steps,
+        total_steps: summary.steps,
+        weights_step: Some(summary.steps),
+        message: None,
+        files: BTreeMap::new(),
     })
 }
 
-/// Writes `out/adapter_config.json` and `out/adapter_model.safetensors` for a LoRA run.
-pub fn export_peft(run: &LoadedRun, out: &Path) -> Result<()> {
-    let cfg = &run.config;
-    if cfg.peft.method != PeftMethod::Lora {
-        return Err(Error::Config(format!(
-            "{}: peft.method = {:?} has no PEFT adapter format; export needs a LoRA run",
-            run.dir.display(),
-            cfg.peft.method
-        )));
+/// `summary.json` of a finished run.
+pub fn read_summary(dir: &Path) -> Result<Summary> {
+    let path = dir.join(SUMMARY_FILE);
+    if !path.is_file() {
+        return Err(Error::run(
+            dir,
+            format!("no {SUMMARY_FILE} and no {RUN_FILE}: not a run directory, or one that never started"),
+        ));
     }
-    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-    let mut named: Vec<(String, Tensor)> = run
-        .model
-        .trainable
-        .variables()
-        .into_iter()
-        .map(|(k, v)| (format!("{PEFT_PREFIX}{k}"), v))
-        .collect();
-    named.sort_by(|a, b| a.0.cmp(&b.0));
-    let weights = out.join("adapter_model.safetensors");
-    let tmp = weights.with_extension("tmp");
-    Tensor::write_safetensors(&named, &tmp).map_err(|e| Error::format(&tmp, e.to_string()))?;
-    std::fs::rename(&tmp, &weights).map_err(|e| Error::io(&weights, e))?;
-    let mut targets: Vec<String> = named
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::format(&path, e.to_string()))
+}
+
+/// Size and sha256 of a file.
+pub fn digest(path: &Path) -> Result<FileDigest> {
+    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut hasher = Sha256::new();
+    let bytes = std::io::copy(&mut file, &mut hasher).map_err(|e| Error::io(path, e))?;
+    let sha256 = hasher
+        .finalize()
         .iter()
-        .filter_map(|(k, _)| {
-            k.strip_suffix(".lora_A.weight")
-                .and_then(|m| m.rsplit('.').next())
-                .map(String::from)
-        })
+        .map(|b| format!("{b:02x}"))
         .collect();
-    targets.sort();
-    targets.dedup();
-    let gpt2 = matches!(run.model.backbone.arch(), ArchConfig::Gpt2(_));
-    let ner = cfg.data.task == crate::config::TaskKind::Ner;
-    // The head's module, as GPT2/LlamaFor{Sequence,Token}Classification name it.
-    let head = if ner && gpt2 { "classifier" } else { "score" };
-    let adapter_config = json!({
-        "peft_type": "LORA",
-        "task_type": if ner { "TOKEN_CLS" } else { "SEQ_CLS" },
-        "base_model_name_or_path": cfg.model.source,
-        "r": cfg.peft.r,
-        "lora_alpha": cfg.peft.alpha,
-        "lora_dropout": cfg.peft.dropout,
-        "use_rslora": cfg.peft.rslora,
-        "target_modules": targets,
-        "modules_to_save": [head],
-        // GPT-2's Conv1D stores weights (in, out).
-        "fan_in_fan_out": gpt2,
-        "bias": "none",
-        "inference_mode": true,
-        "init_lora_weights": true,
-    });
-    let text =
-        serde_json::to_string_pretty(&adapter_config).map_err(|e| Error::Config(e.to_string()))?;
-    write_atomic(&out.join("adapter_config.json"), text.as_bytes())
+    Ok(FileDigest { bytes, sha256 })
 }
 
-/// One prediction: the label, its index and the probability of every label.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct Prediction {
-    pub label: String,
-    pub label_id: usize,
-    pub probabilities: Vec<f64>,
-    /// The probabilities at the run's fitted temperature (the label is the same).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub calibrated: Option<Vec<f64>>,
+/// Appends JSON lines to `metrics.jsonl`, flushed line by line so a crash loses at most one.
+/// On ranks that do not write, a sink.
+pub struct MetricsLog {
+    file: Option<std::fs::File>,
+    path: PathBuf,
 }
 
-impl Prediction {
-    fn from_logits(logits: Vec<f64>, label_names: &[String], temperature: Option<f64>) -> Self {
-        use crate::uncertainty::metrics::softmax;
-        let probabilities = softmax(&logits, 1.0);
-        let label_id = probabilities
-            .iter()
-            .enumerate()
-            .max_by(|a, b| a.1.total_cmp(b.1))
-            .map(|(i, _)| i)
-            .unwrap_or(0);
-        Prediction {
-            label: label_names.get(label_id).cloned().unwrap_or_default(),
-            label_id,
-            probabilities,
-            calibrated: temperature.map(|t| softmax(&logits, t)),
-        }
-    }
-}
-
-/// Per-unit class logits of `examples` (one row per example, or one per word that fits
-/// after truncation for NER), in batches of `batch_size` with the training truncation.
-fn unit_logits(
-    run: &LoadedRun,
-    examples: &[crate::data::readers::Example],
-    batch_size: usize,
-) -> Result<Vec<Vec<Vec<f64>>>> {
-    use crate::data::batching::{collate, encode, IGNORE};
-    let tok = run.model.tokenizer()?;
-    let encoded = encode(tok, examples, run.config.data.max_length)?;
-    let pad = tok.padding_id();
-    run.model.training.set(false);
-    let _g = tch::no_grad_guard();
-    let mut out = Vec::with_capacity(examples.len());
-    for chunk in encoded.chunks(batch_size.max(1)) {
-        let items: Vec<_> = chunk.iter().collect();
-        let batch = collate(&items, pad, run.device);
-        let probs = run
-            .model
-            .predictive_logits(
-                &batch.input_ids,
-                &batch.attention_mask,
-                Some(&batch.example_ids),
-            )?
-            .to_kind(tch::Kind::Double)
-            .to_device(Device::Cpu);
-        for (k, e) in chunk.iter().enumerate() {
-            let p = probs.get(k as i64);
-            let rows: Vec<Vec<f64>> = if e.token_labels.is_empty() {
-                vec![Vec::<f64>::try_from(p).map_err(|e| Error::Config(e.to_string()))?]
-            } else {
-                // First sub-token of each word: where the encoder put the word's tag.
-                let all = Vec::<Vec<f64>>::try_from(p).map_err(|e| Error::Config(e.to_string()))?;
-                e.token_labels
-                    .iter()
-                    .zip(all)
-                    .filter(|(&l, _)| l != IGNORE)
-                    .map(|(_, row)| row)
-                    .collect()
-            };
-            out.push(rows);
-        }
-    }
-    Ok(out)
-}
-
-/// Class probabilities for `texts` (sequence classification).
-pub fn predict(run: &LoadedRun, texts: &[String], batch_size: usize) -> Result<Vec<Prediction>> {
-    use crate::data::readers::Example;
-    let examples: Vec<Example> = texts
-        .iter()
-        .map(|t| Example::Text {
-            text: t.clone(),
-            label: 0,
-        })
-        .collect();
-    let t = run.model.temperature;
-    Ok(unit_logits(run, &examples, batch_size)?
-        .into_iter()
-        .map(|mut rows| Prediction::from_logits(rows.remove(0), &run.label_names, t))
-        .collect())
-}
-
-/// Per-word tags for `sentences` (NER): one prediction per word that fits in
-/// `data.max_length` tokens (later words are cut, as in training).
-pub fn predict_tags(
-    run: &LoadedRun,
-    sentences: &[Vec<String>],
-    batch_size: usize,
-) -> Result<Vec<Vec<Prediction>>> {
-    use crate::data::readers::Example;
-    let examples: Vec<Example> = sentences
-        .iter()
-        .map(|words| Example::Tagged {
-            tokens: words.clone(),
-            tags: vec![0; words.len()],
-        })
-        .collect();
-    let t = run.model.temperature;
-    Ok(unit_logits(run, &examples, batch_size)?
-        .into_iter()
-        .map(|rows| {
-            rows.into_iter()
-                .map(|z| Prediction::from_logits(z, &run.label_names, t))
-                .collect()
-        })
-        .collect())
-}
-
-/// `umtune predict`: reads JSONL (the text column, or for NER the tokens column as a list of
-/// words or the text column split on whitespace), writes each line back with the predictions
-/// added: `label`, `label_id`, `probabilities`; for NER `tokens`, `tags`, `tag_probabilities`.
-pub fn predict_jsonl(run: &LoadedRun, input: &Path, output: &Path) -> Result<usize> {
-    let d = &run.config.data;
-    let ner = d.task == crate::config::TaskKind::Ner;
-    let text = std::fs::read_to_string(input).map_err(|e| Error::io(input, e))?;
-    let mut rows: Vec<(Value, Vec<String>)> = Vec::new();
-    for (i, line) in text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-    {
-        let row = i + 1;
-        let v: Value = serde_json::from_str(line)
-            .map_err(|e| Error::data(input, Some(row), None, format!("invalid JSON: {e}")))?;
-        let words = match (ner, v.get(&d.tokens_column), v.get(&d.text_column)) {
-            (true, Some(Value::Array(a)), _) => a
-                .iter()
-                .map(|w| w.as_str().map(String::from))
-                .collect::<Option<Vec<_>>>()
-                .ok_or_else(|| {
-                    Error::data(
-                        input,
-                        Some(row),
-                        Some(&d.tokens_column),
-                        "words must be strings",
-                    )
-                })?,
-            (true, _, Some(Value::String(t))) => t.split_whitespace().map(String::from).collect(),
-            (false, _, Some(Value::String(t))) => vec![t.clone()],
-            _ => {
-                let want = if ner {
-                    format!(
-                        "a list `{}` or a string `{}`",
-                        d.tokens_column, d.text_column
-                    )
-                } else {
-                    format!("a string `{}`", d.text_column)
-                };
-                return Err(Error::data(input, Some(row), None, format!("needs {want}")));
-            }
+impl MetricsLog {
+    pub fn write(&mut self, value: serde_json::Value) -> Result<()> {
+        let Some(file) = &mut self.file else {
+            return Ok(());
         };
-        rows.push((v, words));
+        writeln!(file, "{value}")
+            .and_then(|_| file.flush())
+            .map_err(|e| Error::io(&self.path, e))
     }
-    let bs = run.config.train.batch_size * 2;
-    let mut out = String::new();
-    if ner {
-        let sentences: Vec<Vec<String>> = rows.iter().map(|(_, w)| w.clone()).collect();
-        for ((mut v, words), tags) in rows.into_iter().zip(predict_tags(run, &sentences, bs)?) {
-            v["tokens"] = json!(words);
-            v["tags"] = json!(tags.iter().map(|p| &p.label).collect::<Vec<_>>());
-            v["tag_probabilities"] =
-                json!(tags.iter().map(|p| &p.probabilities).collect::<Vec<_>>());
-            if run.model.temperature.is_some() {
-                v["calibrated_tag_probabilities"] =
-                    json!(tags.iter().map(|p| &p.calibrated).collect::<Vec<_>>());
-            }
-            out.push_str(&format!("{v}\n"));
-        }
-    } else {
-        let texts: Vec<String> = rows.iter().map(|(_, w)| w[0].clone()).collect();
-        for ((mut v, _), p) in rows.into_iter().zip(predict(run, &texts, bs)?) {
-            v["label"] = p.label.into();
-            v["label_id"] = p.label_id.into();
-            v["probabilities"] = p.probabilities.into();
-            if let Some(c) = p.calibrated {
-                v["calibrated_probabilities"] = c.into();
-            }
-            out.push_str(&format!("{v}\n"));
-        }
-    }
-    write_atomic(output, out.as_bytes())?;
-    Ok(out.lines().count())
 }

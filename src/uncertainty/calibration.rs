@@ -4,7 +4,15 @@
 //! golden-section search on log T in [ln 0.05, ln 20] finds it to 1e-6 without gradients.
 use super::metrics::softmax;
 
-const LOG_T_RANGE: (f64, f64) = (-2.995_732_273_553_991, 2.995_732_273_553_991); // ln 0.05, ln 20
+/// The temperatures searched; a fit at either end means the NLL kept falling past it (near-uniform
+/// outputs, for instance), which the trainer reports.
+pub const T_RANGE: (f64, f64) = (0.05, 20.0);
+
+/// Whether `t` lies at an end of [`T_RANGE`].
+pub fn at_search_bound(t: f64) -> bool {
+    let (lo, hi) = T_RANGE;
+    (t.ln() - lo.ln()).abs() < 1e-6 || (t.ln() - hi.ln()).abs() < 1e-6
+}
 
 /// Mean NLL of `labels` under `softmax(logits / t)`.
 pub fn nll_at(logits: &[Vec<f64>], labels: &[usize], t: f64) -> f64 {
@@ -28,7 +36,7 @@ pub fn fit_temperature(logits: &[Vec<f64>], labels: &[usize]) -> f64 {
     }
     let f = |log_t: f64| nll_at(logits, labels, log_t.exp());
     let phi = (5f64.sqrt() - 1.0) / 2.0;
-    let (mut a, mut b) = LOG_T_RANGE;
+    let (mut a, mut b) = (T_RANGE.0.ln(), T_RANGE.1.ln());
     let mut c = b - phi * (b - a);
     let mut d = a + phi * (b - a);
     let (mut fc, mut fd) = (f(c), f(d));

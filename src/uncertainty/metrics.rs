@@ -10,13 +10,27 @@ pub const ECE_BINS: usize = 15;
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
 pub struct CalibrationScores {
+    #[serde(with = "crate::finite_json")]
     pub ece: f64,
+    #[serde(with = "crate::finite_json")]
     pub nll: f64,
+    #[serde(with = "crate::finite_json")]
     pub brier: f64,
+    #[serde(with = "crate::finite_json")]
     pub aurc: f64,
 }
 
-fn argmax(p: &[f64]) -> usize {
+impl CalibrationScores {
+    pub fn is_finite(&self) -> bool {
+        [self.ece, self.nll, self.brier, self.aurc]
+            .iter()
+            .all(|x| x.is_finite())
+    }
+}
+
+/// The index of the largest score, the first one on ties (as `torch.argmax`); 0 for an empty
+/// row. The one argmax of predictions, metrics and evaluation.
+pub fn argmax(p: &[f64]) -> usize {
     p.iter()
         .enumerate()
         .max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0)))

@@ -98,7 +98,7 @@ pub fn tiny_config_on(
 /// one more backward: every trainable tensor `check` names has a non-zero gradient, and no
 /// backbone tensor has one.
 pub fn assert_gradients_reach(
-    model: &umtune::train::trainer::TaskModel,
+    model: &umtune::task::TaskModel,
     (ids, mask, labels): (&Tensor, &Tensor, &Tensor),
     example_ids: Option<&Tensor>,
     check: impl Fn(&str) -> bool,
@@ -130,13 +130,43 @@ pub fn assert_gradients_reach(
 
 /// Copies every trainable tensor of `from` into the same-named one of `into` (tests share the
 /// global RNG, so equal seeds cannot make two models' adapters and heads equal).
-pub fn copy_trainable(
-    from: &umtune::train::trainer::TaskModel,
-    into: &umtune::train::trainer::TaskModel,
-) {
+pub fn copy_trainable(from: &umtune::task::TaskModel, into: &umtune::task::TaskModel) {
     let vars = into.trained_vars();
     for (name, t) in from.named_trainable() {
         let mut dst = vars[&name].shallow_clone();
         tch::no_grad(|| dst.copy_(&t));
     }
+}
+
+/// A one-process run context for `cfg` (its device, threads and seed).
+pub fn ctx(
+    cfg: &umtune::config::Config,
+) -> Result<umtune::dist::RunContext, Box<dyn std::error::Error>> {
+    Ok(umtune::dist::RunContext::single(cfg)?)
+}
+
+/// The task model `cfg` describes, in one process, and its device.
+pub fn build_model(
+    cfg: &umtune::config::Config,
+    num_labels: usize,
+) -> Result<(umtune::task::TaskModel, tch::Device), Box<dyn std::error::Error>> {
+    let ctx = ctx(cfg)?;
+    Ok((
+        umtune::task::TaskModel::build(cfg, num_labels, &ctx)?,
+        ctx.device,
+    ))
+}
+
+/// Trains `cfg` in one process; the summary and the trained model.
+pub fn train_model(
+    cfg: &umtune::config::Config,
+) -> Result<(umtune::train::report::Summary, umtune::task::TaskModel), Box<dyn std::error::Error>> {
+    Ok(umtune::train::trainer::train_model(cfg, &ctx(cfg)?)?)
+}
+
+/// Trains `cfg` in one process.
+pub fn train(
+    cfg: &umtune::config::Config,
+) -> Result<umtune::train::report::Summary, Box<dyn std::error::Error>> {
+    Ok(train_model(cfg)?.0)
 }

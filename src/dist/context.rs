@@ -1,0 +1,128 @@
+//! The run context: who this process is in the job (rank, local rank, world size), the device it
+//! computes on, whether it writes files, the collective it talks through, and the stop request a
+//! signal leaves. Built once per process and passed to train, eval, predict and memory build, so
+//! rank-0-only writing and the device choice per local rank are decided in one place.
+use super::{Collective, SingleProcess};
+use crate::config::{parse_device, Config};
+use crate::error::{Error, Result};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use tch::Device;
+
+pub struct RunContext {
+    pub group: Arc<dyn Collective>,
+    pub rank: usize,
+    pub local_rank: usize,
+    pub world_size: usize,
+    pub device: Device,
+    /// Whether this process writes run files (rank 0).
+    pub is_writer: bool,
+    pub stop: StopFlag,
+}
+
+impl RunContext {
+    /// One process, no sockets: the device from `model.device`, threads and seed from `run`.
+    pub fn single(cfg: &Config) -> Result<RunContext> {
+        setup_process(cfg);
+        Ok(RunContext {
+            group: Arc::new(SingleProcess),
+            rank: 0,
+            local_rank: 0,
+            world_size: 1,
+            device: device_for(&cfg.model.device, 0)?,
+            is_writer: true,
+            stop: StopFlag::default(),
+        })
+    }
+
+    /// The same context with a stop flag that SIGINT and SIGTERM raise.
+    pub fn with_signal_handling(mut self) -> Result<RunContext> {
+        self.stop = StopFlag::on_signals()?;
+        Ok(self)
+    }
+
+    pub fn is_rank_zero(&self) -> bool {
+        self.rank == 0
+    }
+}
+
+/// libtorch's intra-op threads (`run.threads`, 0 keeps its default) and the global seed: the one
+/// place a process is set up from its config.
+pub fn setup_process(cfg: &Config) {
+    if cfg.run.threads > 0 {
+        tch::set_num_threads(cfg.run.threads as i32);
+    }
+    tch::manual_seed(cfg.run.seed as i64);
+}
+
+/// The device for `spec` (`model.device`) on the process with `local_rank`: `auto` is
+/// `cuda:LOCAL_RANK` when CUDA is there, else the CPU. Asking for CUDA where there is none (or for
+/// a device index past the last) is a config error, not a libtorch backtrace.
+pub fn device_for(spec: &str, local_rank: usize) -> Result<Device> {
+    let device = match parse_device(spec)? {
+        Device::Cuda(0) if spec == "auto" => Device::Cuda(local_rank),
+        d => d,
+    };
+    if let Device::Cuda(i) = device {
+        let count = tch::Cuda::device_count() as usize;
+        if i >= count {
+            let have = if count == 0 {
+                "this machine has no CUDA device (or libtorch was loaded without CUDA)".to_string()
+            } else {
+                format!("this machine has CUDA devices 0 to {}", count - 1)
+            };
+            return Err(Error::Config(format!(
+                "model.device = `{spec}` asks for cuda:{i}, but {have}: use `cpu` or `auto`"
+            )));
+        }
+    }
+    Ok(device)
+}
+
+/// A request to stop, left by a signal handler (SIGINT, SIGTERM) or by a caller: the number of
+/// the signal, 0 while none came. The trainer looks at it once per optimizer step.
+#[derive(Clone, Default)]
+pub struct StopFlag(Arc<AtomicUsize>);
+
+impl StopFlag {
+    /// A flag that SIGINT and SIGTERM set (the handlers only store the signal number).
+    pub fn on_signals() -> Result<StopFlag> {
+        let flag = StopFlag::default();
+        let seen = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+            let install = |e: std::io::Error| {
+                Error::Internal(format!("installing the handler of signal {sig}: {e}"))
+            };
+            // Handlers run in the order registered: a second signal, after the first set
+            // `seen`, ends the process at once (signal-hook's documented double-Ctrl-C pattern).
+            signal_hook::flag::register_conditional_shutdown(sig, 128 + sig, seen.clone())
+                .map_err(install)?;
+            signal_hook::flag::register(sig, seen.clone()).map_err(install)?;
+            signal_hook::flag::register_usize(sig, flag.0.clone(), sig as usize)
+                .map_err(install)?;
+        }
+        Ok(flag)
+    }
+
+    /// Asks to stop as if `signal` had arrived.
+    pub fn raise(&self, signal: i32) {
+        self.0.store(signal as usize, Ordering::SeqCst);
+    }
+
+    /// The signal that asked to stop, if one did.
+    pub fn requested(&self) -> Option<i32> {
+        match self.0.load(Ordering::SeqCst) {
+            0 => None,
+            s => Some(s as i32),
+        }
+    }
+}
+
+/// The conventional name of a stop signal.
+pub fn signal_name(signal: i32) -> &'static str {
+    match signal {
+        signal_hook::consts::SIGINT => "SIGINT",
+        signal_hook::consts::SIGTERM => "SIGTERM",
+        _ => "a signal",
+    }
+}

@@ -1,0 +1,42 @@
+//! The training loss: cross-entropy over labelled positions (the example, or each word's first
+//! sub-token for NER), averaged over the heteroscedastic samples when uncertainty modeling draws
+//! them (METHOD.md section 1.4), plus the regularizers the forward pass returned.
+use super::model::Forward;
+use crate::data::batching::IGNORE;
+use tch::{Reduction, Tensor};
+
+/// Cross-entropy over labelled positions of `logits (…, C)` against `labels (…)`.
+pub fn cross_entropy(logits: &Tensor, labels: &Tensor, reduction: Reduction) -> Tensor {
+    let n = *logits.size().last().expect("logits have a class dimension");
+    // (N, C) against (N,)
+    logits.reshape([-1, n]).cross_entropy_loss::<Tensor>(
+        &labels.reshape([-1]),
+        None,
+        reduction,
+        IGNORE,
+        0.0,
+    )
+}
+
+/// The training loss of a forward pass: cross-entropy on the logits, or its mean over the
+/// heteroscedastic samples, plus the variance regularizer and the memory's InfoNCE term.
+pub fn loss(f: &Forward, labels: &Tensor) -> Tensor {
+    let ce = match &f.samples {
+        // Every sample has the same labelled positions, so the mean over all of them is the
+        // mean over samples of each sample's mean.
+        Some(samples) => {
+            let mut shape = vec![samples.size()[0]];
+            shape.extend(labels.size());
+            cross_entropy(
+                samples,
+                &labels.unsqueeze(0).expand(shape.as_slice(), false),
+                Reduction::Mean,
+            )
+        }
+        None => cross_entropy(&f.logits, labels, Reduction::Mean),
+    };
+    match &f.regularizer {
+        Some(r) => ce + r,
+        None => ce,
+    }
+}

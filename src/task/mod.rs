@@ -1,0 +1,5 @@
+//! The task model (backbone + PEFT + head + uncertainty modeling + memory) and its loss.
+pub mod loss;
+pub mod model;
+
+pub use model::{Forward, TaskModel};

@@ -1,0 +1,234 @@
+//! Evaluation: the ONE batched no-grad inference loop (evaluation, `predict` and `memory build`
+//! all run through [`for_each_batch`]), the per-unit outputs it collects, the units calibration
+//! is measured on, and the scores of a split (task metrics, ECE/NLL/Brier/AURC raw and after the
+//! fitted temperature). Non-finite outputs are an error, never a number in a report.
+use super::metrics::{accuracy, macro_f1};
+use crate::data::batching::{collate, Batch, Encoded, IGNORE};
+use crate::error::{Error, Result};
+use crate::task::loss::cross_entropy;
+use crate::task::TaskModel;
+use crate::uncertainty::calibration::calibrated;
+use crate::uncertainty::metrics::argmax;
+use crate::uncertainty::{calibration_scores, CalibrationScores};
+use serde::{Deserialize, Serialize};
+use tch::{Device, Reduction};
+
+/// Loss and metrics on one split. Classification: accuracy and macro-F1 over examples. NER:
+/// accuracy over words, macro-F1 over tag classes, and entity-level precision/recall/F1.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct EvalResult {
+    #[serde(with = "crate::finite_json")]
+    pub loss: f64,
+    #[serde(with = "crate::finite_json")]
+    pub accuracy: f64,
+    #[serde(with = "crate::finite_json")]
+    pub macro_f1: f64,
+    pub examples: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entity: Option<EntityScores>,
+    /// ECE, NLL, Brier, AURC of the raw probabilities (NER: on entity words).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calibration: Option<CalibrationScores>,
+    /// The post-hoc temperature, when one was fitted.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "crate::finite_json::option"
+    )]
+    pub temperature: Option<f64>,
+    /// The same scores after temperature scaling.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calibrated: Option<CalibrationScores>,
+}
+
+impl EvalResult {
+    /// Whether every number in it is finite (a run whose validation loss is NaN is flagged).
+    pub fn is_finite(&self) -> bool {
+        [self.loss, self.accuracy, self.macro_f1]
+            .iter()
+            .chain(self.temperature.iter())
+            .all(|x| x.is_finite())
+            && self
+                .calibration
+                .iter()
+                .chain(&self.calibrated)
+                .all(CalibrationScores::is_finite)
+            && self
+                .entity
+                .iter()
+                .all(|e| [e.precision, e.recall, e.f1].iter().all(|x| x.is_finite()))
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EntityScores {
+    #[serde(with = "crate::finite_json")]
+    pub precision: f64,
+    #[serde(with = "crate::finite_json")]
+    pub recall: f64,
+    #[serde(with = "crate::finite_json")]
+    pub f1: f64,
+}
+
+/// The one inference loop: `data` in batches of `batch_size` (length-sorted when `sorted`, in
+/// the given order otherwise), the model in evaluation mode, no gradients; `visit` gets each
+/// batch with the indices (into `data`) of its examples.
+pub fn for_each_batch(
+    model: &TaskModel,
+    data: &[Encoded],
+    batch_size: usize,
+    sorted: bool,
+    mut visit: impl FnMut(&[usize], &Batch) -> Result<()>,
+) -> Result<()> {
+    model.training.set(false);
+    let _g = tch::no_grad_guard();
+    let mut order: Vec<usize> = (0..data.len()).collect();
+    if sorted {
+        order.sort_by_key(|&i| data[i].ids.len());
+    }
+    let pad = match &model.tokenizer {
+        Some(tok) => tok.padding_id(),
+        None => 0,
+    };
+    for chunk in order.chunks(batch_size.max(1)) {
+        let items: Vec<&Encoded> = chunk.iter().map(|&i| &data[i]).collect();
+        let batch = collate(&items, pad, model.device());
+        visit(chunk, &batch)?;
+    }
+    Ok(())
+}
+
+/// What one pass over a split yields: per example, the gold label, prediction and logits of each
+/// scored unit (the example, or each word that fits for NER), and the summed loss.
+pub struct Outputs {
+    /// Token classification (units are words), from the data rather than guessed from counts.
+    pub tagged: bool,
+    pub gold: Vec<Vec<usize>>,
+    pub pred: Vec<Vec<usize>>,
+    pub logits: Vec<Vec<Vec<f64>>>,
+    pub loss_sum: f64,
+    pub units: usize,
+}
+
+/// The model's predictive logits (see [`TaskModel::predictive_logits`]) for every unit of
+/// `data`. Fails, naming the examples (their positions in `data`), when any is not finite.
+pub fn outputs(model: &TaskModel, data: &[Encoded], batch_size: usize) -> Result<Outputs> {
+    let mut out = Outputs {
+        tagged: data.first().is_some_and(|e| !e.token_labels.is_empty()),
+        gold: vec![Vec::new(); data.len()],
+        pred: vec![Vec::new(); data.len()],
+        logits: vec![Vec::new(); data.len()],
+        loss_sum: 0.0,
+        units: 0,
+    };
+    for_each_batch(model, data, batch_size, true, |chunk, batch| {
+        let logits = model.predictive_logits(
+            &batch.input_ids,
+            &batch.attention_mask,
+            Some(&batch.example_ids),
+        )?;
+        let n = logits.size()[logits.dim() - 1];
+        let labels = Vec::<i64>::try_from(batch.labels.reshape([-1]).to_device(Device::Cpu))?;
+        // (b * units per example, n_labels)
+        let rows = Vec::<Vec<f64>>::try_from(
+            logits
+                .reshape([-1, n])
+                .to_kind(tch::Kind::Double)
+                .to_device(Device::Cpu),
+        )?;
+        let per_row = labels.len() / chunk.len();
+        let mut bad = Vec::new();
+        for (k, &i) in chunk.iter().enumerate() {
+            for j in k * per_row..(k + 1) * per_row {
+                if labels[j] == IGNORE {
+                    continue;
+                }
+                let z = &rows[j];
+                if z.iter().any(|x| !x.is_finite()) {
+                    bad.push(i);
+                    break;
+                }
+                out.gold[i].push(labels[j] as usize);
+                out.pred[i].push(argmax(z));
+                out.logits[i].push(z.clone());
+                out.units += 1;
+            }
+        }
+        if !bad.is_empty() {
+            bad.sort_unstable();
+            return Err(Error::NonFinite(format!(
+                "the model gave NaN or infinite logits for {} example(s) of this batch (positions {:?} in the split, 0-based); its weights are likely broken",
+                bad.len(),
+                &bad[..bad.len().min(8)]
+            )));
+        }
+        out.loss_sum += cross_entropy(&logits, &batch.labels, Reduction::Sum).double_value(&[]);
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// The units calibration is measured on: every example, or for NER the words whose gold tag is
+/// an entity tag (not `O`). Returns (logits, gold labels).
+pub fn calibration_units(out: &Outputs, label_names: &[String]) -> (Vec<Vec<f64>>, Vec<usize>) {
+    let mut logits = Vec::new();
+    let mut gold = Vec::new();
+    for (g, z) in out.gold.iter().zip(&out.logits) {
+        for (&y, row) in g.iter().zip(z) {
+            if !out.tagged || label_names[y] != "O" {
+                logits.push(row.clone());
+                gold.push(y);
+            }
+        }
+    }
+    (logits, gold)
+}
+
+/// Loss and metrics of `model` on `data` (see [`EvalResult`]); calibration scores raw and, if the
+/// model has a fitted temperature, after scaling.
+pub fn evaluate(
+    model: &TaskModel,
+    data: &[Encoded],
+    batch_size: usize,
+    label_names: &[String],
+) -> Result<EvalResult> {
+    let out = outputs(model, data, batch_size)?;
+    Ok(scores(&out, label_names, model.temperature, data.len()))
+}
+
+/// [`EvalResult`] of collected outputs.
+pub fn scores(
+    out: &Outputs,
+    label_names: &[String],
+    temperature: Option<f64>,
+    examples: usize,
+) -> EvalResult {
+    let flat = |v: &[Vec<usize>]| v.iter().flatten().copied().collect::<Vec<_>>();
+    let (g, p) = (flat(&out.gold), flat(&out.pred));
+    let entity = out.tagged.then(|| {
+        let name = |seqs: &[Vec<usize>]| -> Vec<Vec<String>> {
+            seqs.iter()
+                .map(|s| s.iter().map(|&t| label_names[t].clone()).collect())
+                .collect()
+        };
+        let (precision, recall, f1) =
+            super::seqeval::precision_recall_f1(&name(&out.gold), &name(&out.pred));
+        EntityScores {
+            precision,
+            recall,
+            f1,
+        }
+    });
+    let (logits, gold) = calibration_units(out, label_names);
+    let at = |t: f64| calibration_scores(&calibrated(&logits, t), &gold);
+    EvalResult {
+        loss: out.loss_sum / out.units.max(1) as f64,
+        accuracy: accuracy(&p, &g),
+        macro_f1: macro_f1(&p, &g, label_names.len()),
+        examples,
+        entity,
+        calibration: (!gold.is_empty()).then(|| at(1.0)),
+        temperature,
+        calibrated: temperature.filter(|_| !gold.is_empty()).map(at),
+    }
+}

@@ -1,0 +1,70 @@
+//! A LoRA run exported as a Hugging Face PEFT adapter (`adapter_config.json` +
+//! `adapter_model.safetensors`, the head as `modules_to_save`) that `PeftModel.from_pretrained`
+//! loads onto the matching transformers model.
+use super::restore::LoadedRun;
+use crate::atomic_file::{write_atomic, write_atomic_with};
+use crate::config::{PeftMethod, TaskKind};
+use crate::error::{Error, Result};
+use crate::heads::head_name;
+use crate::models::ArchConfig;
+use crate::peft::PEFT_PREFIX;
+use serde_json::json;
+use std::path::Path;
+use tch::Tensor;
+
+/// Writes `out/adapter_config.json` and `out/adapter_model.safetensors` for a LoRA run.
+pub fn export_peft(run: &LoadedRun, out: &Path) -> Result<()> {
+    let cfg = &run.config;
+    if cfg.peft.method != PeftMethod::Lora {
+        return Err(Error::run(
+            &run.dir,
+            format!(
+                "peft.method = \"{}\" has no PEFT adapter format; export needs a LoRA run",
+                cfg.peft.method.name()
+            ),
+        ));
+    }
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let mut named: Vec<(String, Tensor)> = run
+        .model
+        .trainable
+        .variables()
+        .into_iter()
+        .map(|(k, v)| (format!("{PEFT_PREFIX}{k}"), v))
+        .collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    write_atomic_with(&out.join("adapter_model.safetensors"), |tmp| {
+        Tensor::write_safetensors(&named, tmp).map_err(|e| Error::format(tmp, e.to_string()))
+    })?;
+    let mut targets: Vec<String> = named
+        .iter()
+        .filter_map(|(k, _)| {
+            k.strip_suffix(".lora_A.weight")
+                .and_then(|m| m.rsplit('.').next())
+                .map(String::from)
+        })
+        .collect();
+    targets.sort();
+    targets.dedup();
+    let arch = run.model.backbone.arch();
+    let ner = cfg.data.task == TaskKind::Ner;
+    let adapter_config = json!({
+        "peft_type": "LORA",
+        "task_type": if ner { "TOKEN_CLS" } else { "SEQ_CLS" },
+        "base_model_name_or_path": cfg.model.source,
+        "r": cfg.peft.r,
+        "lora_alpha": cfg.peft.alpha,
+        "lora_dropout": cfg.peft.dropout,
+        "use_rslora": cfg.peft.rslora,
+        "target_modules": targets,
+        "modules_to_save": [head_name(cfg.data.task, arch)],
+        // GPT-2's Conv1D stores weights (in, out).
+        "fan_in_fan_out": matches!(arch, ArchConfig::Gpt2(_)),
+        "bias": "none",
+        "inference_mode": true,
+        "init_lora_weights": true,
+    });
+    let text = serde_json::to_string_pretty(&adapter_config)
+        .map_err(|e| Error::Internal(format!("adapter_config.json: {e}")))?;
+    write_atomic(&out.join("adapter_config.json"), text.as_bytes())
+}

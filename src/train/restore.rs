@@ -1,0 +1,114 @@
+//! A run directory brought back to life for `eval`, `predict`, `export` and `memory build`: the
+//! run's resolved config, its labels, and the model with its saved weights, checked against the
+//! digests in `run.json` and for non-finite values. An unfinished run (interrupted, diverged,
+//! killed) loads its last saved weights with a warning; one that saved none is refused.
+use super::run_dir::{
+    RunDir, RunState, CALIBRATION_FILE, CONFIG_FILE, MEMORY_FILE, TRAINABLE_FILE,
+};
+use crate::config::Config;
+use crate::dist::RunContext;
+use crate::error::{Error, Result};
+use crate::peft::load_named;
+use crate::task::TaskModel;
+use std::path::{Path, PathBuf};
+use tch::Tensor;
+
+pub struct LoadedRun {
+    pub dir: PathBuf,
+    pub config: Config,
+    pub label_names: Vec<String>,
+    pub model: TaskModel,
+    pub ctx: RunContext,
+    /// False for a run that did not finish (its weights are from `weights_step`).
+    pub finished: bool,
+    pub weights_step: Option<usize>,
+}
+
+/// The run's resolved config with `overrides` applied; its labels become `data.label_names`, so
+/// another dataset given with `data.dataset` is mapped onto them by name.
+pub fn run_config(dir: &Path, overrides: &[String]) -> Result<Config> {
+    let run = RunDir::open(dir)?;
+    // The run's own memory file supersedes the prebuilt one it may have started from.
+    let mut overrides = overrides.to_vec();
+    overrides.push("memory.prebuilt=".into());
+    let mut config = Config::load(Some(&dir.join(CONFIG_FILE)), &overrides)?;
+    config.data.label_names = run.record().label_names.clone();
+    Ok(config)
+}
+
+/// The run in `dir` (see the module doc).
+pub fn load_run(dir: &Path, overrides: &[String]) -> Result<LoadedRun> {
+    let run = RunDir::open(dir)?;
+    let record = run.record().clone();
+    let config = run_config(dir, overrides)?;
+    if record.state != RunState::Finished {
+        let Some(step) = record
+            .weights_step
+            .filter(|_| dir.join(TRAINABLE_FILE).is_file())
+        else {
+            return Err(Error::run(
+                dir,
+                format!(
+                    "the run is {} at step {} of {} and saved no weights yet (weights are saved at each evaluation, train.eval_every, and on SIGINT/SIGTERM)",
+                    record.state.as_str(),
+                    record.step,
+                    record.total_steps
+                ),
+            ));
+        };
+        tracing::warn!(
+            run = %dir.display(),
+            state = record.state.as_str(),
+            "the run did not finish: using its weights from step {step} of {}",
+            record.total_steps
+        );
+    }
+    let ctx = RunContext::single(&config)?;
+    let mut model = TaskModel::build(&config, record.label_names.len(), &ctx)?;
+    let trainable = dir.join(TRAINABLE_FILE);
+    run.verify(TRAINABLE_FILE)?;
+    load_named(model.trained_vars(), &trainable)?;
+    check_finite(&model.named_trainable(), &trainable)?;
+    if let Some(m) = &model.memory {
+        run.verify(MEMORY_FILE)?;
+        let path = dir.join(MEMORY_FILE);
+        m.load(&path, false)?;
+        check_finite(&m.tensors()?, &path)?;
+    }
+    let calibration = dir.join(CALIBRATION_FILE);
+    if calibration.exists() {
+        let text = std::fs::read_to_string(&calibration).map_err(|e| Error::io(&calibration, e))?;
+        let c: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| Error::format(&calibration, e.to_string()))?;
+        let t = c["temperature"]
+            .as_f64()
+            .filter(|t| t.is_finite() && *t > 0.0)
+            .ok_or_else(|| {
+                Error::format(&calibration, "`temperature` must be a positive number")
+            })?;
+        model.temperature = Some(t);
+    }
+    Ok(LoadedRun {
+        dir: dir.to_path_buf(),
+        config,
+        label_names: record.label_names,
+        model,
+        ctx,
+        finished: record.state == RunState::Finished,
+        weights_step: record.weights_step,
+    })
+}
+
+/// Fails naming the first tensor with a NaN or infinite value.
+fn check_finite(tensors: &[(String, Tensor)], path: &Path) -> Result<()> {
+    for (name, t) in tensors {
+        if t.is_floating_point() && !bool::try_from(t.isfinite().all())? {
+            return Err(Error::tensor(
+                path,
+                name,
+                "holds NaN or infinite values: these weights cannot give meaningful outputs",
+            ));
+        }
+    }
+    Ok(())
+}
