@@ -328,6 +328,9 @@ pub struct MemoryConfig {
     pub lambda_mem: f64,
     /// A memory file of `umtune memory build` to start from (empty: an empty memory).
     pub prebuilt: String,
+    /// Scale-free fusion: the gate sees RMS-normalized `h` and `r` and `log(p) / 10`, and `W_o`
+    /// reads the RMS-normalized `r` (false: METHOD.md's raw formulas).
+    pub normalize: bool,
 }
 
 impl Default for MemoryConfig {
@@ -341,6 +344,7 @@ impl Default for MemoryConfig {
             layer: -1,
             lambda_mem: 0.1,
             prebuilt: String::new(),
+            normalize: true,
         }
     }
 }

@@ -11,6 +11,7 @@ pub mod logging;
 pub mod memory;
 pub mod models;
 pub mod peft;
+pub mod probe;
 pub mod task;
 pub mod train;
 pub mod uncertainty;

@@ -523,3 +523,109 @@ fn sync_gradients_averages_over_ranks() -> TestResult {
     }
     Ok(())
 }
+
+/// The divergence guard: steady steps pass; a loss or gradient spike far above the running
+/// average is reported with the part whose gradient rose the most against its own average.
+#[test]
+fn the_spike_guard_names_the_part_that_rose() {
+    use std::collections::BTreeMap;
+    use umtune::train::diagnostics::{SpikeGuard, WARMUP};
+    let parts = |lora: f64, gate: f64| -> BTreeMap<String, f64> {
+        [
+            ("lora".to_string(), lora),
+            ("memory_gate".to_string(), gate),
+        ]
+        .into_iter()
+        .collect()
+    };
+    let mut guard = SpikeGuard::default();
+    for step in 1..=WARMUP + 5 {
+        let wobble = if step % 2 == 0 { 0.1 } else { -0.1 };
+        assert!(guard
+            .observe(step, 0.8 + wobble, 2.0 + wobble, &parts(1.0, 0.5))
+            .is_none());
+    }
+    // The gate's gradient jumps 40x, the LoRA one 2x: the gate is named.
+    let spike = guard
+        .observe(WARMUP + 6, 2.4, 25.0, &parts(2.0, 20.0))
+        .expect("a spike");
+    assert_eq!(spike.part, "memory_gate");
+    assert!(spike.grad_norm_avg < 3.0 && spike.loss_avg < 1.0);
+    // A loss that doubles but stays small in absolute terms is not a spike.
+    let mut calm = SpikeGuard::default();
+    for step in 1..=WARMUP + 1 {
+        calm.observe(step, 0.05, 1.0, &parts(1.0, 1.0));
+    }
+    assert!(calm
+        .observe(WARMUP + 2, 0.2, 1.0, &parts(1.0, 1.0))
+        .is_none());
+}
+
+/// What a user sees of a run with every part on: each logged line of metrics.jsonl carries the
+/// gradient norm of every part and the probes of the quantities that can blow up.
+#[test]
+fn metrics_carry_part_gradients_and_probes() -> TestResult {
+    let mut cfg = tiny_config("probes", PeftMethod::Lora)?;
+    cfg.uncertainty.enabled = true;
+    cfg.memory.enabled = true;
+    cfg.memory.capacity = 64;
+    cfg.memory.k = 4;
+    cfg.train.log_every = 2;
+    let summary = train(&cfg)?;
+    let lines: Vec<serde_json::Value> =
+        std::fs::read_to_string(summary.run_dir.join("metrics.jsonl"))?
+            .lines()
+            .map(serde_json::from_str)
+            .collect::<Result<_, _>>()?;
+    let logged: Vec<&serde_json::Value> =
+        lines.iter().filter(|l| l.get("loss").is_some()).collect();
+    assert_eq!(logged.len(), 2, "steps 2 and 4");
+    for line in logged {
+        let parts = line["grad_norms"].as_object().ok_or("grad_norms")?;
+        for part in [
+            "lora",
+            "head",
+            "um_estimators",
+            "um_head",
+            "memory_w_q",
+            "memory_w_k",
+            "memory_gate",
+            "memory_w_o",
+        ] {
+            assert!(
+                parts[part].as_f64().is_some_and(f64::is_finite),
+                "{part}: {line}"
+            );
+        }
+        // The parts add up to the total (before clipping).
+        let sq: f64 = parts
+            .values()
+            .filter_map(|v| v.as_f64())
+            .map(|v| v * v)
+            .sum();
+        let total = line["grad_norm"].as_f64().ok_or("grad_norm")?;
+        assert!((sq.sqrt() - total).abs() < 1e-3 * total.max(1.0), "{line}");
+        let probe = line["probe"].as_object().ok_or("probe")?;
+        for key in [
+            "um.logvar_max",
+            "um.p_max",
+            "um.noise_to_feature",
+            "um.temperature_max",
+            "um.logit_var_max",
+            "memory.gate_mean",
+            "memory.gate_max",
+            "memory.gate_log_p_min",
+            "memory.update_to_hidden",
+            "memory.infonce",
+        ] {
+            assert!(
+                probe[key].as_f64().is_some_and(f64::is_finite),
+                "{key}: {line}"
+            );
+        }
+        // Logvar is clamped to [-10, 10] after it is recorded; p is an average of exp(logvar).
+        assert!(probe["um.p_max"].as_f64() <= Some(10f64.exp()));
+        assert!(probe["memory.gate_max"].as_f64() <= Some(1.0));
+    }
+    Ok(())
+}

@@ -2,6 +2,12 @@
 //! `q = normalize(W_q pool(h_m))`, read the top-k entries `r`, and fuse with the uncertainty-aware
 //! gate `g = sigmoid(W_g [h ; r ; log p] + b_g)` (b_g = -2; `log p` only with UM at block m):
 //! `h <- h + g * W_o r`, `W_o` zero-initialized so that a fresh model is exactly the backbone.
+//! With `memory.normalize` (the default) the gate and the output projection see scale-free
+//! inputs: `g = sigmoid(W_g [rms(h) ; rms(r) ; log(p) / 10] + b_g)` and `h <- h + g * W_o rms(r)`,
+//! where `rms(x) = x / sqrt(mean(x^2))` per position. A LLaMA residual stream has an RMS of tens
+//! (60 for SmolLM2's last block), so raw inputs saturate the gate from the first step (b_g = -2
+//! is then meaningless) and make each AdamW step of `W_o` move the hidden state by a large
+//! fraction of its scale; measured in issue 10 (see the README's method section).
 //! Granularity: one read per sequence (the last real token) for classification, fused at every
 //! position; one read per token for NER. In training the batch's detached
 //! `(normalize(W_k pool(h_m)), pool(h_m), example id)` wait in `pending` until the trainer commits
@@ -15,6 +21,7 @@ use crate::dist::Collective;
 use crate::error::Error;
 use crate::error::Result;
 use crate::heads::classification::last_token;
+use crate::probe::Probe;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use tch::nn::{self, Module};
@@ -26,6 +33,8 @@ pub struct MemoryFusion {
     w_q: nn::Linear,
     w_g: nn::Linear,
     w_o: nn::Linear,
+    /// Scale-free gate inputs and values (see the module doc).
+    normalize: bool,
     top_k: usize,
     tau: f64,
     per_token: bool,
@@ -41,6 +50,12 @@ pub struct FusionOutput {
     pub hidden: Tensor,
     /// In-batch InfoNCE between queries and keys (training only).
     pub contrastive: Option<Tensor>,
+}
+
+/// `x / sqrt(mean(x^2))` over the last dimension (RMS normalization without a scale); zero
+/// rows (empty reads) stay zero.
+fn rms_normalized(x: &Tensor) -> Tensor {
+    x / (x.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float) + 1e-6).sqrt()
 }
 
 fn normalize(x: &Tensor) -> Tensor {
@@ -89,6 +104,7 @@ impl MemoryFusion {
             w_q: nn::linear(&p / "w_q", d, cfg.key_size, no_bias),
             w_g: nn::linear(&p / "w_g", gate_in, d, gate),
             w_o: nn::linear(&p / "w_o", d, d, zero),
+            normalize: cfg.normalize,
             top_k: cfg.k,
             tau: cfg.tau,
             per_token,
@@ -110,6 +126,7 @@ impl MemoryFusion {
         p: Option<&Tensor>,
         training: bool,
         record: bool,
+        probe: &Probe,
     ) -> Result<FusionOutput> {
         let h = hidden.to_kind(Kind::Float);
         let (b_sz, seq_len, d) = h.size3()?;
@@ -136,19 +153,48 @@ impl MemoryFusion {
                 .view([b_sz, seq_len, d]),
             None => r_rows.unsqueeze(1).expand([b_sz, seq_len, d], false),
         };
-        let mut gate_in = vec![h.shallow_clone(), r.shallow_clone()];
+        let (h_in, r_in) = if self.normalize {
+            (rms_normalized(&h), rms_normalized(&r))
+        } else {
+            (h.shallow_clone(), r.shallow_clone())
+        };
+        let mut gate_in = vec![h_in, r_in.shallow_clone()];
         if let Some(p) = p {
-            gate_in.push(p.clamp_min(1e-12).log());
+            let log_p = p.clamp_min(1e-12).log();
+            probe.range("memory.gate_log_p", &log_p);
+            gate_in.push(if self.normalize { log_p / 10.0 } else { log_p });
         }
-        let g = self.w_g.forward(&Tensor::cat(&gate_in, -1)).sigmoid();
-        let fused = hidden + (g * self.w_o.forward(&r)).to_kind(hidden.kind());
+        let pre = self.w_g.forward(&Tensor::cat(&gate_in, -1));
+        probe.range("memory.gate_preactivation", &pre);
+        let g = pre.sigmoid();
+        let update = g.shallow_clone() * self.w_o.forward(&r_in);
+        if probe.is_on() {
+            let rms = |t: &Tensor| {
+                t.detach()
+                    .pow_tensor_scalar(2)
+                    .mean(Kind::Float)
+                    .sqrt()
+                    .double_value(&[])
+            };
+            let (h_rms, r_rms, u_rms) = (rms(&h), rms(&r), rms(&update));
+            probe.record("memory.hidden_rms", || h_rms);
+            probe.record("memory.value_rms", || r_rms);
+            probe.record("memory.update_to_hidden", || u_rms / h_rms.max(1e-12));
+            probe.record("memory.gate_mean", || {
+                g.detach().mean(Kind::Float).double_value(&[])
+            });
+            probe.record("memory.gate_max", || g.detach().max().double_value(&[]));
+        }
+        let fused = hidden + update.to_kind(hidden.kind());
         let mut contrastive = None;
         if training || record {
             let k = normalize(&self.w_k.forward(&rows));
             if training && self.lambda_mem > 0.0 && rows.size()[0] > 1 {
                 let logits = q.matmul(&k.tr()) / self.tau;
                 let target = Tensor::arange(rows.size()[0], (Kind::Int64, h.device()));
-                contrastive = Some(logits.cross_entropy_for_logits(&target) * self.lambda_mem);
+                let infonce = logits.cross_entropy_for_logits(&target);
+                probe.record("memory.infonce", || infonce.double_value(&[]));
+                contrastive = Some(infonce * self.lambda_mem);
             }
             self.pending()?.push((k.detach(), rows.detach(), row_ids));
         }

@@ -11,6 +11,7 @@ use crate::models::resolve::load_with;
 use crate::models::{ArchConfig, Backbone, NoHook};
 use crate::peft::targets::{no_match, resolve_targets};
 use crate::peft::{AdapterSpec, Injector, LoraSpec, PrefixKv, TrainingFlag};
+use crate::probe::Probe;
 use crate::train::autocast::autocast;
 use crate::uncertainty::{plugin_layers, UncertainHead, Uncertainty};
 use std::collections::HashMap;
@@ -28,6 +29,7 @@ struct ModelHook<'a> {
     record: bool,
     contrastive: Option<Tensor>,
     error: Option<Error>,
+    probe: &'a Probe,
 }
 
 impl crate::models::LayerHook for ModelHook<'_> {
@@ -47,6 +49,7 @@ impl crate::models::LayerHook for ModelHook<'_> {
             p,
             self.training,
             self.record,
+            self.probe,
         ) {
             Ok(out) => {
                 self.contrastive = out.contrastive;
@@ -102,6 +105,8 @@ pub struct TaskModel {
     pub memory: Option<MemoryFusion>,
     /// MC samples averaged by [`Self::predictive_logits`] (0: deterministic; needs `um`).
     pub mc_samples: i64,
+    /// What the plug-ins record for the training diagnostics (on for logged steps).
+    pub probe: Probe,
 }
 
 impl TaskModel {
@@ -259,6 +264,7 @@ impl TaskModel {
             um,
             memory,
             mc_samples: cfg.uncertainty.mc_predict,
+            probe: Probe::default(),
         })
     }
 
@@ -388,7 +394,7 @@ impl TaskModel {
             um: self
                 .um
                 .as_ref()
-                .map(|um| um.features.hook(sample || self.training.get())),
+                .map(|um| um.features.hook(sample || self.training.get(), &self.probe)),
             memory: self.memory.as_ref(),
             mask,
             example_ids,
@@ -396,6 +402,7 @@ impl TaskModel {
             record: self.training.get() || pass == Pass::Record,
             contrastive: None,
             error: None,
+            probe: &self.probe,
         };
         let hidden = self
             .backbone
@@ -417,6 +424,16 @@ impl TaskModel {
             None => z.zeros_like(),
         };
         let mut out = um.head.forward(&self.head, &z, &p_z);
+        if self.probe.is_on() {
+            if let Some(s2) = &out.variance {
+                self.probe
+                    .record("um.logit_var_max", || s2.detach().max().double_value(&[]));
+            }
+            if let Some(t) = &out.temperature {
+                self.probe
+                    .record("um.temperature_max", || t.detach().max().double_value(&[]));
+            }
+        }
         let samples = if self.training.get() {
             um.head.samples(&out)
         } else {

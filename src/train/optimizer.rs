@@ -80,6 +80,34 @@ impl AdamW {
         Tensor::stack(&norms, 0).norm().double_value(&[])
     }
 
+    /// The gradient norm of each group of parameters (`part` names the group of a parameter
+    /// name), with one device-to-host copy.
+    pub fn grad_norms_by(
+        &self,
+        part: impl Fn(&str) -> &'static str,
+    ) -> crate::Result<BTreeMap<String, f64>> {
+        let mut groups: BTreeMap<&'static str, Vec<Tensor>> = BTreeMap::new();
+        for p in &self.params {
+            let g = p.tensor.grad();
+            if g.defined() {
+                groups
+                    .entry(part(&p.name))
+                    .or_default()
+                    .push(g.to_kind(Kind::Float).norm());
+            }
+        }
+        if groups.is_empty() {
+            return Ok(BTreeMap::new());
+        }
+        let names: Vec<&'static str> = groups.keys().copied().collect();
+        let norms: Vec<Tensor> = groups
+            .values()
+            .map(|v| Tensor::stack(v, 0).norm())
+            .collect();
+        let values = Vec::<f64>::try_from(Tensor::stack(&norms, 0).to_kind(Kind::Double))?;
+        Ok(names.into_iter().map(String::from).zip(values).collect())
+    }
+
     /// Scales gradients so that their global norm is at most `max_norm`; returns the norm before.
     pub fn clip_grad_norm(&mut self, max_norm: f64) -> f64 {
         let norm = self.grad_norm();

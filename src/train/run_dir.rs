@@ -248,6 +248,19 @@ impl RunDir {
         )
     }
 
+    /// The calibration pictures of the final outputs (see [`super::report::write_plots`]).
+    pub fn write_plots(
+        &self,
+        validation: &super::eval::Outputs,
+        test: Option<&super::eval::Outputs>,
+        label_names: &[String],
+        temperature: Option<f64>,
+    ) {
+        if self.writer {
+            super::report::write_plots(&self.path, validation, test, label_names, temperature);
+        }
+    }
+
     /// The final summary; the run is then finished.
     pub fn write_summary(&mut self, summary: &Summary) -> Result<()> {
         if !self.writer {

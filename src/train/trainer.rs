@@ -3,10 +3,11 @@
 //! synchronization at exactly one point ([`sync_gradients`]), clipping, AdamW, memory commits,
 //! logging and periodic evaluation; then temperature fitting, final evaluation and the summary.
 //! Data, model, evaluation, reports and files live in their own modules.
+use super::diagnostics::{part_of, SpikeGuard};
 use super::eval::{evaluate, outputs, scores};
 use super::optimizer::AdamW;
 use super::progress::Progress;
-use super::report::{write_plots, Summary};
+use super::report::Summary;
 use super::run_dir::{RunDir, RunState};
 use super::schedule::learning_rate;
 use crate::config::Config;
@@ -68,8 +69,13 @@ pub fn train_model(cfg: &Config, ctx: &RunContext) -> Result<(Summary, TaskModel
     let progress = Progress::new(total, ctx.is_writer);
     let (mut bad_in_a_row, mut skipped, mut tokens, mut train_secs) =
         (0usize, 0usize, 0usize, 0.0f64);
+    let mut guard = SpikeGuard::default();
     for step in 1..=total {
         let step_start = Instant::now();
+        let logged = step % t.log_every == 0 || step == total;
+        if logged {
+            model.probe.start();
+        }
         model.training.set(true);
         opt.zero_grad();
         let lr = learning_rate(t.schedule, t.lr, step - 1, warmup, total);
@@ -101,11 +107,28 @@ pub fn train_model(cfg: &Config, ctx: &RunContext) -> Result<(Summary, TaskModel
         } else {
             bad_in_a_row = 0;
             sync_gradients(ctx.group.as_ref(), &opt)?;
+            let part_norms = opt.grad_norms_by(part_of)?;
             let grad_norm = opt.clip_grad_norm(t.max_grad_norm);
+            if let Some(spike) = guard.observe(step, loss_value, grad_norm, &part_norms) {
+                progress.suspend(|| {
+                    tracing::warn!(
+                        step,
+                        loss = spike.loss,
+                        loss_avg = spike.loss_avg,
+                        grad_norm = spike.grad_norm,
+                        grad_norm_avg = spike.grad_norm_avg,
+                        part = %spike.part,
+                        part_norm = spike.part_norm,
+                        part_avg = spike.part_avg,
+                        "training spike: far above the running average; the part whose gradient rose most is named"
+                    )
+                });
+                log.write(serde_json::json!({"step": step, "warning": "spike", "spike": spike}))?;
+            }
             opt.step(lr);
             model.commit_memory()?;
             train_secs += step_start.elapsed().as_secs_f64();
-            if step % t.log_every == 0 || step == total {
+            if logged {
                 let tps = tokens as f64 / train_secs.max(1e-9);
                 let eta = train_secs / step as f64 * (total - step) as f64;
                 progress.step(step, loss_value, lr, tps);
@@ -123,9 +146,13 @@ pub fn train_model(cfg: &Config, ctx: &RunContext) -> Result<(Summary, TaskModel
                         "train"
                     );
                 }
-                log.write(serde_json::json!({"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tps}))?;
+                log.write(serde_json::json!({
+                    "step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
+                    "tokens_per_s": tps, "grad_norms": part_norms, "probe": model.probe.take(),
+                }))?;
             }
         }
+        model.probe.take();
         run.set_step(step);
         if t.eval_every > 0 && step % t.eval_every == 0 && step < total {
             let ev = evaluate(
@@ -185,15 +212,12 @@ pub fn train_model(cfg: &Config, ctx: &RunContext) -> Result<(Summary, TaskModel
     if let Some(ev) = &test {
         log.write(serde_json::json!({"step": total, "split": "test", "eval": ev}))?;
     }
-    if ctx.is_writer {
-        write_plots(
-            run.path(),
-            &val_out,
-            test_out.as_ref(),
-            &data.label_names,
-            model.temperature,
-        );
-    }
+    run.write_plots(
+        &val_out,
+        test_out.as_ref(),
+        &data.label_names,
+        model.temperature,
+    );
     run.save_weights(&model, total)?;
     let trainable_params = model.trainable_params();
     let summary = Summary {

@@ -8,6 +8,7 @@
 //! layer is zero with bias -4), so a fresh estimator changes nothing but the noise it adds.
 use crate::config::UncertaintyConfig;
 use crate::models::LayerHook;
+use crate::probe::Probe;
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
@@ -60,12 +61,13 @@ impl FeatureUncertainty {
 
     /// A hook for one forward pass; it collects every block's p and, when `noisy` (training, or
     /// an MC sample at prediction), perturbs the hidden states.
-    pub fn hook(&self, noisy: bool) -> UncertaintyHook<'_> {
+    pub fn hook<'a>(&'a self, noisy: bool, probe: &'a Probe) -> UncertaintyHook<'a> {
         UncertaintyHook {
             module: self,
             noisy,
             next: 0,
             p: Vec::new(),
+            probe,
         }
     }
 }
@@ -77,6 +79,7 @@ pub struct UncertaintyHook<'a> {
     next: usize,
     /// `(b, t, d)` f32 variances p_l of each block in S, in order.
     pub p: Vec<Tensor>,
+    probe: &'a Probe,
 }
 
 impl UncertaintyHook<'_> {
@@ -108,15 +111,31 @@ impl LayerHook for UncertaintyHook<'_> {
         if let (Some(c), Some(prev)) = (&est.c, prev) {
             logvar += c * prev;
         }
+        self.probe.range("um.logvar", &logvar);
         let v = logvar.clamp(-10.0, 10.0).exp();
         let rho = est.theta.sigmoid();
         let p: Tensor = match (self.module.propagation, prev) {
             (true, Some(prev)) => &rho * prev + (1.0 - &rho) * &v,
             _ => (1.0 - &rho) * &v,
         };
+        self.probe.range("um.p", &p);
         let out = if self.module.noise_scale > 0.0 && self.noisy {
             let kind = hidden.kind();
-            let noise = p.sqrt() * p.randn_like() * self.module.noise_scale;
+            let std = p.sqrt() * self.module.noise_scale;
+            if self.probe.is_on() {
+                // The noise's standard deviation against each token's feature scale (RMS).
+                let rms = h
+                    .pow_tensor_scalar(2)
+                    .mean_dim(-1, true, Kind::Float)
+                    .sqrt();
+                let rel = (&std / rms.clamp_min(1e-12)).detach();
+                self.probe.record("um.noise_to_feature", || {
+                    rel.mean(Kind::Float).double_value(&[])
+                });
+                self.probe
+                    .record("um.noise_to_feature_max", || rel.max().double_value(&[]));
+            }
+            let noise = std * p.randn_like();
             hidden + noise.to_kind(kind)
         } else {
             hidden

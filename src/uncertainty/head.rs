@@ -24,6 +24,8 @@ pub struct HeadOutput {
     pub logits: Tensor,
     /// Logit variance `s2 / T(x)^2` when the head is heteroscedastic.
     pub variance: Option<Tensor>,
+    /// `T(x) (…, 1)` when the temperature is conditioned.
+    pub temperature: Option<Tensor>,
 }
 
 impl UncertainHead {
@@ -68,11 +70,13 @@ impl UncertainHead {
                 HeadOutput {
                     logits: &mu / &t,
                     variance: variance.map(|s2| s2 / (&t * &t)),
+                    temperature: Some(t),
                 }
             }
             None => HeadOutput {
                 logits: mu,
                 variance,
+                temperature: None,
             },
         }
     }
