@@ -551,7 +551,8 @@ fn the_spike_guard_names_the_part_that_rose() {
         .expect("a spike");
     assert_eq!(spike.part, "memory_gate");
     assert!(spike.grad_norm_avg < 3.0 && spike.loss_avg < 1.0);
-    // A loss that doubles but stays small in absolute terms is not a spike.
+    // A loss that quadruples but stays small in absolute terms is not a spike, nor is ordinary
+    // small-batch noise (a loss of 1.5 among losses around 0.5 +- 0.3).
     let mut calm = SpikeGuard::default();
     for step in 1..=WARMUP + 1 {
         calm.observe(step, 0.05, 1.0, &parts(1.0, 1.0));
@@ -559,6 +560,21 @@ fn the_spike_guard_names_the_part_that_rose() {
     assert!(calm
         .observe(WARMUP + 2, 0.2, 1.0, &parts(1.0, 1.0))
         .is_none());
+    let mut noisy = SpikeGuard::default();
+    for step in 1..=WARMUP + 30 {
+        let loss = [0.2, 0.8, 0.5, 0.3, 0.7][step % 5];
+        assert!(
+            noisy.observe(step, loss, 5.0, &parts(1.0, 1.0)).is_none(),
+            "step {step}"
+        );
+    }
+    assert!(noisy
+        .observe(WARMUP + 31, 1.5, 9.0, &parts(1.0, 1.0))
+        .is_none());
+    // A sustained climb is: the loss triples and stays there.
+    let climb =
+        (WARMUP + 32..WARMUP + 45).find_map(|step| noisy.observe(step, 1.6, 6.0, &parts(1.2, 1.0)));
+    assert!(climb.is_some(), "a sustained climb went unnoticed");
 }
 
 /// What a user sees of a run with every part on: each logged line of metrics.jsonl carries the

@@ -37,28 +37,45 @@ pub struct Spike {
     pub loss_avg: f64,
     pub grad_norm: f64,
     pub grad_norm_avg: f64,
-    /// The part whose gradient norm rose the most against its own running average.
+    /// The part whose gradient norm rose the most: its fast running average against its slow one.
     pub part: String,
     pub part_norm: f64,
     pub part_avg: f64,
 }
 
-/// Running averages (exponential, over about the last ten steps) of the loss, the gradient norm
-/// and each part's gradient norm. After [`WARMUP`] steps, a step is a spike when its loss is more
-/// than [`LOSS_FACTOR`] times the running loss (and at least 0.5 above it), or its gradient norm
-/// more than [`NORM_FACTOR`] times the running norm.
+/// The guard's memory: slow running averages (exponential, about the last 100 steps) of the loss,
+/// its spread, the gradient norm and each part's gradient norm, and fast ones (about the last 5
+/// steps) of the loss and the parts. After [`WARMUP`] steps a step is a spike when
+/// - the fast loss average has risen to more than [`LOSS_RISE`] times the slow one (and 0.3 above
+///   it): a sustained climb, as when a run starts to collapse; or
+/// - the step's loss is more than 6 standard deviations (and 0.5) above the slow average, and
+///   more than twice it: one extreme batch; or
+/// - the gradient norm is more than [`NORM_FACTOR`] times its slow average.
+///
+/// Ordinary batch-to-batch noise (a small batch's loss easily doubles) is none of these. After
+/// a warning the guard stays quiet for [`COOLDOWN`] steps.
 #[derive(Default)]
 pub struct SpikeGuard {
     seen: usize,
-    loss: f64,
-    grad_norm: f64,
-    parts: BTreeMap<String, f64>,
+    quiet_until: usize,
+    loss_fast: f64,
+    loss_slow: f64,
+    loss_var: f64,
+    norm_slow: f64,
+    parts_fast: BTreeMap<String, f64>,
+    parts_slow: BTreeMap<String, f64>,
 }
 
-pub const WARMUP: usize = 10;
-pub const LOSS_FACTOR: f64 = 2.0;
-pub const NORM_FACTOR: f64 = 5.0;
-const DECAY: f64 = 0.9;
+pub const WARMUP: usize = 20;
+pub const LOSS_RISE: f64 = 2.0;
+pub const NORM_FACTOR: f64 = 8.0;
+pub const COOLDOWN: usize = 10;
+const FAST: f64 = 0.8;
+const SLOW: f64 = 0.99;
+
+fn ema(avg: f64, x: f64, decay: f64) -> f64 {
+    decay * avg + (1.0 - decay) * x
+}
 
 impl SpikeGuard {
     /// Takes one optimizer step's numbers (the gradient norms before clipping).
@@ -69,41 +86,57 @@ impl SpikeGuard {
         grad_norm: f64,
         parts: &BTreeMap<String, f64>,
     ) -> Option<Spike> {
+        if self.seen == 0 {
+            self.loss_fast = loss;
+            self.loss_slow = loss;
+            self.norm_slow = grad_norm;
+            self.parts_fast = parts.clone();
+            self.parts_slow = parts.clone();
+        }
+        let loss_fast = ema(self.loss_fast, loss, FAST);
+        for (p, &n) in parts {
+            let fast = self.parts_fast.get(p).map_or(n, |&a| ema(a, n, FAST));
+            self.parts_fast.insert(p.clone(), fast);
+        }
+        let slow = self.loss_slow;
+        let sustained = loss_fast > LOSS_RISE * slow && loss_fast > slow + 0.3;
+        let extreme = loss > slow + (6.0 * self.loss_var.sqrt()).max(0.5) && loss > 2.0 * slow;
+        let steep = grad_norm > NORM_FACTOR * self.norm_slow;
         let spike = (self.seen >= WARMUP
-            && ((loss > LOSS_FACTOR * self.loss && loss > self.loss + 0.5)
-                || grad_norm > NORM_FACTOR * self.grad_norm))
+            && step >= self.quiet_until
+            && (sustained || extreme || steep))
             .then(|| {
-                let (part, part_norm, part_avg) = parts
+                let eps = 1e-2 * self.norm_slow.max(1e-12);
+                let (part, part_norm, part_avg) = self
+                    .parts_fast
                     .iter()
-                    .map(|(p, &n)| (p, n, self.parts.get(p).copied().unwrap_or(n)))
-                    .max_by(|a, b| (a.1 / a.2.max(1e-12)).total_cmp(&(b.1 / b.2.max(1e-12))))
+                    .map(|(p, &fast)| (p, fast, self.parts_slow.get(p).copied().unwrap_or(fast)))
+                    .max_by(|a, b| {
+                        ((a.1 + eps) / (a.2 + eps)).total_cmp(&((b.1 + eps) / (b.2 + eps)))
+                    })
                     .map(|(p, n, a)| (p.clone(), n, a))
                     .unwrap_or_default();
                 Spike {
                     step,
                     loss,
-                    loss_avg: self.loss,
+                    loss_avg: slow,
                     grad_norm,
-                    grad_norm_avg: self.grad_norm,
+                    grad_norm_avg: self.norm_slow,
                     part,
                     part_norm,
                     part_avg,
                 }
             });
-        let mix = |avg: f64, x: f64, first: bool| {
-            if first {
-                x
-            } else {
-                DECAY * avg + (1.0 - DECAY) * x
-            }
-        };
-        let first = self.seen == 0;
-        self.loss = mix(self.loss, loss, first);
-        self.grad_norm = mix(self.grad_norm, grad_norm, first);
+        if spike.is_some() {
+            self.quiet_until = step + COOLDOWN;
+        }
+        self.loss_fast = loss_fast;
+        self.loss_var = ema(self.loss_var, (loss - slow).powi(2), SLOW);
+        self.loss_slow = ema(slow, loss, SLOW);
+        self.norm_slow = ema(self.norm_slow, grad_norm, SLOW);
         for (p, &n) in parts {
-            let avg = self.parts.get(p).copied();
-            self.parts
-                .insert(p.clone(), avg.map_or(n, |a| mix(a, n, false)));
+            let avg = self.parts_slow.get(p).map_or(n, |&a| ema(a, n, SLOW));
+            self.parts_slow.insert(p.clone(), avg);
         }
         self.seen += 1;
         spike
