@@ -86,57 +86,71 @@ impl SpikeGuard {
         grad_norm: f64,
         parts: &BTreeMap<String, f64>,
     ) -> Option<Spike> {
-        if self.seen == 0 {
-            self.loss_fast = loss;
-            self.loss_slow = loss;
-            self.norm_slow = grad_norm;
-            self.parts_fast = parts.clone();
-            self.parts_slow = parts.clone();
-        }
-        let loss_fast = ema(self.loss_fast, loss, FAST);
+        // Slow averages start at zero and are bias-corrected (as Adam's moments), so the first
+        // steps' high losses do not linger in them.
+        let first = self.seen == 0;
+        let correction = if first {
+            1.0
+        } else {
+            1.0 - SLOW.powi(self.seen as i32)
+        };
+        let slow_of = |avg: f64, x: f64| if first { x } else { avg / correction };
+        let slow = slow_of(self.loss_slow, loss);
+        let spread = if first {
+            0.0
+        } else {
+            (self.loss_var / correction).sqrt()
+        };
+        let norm_slow = slow_of(self.norm_slow, grad_norm);
+        let loss_fast = if first {
+            loss
+        } else {
+            ema(self.loss_fast, loss, FAST)
+        };
         for (p, &n) in parts {
             let fast = self.parts_fast.get(p).map_or(n, |&a| ema(a, n, FAST));
             self.parts_fast.insert(p.clone(), fast);
         }
-        let slow = self.loss_slow;
         let sustained = loss_fast > LOSS_RISE * slow && loss_fast > slow + 0.3;
-        let extreme = loss > slow + (6.0 * self.loss_var.sqrt()).max(0.5) && loss > 2.0 * slow;
-        let steep = grad_norm > NORM_FACTOR * self.norm_slow;
-        let spike = (self.seen >= WARMUP
-            && step >= self.quiet_until
-            && (sustained || extreme || steep))
-            .then(|| {
-                let eps = 1e-2 * self.norm_slow.max(1e-12);
-                let (part, part_norm, part_avg) = self
-                    .parts_fast
-                    .iter()
-                    .map(|(p, &fast)| (p, fast, self.parts_slow.get(p).copied().unwrap_or(fast)))
-                    .max_by(|a, b| {
-                        ((a.1 + eps) / (a.2 + eps)).total_cmp(&((b.1 + eps) / (b.2 + eps)))
-                    })
-                    .map(|(p, n, a)| (p.clone(), n, a))
-                    .unwrap_or_default();
-                Spike {
-                    step,
-                    loss,
-                    loss_avg: slow,
-                    grad_norm,
-                    grad_norm_avg: self.norm_slow,
-                    part,
-                    part_norm,
-                    part_avg,
-                }
-            });
+        let extreme = loss > slow + (6.0 * spread).max(0.5) && loss > 2.0 * slow;
+        let steep = grad_norm > NORM_FACTOR * norm_slow;
+        let spike =
+            (self.seen >= WARMUP && step >= self.quiet_until && (sustained || extreme || steep))
+                .then(|| {
+                    let eps = 1e-2 * norm_slow.max(1e-12);
+                    let (part, part_norm, part_avg) = self
+                        .parts_fast
+                        .iter()
+                        .map(|(p, &fast)| {
+                            let avg = self.parts_slow.get(p).map_or(fast, |&a| a / correction);
+                            (p, fast, avg)
+                        })
+                        .max_by(|a, b| {
+                            ((a.1 + eps) / (a.2 + eps)).total_cmp(&((b.1 + eps) / (b.2 + eps)))
+                        })
+                        .map(|(p, n, a)| (p.clone(), n, a))
+                        .unwrap_or_default();
+                    Spike {
+                        step,
+                        loss,
+                        loss_avg: slow,
+                        grad_norm,
+                        grad_norm_avg: norm_slow,
+                        part,
+                        part_norm,
+                        part_avg,
+                    }
+                });
         if spike.is_some() {
             self.quiet_until = step + COOLDOWN;
         }
         self.loss_fast = loss_fast;
         self.loss_var = ema(self.loss_var, (loss - slow).powi(2), SLOW);
-        self.loss_slow = ema(slow, loss, SLOW);
+        self.loss_slow = ema(self.loss_slow, loss, SLOW);
         self.norm_slow = ema(self.norm_slow, grad_norm, SLOW);
         for (p, &n) in parts {
-            let avg = self.parts_slow.get(p).map_or(n, |&a| ema(a, n, SLOW));
-            self.parts_slow.insert(p.clone(), avg);
+            let avg = self.parts_slow.get(p).copied().unwrap_or(0.0);
+            self.parts_slow.insert(p.clone(), ema(avg, n, SLOW));
         }
         self.seen += 1;
         spike
