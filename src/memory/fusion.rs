@@ -45,6 +45,16 @@ pub struct MemoryFusion {
     pending: Mutex<Vec<(Tensor, Tensor, Tensor)>>,
 }
 
+/// How a fusion pass runs.
+pub struct FusionMode<'a> {
+    /// Adds the InfoNCE term.
+    pub training: bool,
+    /// Keeps the batch's entries for the next [`MemoryFusion::commit`].
+    pub record: bool,
+    /// Where the diagnostics go (when on).
+    pub probe: &'a Probe,
+}
+
 /// What one fused forward pass leaves for the loss.
 pub struct FusionOutput {
     pub hidden: Tensor,
@@ -116,18 +126,21 @@ impl MemoryFusion {
     }
 
     /// Fuses the memory into `hidden (b, t, d)` at block m. `mask (b, t)`, `example_ids (b,)`,
-    /// `p (b, t, d)` UM's variance at this block if any. `training` adds the InfoNCE term;
-    /// `record` keeps the batch's entries for the next [`Self::commit`].
+    /// `p (b, t, d)` UM's variance at this block if any; `mode` says whether to train, record
+    /// and probe.
     pub fn forward(
         &self,
         hidden: &Tensor,
         mask: &Tensor,
         example_ids: &Tensor,
         p: Option<&Tensor>,
-        training: bool,
-        record: bool,
-        probe: &Probe,
+        mode: FusionMode,
     ) -> Result<FusionOutput> {
+        let FusionMode {
+            training,
+            record,
+            probe,
+        } = mode;
         let h = hidden.to_kind(Kind::Float);
         let (b_sz, seq_len, d) = h.size3()?;
         // Rows that query and get written: (n, d) with their example ids (n,).

@@ -6,6 +6,7 @@ use crate::data::TextTokenizer;
 use crate::dist::RunContext;
 use crate::error::{Error, Result};
 use crate::heads::{head_name, Head, SequenceClassifier, TokenClassifier};
+use crate::memory::fusion::FusionMode;
 use crate::memory::MemoryFusion;
 use crate::models::resolve::load_with;
 use crate::models::{ArchConfig, Backbone, NoHook};
@@ -47,9 +48,11 @@ impl crate::models::LayerHook for ModelHook<'_> {
             self.mask,
             self.example_ids,
             p,
-            self.training,
-            self.record,
-            self.probe,
+            FusionMode {
+                training: self.training,
+                record: self.record,
+                probe: self.probe,
+            },
         ) {
             Ok(out) => {
                 self.contrastive = out.contrastive;
