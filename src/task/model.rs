@@ -303,17 +303,14 @@ impl TaskModel {
         if self.mc_samples == 0 || self.um.is_none() {
             return Ok(self.forward(input_ids, mask, example_ids)?.logits);
         }
-        let mut mean = self
-            .forward_with(input_ids, mask, example_ids, Pass::McSample)?
-            .logits
-            .softmax(-1, tch::Kind::Float);
-        for _ in 1..self.mc_samples {
-            let logits = self
-                .forward_with(input_ids, mask, example_ids, Pass::McSample)?
-                .logits;
-            mean += logits.softmax(-1, tch::Kind::Float);
-        }
-        mean /= self.mc_samples as f64;
+        let probs = (0..self.mc_samples)
+            .map(|_| {
+                let f = self.forward_with(input_ids, mask, example_ids, Pass::McSample)?;
+                Ok(f.logits.softmax(-1, tch::Kind::Float))
+            })
+            .collect::<Result<Vec<Tensor>>>()?;
+        // (n_mc, …, C) -> (…, C)
+        let mean = Tensor::stack(&probs, 0).mean_dim(0, false, tch::Kind::Float);
         Ok(mean.clamp_min(f64::from(f32::MIN_POSITIVE)).log())
     }
 

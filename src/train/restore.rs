@@ -27,7 +27,11 @@ pub struct LoadedRun {
 /// The run's resolved config with `overrides` applied; its labels become `data.label_names`, so
 /// another dataset given with `data.dataset` is mapped onto them by name.
 pub fn run_config(dir: &Path, overrides: &[String]) -> Result<Config> {
-    let run = RunDir::open(dir)?;
+    config_of(&RunDir::open(dir)?, overrides)
+}
+
+fn config_of(run: &RunDir, overrides: &[String]) -> Result<Config> {
+    let dir = run.path();
     // The run's own memory file supersedes the prebuilt one it may have started from.
     let mut overrides = overrides.to_vec();
     overrides.push("memory.prebuilt=".into());
@@ -40,7 +44,7 @@ pub fn run_config(dir: &Path, overrides: &[String]) -> Result<Config> {
 pub fn load_run(dir: &Path, overrides: &[String]) -> Result<LoadedRun> {
     let run = RunDir::open(dir)?;
     let record = run.record().clone();
-    let config = run_config(dir, overrides)?;
+    let config = config_of(&run, overrides)?;
     if record.state != RunState::Finished {
         let Some(step) = record
             .weights_step
