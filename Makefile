@@ -29,6 +29,10 @@ $(VENV)/.torch-installed: requirements.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q -r requirements.txt
 	$(VENV)/bin/python scripts/link_nccl.py
+	# CUDA runtime headers the wheel lacks, for the c10d shim's ProcessGroupNCCL (build.rs);
+	# one --target install (a second one would wipe the first), versions torch 2.11's pins.
+	$(VENV)/bin/python -m pip install -q --no-deps --upgrade --target $(VENV)/cuda-headers \
+		nvidia-cuda-crt==13.0.88 nvidia-cuda-cccl==13.0.85
 	touch $@
 
 $(VENV)/.test-installed: requirements-test.txt $(VENV)/.torch-installed

@@ -307,6 +307,39 @@ pub struct Config {
     pub run: RunConfig,
     pub uncertainty: UncertaintyConfig,
     pub memory: MemoryConfig,
+    pub dist: DistConfig,
+}
+
+/// Which collective backend a multi-process run talks through.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// `nccl` when the device is CUDA, `cpu` otherwise.
+    Auto,
+    /// libtorch's ProcessGroupNCCL (CUDA tensors).
+    Nccl,
+    /// umtune's TCP ring (CPU tensors).
+    Cpu,
+}
+
+/// Multi-process runs (the rank layout comes from the launcher's environment, see
+/// `dist::env`); ignored in one process.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DistConfig {
+    pub backend: Backend,
+    /// Seconds a rendezvous or a collective waits for the other ranks before it fails, naming
+    /// the rank that did not answer.
+    pub timeout_s: u64,
+}
+
+impl Default for DistConfig {
+    fn default() -> Self {
+        DistConfig {
+            backend: Backend::Auto,
+            timeout_s: 300,
+        }
+    }
 }
 
 /// External memory (METHOD.md section 2).
@@ -464,6 +497,12 @@ impl Config {
                 )))
             }
         };
+        range(
+            self.dist.timeout_s > 0,
+            "dist.timeout_s",
+            self.dist.timeout_s.to_string(),
+            "a positive number of seconds",
+        )?;
         range(
             self.data.max_length >= 2,
             "data.max_length",

@@ -9,6 +9,7 @@ use umtune::config::Config;
 use umtune::data::corrupt::Corruption;
 use umtune::data::dataset::load_data;
 use umtune::dist::context::{device_for, setup_process};
+use umtune::dist::env::JobEnv;
 use umtune::dist::RunContext;
 use umtune::logging::{self, LogFormat};
 use umtune::models::{generate, resolve, NoHook};
@@ -171,6 +172,16 @@ enum Command {
     BenchTrain(BenchArgs),
     /// Time forward passes (median tokens/s), printed as one JSON line for bench/ scripts.
     BenchForward(BenchArgs),
+    /// Time all-reduces of f32 buffers through the CPU ring, one rank of a job a launcher started
+    /// (torchrun, umtune-launch); rank 0 prints one JSON line per size: median seconds and bus
+    /// bandwidth (2(W-1)/W * bytes / time, as nccl-tests count it).
+    BenchCollective {
+        /// Buffer sizes in MB.
+        #[arg(long, value_delimiter = ',', default_value = "1,16,64,256")]
+        sizes_mb: Vec<usize>,
+        #[arg(long, default_value_t = 5)]
+        iters: usize,
+    },
     /// Time exact top-k reads of the external memory: keys and queries from a safetensors file
     /// (`keys (n, d)`, `queries (q, d)`); prints JSON with queries/s; `--out` saves the slots found.
     BenchMemory {
@@ -233,14 +244,21 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let format = cli.log_format;
     logging::init(format);
+    // Under a launcher every log line carries the rank (a span around the whole command).
+    let rank = JobEnv::from_process()
+        .ok()
+        .filter(|j| j.world_size > 1)
+        .map(|j| j.rank);
+    let _span = rank.map(|rank| tracing::info_span!("rank", rank).entered());
     match run(cli.command) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             let code = e
                 .downcast_ref::<umtune::Error>()
                 .map_or(1, umtune::Error::exit_code);
+            let who = rank.map(|r| format!(" (rank {r})")).unwrap_or_default();
             match format {
-                LogFormat::Text => eprintln!("error: {e:#}"),
+                LogFormat::Text => eprintln!("error{who}: {e:#}"),
                 LogFormat::Json => tracing::error!(exit_code = code, "{e:#}"),
             }
             std::process::ExitCode::from(code)
@@ -377,13 +395,17 @@ fn run(command: Command) -> Result<()> {
                 },
                 &None,
             )?;
-            let ctx = RunContext::single(&cfg)?.with_signal_handling()?;
+            let job = JobEnv::from_process()?;
+            let ctx = RunContext::for_job(&cfg, &job)?.with_signal_handling()?;
             let summary = trainer::train(&cfg, &ctx)?;
-            let dir = summary.run_dir.display().to_string();
-            emit(&format!(
-                "{}\nrun directory: {dir}\n",
-                results_table(&[ReportEntry::finished(summary)])
-            ))?;
+            ctx.finish()?;
+            if ctx.is_writer {
+                let dir = summary.run_dir.display().to_string();
+                emit(&format!(
+                    "{}\nrun directory: {dir}\n",
+                    results_table(&[ReportEntry::finished(summary)])
+                ))?;
+            }
         }
         Command::Generate {
             cfg,
@@ -470,6 +492,39 @@ fn run(command: Command) -> Result<()> {
                     "trainable": task.trainable_params(), "secs_per_step": secs,
                 })
             ))?;
+        }
+        Command::BenchCollective { sizes_mb, iters } => {
+            let job = JobEnv::from_process()?;
+            let mut cfg = umtune::config::Config::default();
+            cfg.model.device = "cpu".into();
+            cfg.run.threads = 1;
+            let ctx = RunContext::for_job(&cfg, &job)?;
+            let w = ctx.world_size as f64;
+            for mb in sizes_mb {
+                let n = (mb << 20) / 4;
+                let mut t = Tensor::ones([n as i64], (tch::Kind::Float, tch::Device::Cpu));
+                ctx.group.all_reduce_sum(&mut t)?; // warm-up (connections, pages)
+                let mut times = Vec::new();
+                for _ in 0..iters {
+                    ctx.group.barrier()?;
+                    let start = Instant::now();
+                    ctx.group.all_reduce_sum(&mut t)?;
+                    times.push(start.elapsed().as_secs_f64());
+                }
+                times.sort_by(f64::total_cmp);
+                let secs = times[times.len() / 2];
+                let bytes = (n * 4) as f64;
+                if ctx.is_writer {
+                    emit(&format!(
+                        "{}\n",
+                        serde_json::json!({
+                            "backend": "umtune-ring", "world_size": ctx.world_size, "mb": mb,
+                            "secs": secs, "bus_gbps": 2.0 * (w - 1.0) / w * bytes / secs / 1e9,
+                        })
+                    ))?;
+                }
+            }
+            ctx.finish()?;
         }
         Command::BenchMemory {
             vectors,

@@ -144,6 +144,29 @@ pub fn collate(items: &[&Encoded], pad_id: i64, device: Device) -> Batch {
     }
 }
 
+/// Rank `rank`'s share of a global batch (example indices, in the sampler's order): the contiguous
+/// slice `[rank * s, (rank + 1) * s)` with `s = ceil(n / world_size)`. When `n` is not a multiple
+/// of the world size (the last batch of an epoch), the global batch is padded by wrapping — its
+/// first examples repeat — so every rank gets `s` examples and runs the same collectives. Shares
+/// are contiguous, not strided, so that gathering them in rank order gives back the global batch's
+/// order (the external memory's ring slots then match one process's). One rank: the batch itself.
+pub fn shard(global: &[usize], rank: usize, world_size: usize) -> Vec<usize> {
+    if world_size <= 1 || global.is_empty() {
+        return global.to_vec();
+    }
+    let s = global.len().div_ceil(world_size);
+    (rank * s..(rank + 1) * s)
+        .map(|j| global[j % global.len()])
+        .collect()
+}
+
+/// The global batch padded as [`shard`] pads it (every rank's share, in rank order).
+pub fn padded(global: &[usize], world_size: usize) -> Vec<usize> {
+    (0..world_size.max(1))
+        .flat_map(|r| shard(global, r, world_size))
+        .collect()
+}
+
 /// Where a sampler stands; saved with checkpoints.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SamplerState {

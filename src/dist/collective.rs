@@ -1,31 +1,113 @@
 //! The collective operations the rest of the crate may use (the external memory reads and writes
-//! through them; the trainer will all-reduce through them). Implementations: [`SingleProcess`]
-//! (world size 1) and [`InProcessGroup`] (one rank per thread, for tests and for simulating
-//! sharding on one machine); the multi-process backends implement the same trait.
+//! through them, the trainer all-reduces gradients and broadcasts weights through them).
+//! Implementations: [`SingleProcess`] (world size 1), [`InProcessGroup`] (one rank per thread,
+//! for tests and for simulating sharding on one machine), and the multi-process backends:
+//! [`super::ring::RingGroup`] (CPU tensors, TCP ring) and [`super::c10d::NcclGroup`] (CUDA
+//! tensors, libtorch's ProcessGroupNCCL).
 use crate::error::{Error, Result};
 use std::sync::{Arc, Barrier, Mutex};
 use tch::Tensor;
 
+/// How [`Collective::all_reduce`] combines the ranks' tensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReduceOp {
+    Sum,
+    Mean,
+}
+
+/// Every rank must call each collective, in the same order as the others; a rank that does not
+/// answer within the backend's timeout makes the call fail naming it.
 pub trait Collective: Send + Sync {
     fn rank(&self) -> usize;
     fn world_size(&self) -> usize;
-    /// Every rank's `t` in rank order (same dtype and trailing shape, any first dimension).
-    /// Every rank must call it, in the same order as the others.
-    fn all_gather(&self, t: &Tensor) -> Result<Vec<Tensor>>;
-    /// Replaces `t` on every rank by the sum over ranks (same shape and dtype everywhere).
-    /// Backends with a native all-reduce override this gather-and-sum.
-    fn all_reduce_sum(&self, t: &mut Tensor) -> Result<()> {
+    /// Every rank's `t` (same shape and dtype everywhere) stacked along the first dimension
+    /// (a 0-d tensor counts as one row).
+    fn all_gather_same(&self, t: &Tensor) -> Result<Tensor>;
+    /// Every rank's `t` in rank order (same dtype and trailing shape, any first dimension):
+    /// the lengths first, then one gather of blocks padded to the longest.
+    fn all_gather(&self, t: &Tensor) -> Result<Vec<Tensor>> {
+        if self.world_size() == 1 {
+            return Ok(vec![t.shallow_clone()]);
+        }
+        if t.dim() == 0 {
+            let rows = self.all_gather_same(&t.reshape([1]))?;
+            return Ok(rows.split(1, 0).iter().map(|r| r.reshape([])).collect());
+        }
+        let rows = t.size()[0];
+        let lens = self.all_gather_same(&Tensor::from_slice(&[rows]).to_device(t.device()))?;
+        let lens = Vec::<i64>::try_from(&lens.to_device(tch::Device::Cpu))?;
+        let longest = lens.iter().copied().max().unwrap_or(0);
+        let padded = if rows < longest {
+            let mut shape = t.size();
+            shape[0] = longest - rows;
+            Tensor::cat(
+                &[
+                    t.shallow_clone(),
+                    Tensor::zeros(shape.as_slice(), (t.kind(), t.device())),
+                ],
+                0,
+            )
+        } else {
+            t.shallow_clone()
+        };
+        let all = self.all_gather_same(&padded.contiguous())?;
+        Ok(lens
+            .iter()
+            .enumerate()
+            .map(|(r, &n)| all.narrow(0, r as i64 * longest, n))
+            .collect())
+    }
+    /// Replaces `t` on every rank by the sum (or mean) over ranks, in place (same shape and dtype
+    /// everywhere). Backends with a native all-reduce override this gather-and-sum.
+    fn all_reduce(&self, t: &mut Tensor, op: ReduceOp) -> Result<()> {
+        if self.world_size() == 1 {
+            return Ok(());
+        }
         let gathered = self.all_gather(t)?;
         let sum = gathered
             .iter()
             .skip(1)
             .fold(gathered[0].copy(), |acc, x| acc + x);
-        tch::no_grad(|| t.copy_(&sum));
+        let out = match op {
+            ReduceOp::Sum => sum,
+            ReduceOp::Mean => sum / self.world_size() as f64,
+        };
+        tch::no_grad(|| t.copy_(&out));
         Ok(())
+    }
+    fn all_reduce_sum(&self, t: &mut Tensor) -> Result<()> {
+        self.all_reduce(t, ReduceOp::Sum)
+    }
+    /// Replaces `t` on every rank by rank `root`'s (same shape and dtype everywhere).
+    fn broadcast(&self, t: &mut Tensor, root: usize) -> Result<()> {
+        if self.world_size() == 1 {
+            return Ok(());
+        }
+        let gathered = self.all_gather(t)?;
+        tch::no_grad(|| t.copy_(&gathered[root]));
+        Ok(())
+    }
+    /// Returns once every rank has called it.
+    fn barrier(&self) -> Result<()> {
+        let mut t = Tensor::from_slice(&[1i64]);
+        self.all_reduce(&mut t, ReduceOp::Sum)
     }
     fn is_rank_zero(&self) -> bool {
         self.rank() == 0
     }
+}
+
+/// Rank 0's `value` on every rank (a decision only rank 0 may take, e.g. a new directory name).
+pub fn rank_zero_string(group: &dyn Collective, value: &str) -> Result<String> {
+    if group.world_size() == 1 {
+        return Ok(value.to_string());
+    }
+    let all = group.all_gather(&Tensor::from_slice(value.as_bytes()))?;
+    let bytes = Vec::<u8>::try_from(&all[0])?;
+    String::from_utf8(bytes).map_err(|_| Error::Collective {
+        rank: group.rank(),
+        msg: "rank 0 sent a string that is not UTF-8".into(),
+    })
 }
 
 /// One process, nothing to exchange.
@@ -38,11 +120,12 @@ impl Collective for SingleProcess {
     fn world_size(&self) -> usize {
         1
     }
-    fn all_gather(&self, t: &Tensor) -> Result<Vec<Tensor>> {
-        Ok(vec![t.shallow_clone()])
-    }
-    fn all_reduce_sum(&self, _t: &mut Tensor) -> Result<()> {
-        Ok(())
+    fn all_gather_same(&self, t: &Tensor) -> Result<Tensor> {
+        Ok(if t.dim() == 0 {
+            t.reshape([1])
+        } else {
+            t.shallow_clone()
+        })
     }
 }
 
@@ -110,5 +193,19 @@ impl Collective for InProcessGroup {
         // Nobody may overwrite a slot before everyone has read it.
         self.shared.barrier.wait();
         gathered
+    }
+    fn all_gather_same(&self, t: &Tensor) -> Result<Tensor> {
+        let rows: Vec<Tensor> = self
+            .all_gather(t)?
+            .iter()
+            .map(|p| {
+                if p.dim() == 0 {
+                    p.reshape([1])
+                } else {
+                    p.shallow_clone()
+                }
+            })
+            .collect();
+        Ok(Tensor::cat(&rows, 0))
     }
 }

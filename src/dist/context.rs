@@ -2,8 +2,11 @@
 //! computes on, whether it writes files, the collective it talks through, and the stop request a
 //! signal leaves. Built once per process and passed to train, eval, predict and memory build, so
 //! rank-0-only writing and the device choice per local rank are decided in one place.
+use super::c10d::{NcclGroup, Store};
+use super::env::JobEnv;
+use super::ring::RingGroup;
 use super::{Collective, SingleProcess};
-use crate::config::{parse_device, Config};
+use crate::config::{parse_device, Backend, Config};
 use crate::error::{Error, Result};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -18,6 +21,9 @@ pub struct RunContext {
     /// Whether this process writes run files (rank 0).
     pub is_writer: bool,
     pub stop: StopFlag,
+    /// The job's rendezvous store (multi-process runs); rank 0 may be serving it, so it lives as
+    /// long as the context.
+    pub store: Option<Arc<Store>>,
 }
 
 impl RunContext {
@@ -32,7 +38,79 @@ impl RunContext {
             device: device_for(&cfg.model.device, 0)?,
             is_writer: true,
             stop: StopFlag::default(),
+            store: None,
         })
+    }
+
+    /// The context of this process in the job its launcher describes (see [`JobEnv`]): one
+    /// process without sockets, or a rank that joins the job's TCPStore (serving it on rank 0
+    /// unless torchrun's agent does) and connects the collective `dist.backend` picks — `nccl`
+    /// for a CUDA device under `auto`, the TCP ring otherwise.
+    pub fn for_job(cfg: &Config, job: &JobEnv) -> Result<RunContext> {
+        if job.world_size == 1 {
+            let mut ctx = RunContext::single(cfg)?;
+            ctx.device = device_for(&cfg.model.device, job.local_rank)?;
+            ctx.local_rank = job.local_rank;
+            return Ok(ctx);
+        }
+        setup_process(cfg);
+        let device = device_for(&cfg.model.device, job.local_rank)?;
+        let timeout = std::time::Duration::from_secs(cfg.dist.timeout_s);
+        tracing::info!(
+            rank = job.rank, world_size = job.world_size, local_rank = job.local_rank,
+            master = %format!("{}:{}", job.master_addr, job.master_port), ?device,
+            "joining the job"
+        );
+        let store = Arc::new(Store::connect(
+            &job.master_addr,
+            job.master_port,
+            job.serves_store(),
+            job.world_size,
+            timeout,
+            &format!("umtune/{}", job.run_id),
+            job.rank,
+        )?);
+        let backend = match cfg.dist.backend {
+            Backend::Auto if device.is_cuda() => Backend::Nccl,
+            Backend::Auto => Backend::Cpu,
+            b => b,
+        };
+        let group: Arc<dyn Collective> =
+            match (backend, device) {
+                (Backend::Nccl, Device::Cuda(i)) => Arc::new(NcclGroup::new(
+                    store.clone(),
+                    job.rank,
+                    job.world_size,
+                    i,
+                    timeout,
+                )?),
+                (Backend::Nccl, _) => return Err(Error::Config(
+                    "dist.backend = `nccl` needs a CUDA device (model.device); use `cpu` or `auto`"
+                        .into(),
+                )),
+                _ => Arc::new(RingGroup::connect(
+                    &store,
+                    job.rank,
+                    job.world_size,
+                    &job.master_addr,
+                    timeout,
+                )?),
+            };
+        Ok(RunContext {
+            group,
+            rank: job.rank,
+            local_rank: job.local_rank,
+            world_size: job.world_size,
+            device,
+            is_writer: job.rank == 0,
+            stop: StopFlag::default(),
+            store: Some(store),
+        })
+    }
+
+    /// Waits for every rank (the end of a job: rank 0 may serve the store the others still use).
+    pub fn finish(&self) -> Result<()> {
+        self.group.barrier()
     }
 
     /// The same context with a stop flag that SIGINT and SIGTERM raise.

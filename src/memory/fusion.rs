@@ -202,12 +202,24 @@ impl MemoryFusion {
         let mut contrastive = None;
         if training || record {
             let k = normalize(&self.w_k.forward(&rows));
-            if training && self.lambda_mem > 0.0 && rows.size()[0] > 1 {
-                let logits = q.matmul(&k.tr()) / self.tau;
-                let target = Tensor::arange(rows.size()[0], (Kind::Int64, h.device()));
-                let infonce = logits.cross_entropy_for_logits(&target);
-                probe.record("memory.infonce", || infonce.double_value(&[]));
-                contrastive = Some(infonce * self.lambda_mem);
+            if training && self.lambda_mem > 0.0 {
+                let (qa, ka) = self.global_pairs(&q, &k)?;
+                let n = qa.size()[0];
+                if n > 1 {
+                    let logits = qa.matmul(&ka.tr()) / self.tau;
+                    let target = Tensor::arange(n, (Kind::Int64, h.device()));
+                    let infonce = logits.cross_entropy_for_logits(&target);
+                    probe.record("memory.infonce", || infonce.double_value(&[]));
+                    // The gradient through this rank's rows, times W: averaged over the ranks it
+                    // is the global loss's gradient; the value stays the global loss.
+                    let w = self.group.world_size() as f64;
+                    let infonce = if w > 1.0 {
+                        &infonce * w - infonce.detach() * (w - 1.0)
+                    } else {
+                        infonce
+                    };
+                    contrastive = Some(infonce * self.lambda_mem);
+                }
             }
             self.pending()?.push((k.detach(), rows.detach(), row_ids));
         }
@@ -227,9 +239,9 @@ impl MemoryFusion {
             })
     }
 
-    /// The store's tensors and `w_k` (what a memory file holds).
+    /// The whole ring's tensors and `w_k` (what a memory file holds). Collective when sharded.
     pub fn tensors(&self) -> Result<Vec<(String, Tensor)>> {
-        let mut t = self.store()?.tensors();
+        let mut t = self.store()?.global_tensors(self.group.as_ref())?;
         t.push(("w_k".into(), self.w_k.ws.detach()));
         Ok(t)
     }
@@ -278,6 +290,21 @@ impl MemoryFusion {
     pub fn discard_pending(&self) -> Result<()> {
         self.pending()?.clear();
         Ok(())
+    }
+
+    /// The InfoNCE's queries and keys over the GLOBAL batch: every rank's rows in rank order
+    /// (which is the global batch's order), this rank's with their gradient, the others' detached.
+    /// In-batch negatives then do not depend on the world size. One process: `q` and `k`.
+    fn global_pairs(&self, q: &Tensor, k: &Tensor) -> Result<(Tensor, Tensor)> {
+        if self.group.world_size() == 1 {
+            return Ok((q.shallow_clone(), k.shallow_clone()));
+        }
+        let rank = self.group.rank();
+        let mut qs = self.group.all_gather(&q.detach())?;
+        let mut ks = self.group.all_gather(&k.detach())?;
+        qs[rank] = q.shallow_clone();
+        ks[rank] = k.shallow_clone();
+        Ok((Tensor::cat(&qs, 0), Tensor::cat(&ks, 0)))
     }
 
     /// Writes the last training batch's entries (after the optimizer step). Collective: every

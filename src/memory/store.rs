@@ -11,10 +11,12 @@ use crate::error::{Error, Result};
 use tch::{Device, Kind, Tensor};
 
 /// Entries of one read: `scores (q, k)` (already divided by tau; -inf where fewer than k entries
-/// qualified), `values (q, k, d_v)`, `ids (q, k)` (-1 for none), `slots (q, k)` (ring slots).
+/// qualified), `values (q, k, d_v)`, `keys (q, k, d_k)`, `ids (q, k)` (-1 for none), `slots
+/// (q, k)` (ring slots).
 pub struct Retrieved {
     pub scores: Tensor,
     pub values: Tensor,
+    pub keys: Tensor,
     pub ids: Tensor,
     pub slots: Tensor,
 }
@@ -205,7 +207,13 @@ impl ShardedKvMemory {
         let device = self.keys.device();
         let k = k as i64;
         if filled == 0 || q == 0 {
-            return Ok(empty(q, k, self.values.size()[1], device));
+            return Ok(empty(
+                q,
+                k,
+                self.values.size()[1],
+                self.keys.size()[1],
+                device,
+            ));
         }
         let keys = self.keys.narrow(0, 0, filled);
         let scores = (queries.to_kind(Kind::Float) / self.tau).matmul(&keys.tr()); // (q, n)
@@ -265,9 +273,14 @@ impl ShardedKvMemory {
             .values
             .index_select(0, &cols.reshape([-1]))
             .view([q, kk, -1]);
+        let keys = self
+            .keys
+            .index_select(0, &cols.reshape([-1]))
+            .view([q, kk, -1]);
         let found = Retrieved {
             scores: picked,
             values,
+            keys,
             ids,
             slots,
         };
@@ -308,14 +321,25 @@ impl ShardedKvMemory {
         let merged = Retrieved {
             scores: Tensor::cat(&gather(&local.scores)?, 1),
             values: Tensor::cat(&gather(&local.values)?, 1),
+            keys: Tensor::cat(&gather(&local.keys)?, 1),
             ids: Tensor::cat(&gather(&local.ids)?, 1),
             slots: Tensor::cat(&gather(&local.slots)?, 1),
         };
         let sorted = sort_by_score_then_slot(merged);
         let k = k as i64;
+        let keys = sorted.keys.narrow(1, 0, k);
+        // The scores again from this rank's queries (the gathered ones were detached), so the
+        // read's gradient reaches the query projection as in one process: q . k / tau of the
+        // chosen keys, -inf where none was found.
+        let found = sorted.scores.narrow(1, 0, k).isfinite();
+        let rescored = (queries.to_kind(Kind::Float) / self.tau)
+            .unsqueeze(1)
+            .matmul(&keys.transpose(1, 2))
+            .squeeze_dim(1);
         Ok(Retrieved {
-            scores: sorted.scores.narrow(1, 0, k),
+            scores: rescored.where_self(&found, &sorted.scores.narrow(1, 0, k)),
             values: sorted.values.narrow(1, 0, k),
+            keys,
             ids: sorted.ids.narrow(1, 0, k),
             slots: sorted.slots.narrow(1, 0, k),
         })
@@ -331,13 +355,54 @@ impl ShardedKvMemory {
         ]
     }
 
-    /// Restores a shard saved by [`Self::tensors`]; `path` names the file in errors.
+    /// The whole ring in slot order (what a memory file holds, whatever the world size): every
+    /// rank's shard gathered and interleaved (slot `s` is row `s / W` of rank `s % W`).
+    /// Collective when sharded.
+    pub fn global_tensors(&self, group: &dyn Collective) -> Result<Vec<(String, Tensor)>> {
+        let w = self.world_size as i64;
+        if w == 1 {
+            return Ok(self.tensors());
+        }
+        let device = self.keys.device();
+        let ring = |t: &Tensor| -> Result<Tensor> {
+            let parts = group.all_gather(t)?;
+            let mut shape = t.size();
+            shape[0] = self.capacity as i64;
+            let full = Tensor::zeros(shape.as_slice(), (t.kind(), device));
+            for (r, part) in parts.iter().enumerate() {
+                let slots = Tensor::arange(part.size()[0], (Kind::Int64, device)) * w + r as i64;
+                let mut f = full.shallow_clone();
+                let _ = f.index_copy_(0, &slots, &part.to_device(device));
+            }
+            Ok(full)
+        };
+        Ok(vec![
+            ("keys".into(), ring(&self.keys)?),
+            ("values".into(), ring(&self.values)?),
+            ("ids".into(), ring(&self.ids)?),
+            ("written".into(), Tensor::from_slice(&[self.written as i64])),
+        ])
+    }
+
+    /// Restores this rank's shard from a whole ring saved by [`Self::global_tensors`] (rows
+    /// `rank, rank + W, ...`); `path` names the file in errors.
     pub fn load(&mut self, tensors: Vec<(String, Tensor)>, path: &std::path::Path) -> Result<()> {
         let mut found = std::collections::HashMap::<String, Tensor>::from_iter(tensors);
+        let (w, rank, capacity) = (
+            self.world_size as i64,
+            self.rank as i64,
+            self.capacity as i64,
+        );
         let mut take = |name: &str, like: &Tensor| -> Result<Tensor> {
             let t = found
                 .remove(name)
                 .ok_or_else(|| Error::tensor(path, name, "missing from the memory file"))?;
+            let t = if w > 1 && t.dim() > 0 && t.size()[0] == capacity {
+                let mine = Tensor::arange(like.size()[0], (Kind::Int64, t.device())) * w + rank;
+                t.index_select(0, &mine)
+            } else {
+                t
+            };
             if t.size() != like.size() {
                 return Err(Error::tensor(
                     path,
@@ -361,10 +426,11 @@ impl ShardedKvMemory {
     }
 }
 
-fn empty(q: i64, k: i64, d_value: i64, device: Device) -> Retrieved {
+fn empty(q: i64, k: i64, d_value: i64, d_key: i64, device: Device) -> Retrieved {
     Retrieved {
         scores: Tensor::full([q, k], f64::NEG_INFINITY, (Kind::Float, device)),
         values: Tensor::zeros([q, k, d_value], (Kind::Float, device)),
+        keys: Tensor::zeros([q, k, d_key], (Kind::Float, device)),
         ids: Tensor::full([q, k], -1, (Kind::Int64, device)),
         slots: Tensor::full([q, k], NO_SLOT, (Kind::Int64, device)),
     }
@@ -377,6 +443,7 @@ fn mark_invalid(r: Retrieved) -> Retrieved {
         ids: r.ids.masked_fill(&invalid, -1),
         slots: r.slots.masked_fill(&invalid, NO_SLOT),
         values: r.values.masked_fill(&invalid.unsqueeze(-1), 0.0),
+        keys: r.keys.masked_fill(&invalid.unsqueeze(-1), 0.0),
         scores: r.scores,
     }
 }
@@ -395,6 +462,7 @@ fn sort_by_score_then_slot(r: Retrieved) -> Retrieved {
     let r = Retrieved {
         scores: apply(&r.scores, &by_slot),
         values: apply(&r.values, &by_slot),
+        keys: apply(&r.keys, &by_slot),
         ids: apply(&r.ids, &by_slot),
         slots: apply(&r.slots, &by_slot),
     };
@@ -402,6 +470,7 @@ fn sort_by_score_then_slot(r: Retrieved) -> Retrieved {
     Retrieved {
         scores: apply(&r.scores, &by_score),
         values: apply(&r.values, &by_score),
+        keys: apply(&r.keys, &by_score),
         ids: apply(&r.ids, &by_score),
         slots: apply(&r.slots, &by_score),
     }
@@ -413,11 +482,12 @@ fn pad_to(r: Retrieved, k: i64) -> Retrieved {
     if have >= k {
         return r;
     }
-    let (q, d) = (r.scores.size()[0], r.values.size()[2]);
-    let pad = empty(q, k - have, d, r.scores.device());
+    let (q, d, dk) = (r.scores.size()[0], r.values.size()[2], r.keys.size()[2]);
+    let pad = empty(q, k - have, d, dk, r.scores.device());
     Retrieved {
         scores: Tensor::cat(&[r.scores, pad.scores], 1),
         values: Tensor::cat(&[r.values, pad.values], 1),
+        keys: Tensor::cat(&[r.keys, pad.keys], 1),
         ids: Tensor::cat(&[r.ids, pad.ids], 1),
         slots: Tensor::cat(&[r.slots, pad.slots], 1),
     }

@@ -21,19 +21,36 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor, reduction: Reduction) -> 
 /// The training loss of a forward pass: cross-entropy on the logits, or its mean over the
 /// heteroscedastic samples, plus the variance regularizer and the memory's InfoNCE term.
 pub fn loss(f: &Forward, labels: &Tensor) -> Tensor {
-    let ce = match &f.samples {
+    loss_over(f, labels, None)
+}
+
+/// [`loss`] with the cross-entropy summed over the labelled units and divided by `units` instead
+/// of averaged over this batch's own: how a data-parallel rank normalizes by the GLOBAL batch's
+/// count (scaled by the world size, since ranks' gradients are averaged), so that N ranks equal one
+/// process at N times the batch even when ranks hold different numbers of labelled tokens.
+pub fn loss_over(f: &Forward, labels: &Tensor, units: Option<f64>) -> Tensor {
+    let reduction = if units.is_some() {
+        Reduction::Sum
+    } else {
+        Reduction::Mean
+    };
+    let (ce, samples) = match &f.samples {
         // Every sample has the same labelled positions, so the mean over all of them is the
         // mean over samples of each sample's mean.
         Some(samples) => {
             let mut shape = vec![samples.size()[0]];
             shape.extend(labels.size());
-            cross_entropy(
-                samples,
-                &labels.unsqueeze(0).expand(shape.as_slice(), false),
-                Reduction::Mean,
+            let expanded = labels.unsqueeze(0).expand(shape.as_slice(), false);
+            (
+                cross_entropy(samples, &expanded, reduction),
+                shape[0] as f64,
             )
         }
-        None => cross_entropy(&f.logits, labels, Reduction::Mean),
+        None => (cross_entropy(&f.logits, labels, reduction), 1.0),
+    };
+    let ce = match units {
+        Some(n) => ce / (n * samples),
+        None => ce,
     };
     match &f.regularizer {
         Some(r) => ce + r,

@@ -82,7 +82,8 @@ pub struct Forward {
     pub logits: Tensor,
     /// `(n_mc, …)` heteroscedastic samples (training with uncertainty modeling).
     pub samples: Option<Tensor>,
-    /// `lambda_var * mean(p)` (uncertainty modeling) plus the memory's InfoNCE term.
+    /// `lambda_var * mean(p)` (uncertainty modeling; p averaged over each example's real tokens,
+    /// then over examples) plus the memory's InfoNCE term.
     pub regularizer: Option<Tensor>,
 }
 
@@ -110,6 +111,8 @@ pub struct TaskModel {
     pub mc_samples: i64,
     /// What the plug-ins record for the training diagnostics (on for logged steps).
     pub probe: Probe,
+    /// The ranks evaluation is sharded over (the run context's collective).
+    pub group: std::sync::Arc<dyn crate::dist::Collective>,
 }
 
 impl TaskModel {
@@ -268,7 +271,22 @@ impl TaskModel {
             memory,
             mc_samples: cfg.uncertainty.mc_predict,
             probe: Probe::default(),
+            group: ctx.group.clone(),
         })
+    }
+
+    /// Makes every rank's trainable tensors rank 0's (after building: LoRA's random A, the
+    /// memory projections, the head), so data-parallel ranks start from one model.
+    pub fn broadcast_trainable(&self) -> Result<()> {
+        if self.group.world_size() == 1 {
+            return Ok(());
+        }
+        for (_, mut v) in self.named_trainable() {
+            let mut t = v.detach();
+            self.group.broadcast(&mut t, 0)?;
+            tch::no_grad(|| v.copy_(&t));
+        }
+        Ok(())
     }
 
     /// The device the model computes on.
@@ -445,7 +463,26 @@ impl TaskModel {
             }
         }
         if !um_hook.p.is_empty() {
-            let means: Vec<Tensor> = um_hook.p.iter().map(|p| p.mean(tch::Kind::Float)).collect();
+            // mean(p) over the real tokens of each example, then over the examples: padding
+            // is not regularized, and the value does not depend on how a batch is padded or
+            // split over data-parallel ranks.
+            let real = mask.to_kind(tch::Kind::Float); // (b, t)
+            let tokens = real
+                .sum_dim_intlist(1, false, tch::Kind::Float)
+                .clamp_min(1.0);
+            let means: Vec<Tensor> = um_hook
+                .p
+                .iter()
+                .map(|p| {
+                    let per_token = if p.dim() == 3 {
+                        p.mean_dim(-1, false, tch::Kind::Float)
+                    } else {
+                        p.to_kind(tch::Kind::Float)
+                    };
+                    ((per_token * &real).sum_dim_intlist(1, false, tch::Kind::Float) / &tokens)
+                        .mean(tch::Kind::Float)
+                })
+                .collect();
             let var = Tensor::stack(&means, 0).mean(tch::Kind::Float) * um.lambda_var;
             regularizer = Some(match regularizer {
                 Some(r) => r + var,
@@ -479,6 +516,12 @@ impl TaskModel {
     /// The training loss of a forward pass (see [`super::loss::loss`]).
     pub fn loss(&self, f: &Forward, labels: &Tensor) -> Tensor {
         super::loss::loss(f, labels)
+    }
+
+    /// The training loss with the cross-entropy normalized by `units` (see
+    /// [`super::loss::loss_over`]).
+    pub fn loss_over(&self, f: &Forward, labels: &Tensor, units: Option<f64>) -> Tensor {
+        super::loss::loss_over(f, labels, units)
     }
 
     /// Every trained tensor by name: the trainable VarStore, plus the backbone's weights under

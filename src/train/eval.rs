@@ -100,6 +100,7 @@ pub fn for_each_batch(
 
 /// What one pass over a split yields: per example, the gold label, prediction and logits of each
 /// scored unit (the example, or each word that fits for NER), and the summed loss.
+#[derive(Serialize, Deserialize)]
 pub struct Outputs {
     /// Token classification (units are words), from the data rather than guessed from counts.
     pub tagged: bool,
@@ -108,11 +109,83 @@ pub struct Outputs {
     pub logits: Vec<Vec<Vec<f64>>>,
     pub loss_sum: f64,
     pub units: usize,
+    /// Per example, its units' summed loss (what `loss_sum` adds up).
+    pub example_loss: Vec<f64>,
+}
+
+impl Outputs {
+    /// The first `n` examples' outputs.
+    fn truncate(&mut self, n: usize) {
+        self.gold.truncate(n);
+        self.pred.truncate(n);
+        self.logits.truncate(n);
+        self.example_loss.truncate(n);
+        self.units = self.gold.iter().map(Vec::len).sum();
+        self.loss_sum = self.example_loss.iter().sum();
+    }
+
+    /// `parts` one after another (in the order of the examples they cover).
+    fn concat(parts: Vec<Outputs>, tagged: bool) -> Outputs {
+        let mut out = Outputs {
+            tagged,
+            gold: Vec::new(),
+            pred: Vec::new(),
+            logits: Vec::new(),
+            loss_sum: 0.0,
+            units: 0,
+            example_loss: Vec::new(),
+        };
+        for p in parts {
+            out.gold.extend(p.gold);
+            out.pred.extend(p.pred);
+            out.logits.extend(p.logits);
+            out.example_loss.extend(p.example_loss);
+        }
+        out.truncate(out.gold.len());
+        out
+    }
+}
+
+/// The model's predictive logits for every unit of `data`, sharded over the model's ranks: rank r
+/// scores a contiguous share of `ceil(n / W)` examples (the last share padded by wrapping, so every
+/// rank runs the same number of batches — the memory reads are collective), and the shares are
+/// gathered in order. Every rank gets the whole result. One process: [`local_outputs`].
+pub fn outputs(model: &TaskModel, data: &[Encoded], batch_size: usize) -> Result<Outputs> {
+    let group = model.group.clone();
+    let w = group.world_size();
+    if w == 1 {
+        return local_outputs(model, data, batch_size);
+    }
+    let per = data.len().div_ceil(w);
+    let start = (group.rank() * per).min(data.len());
+    let real = per.min(data.len() - start);
+    let share: Vec<Encoded> = match data.len() {
+        0 => Vec::new(),
+        n => (0..per).map(|j| data[(start + j) % n].clone()).collect(),
+    };
+    let mut mine = local_outputs(model, &share, batch_size)?;
+    mine.truncate(real);
+    let bytes = serde_json::to_vec(&mine)
+        .map_err(|e| Error::Internal(format!("encoding evaluation outputs: {e}")))?;
+    let parts = group.all_gather(&tch::Tensor::from_slice(&bytes))?;
+    let parts = parts
+        .iter()
+        .enumerate()
+        .map(|(r, t)| {
+            let b = Vec::<u8>::try_from(t)?;
+            serde_json::from_slice::<Outputs>(&b).map_err(|e| Error::Collective {
+                rank: group.rank(),
+                msg: format!("rank {r}'s evaluation outputs do not decode: {e}"),
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Outputs::concat(parts, mine.tagged))
 }
 
 /// The model's predictive logits (see [`TaskModel::predictive_logits`]) for every unit of
-/// `data`. Fails, naming the examples (their positions in `data`), when any is not finite.
-pub fn outputs(model: &TaskModel, data: &[Encoded], batch_size: usize) -> Result<Outputs> {
+/// `data`, in this process. Fails, naming the examples (their positions in `data`), when any is
+/// not finite.
+pub fn local_outputs(model: &TaskModel, data: &[Encoded], batch_size: usize) -> Result<Outputs> {
     let mut out = Outputs {
         tagged: data.first().is_some_and(|e| !e.token_labels.is_empty()),
         gold: vec![Vec::new(); data.len()],
@@ -120,6 +193,7 @@ pub fn outputs(model: &TaskModel, data: &[Encoded], batch_size: usize) -> Result
         logits: vec![Vec::new(); data.len()],
         loss_sum: 0.0,
         units: 0,
+        example_loss: vec![0.0; data.len()],
     };
     for_each_batch(model, data, batch_size, true, |chunk, batch| {
         let logits = model.predictive_logits(
@@ -162,7 +236,17 @@ pub fn outputs(model: &TaskModel, data: &[Encoded], batch_size: usize) -> Result
                 &bad[..bad.len().min(8)]
             )));
         }
-        out.loss_sum += cross_entropy(&logits, &batch.labels, Reduction::Sum).double_value(&[]);
+        let unit_loss = Vec::<f64>::try_from(
+            cross_entropy(&logits, &batch.labels, Reduction::None)
+                .reshape([-1])
+                .to_kind(tch::Kind::Double)
+                .to_device(Device::Cpu),
+        )?;
+        for (k, &i) in chunk.iter().enumerate() {
+            let l: f64 = unit_loss[k * per_row..(k + 1) * per_row].iter().sum();
+            out.example_loss[i] = l;
+            out.loss_sum += l;
+        }
         Ok(())
     })?;
     Ok(out)

@@ -102,6 +102,11 @@ impl RunDir {
             })
             .find(|d| !d.exists())
             .ok_or_else(|| Error::Internal("no free run directory name".into()))?;
+        // Rank 0 names the directory; the other ranks use its name.
+        let path = PathBuf::from(crate::dist::collective::rank_zero_string(
+            ctx.group.as_ref(),
+            &path.to_string_lossy(),
+        )?);
         let dir = RunDir {
             path,
             writer: ctx.is_writer,
@@ -180,20 +185,23 @@ impl RunDir {
     }
 
     /// Saves the trained tensors (and the memory) as the weights of `step`, with their digests.
+    /// Collective (every rank calls it: the sharded memory is gathered); rank 0 writes.
     pub fn save_weights(&mut self, model: &TaskModel, step: usize) -> Result<()> {
+        let memory = model.memory.as_ref().map(|m| m.tensors()).transpose()?;
         if !self.writer {
             return Ok(());
         }
         self.write_tensors(TRAINABLE_FILE, &model.named_trainable())?;
-        if let Some(m) = &model.memory {
-            self.save_memory(m)?;
+        if let Some(tensors) = memory {
+            self.write_tensors(MEMORY_FILE, &tensors)?;
         }
         self.record.weights_step = Some(step);
         self.record.step = self.record.step.max(step);
         self.write_record()
     }
 
-    /// The memory's entries (this rank's shard), and its digest in `run.json`.
+    /// The memory's entries (the whole ring; collective when sharded), and its digest in
+    /// `run.json`.
     pub fn save_memory(&mut self, memory: &MemoryFusion) -> Result<()> {
         self.write_tensors(MEMORY_FILE, &memory.tensors()?)?;
         self.write_record()

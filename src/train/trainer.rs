@@ -11,10 +11,10 @@ use super::report::Summary;
 use super::run_dir::{RunDir, RunState};
 use super::schedule::learning_rate;
 use crate::config::Config;
-use crate::data::batching::{collate, Encoded, Sampler};
+use crate::data::batching::{collate, padded, shard, Encoded, Sampler, IGNORE};
 use crate::data::dataset::load_data;
 use crate::dist::context::signal_name;
-use crate::dist::{Collective, RunContext};
+use crate::dist::{Collective, ReduceOp, RunContext};
 use crate::error::{Error, Result};
 use crate::models::resolve::load_tokenizer;
 use crate::task::TaskModel;
@@ -42,10 +42,18 @@ pub fn train_model(cfg: &Config, ctx: &RunContext) -> Result<(Summary, TaskModel
     tch::manual_seed(cfg.run.seed as i64);
     let mut model = TaskModel::build(cfg, num_labels, ctx)?;
     let device = ctx.device;
+    let world = ctx.world_size;
+    model.broadcast_trainable()?;
+    if ctx.rank > 0 {
+        // Each rank draws its own dropout and noise from (seed, rank); rank 0 keeps one process's
+        // stream (README: random streams under data parallelism).
+        tch::manual_seed(rank_seed(cfg.run.seed, ctx.rank));
+    }
 
     let t = &cfg.train;
     let mut opt = AdamW::new(model.named_trainable(), t.weight_decay);
-    let mut sampler = Sampler::new(cfg.run.seed, t.batch_size);
+    // Global batches of batch_size per rank; each rank trains on its share (`shard`).
+    let mut sampler = Sampler::new(cfg.run.seed, t.batch_size * world);
     let lengths: Vec<usize> = data.train.iter().map(|e| e.ids.len()).collect();
     let steps_per_epoch = sampler
         .batches_per_epoch(data.train.len())
@@ -81,7 +89,8 @@ pub fn train_model(cfg: &Config, ctx: &RunContext) -> Result<(Summary, TaskModel
         let lr = learning_rate(t.schedule, t.lr, step - 1, warmup, total);
         let mut loss_value = 0.0;
         for _ in 0..t.grad_accum {
-            let idx = sampler.next_batch(&lengths);
+            let global = sampler.next_batch(&lengths);
+            let idx = shard(&global, ctx.rank, world);
             let items: Vec<&Encoded> = idx.iter().map(|&i| &data.train[i]).collect();
             let batch = collate(&items, pad, device);
             tokens += batch.n_tokens;
@@ -90,12 +99,19 @@ pub fn train_model(cfg: &Config, ctx: &RunContext) -> Result<(Summary, TaskModel
                 &batch.attention_mask,
                 Some(&batch.example_ids),
             )?;
-            let loss = model.loss(&fwd, &batch.labels) / t.grad_accum as f64;
+            // Normalized by the global batch's labelled units, so N ranks step as one process
+            // at N times the batch (rank gradients are averaged, hence the division by N).
+            let units = (world > 1).then(|| {
+                labelled_units(&padded(&global, world), &data.train) as f64 / world as f64
+            });
+            let loss = model.loss_over(&fwd, &batch.labels, units) / t.grad_accum as f64;
             loss_value += loss.double_value(&[]);
             loss.backward();
         }
-        // Every rank skips, or none does.
-        if any_rank(ctx.group.as_ref(), !loss_value.is_finite())? {
+        // The global loss (mean over ranks: NaN on any rank makes it NaN), so every rank skips,
+        // or none does, and rank 0 logs the job's loss.
+        let loss_value = mean_over_ranks(ctx.group.as_ref(), loss_value)?;
+        if !loss_value.is_finite() {
             skipped += 1;
             bad_in_a_row += 1;
             model.discard_memory()?;
@@ -241,6 +257,35 @@ pub fn train_model(cfg: &Config, ctx: &RunContext) -> Result<(Summary, TaskModel
     }
     run.write_summary(&summary)?;
     Ok((summary, model))
+}
+
+/// The mean of `x` over ranks.
+fn mean_over_ranks(group: &dyn Collective, x: f64) -> Result<f64> {
+    if group.world_size() == 1 {
+        return Ok(x);
+    }
+    let mut t = Tensor::from_slice(&[x]);
+    group.all_reduce(&mut t, ReduceOp::Mean)?;
+    Ok(t.double_value(&[0]))
+}
+
+/// The seed of rank `rank`'s random streams (dropout, noise) after the model is built.
+fn rank_seed(seed: u64, rank: usize) -> i64 {
+    (seed ^ (rank as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)) as i64
+}
+
+/// Labelled units of the examples at `idx`: examples (classification) or tagged tokens (NER).
+fn labelled_units(idx: &[usize], data: &[Encoded]) -> usize {
+    idx.iter()
+        .map(|&i| {
+            let e = &data[i];
+            if e.token_labels.is_empty() {
+                1
+            } else {
+                e.token_labels.iter().filter(|&&l| l != IGNORE).count()
+            }
+        })
+        .sum()
 }
 
 /// Whether `flag` holds on any rank: the way every control-flow decision (skip a step, stop) is

@@ -1,0 +1,399 @@
+//! libtorch's own distributed engine, c10d, from Rust: the rendezvous store (`c10d::TCPStore`
+//! under a `c10d::PrefixStore`) and the NCCL process group (`c10d::ProcessGroupNCCL`), reached
+//! through the C shim in `shim/` that build.rs compiles against the torch wheel's headers.
+//! c10d gives what a hand-written NCCL binding would not: collectives ordered on libtorch's
+//! current CUDA stream, the timeout watchdog, communicator abort on a dead peer, and error
+//! messages PyTorch users know. The store interoperates with Python's
+//! `torch.distributed.TCPStore` and with torchrun's agent store.
+use crate::error::{Error, Result};
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::time::Duration;
+use tch::Tensor;
+
+#[repr(C)]
+struct RawStore {
+    _p: [u8; 0],
+}
+#[repr(C)]
+struct RawGroup {
+    _p: [u8; 0],
+}
+
+extern "C" {
+    fn umt_free(p: *mut c_void);
+    fn umt_store_new(
+        host: *const c_char,
+        port: c_int,
+        is_server: c_int,
+        world: c_int,
+        timeout_ms: c_int,
+        prefix: *const c_char,
+        err: *mut *mut c_char,
+    ) -> *mut RawStore;
+    fn umt_store_port(s: *mut RawStore) -> c_int;
+    fn umt_store_set(
+        s: *mut RawStore,
+        key: *const c_char,
+        value: *const u8,
+        len: usize,
+        err: *mut *mut c_char,
+    ) -> c_int;
+    fn umt_store_get(
+        s: *mut RawStore,
+        key: *const c_char,
+        timeout_ms: c_int,
+        out: *mut *mut u8,
+        len: *mut usize,
+        err: *mut *mut c_char,
+    ) -> c_int;
+    fn umt_store_add(
+        s: *mut RawStore,
+        key: *const c_char,
+        delta: i64,
+        out: *mut i64,
+        err: *mut *mut c_char,
+    ) -> c_int;
+    fn umt_store_check(
+        s: *mut RawStore,
+        key: *const c_char,
+        out: *mut c_int,
+        err: *mut *mut c_char,
+    ) -> c_int;
+    fn umt_store_free(s: *mut RawStore);
+    fn umt_nccl_compiled() -> c_int;
+    fn umt_pg_nccl_new(
+        s: *mut RawStore,
+        prefix: *const c_char,
+        rank: c_int,
+        world: c_int,
+        device: c_int,
+        timeout_ms: c_int,
+        err: *mut *mut c_char,
+    ) -> *mut RawGroup;
+    fn umt_pg_allreduce(
+        p: *mut RawGroup,
+        t: *mut torch_sys::C_tensor,
+        op: c_int,
+        err: *mut *mut c_char,
+    ) -> c_int;
+    fn umt_pg_broadcast(
+        p: *mut RawGroup,
+        t: *mut torch_sys::C_tensor,
+        root: c_int,
+        err: *mut *mut c_char,
+    ) -> c_int;
+    fn umt_pg_allgather(
+        p: *mut RawGroup,
+        out: *mut torch_sys::C_tensor,
+        input: *mut torch_sys::C_tensor,
+        err: *mut *mut c_char,
+    ) -> c_int;
+    fn umt_pg_free(p: *mut RawGroup);
+}
+
+/// The message of a failed shim call, freed.
+fn take_error(err: *mut c_char) -> String {
+    if err.is_null() {
+        return "unknown c10d error".into();
+    }
+    // SAFETY: the shim hands back a strdup'ed, NUL-terminated string and we own it.
+    let msg = unsafe { CStr::from_ptr(err) }
+        .to_string_lossy()
+        .into_owned();
+    unsafe { umt_free(err.cast()) };
+    msg.lines().next().unwrap_or_default().to_string()
+}
+
+fn c_string(s: &str, what: &str) -> Result<CString> {
+    CString::new(s).map_err(|_| Error::Config(format!("{what} `{s}` contains a NUL byte")))
+}
+
+fn millis(d: Duration) -> c_int {
+    d.as_millis().min(c_int::MAX as u128) as c_int
+}
+
+/// A connection to (or, on one process per job, the server of) a c10d TCPStore; every key is
+/// prefixed. Thread-safe: c10d's store serializes its requests.
+pub struct Store {
+    raw: *mut RawStore,
+    rank: usize,
+    timeout: Duration,
+    addr: String,
+}
+
+// SAFETY: c10d::TCPStore guards its socket with a mutex; the pointer is owned by this value.
+unsafe impl Send for Store {}
+unsafe impl Sync for Store {}
+
+impl Store {
+    /// Connects to the store at `host:port` (or serves it when `is_server`; port 0 picks a free
+    /// one) with keys under `prefix`. Fails after `timeout` without a server, naming the address.
+    pub fn connect(
+        host: &str,
+        port: u16,
+        is_server: bool,
+        world_size: usize,
+        timeout: Duration,
+        prefix: &str,
+        rank: usize,
+    ) -> Result<Store> {
+        let (h, p) = (c_string(host, "host")?, c_string(prefix, "store prefix")?);
+        let mut err = std::ptr::null_mut();
+        // SAFETY: valid C strings; the shim catches every exception.
+        let raw = unsafe {
+            umt_store_new(
+                h.as_ptr(),
+                c_int::from(port),
+                c_int::from(is_server),
+                world_size as c_int,
+                millis(timeout),
+                p.as_ptr(),
+                &mut err,
+            )
+        };
+        let addr = format!("{host}:{port}");
+        if raw.is_null() {
+            let role = if is_server { "serving" } else { "joining" };
+            return Err(Error::Collective {
+                rank,
+                msg: format!("{role} the TCPStore at {addr}: {}", take_error(err)),
+            });
+        }
+        Ok(Store {
+            raw,
+            rank,
+            timeout,
+            addr,
+        })
+    }
+
+    /// The port the store listens on (the one picked when asked for port 0).
+    pub fn port(&self) -> u16 {
+        // SAFETY: `raw` is live.
+        unsafe { umt_store_port(self.raw) as u16 }
+    }
+
+    fn fail(&self, what: String, err: *mut c_char) -> Error {
+        Error::Collective {
+            rank: self.rank,
+            msg: format!("{what} (TCPStore at {}): {}", self.addr, take_error(err)),
+        }
+    }
+
+    pub fn set(&self, key: &str, value: &[u8]) -> Result<()> {
+        let k = c_string(key, "store key")?;
+        let mut err = std::ptr::null_mut();
+        // SAFETY: `value` is valid for `len` bytes during the call.
+        let rc =
+            unsafe { umt_store_set(self.raw, k.as_ptr(), value.as_ptr(), value.len(), &mut err) };
+        match rc {
+            0 => Ok(()),
+            _ => Err(self.fail(format!("setting `{key}`"), err)),
+        }
+    }
+
+    /// The value of `key`, waiting for it up to the store's timeout.
+    pub fn get(&self, key: &str) -> Result<Vec<u8>> {
+        self.get_within(key, self.timeout)
+    }
+
+    /// The value of `key`, waiting for it up to `timeout`.
+    pub fn get_within(&self, key: &str, timeout: Duration) -> Result<Vec<u8>> {
+        let k = c_string(key, "store key")?;
+        let (mut out, mut len, mut err) = (std::ptr::null_mut(), 0usize, std::ptr::null_mut());
+        // SAFETY: the shim mallocs `out` (len bytes) on success; we copy and free it.
+        let rc = unsafe {
+            umt_store_get(
+                self.raw,
+                k.as_ptr(),
+                millis(timeout),
+                &mut out,
+                &mut len,
+                &mut err,
+            )
+        };
+        if rc != 0 {
+            return Err(self.fail(
+                format!("waiting {:.0} s for `{key}`", timeout.as_secs_f64()),
+                err,
+            ));
+        }
+        let value = unsafe { std::slice::from_raw_parts(out, len) }.to_vec();
+        unsafe { umt_free(out.cast()) };
+        Ok(value)
+    }
+
+    /// Adds `delta` to the integer at `key` (0 when absent) and returns the new value.
+    pub fn add(&self, key: &str, delta: i64) -> Result<i64> {
+        let k = c_string(key, "store key")?;
+        let (mut out, mut err) = (0i64, std::ptr::null_mut());
+        // SAFETY: plain out-parameters.
+        match unsafe { umt_store_add(self.raw, k.as_ptr(), delta, &mut out, &mut err) } {
+            0 => Ok(out),
+            _ => Err(self.fail(format!("adding to `{key}`"), err)),
+        }
+    }
+
+    /// Whether `key` is set, without waiting.
+    pub fn check(&self, key: &str) -> Result<bool> {
+        let k = c_string(key, "store key")?;
+        let (mut out, mut err) = (0, std::ptr::null_mut());
+        // SAFETY: plain out-parameters.
+        match unsafe { umt_store_check(self.raw, k.as_ptr(), &mut out, &mut err) } {
+            0 => Ok(out != 0),
+            _ => Err(self.fail(format!("checking `{key}`"), err)),
+        }
+    }
+
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    pub(crate) fn raw(&self) -> *mut c_void {
+        self.raw.cast()
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        // SAFETY: owned pointer, freed once.
+        unsafe { umt_store_free(self.raw) }
+    }
+}
+
+/// Whether this build has the NCCL backend compiled in (build.rs found the CUDA headers).
+pub fn nccl_compiled() -> bool {
+    // SAFETY: no arguments, no state.
+    unsafe { umt_nccl_compiled() != 0 }
+}
+
+/// c10d's ProcessGroupNCCL: collectives on CUDA tensors of this process's device.
+pub struct NcclGroup {
+    raw: *mut RawGroup,
+    rank: usize,
+    world_size: usize,
+    // Keeps the store alive as long as the group uses it.
+    _store: std::sync::Arc<Store>,
+}
+
+// SAFETY: ProcessGroupNCCL is thread-safe (c10d enqueues work under its own locks); owned pointer.
+unsafe impl Send for NcclGroup {}
+unsafe impl Sync for NcclGroup {}
+
+impl NcclGroup {
+    pub fn new(
+        store: std::sync::Arc<Store>,
+        rank: usize,
+        world_size: usize,
+        device: usize,
+        timeout: Duration,
+    ) -> Result<NcclGroup> {
+        let prefix = c_string("nccl", "prefix")?;
+        let mut err = std::ptr::null_mut();
+        // SAFETY: the store outlives the group (kept in `_store`).
+        let raw = unsafe {
+            umt_pg_nccl_new(
+                store.raw().cast(),
+                prefix.as_ptr(),
+                rank as c_int,
+                world_size as c_int,
+                device as c_int,
+                millis(timeout),
+                &mut err,
+            )
+        };
+        if raw.is_null() {
+            return Err(Error::Collective {
+                rank,
+                msg: format!("creating the NCCL process group: {}", take_error(err)),
+            });
+        }
+        Ok(NcclGroup {
+            raw,
+            rank,
+            world_size,
+            _store: store,
+        })
+    }
+
+    fn check(&self, what: &str, rc: c_int, err: *mut c_char) -> Result<()> {
+        match rc {
+            0 => Ok(()),
+            _ => Err(Error::Collective {
+                rank: self.rank,
+                msg: format!("NCCL {what}: {}", take_error(err)),
+            }),
+        }
+    }
+
+    fn cuda(&self, t: &Tensor, what: &str) -> Result<()> {
+        if !t.device().is_cuda() || !t.is_contiguous() {
+            return Err(Error::Internal(format!(
+                "NCCL {what} needs a contiguous CUDA tensor, got one on {:?}",
+                t.device()
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for NcclGroup {
+    fn drop(&mut self) {
+        // SAFETY: owned pointer, freed once (shuts the communicators down).
+        unsafe { umt_pg_free(self.raw) }
+    }
+}
+
+impl super::Collective for NcclGroup {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world_size(&self) -> usize {
+        self.world_size
+    }
+    fn all_reduce(&self, t: &mut Tensor, op: super::ReduceOp) -> Result<()> {
+        self.cuda(t, "all-reduce")?;
+        let mut err = std::ptr::null_mut();
+        let code = match op {
+            super::ReduceOp::Sum => 0,
+            super::ReduceOp::Mean => 1,
+        };
+        // SAFETY: `t` is a live tensor; the shim reduces it in place.
+        let rc = unsafe { umt_pg_allreduce(self.raw, t.as_mut_ptr(), code, &mut err) };
+        self.check("all-reduce", rc, err)
+    }
+    fn broadcast(&self, t: &mut Tensor, root: usize) -> Result<()> {
+        self.cuda(t, "broadcast")?;
+        let mut err = std::ptr::null_mut();
+        // SAFETY: as above.
+        let rc = unsafe { umt_pg_broadcast(self.raw, t.as_mut_ptr(), root as c_int, &mut err) };
+        self.check("broadcast", rc, err)
+    }
+    fn all_gather_same(&self, t: &Tensor) -> Result<Tensor> {
+        let input = t.contiguous();
+        self.cuda(&input, "all-gather")?;
+        let mut shape = input.size();
+        if shape.is_empty() {
+            shape.push(1);
+        }
+        shape[0] *= self.world_size as i64;
+        let mut out = Tensor::empty(shape.as_slice(), (input.kind(), input.device()));
+        let mut input = input.view(shape_of_rows(&input).as_slice());
+        let mut err = std::ptr::null_mut();
+        // SAFETY: `out` holds world_size copies of `input`'s shape, both contiguous, same dtype.
+        let rc =
+            unsafe { umt_pg_allgather(self.raw, out.as_mut_ptr(), input.as_mut_ptr(), &mut err) };
+        self.check("all-gather", rc, err)?;
+        Ok(out)
+    }
+}
+
+/// `t`'s shape with at least one dimension.
+fn shape_of_rows(t: &Tensor) -> Vec<i64> {
+    let s = t.size();
+    if s.is_empty() {
+        vec![1]
+    } else {
+        s
+    }
+}

@@ -1,0 +1,116 @@
+// A C ABI over libtorch's c10d::ProcessGroupNCCL (collectives on CUDA tensors, ordered on
+// libtorch's current stream, with c10d's timeout watchdog and communicator abort), built over the
+// store of store.cpp. Compiled with -DUSE_C10D_NCCL -DUSE_CUDA when build.rs finds the CUDA and
+// NCCL headers (pip packages, see the Makefile); otherwise UMTUNE_NO_NCCL makes every entry
+// report that this build has no NCCL. Tensors arrive as at::Tensor* (tch's C_tensor) and are
+// reduced in place.
+#include "shim.h"
+
+#include <cstring>
+
+#ifndef UMTUNE_NO_NCCL
+#include <c10/cuda/CUDAFunctions.h>
+#include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
+struct umt_pg {
+  c10::intrusive_ptr<c10d::ProcessGroupNCCL> pg;
+};
+#else
+struct umt_pg {};
+static const char* kNoNccl =
+    "this umtune was built without the CUDA/NCCL headers (make venv installs them), so the "
+    "nccl backend is absent";
+#endif
+
+extern "C" {
+
+int umt_nccl_compiled() {
+#ifndef UMTUNE_NO_NCCL
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+umt_pg* umt_pg_nccl_new(umt_store* s, const char* prefix, int rank, int world, int device,
+                        int timeout_ms, char** err) {
+#ifndef UMTUNE_NO_NCCL
+  try {
+    c10::cuda::set_device(static_cast<c10::DeviceIndex>(device));
+    auto store = c10::make_intrusive<c10d::PrefixStore>(prefix, s->store);
+    auto opts = c10d::ProcessGroupNCCL::Options::create();
+    opts->timeout = std::chrono::milliseconds(timeout_ms);
+    return new umt_pg{c10::make_intrusive<c10d::ProcessGroupNCCL>(store, rank, world, opts)};
+  } catch (const std::exception& e) {
+    *err = umt_dup_error(e.what());
+    return nullptr;
+  }
+#else
+  *err = umt_dup_error(kNoNccl);
+  return nullptr;
+#endif
+}
+
+// op: 0 sum, 1 average.
+int umt_pg_allreduce(umt_pg* p, at::Tensor* t, int op, char** err) {
+#ifndef UMTUNE_NO_NCCL
+  try {
+    std::vector<at::Tensor> v{*t};
+    c10d::AllreduceOptions o;
+    o.reduceOp = op == 1 ? c10d::ReduceOp::AVG : c10d::ReduceOp::SUM;
+    p->pg->allreduce(v, o)->wait();
+    return 0;
+  } catch (const std::exception& e) {
+    *err = umt_dup_error(e.what());
+    return 1;
+  }
+#else
+  *err = umt_dup_error(kNoNccl);
+  return 1;
+#endif
+}
+
+int umt_pg_broadcast(umt_pg* p, at::Tensor* t, int root, char** err) {
+#ifndef UMTUNE_NO_NCCL
+  try {
+    std::vector<at::Tensor> v{*t};
+    c10d::BroadcastOptions o;
+    o.rootRank = root;
+    p->pg->broadcast(v, o)->wait();
+    return 0;
+  } catch (const std::exception& e) {
+    *err = umt_dup_error(e.what());
+    return 1;
+  }
+#else
+  *err = umt_dup_error(kNoNccl);
+  return 1;
+#endif
+}
+
+// out: (world * n, ...) contiguous; in: (n, ...), the same on every rank.
+int umt_pg_allgather(umt_pg* p, at::Tensor* out, at::Tensor* in, char** err) {
+#ifndef UMTUNE_NO_NCCL
+  try {
+    p->pg->_allgather_base(*out, *in)->wait();
+    return 0;
+  } catch (const std::exception& e) {
+    *err = umt_dup_error(e.what());
+    return 1;
+  }
+#else
+  *err = umt_dup_error(kNoNccl);
+  return 1;
+#endif
+}
+
+void umt_pg_free(umt_pg* p) {
+#ifndef UMTUNE_NO_NCCL
+  try {
+    p->pg->shutdown();
+  } catch (...) {
+  }
+#endif
+  delete p;
+}
+
+}  // extern "C"

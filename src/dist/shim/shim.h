@@ -1,0 +1,11 @@
+// Types shared by the shim's translation units (store.cpp, nccl.cpp). Not a public header.
+#pragma once
+#include <torch/csrc/distributed/c10d/Store.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+
+struct umt_store {
+  c10::intrusive_ptr<c10d::Store> store;     // the PrefixStore every key goes through
+  c10::intrusive_ptr<c10d::TCPStore> tcp;  // the connection (or server) under it
+};
+
+char* umt_dup_error(const char* what);

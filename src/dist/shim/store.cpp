@@ -1,0 +1,87 @@
+// A C ABI over libtorch's own rendezvous store, c10d::TCPStore wrapped in a c10d::PrefixStore,
+// compiled by build.rs against the torch wheel's headers (the flags torch-sys compiles libtch
+// with). Rust reaches c10d only through this file and nccl.cpp; see src/dist/c10d.rs.
+// Every entry catches C++ exceptions and hands the message back through `err` (free it with
+// umt_free); nothing throws across the boundary.
+#include "shim.h"
+
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+
+#include <cstring>
+
+char* umt_dup_error(const char* what) { return strdup(what); }
+
+extern "C" {
+
+void umt_free(void* p) { free(p); }
+
+umt_store* umt_store_new(const char* host, int port, int is_server, int world, int timeout_ms,
+                         const char* prefix, char** err) {
+  try {
+    c10d::TCPStoreOptions o;
+    o.port = static_cast<uint16_t>(port);
+    o.isServer = is_server != 0;
+    if (o.isServer && world > 0) o.numWorkers = static_cast<size_t>(world);
+    o.waitWorkers = false;
+    o.timeout = std::chrono::milliseconds(timeout_ms);
+    auto tcp = c10::make_intrusive<c10d::TCPStore>(host, o);
+    auto store = c10::make_intrusive<c10d::PrefixStore>(prefix, tcp);
+    return new umt_store{store, tcp};
+  } catch (const std::exception& e) {
+    *err = umt_dup_error(e.what());
+    return nullptr;
+  }
+}
+
+int umt_store_port(umt_store* s) { return static_cast<int>(s->tcp->getPort()); }
+
+int umt_store_set(umt_store* s, const char* key, const uint8_t* value, size_t len, char** err) {
+  try {
+    std::vector<uint8_t> v(value, value + len);
+    s->store->set(key, v);
+    return 0;
+  } catch (const std::exception& e) {
+    *err = umt_dup_error(e.what());
+    return 1;
+  }
+}
+
+int umt_store_get(umt_store* s, const char* key, int timeout_ms, uint8_t** out, size_t* len,
+                  char** err) {
+  try {
+    s->store->wait({key}, std::chrono::milliseconds(timeout_ms));
+    std::vector<uint8_t> v = s->store->get(key);
+    *len = v.size();
+    *out = static_cast<uint8_t*>(malloc(v.size() > 0 ? v.size() : 1));
+    if (!v.empty()) memcpy(*out, v.data(), v.size());
+    return 0;
+  } catch (const std::exception& e) {
+    *err = umt_dup_error(e.what());
+    return 1;
+  }
+}
+
+int umt_store_add(umt_store* s, const char* key, int64_t delta, int64_t* out, char** err) {
+  try {
+    *out = s->store->add(key, delta);
+    return 0;
+  } catch (const std::exception& e) {
+    *err = umt_dup_error(e.what());
+    return 1;
+  }
+}
+
+int umt_store_check(umt_store* s, const char* key, int* out, char** err) {
+  try {
+    *out = s->store->check({key}) ? 1 : 0;
+    return 0;
+  } catch (const std::exception& e) {
+    *err = umt_dup_error(e.what());
+    return 1;
+  }
+}
+
+void umt_store_free(umt_store* s) { delete s; }
+
+}  // extern "C"
