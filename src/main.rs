@@ -397,6 +397,8 @@ fn run(command: Command) -> Result<()> {
             )?;
             let job = JobEnv::from_process()?;
             let ctx = RunContext::for_job(&cfg, &job)?.with_signal_handling()?;
+            // Downloads (hub models) happen once per node.
+            ctx.local_rank_zero_first(|| resolve::resolve(&cfg.model.source).map(|_| ()))?;
             let summary = trainer::train(&cfg, &ctx)?;
             ctx.finish()?;
             if ctx.is_writer {

@@ -29,35 +29,7 @@ fn on_ranks<T: Send + 'static>(
             .into_iter()
             .map(|g| Box::new(g) as Box<dyn Collective>)
             .collect(),
-        "ring" => {
-            // The test is the store's server, every rank a client (as under torchrun's agent).
-            let server = Arc::new(
-                Store::connect("127.0.0.1", 0, true, world, TIMEOUT, "conformance", 0).unwrap(),
-            );
-            let port = server.port();
-            let handles: Vec<_> = (0..world)
-                .map(|rank| {
-                    std::thread::spawn(move || {
-                        let store = Store::connect(
-                            "127.0.0.1",
-                            port,
-                            false,
-                            world,
-                            TIMEOUT,
-                            "conformance",
-                            rank,
-                        )
-                        .unwrap();
-                        Box::new(
-                            RingGroup::connect(&store, rank, world, "127.0.0.1", TIMEOUT).unwrap(),
-                        ) as Box<dyn Collective>
-                    })
-                })
-                .collect();
-            let groups = handles.into_iter().map(|h| h.join().unwrap()).collect();
-            drop(server);
-            groups
-        }
+        "ring" => common::ring_groups(world),
         other => panic!("unknown backend {other}"),
     };
     let handles: Vec<_> = groups
@@ -577,6 +549,49 @@ fn srun_two_ranks_match_one_process() -> TestResult {
         .output()?;
     check(&run, "srun");
     assert_same_run(&out.join("w1"), &out.join("srun"), PARITY_TOL);
+    let _ = std::fs::remove_dir_all(&out);
+    Ok(())
+}
+
+#[test]
+fn sigterm_to_the_launcher_reaches_every_rank_and_the_run_is_saved() -> TestResult {
+    let out = std::env::temp_dir().join(format!("umtune-sigterm-{}", std::process::id()));
+    let mut launch = Command::new(launcher_bin())
+        .args(["--nproc-per-node", "2", "--"])
+        .arg(umtune_bin())
+        .args(train_args(
+            &out,
+            "stopped",
+            4,
+            100000,
+            &["data.train_limit=400"],
+        ))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let start = Instant::now();
+    while !out.join("stopped/metrics.jsonl").exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "training never started"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    Command::new("kill")
+        .args(["-TERM", &launch.id().to_string()])
+        .status()?;
+    let status = launch.wait()?;
+    let mut stderr = String::new();
+    use std::io::Read;
+    launch.stderr.take().unwrap().read_to_string(&mut stderr)?;
+    assert!(!status.success());
+    assert!(stderr.contains("forwarding SIGTERM"), "{stderr}");
+    // Both ranks stopped at the same step (the stop is agreed), rank 0 saved and recorded it.
+    assert!(stderr.contains("failed with exit status 143"), "{stderr}");
+    let record = common::read_json(out.join("stopped/run.json"))?;
+    assert_eq!(record["state"], "interrupted");
+    assert!(record["weights_step"].as_u64().unwrap() >= 1);
     let _ = std::fs::remove_dir_all(&out);
     Ok(())
 }

@@ -138,13 +138,23 @@ fn ring_top_k_and_self_exclusion_match_brute_force() -> TestResult {
 
 /// Each rank writes its slice of `0..written` (unequal sizes), then reads its own queries; the
 /// results of every rank, in rank order.
+/// `ring`: the ranks talk through the CPU TCP ring (real sockets) instead of in-process.
 fn sharded_reads(
     world: usize,
     capacity: usize,
     written: usize,
     k: usize,
+    ring: bool,
 ) -> Result<Vec<Vec<Vec<Hit>>>, String> {
-    let handles: Vec<_> = InProcessGroup::new(world)
+    let groups: Vec<Box<dyn Collective>> = if ring {
+        common::ring_groups(world)
+    } else {
+        InProcessGroup::new(world)
+            .into_iter()
+            .map(|g| Box::new(g) as Box<dyn Collective>)
+            .collect()
+    };
+    let handles: Vec<_> = groups
         .into_iter()
         .map(|group| {
             std::thread::spawn(move || -> Result<_, String> {
@@ -158,11 +168,13 @@ fn sharded_reads(
                     let a = lo + n * rank / world;
                     let b = lo + n * (rank + 1) / world;
                     let (k_, v, ids) = tensors(a..b);
-                    mem.write(&group, &k_, &v, &ids)
+                    mem.write(group.as_ref(), &k_, &v, &ids)
                         .map_err(|e| e.to_string())?;
                 }
                 let (q, qids) = queries(rank + 1, rank * 3);
-                let r = mem.read(&group, &q, &qids, k).map_err(|e| e.to_string())?;
+                let r = mem
+                    .read(group.as_ref(), &q, &qids, k)
+                    .map_err(|e| e.to_string())?;
                 rows(&r).map_err(|e| e.to_string())
             })
         })
@@ -178,16 +190,20 @@ fn sharded_reads_equal_the_unsharded_memory() -> TestResult {
     // (capacity, entries written, k): wrapped ring with ties; and a memory so small that some
     // shards hold fewer than k entries (or none).
     for (capacity, written, k) in [(24, 40, 6), (10, 5, 8)] {
-        let single = sharded_reads(1, capacity, written, k)?;
-        for world in [2, 3, 4] {
-            let sharded = sharded_reads(world, capacity, written, k)?;
+        let single = sharded_reads(1, capacity, written, k, false)?;
+        // In-process ranks, and ranks over the CPU ring's sockets.
+        for (world, ring) in [(2, false), (3, false), (4, false), (2, true), (4, true)] {
+            let sharded = sharded_reads(world, capacity, written, k, ring)?;
             for (rank, got) in sharded.iter().enumerate() {
                 let (q, qids) = queries(rank + 1, rank * 3);
                 let qv = Vec::<Vec<f32>>::try_from(&q)?;
                 let qi = Vec::<i64>::try_from(&qids)?;
                 for (i, row) in got.iter().enumerate() {
                     let want = brute_force(written, capacity, 0.5, &qv[i], qi[i], k);
-                    assert_eq!(row, &want, "world {world} rank {rank} query {i}");
+                    assert_eq!(
+                        row, &want,
+                        "world {world} (ring {ring}) rank {rank} query {i}"
+                    );
                 }
             }
         }

@@ -108,6 +108,23 @@ impl RunContext {
         })
     }
 
+    /// Runs `prepare` (a model download, a cache) on local rank 0 first and on the other ranks
+    /// after a barrier, so that ranks never fetch the same files at once. A failure on local rank
+    /// 0 still reaches the barrier, so the others do not hang.
+    pub fn local_rank_zero_first<T>(&self, prepare: impl FnOnce() -> Result<T>) -> Result<T> {
+        if self.world_size == 1 {
+            return prepare();
+        }
+        if self.local_rank == 0 {
+            let out = prepare();
+            self.group.barrier()?;
+            out
+        } else {
+            self.group.barrier()?;
+            prepare()
+        }
+    }
+
     /// Waits for every rank (the end of a job: rank 0 may serve the store the others still use).
     pub fn finish(&self) -> Result<()> {
         self.group.barrier()

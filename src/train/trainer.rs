@@ -78,6 +78,8 @@ pub fn train_model(cfg: &Config, ctx: &RunContext) -> Result<(Summary, TaskModel
     let (mut bad_in_a_row, mut skipped, mut tokens, mut train_secs) =
         (0usize, 0usize, 0usize, 0.0f64);
     let mut guard = SpikeGuard::default();
+    // Seconds spent all-reducing gradients (the data-parallel communication), for the log.
+    let mut sync_secs = 0.0f64;
     for step in 1..=total {
         let step_start = Instant::now();
         let logged = step % t.log_every == 0 || step == total;
@@ -122,7 +124,9 @@ pub fn train_model(cfg: &Config, ctx: &RunContext) -> Result<(Summary, TaskModel
             }
         } else {
             bad_in_a_row = 0;
+            let sync_start = Instant::now();
             sync_gradients(ctx.group.as_ref(), &opt)?;
+            sync_secs += sync_start.elapsed().as_secs_f64();
             let part_norms = opt.grad_norms_by(part_of)?;
             let grad_norm = opt.clip_grad_norm(t.max_grad_norm);
             if let Some(spike) = guard.observe(step, loss_value, grad_norm, &part_norms) {
@@ -165,6 +169,7 @@ pub fn train_model(cfg: &Config, ctx: &RunContext) -> Result<(Summary, TaskModel
                 log.write(serde_json::json!({
                     "step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
                     "tokens_per_s": tps, "grad_norms": part_norms, "probe": model.probe.take(),
+                    "grad_sync_share": sync_secs / train_secs.max(1e-9),
                 }))?;
             }
         }

@@ -170,3 +170,32 @@ pub fn train(
 ) -> Result<umtune::train::report::Summary, Box<dyn std::error::Error>> {
     Ok(train_model(cfg)?.0)
 }
+
+/// `world` ranks of the CPU ring backend, connected over loopback through a TCPStore this
+/// function serves (each rank a client, as under torchrun's agent store); rank order.
+pub fn ring_groups(world: usize) -> Vec<Box<dyn umtune::dist::Collective>> {
+    use umtune::dist::c10d::Store;
+    let timeout = std::time::Duration::from_secs(30);
+    let server = Store::connect("127.0.0.1", 0, true, world, timeout, "ring-test", 0).unwrap();
+    let port = server.port();
+    let handles: Vec<_> = (0..world)
+        .map(|rank| {
+            std::thread::spawn(move || {
+                let store =
+                    Store::connect("127.0.0.1", port, false, world, timeout, "ring-test", rank)
+                        .unwrap();
+                Box::new(
+                    umtune::dist::ring::RingGroup::connect(
+                        &store,
+                        rank,
+                        world,
+                        "127.0.0.1",
+                        timeout,
+                    )
+                    .unwrap(),
+                ) as Box<dyn umtune::dist::Collective>
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
