@@ -47,7 +47,9 @@ impl RunContext {
     /// unless torchrun's agent does) and connects the collective `dist.backend` picks — `nccl`
     /// for a CUDA device under `auto`, the TCP ring otherwise.
     pub fn for_job(cfg: &Config, job: &JobEnv) -> Result<RunContext> {
-        if job.world_size == 1 {
+        // One process talks to nobody, unless NCCL is asked for by name (a world of one through
+        // c10d, the GPU check of the NCCL path on a one-GPU machine).
+        if job.world_size == 1 && cfg.dist.backend != Backend::Nccl {
             let mut ctx = RunContext::single(cfg)?;
             ctx.device = device_for(&cfg.model.device, job.local_rank)?;
             ctx.local_rank = job.local_rank;
