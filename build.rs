@@ -83,7 +83,7 @@ fn cuda_header_dirs(site_packages: &std::path::Path) -> Option<Vec<PathBuf>> {
 }
 
 fn compile_shim(lib: &std::path::Path) {
-    for f in ["shim.h", "store.cpp", "nccl.cpp"] {
+    for f in ["shim.h", "store.cpp", "nccl.cpp", "random.cpp"] {
         println!("cargo:rerun-if-changed=src/dist/shim/{f}");
     }
     println!("cargo:rerun-if-env-changed=UMTUNE_CUDA_HEADERS");
@@ -92,23 +92,20 @@ fn compile_shim(lib: &std::path::Path) {
     let site_packages = torch.parent().expect("torch has a parent");
     // The wheel is built with the C++11 ABI (torch._C._GLIBCXX_USE_CXX11_ABI), as torch-sys assumes.
     let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
-    let base = || {
-        let mut b = cc::Build::new();
-        b.cpp(true)
-            .pic(true)
-            .warnings(false)
-            .include(torch.join("include"))
-            .include(torch.join("include/torch/csrc/api/include"))
-            .include("src/dist/shim")
-            .flag("-std=c++17")
-            .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
-            .define("GLOG_USE_GLOG_EXPORT", None);
-        b
-    };
-    let mut build = base();
+    let mut build = cc::Build::new();
     build
+        .cpp(true)
+        .pic(true)
+        .warnings(false)
+        .include(torch.join("include"))
+        .include(torch.join("include/torch/csrc/api/include"))
+        .include("src/dist/shim")
+        .flag("-std=c++17")
+        .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
+        .define("GLOG_USE_GLOG_EXPORT", None)
         .file("src/dist/shim/store.cpp")
-        .file("src/dist/shim/nccl.cpp");
+        .file("src/dist/shim/nccl.cpp")
+        .file("src/dist/shim/random.cpp");
     match cuda_header_dirs(site_packages) {
         Some(dirs) if lib.join("libtorch_cuda.so").exists() => {
             for d in dirs {

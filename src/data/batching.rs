@@ -110,7 +110,18 @@ pub struct Batch {
 
 /// Pads `items` on the right to the longest one with `pad_id`.
 pub fn collate(items: &[&Encoded], pad_id: i64, device: Device) -> Batch {
-    let seq_len = items.iter().map(|e| e.ids.len()).max().unwrap_or(1);
+    collate_to(items, pad_id, device, 0)
+}
+
+/// [`collate`] padding to at least `min_len` positions (a data-parallel rank pads its share to
+/// the global batch's longest example, so its rows have the shapes one process would use).
+pub fn collate_to(items: &[&Encoded], pad_id: i64, device: Device, min_len: usize) -> Batch {
+    let seq_len = items
+        .iter()
+        .map(|e| e.ids.len())
+        .max()
+        .unwrap_or(1)
+        .max(min_len);
     let tokens = items.first().is_some_and(|e| !e.token_labels.is_empty());
     let mut ids = Vec::with_capacity(items.len() * seq_len);
     let mut mask = Vec::with_capacity(items.len() * seq_len);

@@ -63,8 +63,10 @@ impl LoraLinear {
     /// The low-rank update for input `x (..., n_in)`, in `x`'s dtype.
     pub fn delta(&self, x: &Tensor) -> Tensor {
         let h = x.to_kind(Kind::Float);
-        let h = if self.dropout > 0.0 {
-            h.dropout(self.dropout, self.training.get())
+        let h = if self.dropout > 0.0 && self.training.get() {
+            // Inverted dropout with a per-example mask (dimension 0 runs over the examples).
+            let keep = crate::task::noise::rand(&h.size(), 0, &h).ge(self.dropout);
+            h * keep.to_kind(Kind::Float) / (1.0 - self.dropout)
         } else {
             h
         };

@@ -11,13 +11,13 @@ use super::report::Summary;
 use super::run_dir::{RunDir, RunState};
 use super::schedule::learning_rate;
 use crate::config::Config;
-use crate::data::batching::{collate, padded, shard, Encoded, Sampler, IGNORE};
+use crate::data::batching::{collate_to, padded, shard, Encoded, Sampler, IGNORE};
 use crate::data::dataset::load_data;
 use crate::dist::context::signal_name;
 use crate::dist::{Collective, ReduceOp, RunContext};
 use crate::error::{Error, Result};
 use crate::models::resolve::load_tokenizer;
-use crate::task::TaskModel;
+use crate::task::{noise, TaskModel};
 use crate::uncertainty::calibration::{at_search_bound, fit_temperature, T_RANGE};
 use std::time::Instant;
 use tch::{Kind, Tensor};
@@ -44,11 +44,6 @@ pub fn train_model(cfg: &Config, ctx: &RunContext) -> Result<(Summary, TaskModel
     let device = ctx.device;
     let world = ctx.world_size;
     model.broadcast_trainable()?;
-    if ctx.rank > 0 {
-        // Each rank draws its own dropout and noise from (seed, rank); rank 0 keeps one process's
-        // stream (README: random streams under data parallelism).
-        tch::manual_seed(rank_seed(cfg.run.seed, ctx.rank));
-    }
 
     let t = &cfg.train;
     let mut opt = AdamW::new(model.named_trainable(), t.weight_decay);
@@ -90,17 +85,27 @@ pub fn train_model(cfg: &Config, ctx: &RunContext) -> Result<(Summary, TaskModel
         opt.zero_grad();
         let lr = learning_rate(t.schedule, t.lr, step - 1, warmup, total);
         let mut loss_value = 0.0;
-        for _ in 0..t.grad_accum {
+        for micro in 0..t.grad_accum {
             let global = sampler.next_batch(&lengths);
             let idx = shard(&global, ctx.rank, world);
             let items: Vec<&Encoded> = idx.iter().map(|&i| &data.train[i]).collect();
-            let batch = collate(&items, pad, device);
+            // Padded to the global batch's longest example, and each example's dropout and
+            // noise keyed by its position in the global batch: every rank's rows are the rows
+            // one process would compute.
+            let longest = global.iter().map(|&i| lengths[i]).max().unwrap_or(1);
+            let batch = collate_to(&items, pad, device, longest);
             tokens += batch.n_tokens;
-            let fwd = model.forward(
-                &batch.input_ids,
-                &batch.attention_mask,
-                Some(&batch.example_ids),
-            )?;
+            let first = ctx.rank * idx.len();
+            let keys = (first..first + idx.len())
+                .map(|position| noise::example_key(cfg.run.seed, step, micro, position))
+                .collect();
+            let fwd = noise::with_streams(keys, || {
+                model.forward(
+                    &batch.input_ids,
+                    &batch.attention_mask,
+                    Some(&batch.example_ids),
+                )
+            })?;
             // Normalized by the global batch's labelled units, so N ranks step as one process
             // at N times the batch (rank gradients are averaged, hence the division by N).
             let units = (world > 1).then(|| {
@@ -272,11 +277,6 @@ fn mean_over_ranks(group: &dyn Collective, x: f64) -> Result<f64> {
     let mut t = Tensor::from_slice(&[x]);
     group.all_reduce(&mut t, ReduceOp::Mean)?;
     Ok(t.double_value(&[0]))
-}
-
-/// The seed of rank `rank`'s random streams (dropout, noise) after the model is built.
-fn rank_seed(seed: u64, rank: usize) -> i64 {
-    (seed ^ (rank as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)) as i64
 }
 
 /// Labelled units of the examples at `idx`: examples (classification) or tagged tokens (NER).

@@ -92,7 +92,8 @@ impl UncertainHead {
         let s2 = out.variance.as_ref()?;
         let mut shape = vec![n];
         shape.extend(out.logits.size());
-        let eps = Tensor::randn(shape.as_slice(), (Kind::Float, out.logits.device()));
+        // Dimension 1 runs over the batch's examples.
+        let eps = crate::task::noise::randn(&shape, 1, &out.logits);
         Some(out.logits.unsqueeze(0) + s2.sqrt().unsqueeze(0) * eps)
     }
 }
