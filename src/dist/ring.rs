@@ -18,7 +18,7 @@ use super::{Collective, ReduceOp};
 use crate::error::{Error, Result};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::sync::Mutex;
+use std::sync::{mpsc, Mutex};
 use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
 
@@ -32,6 +32,49 @@ const MAGIC: &[u8; 4] = b"UMTR";
 struct Links {
     next: TcpStream,
     prev: TcpStream,
+    /// Writes to `next` (a clone of its socket) while the caller reads from `prev`.
+    sender: Sender,
+}
+
+/// One thread per group that writes to the next rank while the collective's thread reads from
+/// the previous one (a thread per step would put a thread start on every step's latency).
+struct Sender {
+    jobs: mpsc::Sender<(usize, usize)>,
+    done: mpsc::Receiver<std::io::Result<()>>,
+}
+
+impl Sender {
+    fn spawn(mut stream: TcpStream) -> std::io::Result<Sender> {
+        let (jobs, job_rx) = mpsc::channel::<(usize, usize)>();
+        let (done_tx, done) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("umtune-ring-send".into())
+            .spawn(move || {
+                for (addr, len) in job_rx {
+                    // SAFETY: `send` keeps the bytes alive and unchanged until `done` reports.
+                    let bytes = unsafe { std::slice::from_raw_parts(addr as *const u8, len) };
+                    if done_tx.send(stream.write_all(bytes)).is_err() {
+                        break;
+                    }
+                }
+            })?;
+        Ok(Sender { jobs, done })
+    }
+
+    /// Writes `out` on the sender thread while `receive` runs here; returns both outcomes. Always
+    /// waits for the write to finish (bounded by the socket's timeout) before `out` is released.
+    fn send_while<T>(&self, out: &[u8], receive: impl FnOnce() -> T) -> (T, std::io::Result<()>) {
+        if self.jobs.send((out.as_ptr() as usize, out.len())).is_err() {
+            let gone = std::io::Error::other("the ring sender thread is gone");
+            return (receive(), Err(gone));
+        }
+        let got = receive();
+        let sent = self
+            .done
+            .recv()
+            .unwrap_or_else(|_| Err(std::io::Error::other("the ring sender thread is gone")));
+        (got, sent)
+    }
 }
 
 pub struct RingGroup {
@@ -141,7 +184,15 @@ impl RingGroup {
         Ok(RingGroup {
             rank,
             world_size,
-            links: Mutex::new(Links { next, prev }),
+            links: Mutex::new(Links {
+                sender: Sender::spawn(
+                    next.try_clone()
+                        .map_err(|e| fail(format!("socket to rank {next_rank}: {e}")))?,
+                )
+                .map_err(|e| fail(format!("starting the ring sender thread: {e}")))?,
+                next,
+                prev,
+            }),
         })
     }
 
@@ -175,7 +226,7 @@ impl RingGroup {
         len: usize,
         mut on_segment: impl FnMut(usize, &[u8]),
     ) -> Result<()> {
-        let Links { next, prev } = links;
+        let Links { next, prev, sender } = links;
         let mut receive = |prev: &mut TcpStream| -> Result<()> {
             let mut buf = vec![0u8; SEGMENT.min(len)];
             let mut offset = 0;
@@ -192,15 +243,9 @@ impl RingGroup {
             next.write_all(out).map_err(|e| self.send_error(e))?;
             return receive(prev);
         }
-        std::thread::scope(|s| {
-            let sender = s.spawn(|| next.write_all(out));
-            let received = receive(prev);
-            let sent = sender
-                .join()
-                .map_err(|_| Error::Internal("the ring sender thread panicked".into()))?;
-            received?;
-            sent.map_err(|e| self.send_error(e))
-        })
+        let (received, sent) = sender.send_while(out, || receive(prev));
+        received?;
+        sent.map_err(|e| self.send_error(e))
     }
 
     /// Ring all-reduce of `data` in place (reduce-scatter, then all-gather).
@@ -253,28 +298,20 @@ impl RingGroup {
             out.extend(hdr[0].to_le_bytes());
             out.extend(hdr[1].to_le_bytes());
             out.extend(bytes);
-            let Links { next, prev } = &mut *links;
+            let Links { prev, sender, .. } = &mut *links;
             // The header first (fixed size: length and two words), then the block.
-            let received = std::thread::scope(|sc| -> Result<(Vec<u8>, [u64; 2])> {
-                let sender = sc.spawn(|| next.write_all(&out));
-                let mut receive = || -> std::io::Result<(Vec<u8>, [u64; 2])> {
-                    let mut head = [0u8; 24];
-                    prev.read_exact(&mut head)?;
-                    let word = |i: usize| {
-                        u64::from_le_bytes(head[i * 8..i * 8 + 8].try_into().expect("8 bytes"))
-                    };
-                    let mut body = vec![0u8; word(0) as usize];
-                    prev.read_exact(&mut body)?;
-                    Ok((body, [word(1), word(2)]))
+            let (got, sent) = sender.send_while(&out, || -> std::io::Result<_> {
+                let mut head = [0u8; 24];
+                prev.read_exact(&mut head)?;
+                let word = |i: usize| {
+                    u64::from_le_bytes(head[i * 8..i * 8 + 8].try_into().expect("8 bytes"))
                 };
-                let got = receive();
-                let sent = sender
-                    .join()
-                    .map_err(|_| Error::Internal("the ring sender thread panicked".into()))?;
-                let got = got.map_err(|e| self.recv_error(e))?;
-                sent.map_err(|e| self.send_error(e))?;
-                Ok(got)
-            })?;
+                let mut body = vec![0u8; word(0) as usize];
+                prev.read_exact(&mut body)?;
+                Ok((body, [word(1), word(2)]))
+            });
+            let received = got.map_err(|e| self.recv_error(e))?;
+            sent.map_err(|e| self.send_error(e))?;
             blocks[recv] = Some(received);
         }
         blocks
@@ -289,7 +326,7 @@ impl RingGroup {
     /// Forwards `data` from `root` around the ring, segment by segment.
     fn ring_broadcast(&self, data: &mut [u8], root: usize) -> Result<()> {
         let mut links = self.links()?;
-        let Links { next, prev } = &mut *links;
+        let Links { next, prev, .. } = &mut *links;
         let forward = self.next_rank() != root;
         if self.rank == root {
             return next.write_all(data).map_err(|e| self.send_error(e));
