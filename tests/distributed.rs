@@ -395,20 +395,40 @@ fn launcher_two_and_three_ranks_match_one_process() -> TestResult {
 
 #[test]
 fn torchrun_two_ranks_match_one_process() -> TestResult {
-    let out = std::env::temp_dir().join(format!("umtune-torchrun-{}", std::process::id()));
+    let mut torchrun = Command::new(venv_bin("torchrun"));
+    torchrun.args(["--standalone", "--no-python", "--nproc-per-node", "2"]);
+    two_ranks_match_one_process("torchrun", torchrun)
+}
+
+/// `launcher` (a command that starts 2 ranks of what follows it) trains 20 steps at batch 4 per
+/// rank; one process trains at batch 8; the runs must match.
+fn two_ranks_match_one_process(name: &str, mut launcher: Command) -> TestResult {
+    let out = std::env::temp_dir().join(format!("umtune-{name}-{}", std::process::id()));
     let one = Command::new(umtune_bin())
         .args(train_args(&out, "w1", 8, 20, &[]))
         .output()?;
     check(&one, "one process");
-    let run = Command::new(venv_bin("torchrun"))
-        .args(["--standalone", "--no-python", "--nproc-per-node", "2"])
+    let run = launcher
         .arg(umtune_bin())
-        .args(train_args(&out, "torchrun", 4, 20, &[]))
+        .args(train_args(&out, name, 4, 20, &[]))
         .output()?;
-    check(&run, "torchrun");
-    assert_same_run(&out.join("w1"), &out.join("torchrun"), PARITY_TOL);
+    check(&run, name);
+    assert_same_run(&out.join("w1"), &out.join(name), PARITY_TOL);
     let _ = std::fs::remove_dir_all(&out);
     Ok(())
+}
+
+/// A 2-rank umtune-launch job that trains until stopped (stderr piped), its workers tagged with
+/// `UMTUNE_TEST_TAG=tag`.
+fn long_job(out: &Path, name: &str, tag: &str) -> std::io::Result<std::process::Child> {
+    Command::new(launcher_bin())
+        .args(["--nproc-per-node", "2", "--grace-s", "3", "--"])
+        .arg(umtune_bin())
+        .args(train_args(out, name, 4, 100000, &["data.train_limit=400"]))
+        .env("UMTUNE_TEST_TAG", tag)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
 }
 
 /// umtune processes carrying `UMTUNE_TEST_TAG=tag` in their environment (other tests' workers
@@ -437,21 +457,8 @@ fn env_of(pid: u32, key: &str) -> Option<String> {
 #[test]
 fn a_killed_worker_stops_the_job_naming_its_rank() -> TestResult {
     let out = std::env::temp_dir().join(format!("umtune-kill-{}", std::process::id()));
-    let mut launch = Command::new(launcher_bin())
-        .args(["--nproc-per-node", "2", "--grace-s", "3", "--"])
-        .arg(umtune_bin())
-        .args(train_args(
-            &out,
-            "killed",
-            4,
-            100000,
-            &["data.train_limit=400"],
-        ))
-        .env("UMTUNE_TEST_TAG", format!("kill-{}", std::process::id()))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()?;
     let tag = format!("kill-{}", std::process::id());
+    let mut launch = long_job(&out, "killed", &tag)?;
     let launcher = launch.id();
     // Wait for both workers to be training (a metrics file exists), then kill rank 1.
     let start = Instant::now();
@@ -535,38 +542,15 @@ fn srun_two_ranks_match_one_process() -> TestResult {
         .arg("start")
         .output()?;
     check(&up, "cluster/local-slurm.sh start");
-    let out = std::env::temp_dir().join(format!("umtune-srun-{}", std::process::id()));
-    let one = Command::new(umtune_bin())
-        .args(train_args(&out, "w1", 8, 20, &[]))
-        .output()?;
-    check(&one, "one process");
-    let run = Command::new("srun")
-        .args(["-n", "2", "--time", "10", "--kill-on-bad-exit=1"])
-        .arg(umtune_bin())
-        .args(train_args(&out, "srun", 4, 20, &[]))
-        .output()?;
-    check(&run, "srun");
-    assert_same_run(&out.join("w1"), &out.join("srun"), PARITY_TOL);
-    let _ = std::fs::remove_dir_all(&out);
-    Ok(())
+    let mut srun = Command::new("srun");
+    srun.args(["-n", "2", "--time", "10", "--kill-on-bad-exit=1"]);
+    two_ranks_match_one_process("srun", srun)
 }
 
 #[test]
 fn sigterm_to_the_launcher_reaches_every_rank_and_the_run_is_saved() -> TestResult {
     let out = std::env::temp_dir().join(format!("umtune-sigterm-{}", std::process::id()));
-    let mut launch = Command::new(launcher_bin())
-        .args(["--nproc-per-node", "2", "--"])
-        .arg(umtune_bin())
-        .args(train_args(
-            &out,
-            "stopped",
-            4,
-            100000,
-            &["data.train_limit=400"],
-        ))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()?;
+    let mut launch = long_job(&out, "stopped", "sigterm")?;
     let start = Instant::now();
     while !out.join("stopped/metrics.jsonl").exists() {
         assert!(

@@ -14,11 +14,16 @@
 struct umt_pg {
   c10::intrusive_ptr<c10d::ProcessGroupNCCL> pg;
 };
+// The body of an entry: run under umt_guard, or (no NCCL in this build) an error saying so.
+#define NCCL_ENTRY(...) return umt_guard(err, [&] { __VA_ARGS__; })
 #else
 struct umt_pg {};
 static const char* kNoNccl =
     "this umtune was built without the CUDA/NCCL headers (make venv installs them), so the "
     "nccl backend is absent";
+#define NCCL_ENTRY(...)             \
+  *err = umt_dup_error(kNoNccl); \
+  return 1
 #endif
 
 extern "C" {
@@ -33,74 +38,41 @@ int umt_nccl_compiled() {
 
 umt_pg* umt_pg_nccl_new(umt_store* s, const char* prefix, int rank, int world, int device,
                         int timeout_ms, char** err) {
-#ifndef UMTUNE_NO_NCCL
-  try {
-    c10::cuda::set_device(static_cast<c10::DeviceIndex>(device));
-    auto store = c10::make_intrusive<c10d::PrefixStore>(prefix, s->store);
-    auto opts = c10d::ProcessGroupNCCL::Options::create();
-    opts->timeout = std::chrono::milliseconds(timeout_ms);
-    return new umt_pg{c10::make_intrusive<c10d::ProcessGroupNCCL>(store, rank, world, opts)};
-  } catch (const std::exception& e) {
-    *err = umt_dup_error(e.what());
-    return nullptr;
-  }
-#else
-  *err = umt_dup_error(kNoNccl);
-  return nullptr;
-#endif
+  umt_pg* out = nullptr;
+  int rc = [&]() -> int {
+    NCCL_ENTRY({
+      c10::cuda::set_device(static_cast<c10::DeviceIndex>(device));
+      auto store = c10::make_intrusive<c10d::PrefixStore>(prefix, s->store);
+      auto opts = c10d::ProcessGroupNCCL::Options::create();
+      opts->timeout = std::chrono::milliseconds(timeout_ms);
+      out = new umt_pg{c10::make_intrusive<c10d::ProcessGroupNCCL>(store, rank, world, opts)};
+    });
+  }();
+  return rc == 0 ? out : nullptr;
 }
 
 // op: 0 sum, 1 average.
 int umt_pg_allreduce(umt_pg* p, at::Tensor* t, int op, char** err) {
-#ifndef UMTUNE_NO_NCCL
-  try {
+  NCCL_ENTRY({
     std::vector<at::Tensor> v{*t};
     c10d::AllreduceOptions o;
     o.reduceOp = op == 1 ? c10d::ReduceOp::AVG : c10d::ReduceOp::SUM;
     p->pg->allreduce(v, o)->wait();
-    return 0;
-  } catch (const std::exception& e) {
-    *err = umt_dup_error(e.what());
-    return 1;
-  }
-#else
-  *err = umt_dup_error(kNoNccl);
-  return 1;
-#endif
+  });
 }
 
 int umt_pg_broadcast(umt_pg* p, at::Tensor* t, int root, char** err) {
-#ifndef UMTUNE_NO_NCCL
-  try {
+  NCCL_ENTRY({
     std::vector<at::Tensor> v{*t};
     c10d::BroadcastOptions o;
     o.rootRank = root;
     p->pg->broadcast(v, o)->wait();
-    return 0;
-  } catch (const std::exception& e) {
-    *err = umt_dup_error(e.what());
-    return 1;
-  }
-#else
-  *err = umt_dup_error(kNoNccl);
-  return 1;
-#endif
+  });
 }
 
 // out: (world * n, ...) contiguous; in: (n, ...), the same on every rank.
 int umt_pg_allgather(umt_pg* p, at::Tensor* out, at::Tensor* in, char** err) {
-#ifndef UMTUNE_NO_NCCL
-  try {
-    p->pg->_allgather_base(*out, *in)->wait();
-    return 0;
-  } catch (const std::exception& e) {
-    *err = umt_dup_error(e.what());
-    return 1;
-  }
-#else
-  *err = umt_dup_error(kNoNccl);
-  return 1;
-#endif
+  NCCL_ENTRY({ p->pg->_allgather_base(*out, *in)->wait(); });
 }
 
 void umt_pg_free(umt_pg* p) {

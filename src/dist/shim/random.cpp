@@ -19,7 +19,7 @@ extern "C" {
 // (normal != 0) or uniform on [0, 1).
 int umt_fill_rows_seeded(at::Tensor* t, int64_t dim, const uint64_t* seeds, int64_t n, int normal,
                          char** err) {
-  try {
+  return umt_guard(err, [&] {
     const bool cuda = t->is_cuda();
     for (int64_t i = 0; i < n; ++i) {
       at::Generator gen;
@@ -40,11 +40,7 @@ int umt_fill_rows_seeded(at::Tensor* t, int64_t dim, const uint64_t* seeds, int6
         row.uniform_(0.0, 1.0, gen);
       }
     }
-    return 0;
-  } catch (const std::exception& e) {
-    *err = umt_dup_error(e.what());
-    return 1;
-  }
+  });
 }
 
 }  // extern "C"

@@ -9,3 +9,15 @@ struct umt_store {
 };
 
 char* umt_dup_error(const char* what);
+
+// Runs `body`; 0, or 1 with the exception's message in *err (freed by the caller with umt_free).
+template <class F>
+int umt_guard(char** err, F&& body) {
+  try {
+    body();
+    return 0;
+  } catch (const std::exception& e) {
+    *err = umt_dup_error(e.what());
+    return 1;
+  }
+}

@@ -37,49 +37,26 @@ umt_store* umt_store_new(const char* host, int port, int is_server, int world, i
 int umt_store_port(umt_store* s) { return static_cast<int>(s->tcp->getPort()); }
 
 int umt_store_set(umt_store* s, const char* key, const uint8_t* value, size_t len, char** err) {
-  try {
-    std::vector<uint8_t> v(value, value + len);
-    s->store->set(key, v);
-    return 0;
-  } catch (const std::exception& e) {
-    *err = umt_dup_error(e.what());
-    return 1;
-  }
+  return umt_guard(err, [&] { s->store->set(key, std::vector<uint8_t>(value, value + len)); });
 }
 
 int umt_store_get(umt_store* s, const char* key, int timeout_ms, uint8_t** out, size_t* len,
                   char** err) {
-  try {
+  return umt_guard(err, [&] {
     s->store->wait({key}, std::chrono::milliseconds(timeout_ms));
     std::vector<uint8_t> v = s->store->get(key);
     *len = v.size();
     *out = static_cast<uint8_t*>(malloc(v.size() > 0 ? v.size() : 1));
     if (!v.empty()) memcpy(*out, v.data(), v.size());
-    return 0;
-  } catch (const std::exception& e) {
-    *err = umt_dup_error(e.what());
-    return 1;
-  }
+  });
 }
 
 int umt_store_add(umt_store* s, const char* key, int64_t delta, int64_t* out, char** err) {
-  try {
-    *out = s->store->add(key, delta);
-    return 0;
-  } catch (const std::exception& e) {
-    *err = umt_dup_error(e.what());
-    return 1;
-  }
+  return umt_guard(err, [&] { *out = s->store->add(key, delta); });
 }
 
 int umt_store_check(umt_store* s, const char* key, int* out, char** err) {
-  try {
-    *out = s->store->check({key}) ? 1 : 0;
-    return 0;
-  } catch (const std::exception& e) {
-    *err = umt_dup_error(e.what());
-    return 1;
-  }
+  return umt_guard(err, [&] { *out = s->store->check({key}) ? 1 : 0; });
 }
 
 void umt_store_free(umt_store* s) { delete s; }
