@@ -577,3 +577,48 @@ fn sigterm_to_the_launcher_reaches_every_rank_and_the_run_is_saved() -> TestResu
     let _ = std::fs::remove_dir_all(&out);
     Ok(())
 }
+
+#[test]
+fn two_launchers_as_two_nodes_match_one_process() -> TestResult {
+    // umtune-launch's multi-node path on loopback: node 0 serves the store on a fixed port, node 1
+    // only spawns its worker, which joins node 0's store.
+    let out = std::env::temp_dir().join(format!("umtune-nodes-{}", std::process::id()));
+    let one = Command::new(umtune_bin())
+        .args(train_args(&out, "w1", 8, 20, &[]))
+        .output()?;
+    check(&one, "one process");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let node = |rank: usize| {
+        Command::new(launcher_bin())
+            .args([
+                "--nnodes",
+                "2",
+                "--nproc-per-node",
+                "1",
+                "--master-addr",
+                "127.0.0.1",
+            ])
+            .args([
+                "--master-port",
+                &port.to_string(),
+                "--node-rank",
+                &rank.to_string(),
+            ])
+            .arg("--")
+            .arg(umtune_bin())
+            .args(train_args(&out, "nodes", 4, 20, &[]))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+    };
+    let (first, second) = (node(0)?, node(1)?);
+    let (first, second) = (first.wait_with_output()?, second.wait_with_output()?);
+    check(&first, "node 0");
+    check(&second, "node 1");
+    assert!(String::from_utf8_lossy(&second.stderr).contains("[rank 1]"));
+    assert_same_run(&out.join("w1"), &out.join("nodes"), PARITY_TOL);
+    let _ = std::fs::remove_dir_all(&out);
+    Ok(())
+}

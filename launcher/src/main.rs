@@ -162,26 +162,42 @@ fn run(a: &Args) -> Result<ExitCode, String> {
     }
     let (nnodes, node_rank, master_addr, port) = layout(a)?;
     let world = nnodes * a.nproc_per_node;
-    // Node 0 serves the store (port 0: a free one); the workers are its clients.
-    let store = if node_rank == 0 {
-        let bind = if nnodes == 1 { "127.0.0.1" } else { "0.0.0.0" };
-        Some(
-            Store::connect(
-                bind,
-                port,
-                true,
-                world,
-                Duration::from_secs(a.timeout_s),
-                "umtune-launch",
-                0,
-            )
-            .map_err(|e| format!("serving the TCPStore on port {port}: {e}"))?,
-        )
-    } else {
-        None
+    // Node 0 serves the store (port 0: a free one); the workers are its clients. Node 0 also
+    // names the job (the workers' key prefix), and the other nodes' launchers read that name, so
+    // every node's workers meet under one prefix.
+    let timeout = Duration::from_secs(a.timeout_s);
+    let serve = node_rank == 0;
+    let bind = match (serve, nnodes) {
+        (true, 1) => "127.0.0.1",
+        (true, _) => "0.0.0.0",
+        (false, _) => master_addr.as_str(),
     };
-    let port = store.as_ref().map_or(port, Store::port);
-    let run_id = format!("{:016x}", rand::random::<u64>());
+    let store = Store::connect(
+        bind,
+        port,
+        serve,
+        world,
+        timeout,
+        "umtune-launch",
+        node_rank,
+    )
+    .map_err(|e| match serve {
+        true => format!("serving the TCPStore on port {port}: {e}"),
+        false => format!("joining node 0's TCPStore at {master_addr}:{port}: {e}"),
+    })?;
+    let port = store.port();
+    let run_id = if serve {
+        let id = format!("{:016x}", rand::random::<u64>());
+        store
+            .set("run_id", id.as_bytes())
+            .map_err(|e| format!("publishing the job's id: {e}"))?;
+        id
+    } else {
+        let id = store
+            .get("run_id")
+            .map_err(|e| format!("reading the job's id from node 0: {e}"))?;
+        String::from_utf8_lossy(&id).into_owned()
+    };
 
     // Signals first, so none is lost between spawning and waiting.
     let pending = Arc::new(AtomicUsize::new(0));
