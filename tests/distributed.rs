@@ -544,7 +544,16 @@ fn srun_two_ranks_match_one_process() -> TestResult {
     check(&up, "cluster/local-slurm.sh start");
     let mut srun = Command::new("srun");
     srun.args(["-n", "2", "--time", "10", "--kill-on-bad-exit=1"]);
-    two_ranks_match_one_process("srun", srun)
+    two_ranks_match_one_process("srun", srun)?;
+    // umtune-launch inside a SLURM step (one launcher per node): its layout comes from SLURM's
+    // variables, and the workers, which inherit the step's SLURM_* variables, still follow the
+    // launcher's RANK/WORLD_SIZE.
+    let mut launch = Command::new("srun");
+    launch
+        .args(["-n", "1", "--time", "10"])
+        .arg(launcher_bin())
+        .args(["--nproc-per-node", "2", "--"]);
+    two_ranks_match_one_process("srun-launch", launch)
 }
 
 #[test]
