@@ -3,7 +3,7 @@
 # srun/sbatch path without a cluster: Debian's slurm-wlm and munge, run as root.
 #   cluster/local-slurm.sh start   install if missing, write the config, start munged,
 #                                  slurmctld and slurmd, wait until the node is idle
-#   cluster/local-slurm.sh stop    stop the daemons
+#   cluster/local-slurm.sh stop    stop the daemons this script started (pids in $STATE/pids)
 # Needs root (apt-get, daemons). The node is named after `hostname` with its real CPU count;
 # ProctrackType=proctrack/linuxproc and TaskPlugin=task/none need no cgroups.
 set -euo pipefail
@@ -60,9 +60,11 @@ CONF
 start() {
   install
   configure
-  pgrep -x munged >/dev/null || munged --force
-  pgrep -x slurmctld >/dev/null || slurmctld
-  pgrep -x slurmd >/dev/null || slurmd
+  # Daemons already running (someone else's) are left alone; the ones started here are recorded.
+  : >> "$STATE/pids"
+  if ! pgrep -x munged >/dev/null; then munged --force; pgrep -xn munged >> "$STATE/pids"; fi
+  if ! pgrep -x slurmctld >/dev/null; then slurmctld; sleep 0.2; cat /run/slurmctld.pid >> "$STATE/pids"; fi
+  if ! pgrep -x slurmd >/dev/null; then slurmd; sleep 0.2; cat /run/slurmd.pid >> "$STATE/pids"; fi
   for _ in $(seq 1 60); do
     if sinfo -h -o %t 2>/dev/null | grep -qE '^(idle|mix|alloc)'; then
       echo "local-slurm: node $(hostname) up ($(nproc) CPUs)"
@@ -77,9 +79,12 @@ start() {
 }
 
 stop() {
-  pkill -x slurmd || true
-  pkill -x slurmctld || true
-  pkill -x munged || true
+  [ -f "$STATE/pids" ] || return 0
+  # Newest first: slurmd, slurmctld, then munged.
+  tac "$STATE/pids" | while read -r pid; do
+    [ -n "$pid" ] && kill "$pid" 2>/dev/null || true
+  done
+  rm -f "$STATE/pids"
 }
 
 case "${1:-start}" in

@@ -542,6 +542,16 @@ fn srun_two_ranks_match_one_process() -> TestResult {
         .arg("start")
         .output()?;
     check(&up, "cluster/local-slurm.sh start");
+    // Whatever happens below, the daemons this test started are stopped (by their pids).
+    struct Stop<'a>(&'a Path);
+    impl Drop for Stop<'_> {
+        fn drop(&mut self) {
+            let _ = Command::new(self.0.join("cluster/local-slurm.sh"))
+                .arg("stop")
+                .status();
+        }
+    }
+    let _stop = Stop(root);
     let mut srun = Command::new("srun");
     srun.args(["-n", "2", "--time", "10", "--kill-on-bad-exit=1"]);
     two_ranks_match_one_process("srun", srun)?;

@@ -378,22 +378,12 @@ impl super::Collective for NcclGroup {
         }
         shape[0] *= self.world_size as i64;
         let mut out = Tensor::empty(shape.as_slice(), (input.kind(), input.device()));
-        let mut input = input.view(shape_of_rows(&input).as_slice());
+        let mut input = super::collective::as_rows(&input);
         let mut err = std::ptr::null_mut();
         // SAFETY: `out` holds world_size copies of `input`'s shape, both contiguous, same dtype.
         let rc =
             unsafe { umt_pg_allgather(self.raw, out.as_mut_ptr(), input.as_mut_ptr(), &mut err) };
         self.check("all-gather", rc, err)?;
         Ok(out)
-    }
-}
-
-/// `t`'s shape with at least one dimension.
-fn shape_of_rows(t: &Tensor) -> Vec<i64> {
-    let s = t.size();
-    if s.is_empty() {
-        vec![1]
-    } else {
-        s
     }
 }

@@ -8,6 +8,20 @@ use crate::error::{Error, Result};
 use std::sync::{Arc, Barrier, Mutex};
 use tch::Tensor;
 
+/// `t` with at least one dimension (a 0-d tensor as one row), as the gathers stack it.
+pub fn as_rows(t: &Tensor) -> Tensor {
+    if t.dim() == 0 {
+        t.reshape([1])
+    } else {
+        t.shallow_clone()
+    }
+}
+
+/// Every rank's tensor stacked along the first dimension (the gather-everything fallback).
+pub(crate) fn stack_rows(parts: &[Tensor]) -> Tensor {
+    Tensor::cat(&parts.iter().map(as_rows).collect::<Vec<_>>(), 0)
+}
+
 /// How [`Collective::all_reduce`] combines the ranks' tensors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReduceOp {
@@ -30,7 +44,7 @@ pub trait Collective: Send + Sync {
             return Ok(vec![t.shallow_clone()]);
         }
         if t.dim() == 0 {
-            let rows = self.all_gather_same(&t.reshape([1]))?;
+            let rows = self.all_gather_same(&as_rows(t))?;
             return Ok(rows.split(1, 0).iter().map(|r| r.reshape([])).collect());
         }
         let rows = t.size()[0];
@@ -121,11 +135,7 @@ impl Collective for SingleProcess {
         1
     }
     fn all_gather_same(&self, t: &Tensor) -> Result<Tensor> {
-        Ok(if t.dim() == 0 {
-            t.reshape([1])
-        } else {
-            t.shallow_clone()
-        })
+        Ok(as_rows(t))
     }
 }
 
@@ -195,17 +205,6 @@ impl Collective for InProcessGroup {
         gathered
     }
     fn all_gather_same(&self, t: &Tensor) -> Result<Tensor> {
-        let rows: Vec<Tensor> = self
-            .all_gather(t)?
-            .iter()
-            .map(|p| {
-                if p.dim() == 0 {
-                    p.reshape([1])
-                } else {
-                    p.shallow_clone()
-                }
-            })
-            .collect();
-        Ok(Tensor::cat(&rows, 0))
+        Ok(stack_rows(&self.all_gather(t)?))
     }
 }

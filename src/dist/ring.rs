@@ -447,23 +447,7 @@ impl Collective for RingGroup {
     }
 
     fn all_gather_same(&self, t: &Tensor) -> Result<Tensor> {
-        let parts = self.all_gather(t)?;
-        Ok(Tensor::cat(
-            &parts
-                .iter()
-                .map(|p| p.reshape(shape_rows(p)))
-                .collect::<Vec<_>>(),
-            0,
-        ))
-    }
-}
-
-fn shape_rows(t: &Tensor) -> Vec<i64> {
-    let s = t.size();
-    if s.is_empty() {
-        vec![1]
-    } else {
-        s
+        Ok(super::collective::stack_rows(&self.all_gather(t)?))
     }
 }
 
