@@ -3,8 +3,55 @@
 //! directory (the `tempfile` crate), fsynced, renamed over the target, then the directory
 //! fsynced so the rename itself survives a power loss. A failure removes the temporary file.
 use crate::error::{Error, Result};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use std::io::Write;
 use std::path::Path;
+
+/// Size and sha256 of a file as it was written.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileDigest {
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+/// The size and sha256 of the file at `path`.
+pub fn digest(path: &Path) -> Result<FileDigest> {
+    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut hasher = Sha256::new();
+    let bytes = std::io::copy(&mut file, &mut hasher).map_err(|e| Error::io(path, e))?;
+    let sha256 = hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    Ok(FileDigest { bytes, sha256 })
+}
+
+/// Fails naming `path` when it is not the file `recorded_in` recorded as `want` (truncated,
+/// replaced or corrupt).
+pub fn check_digest(path: &Path, want: &FileDigest, recorded_in: &str) -> Result<()> {
+    let got = digest(path)?;
+    if got.bytes != want.bytes {
+        return Err(Error::format(
+            path,
+            format!(
+                "is {} bytes, {recorded_in} recorded {}: the file is truncated or was replaced",
+                got.bytes, want.bytes
+            ),
+        ));
+    }
+    if got.sha256 != want.sha256 {
+        return Err(Error::format(
+            path,
+            format!(
+                "sha256 {} differs from the {} that {recorded_in} recorded: the file is corrupt",
+                got.sha256, want.sha256
+            ),
+        ));
+    }
+    Ok(())
+}
 
 /// Writes `bytes` to `path` atomically.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {

@@ -201,8 +201,9 @@ enum Command {
 #[derive(Subcommand)]
 enum MemoryCommand {
     /// Prebuild a memory from a corpus in one pass: from a run directory (its trained W_k; writes
-    /// RUN_DIR/memory.safetensors, which eval and predict read) or from a config (needs --out;
-    /// train from it with `--set memory.prebuilt=FILE`).
+    /// RUN_DIR/memory.index.json and its shards, which eval and predict read) or from a config
+    /// (needs --out NAME: NAME.index.json; train from it with `--set memory.prebuilt=NAME`).
+    /// Under a launcher every rank encodes a share and writes its shard.
     Build {
         /// A run directory or a TOML config with `[memory] enabled = true`.
         source: PathBuf,
@@ -363,15 +364,21 @@ fn run(command: Command) -> Result<()> {
                     overrides,
                 },
         } => {
-            let report =
-                umtune::train::memory_build::build(&umtune::train::memory_build::BuildRequest {
+            // Under a launcher every rank encodes its share and writes its shard.
+            let job = JobEnv::from_process()?;
+            let report = umtune::train::memory_build::build_in(
+                &umtune::train::memory_build::BuildRequest {
                     source: &source,
                     data: data.as_deref(),
                     split: &split,
                     out: out.as_deref(),
                     overrides: &overrides,
-                })?;
-            emit(&format!("{}\n", serde_json::to_string(&report)?))?;
+                },
+                &job,
+            )?;
+            if job.rank == 0 {
+                emit(&format!("{}\n", serde_json::to_string(&report)?))?;
+            }
         }
         Command::Report { dir } => {
             let runs = collect_runs(&dir)?;

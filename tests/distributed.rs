@@ -275,22 +275,34 @@ fn train_args(out: &Path, name: &str, batch: usize, steps: usize, extra: &[&str]
     args
 }
 
-/// Every tensor a run saved: the trainable weights and the memory (the whole ring, gathered from
-/// the ranks' shards, so the entries and their slots compare with one process's).
+/// Every tensor a run saved: the trainable weights and the memory (the whole ring, assembled
+/// from the ranks' shards, so the entries and their slots compare with one process's).
 fn weights(run: &Path) -> HashMap<String, Tensor> {
-    let mut all = HashMap::new();
-    for entry in std::fs::read_dir(run).unwrap() {
-        let p = entry.unwrap().path();
-        if p.extension().is_some_and(|e| e == "safetensors") {
-            for (name, t) in Tensor::read_safetensors(&p).unwrap() {
-                all.insert(
-                    format!("{}/{name}", p.file_name().unwrap().to_string_lossy()),
-                    t,
-                );
-            }
-        }
+    let mut all: HashMap<String, Tensor> =
+        Tensor::read_safetensors(run.join("trainable.safetensors"))
+            .unwrap()
+            .into_iter()
+            .map(|(n, t)| (format!("trainable/{n}"), t))
+            .collect();
+    let index = run.join("memory.index.json");
+    if index.exists() {
+        all.extend(whole_ring(&index));
     }
     all
+}
+
+/// A saved memory's whole ring in slot order, whatever world size saved it.
+fn whole_ring(index: &Path) -> HashMap<String, Tensor> {
+    let saved = umtune::memory::files::load(index, 0, 1).unwrap();
+    let first = &saved.shards[0].tensors;
+    let (d_k, d_v) = (first["keys"].size()[1], first["values"].size()[1]);
+    let mut ring =
+        umtune::memory::ShardedKvMemory::new(saved.capacity, d_k, d_v, 1.0, 0, 1, tch::Device::Cpu);
+    ring.restore(&saved, index).unwrap();
+    ring.tensors()
+        .into_iter()
+        .map(|(n, t)| (format!("memory/{n}"), t))
+        .collect()
 }
 
 fn summary(run: &Path) -> serde_json::Value {
@@ -638,6 +650,92 @@ fn two_launchers_as_two_nodes_match_one_process() -> TestResult {
     check(&second, "node 1");
     assert!(String::from_utf8_lossy(&second.stderr).contains("[rank 1]"));
     assert_same_run(&out.join("w1"), &out.join("nodes"), PARITY_TOL);
+    let _ = std::fs::remove_dir_all(&out);
+    Ok(())
+}
+
+#[test]
+fn memory_build_on_two_ranks_writes_shards_equal_to_one_process() -> TestResult {
+    let out = std::env::temp_dir().join(format!("umtune-membuild-{}", std::process::id()));
+    std::fs::create_dir_all(&out)?;
+    // The tiny model's config, its `--set`s (the train ones, without the run's own).
+    let args = train_args(&out, "unused", 4, 1, &["memory.capacity=64"]);
+    let config = &args[1];
+    let sets: Vec<&String> = args[2..]
+        .chunks(2)
+        .filter(|kv| !kv[1].starts_with("run."))
+        .flatten()
+        .collect();
+    let build = |out_name: &str| {
+        let mut a = vec![
+            "memory".to_string(),
+            "build".into(),
+            config.clone(),
+            "--out".into(),
+            out.join(out_name).display().to_string(),
+        ];
+        a.extend(sets.iter().map(|s| s.to_string()));
+        a
+    };
+    let one = Command::new(umtune_bin()).args(build("one")).output()?;
+    check(&one, "memory build, one process");
+    let two = Command::new(launcher_bin())
+        .args(["--nproc-per-node", "2", "--"])
+        .arg(umtune_bin())
+        .args(build("two"))
+        .output()?;
+    check(&two, "memory build, two ranks");
+    // One report line (rank 0), 96 entries of which the ring keeps the last 64.
+    let stdout = String::from_utf8_lossy(&two.stdout);
+    assert_eq!(stdout.matches("\"entries\":64").count(), 1, "{stdout}");
+    let index = umtune::memory::files::read_index(&out.join("two.index.json"))?;
+    assert_eq!((index.world_size, index.written), (2, 96));
+    let (a, b) = (
+        whole_ring(&out.join("one.index.json")),
+        whole_ring(&out.join("two.index.json")),
+    );
+    for (name, t) in &a {
+        let scale = t
+            .to_kind(Kind::Double)
+            .abs()
+            .max()
+            .double_value(&[])
+            .max(1.0);
+        let d = common::max_abs_diff(t, &b[name]) / scale;
+        assert!(d < 1e-5, "{name}: max |diff| / scale {d:e}");
+    }
+    assert!(
+        a["memory/ids"].equal(&b["memory/ids"]),
+        "same entries in the same slots"
+    );
+    // A run trained from the two-rank memory in one process starts from the same entries.
+    let start = Command::new(umtune_bin())
+        .args(train_args(
+            &out,
+            "from-two",
+            4,
+            1,
+            &[
+                "memory.capacity=64",
+                &format!("memory.prebuilt={}", out.join("two").display()),
+            ],
+        ))
+        .output()?;
+    check(&start, "training from the two-rank memory");
+    // Rebuilt from that run on two ranks (its W_k; shards in the run, digest in run.json), the
+    // memory is what one process's `eval` then reads.
+    let run = out.join("from-two");
+    let rebuilt = Command::new(launcher_bin())
+        .args(["--nproc-per-node", "2", "--"])
+        .arg(umtune_bin())
+        .args(["memory", "build"])
+        .arg(&run)
+        .output()?;
+    check(&rebuilt, "memory build of a run, two ranks");
+    let index = umtune::memory::files::read_index(&run.join("memory.index.json"))?;
+    assert_eq!(index.world_size, 2);
+    let eval = Command::new(umtune_bin()).arg("eval").arg(&run).output()?;
+    check(&eval, "eval of the rebuilt run");
     let _ = std::fs::remove_dir_all(&out);
     Ok(())
 }

@@ -219,6 +219,168 @@ fn sharded_reads_equal_the_unsharded_memory() -> TestResult {
     Ok(())
 }
 
+/// The memory after `written` entries, built by `world` in-process ranks (rank r contributing
+/// a contiguous piece of each of two writes), saved as shards + index at `index`.
+fn save_sharded(
+    world: usize,
+    capacity: usize,
+    written: usize,
+    index: &std::path::Path,
+) -> TestResult {
+    let handles: Vec<_> = InProcessGroup::new(world)
+        .into_iter()
+        .map(|group| {
+            let index = index.to_path_buf();
+            std::thread::spawn(move || -> Result<(), String> {
+                let rank = group.rank();
+                let mut mem =
+                    ShardedKvMemory::new(capacity, D_K, D_V, 0.5, rank, world, Device::Cpu);
+                let half = written / 2;
+                for (lo, hi) in [(0, half), (half, written)] {
+                    let n = hi - lo;
+                    let (k_, v, ids) = tensors(lo + n * rank / world..lo + n * (rank + 1) / world);
+                    mem.write(&group, &k_, &v, &ids)
+                        .map_err(|e| e.to_string())?;
+                }
+                let w_k = Tensor::ones([2, 2], (Kind::Float, Device::Cpu));
+                umtune::memory::files::save(
+                    &group,
+                    &index,
+                    capacity,
+                    mem.written(),
+                    &mem.shard_tensors(),
+                    Some(&w_k),
+                )
+                .map_err(|e| e.to_string())?;
+                Ok(())
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().map_err(|_| "rank panicked")??;
+    }
+    Ok(())
+}
+
+/// Loads the memory at `index` on `world` in-process ranks and reads with each rank's queries.
+fn load_and_read(
+    world: usize,
+    capacity: usize,
+    k: usize,
+    index: &std::path::Path,
+) -> Result<Vec<Vec<Vec<Hit>>>, String> {
+    let handles: Vec<_> = InProcessGroup::new(world)
+        .into_iter()
+        .map(|group| {
+            let index = index.to_path_buf();
+            std::thread::spawn(move || -> Result<_, String> {
+                let rank = group.rank();
+                let mut mem =
+                    ShardedKvMemory::new(capacity, D_K, D_V, 0.5, rank, world, Device::Cpu);
+                let saved =
+                    umtune::memory::files::load(&index, rank, world).map_err(|e| e.to_string())?;
+                mem.restore(&saved, &index).map_err(|e| e.to_string())?;
+                let (q, qids) = queries(rank + 1, rank * 3);
+                let r = mem.read(&group, &q, &qids, k).map_err(|e| e.to_string())?;
+                rows(&r).map_err(|e| e.to_string())
+            })
+        })
+        .collect();
+    handles
+        .into_iter()
+        .map(|h| h.join().map_err(|_| "rank panicked".to_string())?)
+        .collect()
+}
+
+#[test]
+fn memory_files_are_shards_that_load_at_any_world_size() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let (capacity, written, k) = (10, 17, 4);
+    for saved_at in [1, 2, 3] {
+        let index = dir.path().join(format!("mem{saved_at}.index.json"));
+        save_sharded(saved_at, capacity, written, &index)?;
+        let listed = umtune::memory::files::read_index(&index)?;
+        assert_eq!(
+            (listed.shards.len(), listed.written),
+            (saved_at, written as u64)
+        );
+        // Loaded by 1, 2 or 4 ranks, every read is the unsharded memory's (brute force over
+        // the surviving entries): the slots, the ids for self-exclusion and the ring position.
+        for load_at in [1, 2, 4] {
+            for (rank, got) in load_and_read(load_at, capacity, k, &index)?
+                .iter()
+                .enumerate()
+            {
+                let (q, qids) = queries(rank + 1, rank * 3);
+                let qv = Vec::<Vec<f32>>::try_from(&q)?;
+                let qi = Vec::<i64>::try_from(&qids)?;
+                for (i, row) in got.iter().enumerate() {
+                    let want = brute_force(written, capacity, 0.5, &qv[i], qi[i], k);
+                    assert_eq!(
+                        row, &want,
+                        "saved at {saved_at}, loaded at {load_at}, rank {rank}"
+                    );
+                }
+            }
+        }
+    }
+    // Saving again replaces the generation and removes the old shards.
+    let index = dir.path().join("mem2.index.json");
+    save_sharded(2, capacity, written, &index)?;
+    let listed = umtune::memory::files::read_index(&index)?;
+    assert_eq!(listed.generation, 2);
+    let names: Vec<String> = std::fs::read_dir(dir.path())?
+        .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect::<Result<_, _>>()?;
+    assert!(
+        !names.iter().any(|n| n.starts_with("mem2.g1-")),
+        "{names:?}"
+    );
+    assert!(
+        names.contains(&"mem2.g2-00002-of-00002.safetensors".to_string()),
+        "{names:?}"
+    );
+    // Another capacity is refused naming the file; a flipped byte or a missing shard names it.
+    let e = umtune::memory::files::load(&index, 0, 1)
+        .and_then(|saved| {
+            ShardedKvMemory::new(12, D_K, D_V, 0.5, 0, 1, Device::Cpu).restore(&saved, &index)
+        })
+        .err()
+        .ok_or("capacity 12 accepted a memory of 10")?
+        .to_string();
+    assert!(
+        e.contains("mem2.index.json") && e.contains("memory.capacity"),
+        "{e}"
+    );
+    let shard = dir.path().join("mem2.g2-00002-of-00002.safetensors");
+    let mut bytes = std::fs::read(&shard)?;
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&shard, &bytes)?;
+    for (rank, world) in [(1, 2), (0, 1)] {
+        let e = umtune::memory::files::load(&index, rank, world)
+            .err()
+            .ok_or("a corrupt shard loaded")?
+            .to_string();
+        assert!(
+            e.contains("mem2.g2-00002-of-00002.safetensors") && e.contains("corrupt"),
+            "{e}"
+        );
+    }
+    // Rank 0 of 2 reads only its own shard: the corrupt one is not its business.
+    assert!(umtune::memory::files::load(&index, 0, 2).is_ok());
+    std::fs::remove_file(&shard)?;
+    let e = umtune::memory::files::load(&index, 1, 2)
+        .err()
+        .ok_or("a missing shard loaded")?
+        .to_string();
+    assert!(
+        e.contains("mem2.g2-00002-of-00002.safetensors") && e.contains("missing"),
+        "{e}"
+    );
+    Ok(())
+}
+
 mod common;
 use common::{build_model, train_model};
 
@@ -330,13 +492,13 @@ fn the_memory_is_saved_with_the_run_and_restored_by_eval() -> TestResult {
         again.loss,
         summary.validation.loss
     );
-    // Without the memory file the run cannot be restored silently wrong.
-    std::fs::remove_file(summary.run_dir.join("memory.safetensors"))?;
+    // Without the memory's index the run cannot be restored silently wrong.
+    std::fs::remove_file(summary.run_dir.join("memory.index.json"))?;
     let e = load_run(&summary.run_dir, &[])
         .err()
         .ok_or("expected an error")?
         .to_string();
-    assert!(e.contains("memory.safetensors"), "{e}");
+    assert!(e.contains("memory.index.json"), "{e}");
     Ok(())
 }
 
@@ -361,7 +523,7 @@ fn memory_build_prebuilds_from_a_run_or_a_config() -> TestResult {
     };
     let report = build(&request("train"))?;
     assert_eq!((report.examples, report.entries), (64, 64));
-    assert_eq!(report.out, summary.run_dir.join("memory.safetensors"));
+    assert_eq!(report.out, summary.run_dir.join("memory.index.json"));
     // The run now holds exactly the 64 training examples, in corpus order, with their own ids
     // (so self-exclusion keeps working), each value the last real token's hidden state at the
     // memory layer (the last block) and each key a unit vector.
@@ -427,18 +589,22 @@ fn memory_build_prebuilds_from_a_run_or_a_config() -> TestResult {
         .ok_or("no --out accepted")?
         .to_string();
     assert!(e.contains("--out"), "{e}");
-    let file = dir.join("prebuilt.safetensors");
+    let file = dir.join("prebuilt");
     let report = build(&BuildRequest {
         out: Some(&file),
         ..from_config
     })?;
     assert_eq!(report.entries, 64);
+    assert_eq!(report.out, dir.join("prebuilt.index.json"));
     let mut start = cfg.clone();
     start.memory.prebuilt = file.display().to_string();
     let (model, _) = build_model(&start, 2)?;
     assert_eq!(held(&model)?, 64);
-    let file_tensors: std::collections::HashMap<String, Tensor> =
-        Tensor::read_safetensors(&file)?.into_iter().collect();
+    // The file (one shard, this was one process) holds the entries and W_k.
+    let shard = dir.join("prebuilt.g1-00001-of-00001.safetensors");
+    let mut file_tensors: std::collections::HashMap<String, Tensor> =
+        Tensor::read_safetensors(&shard)?.into_iter().collect();
+    file_tensors.insert("written".into(), Tensor::from_slice(&[64i64]));
     let model_tensors: std::collections::HashMap<String, Tensor> = model
         .memory
         .as_ref()
@@ -449,7 +615,16 @@ fn memory_build_prebuilds_from_a_run_or_a_config() -> TestResult {
     for name in ["w_k", "keys", "values", "ids"] {
         assert!(file_tensors[name].equal(&model_tensors[name]), "{name}");
     }
-    // A file without W_k (not made by memory build) is refused by name.
+    // A single whole-ring file (what umtune saved before shards) still loads...
+    let whole = dir.join("whole.safetensors");
+    let all: Vec<(&str, &Tensor)> = ["keys", "values", "ids", "written", "w_k"]
+        .iter()
+        .map(|n| (*n, &file_tensors[*n]))
+        .collect();
+    Tensor::write_safetensors(&all, &whole)?;
+    start.memory.prebuilt = whole.display().to_string();
+    assert_eq!(held(&build_model(&start, 2)?.0)?, 64);
+    // ... and one without W_k (not made by memory build) is refused by name.
     let partial = dir.join("partial.safetensors");
     let keep: Vec<(&str, &Tensor)> = ["keys", "values", "ids", "written"]
         .iter()

@@ -111,17 +111,27 @@ pub trait Collective: Send + Sync {
     }
 }
 
+/// Every rank's `value`, in rank order.
+pub fn all_gather_strings(group: &dyn Collective, value: &str) -> Result<Vec<String>> {
+    if group.world_size() == 1 {
+        return Ok(vec![value.to_string()]);
+    }
+    group
+        .all_gather(&Tensor::from_slice(value.as_bytes()))?
+        .iter()
+        .enumerate()
+        .map(|(r, t)| {
+            String::from_utf8(Vec::<u8>::try_from(t)?).map_err(|_| Error::Collective {
+                rank: group.rank(),
+                msg: format!("rank {r} sent a string that is not UTF-8"),
+            })
+        })
+        .collect()
+}
+
 /// Rank 0's `value` on every rank (a decision only rank 0 may take, e.g. a new directory name).
 pub fn rank_zero_string(group: &dyn Collective, value: &str) -> Result<String> {
-    if group.world_size() == 1 {
-        return Ok(value.to_string());
-    }
-    let all = group.all_gather(&Tensor::from_slice(value.as_bytes()))?;
-    let bytes = Vec::<u8>::try_from(&all[0])?;
-    String::from_utf8(bytes).map_err(|_| Error::Collective {
-        rank: group.rank(),
-        msg: "rank 0 sent a string that is not UTF-8".into(),
-    })
+    Ok(all_gather_strings(group, value)?.swap_remove(0))
 }
 
 /// One process, nothing to exchange.

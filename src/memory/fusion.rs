@@ -239,33 +239,49 @@ impl MemoryFusion {
             })
     }
 
-    /// The whole ring's tensors and `w_k` (what a memory file holds). Collective when sharded.
+    /// The whole ring's tensors and `w_k`, in slot order whatever the world size (to inspect or
+    /// compare). Collective when sharded.
     pub fn tensors(&self) -> Result<Vec<(String, Tensor)>> {
         let mut t = self.store()?.global_tensors(self.group.as_ref())?;
         t.push(("w_k".into(), self.w_k.ws.detach()));
         Ok(t)
     }
 
-    /// Restores the store from a memory file; with `with_w_k` also `W_k` (a prebuilt memory,
-    /// whose keys were made with it).
+    /// Saves the entries as shards + index at `index` (see [`super::files`]); with `with_w_k`
+    /// also `W_k` (a prebuilt memory carries the projection its keys were made with).
+    /// Collective: every rank writes its shard.
+    pub fn save(&self, index: &Path, with_w_k: bool) -> Result<crate::atomic_file::FileDigest> {
+        let (shard, capacity, written) = {
+            let store = self.store()?;
+            (store.shard_tensors(), store.capacity(), store.written())
+        };
+        let w_k = self.w_k.ws.detach();
+        super::files::save(
+            self.group.as_ref(),
+            index,
+            capacity,
+            written,
+            &shard,
+            with_w_k.then_some(&w_k),
+        )
+    }
+
+    /// Restores the store from a saved memory at any world size (see [`super::files::load`]);
+    /// with `with_w_k` also `W_k` (a prebuilt memory, whose keys were made with it).
     pub fn load(&self, path: &Path, with_w_k: bool) -> Result<()> {
-        let tensors =
-            Tensor::read_safetensors(path).map_err(|e| Error::format(path, e.to_string()))?;
+        let (rank, world) = (self.group.rank(), self.group.world_size());
+        let saved = super::files::load(path, rank, world)?;
         if with_w_k {
-            let w = tensors
-                .iter()
-                .find(|(n, _)| n == "w_k")
-                .map(|(_, t)| t)
-                .ok_or_else(|| {
-                    Error::tensor(
-                        path,
-                        "w_k",
-                        "missing (not a file of `umtune memory build`?)",
-                    )
-                })?;
+            let (w, file) = saved.w_k.as_ref().ok_or_else(|| {
+                Error::tensor(
+                    path,
+                    "w_k",
+                    "missing (not a file of `umtune memory build`?)",
+                )
+            })?;
             if w.size() != self.w_k.ws.size() {
                 return Err(Error::tensor(
-                    path,
+                    file,
                     "w_k",
                     format!(
                         "has shape {:?}, this model's is {:?}",
@@ -277,7 +293,7 @@ impl MemoryFusion {
             let mut ws = self.w_k.ws.shallow_clone();
             tch::no_grad(|| ws.copy_(w));
         }
-        self.store()?.load(tensors, path)
+        self.store()?.restore(&saved, path)
     }
 
     fn pending(&self) -> Result<std::sync::MutexGuard<'_, Vec<(Tensor, Tensor, Tensor)>>> {
@@ -312,30 +328,43 @@ impl MemoryFusion {
     /// warning) rather than failing one rank alone.
     pub fn commit(&self) -> Result<()> {
         let pending = std::mem::take(&mut *self.pending()?);
-        if pending.is_empty() {
+        if pending.is_empty() && self.group.world_size() == 1 {
             return Ok(());
         }
-        let k = Tensor::cat(&pending.iter().map(|e| &e.0).collect::<Vec<_>>(), 0);
-        let v = Tensor::cat(&pending.iter().map(|e| &e.1).collect::<Vec<_>>(), 0);
-        let ids = Tensor::cat(&pending.iter().map(|e| &e.2).collect::<Vec<_>>(), 0);
+        // A rank with nothing to write still takes part in the (collective) write.
+        let (d_k, d_v) = self.store()?.dims();
+        let cat = |part: fn(&(Tensor, Tensor, Tensor)) -> &Tensor, empty: Tensor| match pending
+            .is_empty()
+        {
+            true => empty,
+            false => Tensor::cat(&pending.iter().map(part).collect::<Vec<_>>(), 0),
+        };
+        let device = self.w_k.ws.device();
+        let k = cat(|e| &e.0, Tensor::zeros([0, d_k], (Kind::Float, device)));
+        let v = cat(|e| &e.1, Tensor::zeros([0, d_v], (Kind::Float, device)));
+        let ids = cat(|e| &e.2, Tensor::zeros([0], (Kind::Int64, device)));
         let finite = k
             .isfinite()
             .all_dim(1, false)
             .logical_and(&v.to_kind(Kind::Float).isfinite().all_dim(1, false)); // (n,)
         let n_bad = finite.logical_not().sum(Kind::Int64).int64_value(&[]);
-        let (k, v, ids) = if n_bad > 0 {
+        if n_bad > 0 {
             tracing::warn!(
                 entries = n_bad,
                 "memory entries with NaN or infinite keys or values dropped"
             );
-            let keep = finite.nonzero().squeeze_dim(1);
+        }
+        // Negative example ids mark padding (a rank past the end of a corpus): never written.
+        let keep = finite.logical_and(&ids.ge(0));
+        let (k, v, ids) = if bool::try_from(keep.all())? {
+            (k, v, ids)
+        } else {
+            let keep = keep.nonzero().squeeze_dim(1);
             (
                 k.index_select(0, &keep),
                 v.index_select(0, &keep),
                 ids.index_select(0, &keep),
             )
-        } else {
-            (k, v, ids)
         };
         self.store()?.write(self.group.as_ref(), &k, &v, &ids)
     }

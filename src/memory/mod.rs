@@ -1,4 +1,5 @@
 //! External memory (METHOD.md section 2): the sharded key-value store and its reads.
+pub mod files;
 pub mod fusion;
 pub mod store;
 

@@ -347,15 +347,23 @@ impl ShardedKvMemory {
 
     /// This shard's tensors (for saving with a run).
     pub fn tensors(&self) -> Vec<(String, Tensor)> {
-        vec![
-            ("keys".into(), self.keys.shallow_clone()),
-            ("values".into(), self.values.shallow_clone()),
-            ("ids".into(), self.ids.shallow_clone()),
-            ("written".into(), Tensor::from_slice(&[self.written as i64])),
-        ]
+        let mut t = self.shard_tensors();
+        t.push(("written".into(), Tensor::from_slice(&[self.written as i64])));
+        t
     }
 
-    /// The whole ring in slot order (what a memory file holds, whatever the world size): every
+    /// `(d_key, d_value)`.
+    pub fn dims(&self) -> (i64, i64) {
+        (self.keys.size()[1], self.values.size()[1])
+    }
+
+    /// Entries ever written, all ranks together (the ring position of the next write).
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// The whole ring in slot order, whatever the world size (to inspect or compare memories;
+    /// files hold one shard per rank, see [`super::files`]): every
     /// rank's shard gathered and interleaved (slot `s` is row `s / W` of rank `s % W`).
     /// Collective when sharded.
     pub fn global_tensors(&self, group: &dyn Collective) -> Result<Vec<(String, Tensor)>> {
@@ -384,44 +392,98 @@ impl ShardedKvMemory {
         ])
     }
 
-    /// Restores this rank's shard from a whole ring saved by [`Self::global_tensors`] (rows
-    /// `rank, rank + W, ...`); `path` names the file in errors.
-    pub fn load(&mut self, tensors: Vec<(String, Tensor)>, path: &std::path::Path) -> Result<()> {
-        let mut found = std::collections::HashMap::<String, Tensor>::from_iter(tensors);
-        let (w, rank, capacity) = (
-            self.world_size as i64,
-            self.rank as i64,
-            self.capacity as i64,
-        );
-        let mut take = |name: &str, like: &Tensor| -> Result<Tensor> {
-            let t = found
-                .remove(name)
+    /// This rank's rows (what its shard of a memory file holds): `keys`, `values`, `ids`.
+    pub fn shard_tensors(&self) -> Vec<(String, Tensor)> {
+        vec![
+            ("keys".into(), self.keys.shallow_clone()),
+            ("values".into(), self.values.shallow_clone()),
+            ("ids".into(), self.ids.shallow_clone()),
+        ]
+    }
+
+    /// Replaces this shard's entries with its slots of a saved memory (see
+    /// [`super::files::load`]), saved at any world size; `path` names the memory in errors.
+    pub fn restore(&mut self, saved: &super::files::Loaded, path: &std::path::Path) -> Result<()> {
+        if saved.capacity != self.capacity {
+            return Err(Error::format(
+                path,
+                format!(
+                    "holds a memory of {} entries; memory.capacity is {}",
+                    saved.capacity, self.capacity
+                ),
+            ));
+        }
+        self.clear();
+        for shard in &saved.shards {
+            self.restore_rows(shard.rank, saved.world_size, &shard.tensors, &shard.path)?;
+        }
+        self.finish_restore(saved.written)
+    }
+
+    /// Takes the entries this rank owns from shard `saved_rank` of a memory saved at world size
+    /// `saved_world` (its row j is ring slot `saved_rank + j * saved_world`): slot s goes to rank
+    /// `s % W`, row `s / W` — the slot rule, at any pair of world sizes. `tensors` are that
+    /// shard's `keys`, `values`, `ids`; `path` names the file in errors.
+    pub fn restore_rows(
+        &mut self,
+        saved_rank: usize,
+        saved_world: usize,
+        tensors: &std::collections::HashMap<String, Tensor>,
+        path: &std::path::Path,
+    ) -> Result<()> {
+        let take = |name: &str, like: &Tensor| -> Result<Tensor> {
+            let t = tensors
+                .get(name)
                 .ok_or_else(|| Error::tensor(path, name, "missing from the memory file"))?;
-            let t = if w > 1 && t.dim() > 0 && t.size()[0] == capacity {
-                let mine = Tensor::arange(like.size()[0], (Kind::Int64, t.device())) * w + rank;
-                t.index_select(0, &mine)
-            } else {
-                t
-            };
-            if t.size() != like.size() {
+            let rows = Self::local_capacity(self.capacity, saved_rank, saved_world) as i64;
+            let mut want = like.size();
+            want[0] = rows;
+            if t.size() != want {
                 return Err(Error::tensor(
                     path,
                     name,
-                    format!("has shape {:?}, the memory is {:?}", t.size(), like.size()),
+                    format!(
+                        "has shape {:?}; shard {saved_rank} of {saved_world} of a memory of {} entries has {:?}",
+                        t.size(),
+                        self.capacity,
+                        want
+                    ),
                 ));
             }
             Ok(t.to_device(like.device()).to_kind(like.kind()))
         };
-        self.keys = take("keys", &self.keys)?;
-        self.values = take("values", &self.values)?;
-        self.ids = take("ids", &self.ids)?;
+        let (keys, values, ids) = (
+            take("keys", &self.keys)?,
+            take("values", &self.values)?,
+            take("ids", &self.ids)?,
+        );
+        let device = self.keys.device();
+        let (w, rank) = (self.world_size as i64, self.rank as i64);
+        let slots = Tensor::arange(ids.size()[0], (Kind::Int64, device)) * saved_world as i64
+            + saved_rank as i64;
+        let rows = slots.remainder(w).eq(rank).nonzero().squeeze_dim(1);
+        if rows.numel() == 0 {
+            return Ok(());
+        }
+        let local = slots.index_select(0, &rows).divide_scalar_mode(w, "floor");
+        let _ = self
+            .keys
+            .index_copy_(0, &local, &keys.index_select(0, &rows));
+        let _ = self
+            .values
+            .index_copy_(0, &local, &values.index_select(0, &rows));
+        let _ = self.ids.index_copy_(0, &local, &ids.index_select(0, &rows));
+        Ok(())
+    }
+
+    /// Ends a restore: `written` entries were ever written to the saved ring.
+    fn finish_restore(&mut self, written: u64) -> Result<()> {
         self.rows_of_id.clear();
         let ids = Vec::<i64>::try_from(self.ids.to_device(Device::Cpu))?;
         for (row, id) in ids.into_iter().enumerate().filter(|(_, id)| *id != -1) {
             self.rows_of_id.entry(id).or_default().push(row as i64);
         }
-        self.written = take("written", &Tensor::zeros([1], (Kind::Int64, Device::Cpu)))?
-            .int64_value(&[0]) as u64;
+        self.written = written;
         Ok(())
     }
 }

@@ -2,20 +2,23 @@
 //! a trained run (its `W_k`; the file replaces the run's memory, which `eval` and `predict` then
 //! read) or from a config (a fresh model's `W_k`, saved in the file; a run starts from the file
 //! with `memory.prebuilt` and takes that `W_k` with it). Entries are written in corpus order, so when the corpus is
-//! larger than the ring the last `capacity` entries are the ones kept, as in training.
+//! larger than the ring the last `capacity` entries are the ones kept, as in training. Under a
+//! launcher every rank encodes a contiguous share of each global batch (corpus order is kept:
+//! the memory appends the ranks' entries in rank order) and writes its own shard of the output
+//! (see [`crate::memory::files`]); the result equals one process's.
 use super::eval::for_each_batch;
-use super::restore::load_run;
-use super::run_dir::{RunDir, MEMORY_FILE};
-use crate::atomic_file::write_atomic_with;
+use super::restore::load_run_in;
+use super::run_dir::{RunDir, MEMORY_INDEX};
 use crate::config::Config;
 use crate::data::dataset::{ids, load_data};
+use crate::dist::env::JobEnv;
 use crate::dist::RunContext;
 use crate::error::{Error, Result};
+use crate::memory::files::index_path;
 use crate::models::resolve::load_tokenizer;
 use crate::task::TaskModel;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-use tch::Tensor;
 
 /// What `memory build` reads and writes.
 pub struct BuildRequest<'a> {
@@ -25,7 +28,8 @@ pub struct BuildRequest<'a> {
     pub data: Option<&'a str>,
     /// `train`, `validation` or `test`.
     pub split: &'a str,
-    /// Where to write; defaults to the run's `memory.safetensors` (required for a config).
+    /// Where to write (the memory's index, `NAME.index.json`; `NAME` alone gets the suffix);
+    /// defaults to the run's `memory.index.json` (required for a config).
     pub out: Option<&'a Path>,
     /// `section.key=value` config overrides.
     pub overrides: &'a [String],
@@ -56,11 +60,17 @@ fn retarget(cfg: &mut Config, data: Option<&str>) -> bool {
     }
 }
 
+/// Builds the memory in this process alone.
 pub fn build(req: &BuildRequest) -> Result<BuildReport> {
+    build_in(req, &JobEnv::single())
+}
+
+/// Builds the memory with every process of `job` (each encodes its share and writes its shard).
+pub fn build_in(req: &BuildRequest, job: &JobEnv) -> Result<BuildReport> {
     let start = Instant::now();
     let is_run = req.source.is_dir();
-    let (model, config, data, out, foreign) = if is_run {
-        let mut run = load_run(req.source, req.overrides)?;
+    let (model, config, data, out, foreign, ctx) = if is_run {
+        let mut run = load_run_in(req.source, req.overrides, job)?;
         let foreign = retarget(&mut run.config, req.data);
         let data = load_data(&run.config, run.model.tokenizer()?)?;
         (
@@ -69,6 +79,7 @@ pub fn build(req: &BuildRequest) -> Result<BuildReport> {
             data,
             req.out.map(Path::to_path_buf),
             foreign,
+            run.ctx,
         )
     } else if req.source.is_file() {
         let mut cfg = Config::load(Some(req.source), req.overrides)?;
@@ -79,7 +90,10 @@ pub fn build(req: &BuildRequest) -> Result<BuildReport> {
                 req.source.display()
             ))
         })?;
-        let ctx = RunContext::single(&cfg)?;
+        let ctx = match job.world_size {
+            1 => RunContext::single(&cfg)?,
+            _ => RunContext::for_job(&cfg, job)?,
+        };
         let tok = load_tokenizer(&cfg.model.source)?.ok_or_else(|| {
             Error::Config(format!(
                 "model.source `{}` has no tokenizer",
@@ -91,7 +105,7 @@ pub fn build(req: &BuildRequest) -> Result<BuildReport> {
         // whatever its own initialization (or head size).
         tch::manual_seed(cfg.run.seed as i64);
         let model = TaskModel::build(&cfg, data.label_names.len(), &ctx)?;
-        (model, cfg, data, Some(out.to_path_buf()), foreign)
+        (model, cfg, data, Some(out.to_path_buf()), foreign, ctx)
     } else {
         return Err(Error::Config(format!(
             "memory build {}: neither a run directory nor a config file",
@@ -107,33 +121,43 @@ pub fn build(req: &BuildRequest) -> Result<BuildReport> {
     let examples = data.split(req.split)?;
     fusion.store()?.clear();
     let offset = if foreign { ids::FOREIGN } else { 0 };
-    // Corpus order, so the ring keeps the last `capacity` entries as training would.
-    for_each_batch(
-        &model,
-        examples,
-        config.train.batch_size * 2,
-        false,
-        |_, batch| {
-            let ids = &batch.example_ids + offset;
+    // Global batches in corpus order, rank r encoding the r-th share of each, so the ring keeps
+    // the last `capacity` entries as training would. A rank past the corpus's end encodes the
+    // batch's first example as padding (id -1: read, never written) — the writes and reads are
+    // collective.
+    let (rank, w) = (ctx.rank, ctx.world_size);
+    let bs = config.train.batch_size * 2;
+    for start in (0..examples.len()).step_by(bs * w) {
+        let end = (start + bs * w).min(examples.len());
+        let lo = (start + rank * bs).min(end);
+        let hi = (lo + bs).min(end);
+        let (share, padding) = match lo < hi {
+            true => (&examples[lo..hi], false),
+            false => (&examples[start..start + 1], true),
+        };
+        for_each_batch(&model, share, bs, false, |_, batch| {
+            let ids = match padding {
+                true => batch.example_ids.full_like(-1),
+                false => &batch.example_ids + offset,
+            };
             model.record_memory(&batch.input_ids, &batch.attention_mask, &ids)
-        },
-    )?;
+        })?;
+    }
     let out = match out {
         Some(path) => {
-            let tensors = fusion.tensors()?;
-            write_atomic_with(&path, |tmp| {
-                Tensor::write_safetensors(&tensors, tmp)
-                    .map_err(|e| Error::format(tmp, e.to_string()))
-            })?;
-            path
+            fusion.save(&path, true)?;
+            index_path(&path)
         }
-        // The run's own memory file, with its digest in run.json.
+        // The run's own memory, with its digest in run.json.
         None => {
-            RunDir::open(req.source)?.save_memory(fusion)?;
-            req.source.join(MEMORY_FILE)
+            let mut run = RunDir::open(req.source)?;
+            run.set_writer(ctx.is_writer);
+            run.save_memory(fusion)?;
+            req.source.join(MEMORY_INDEX)
         }
     };
     let store = fusion.store()?;
+    ctx.finish()?;
     Ok(BuildReport {
         out,
         dataset: config.data.dataset.clone(),

@@ -2,10 +2,9 @@
 //! run's resolved config, its labels, and the model with its saved weights, checked against the
 //! digests in `run.json` and for non-finite values. An unfinished run (interrupted, diverged,
 //! killed) loads its last saved weights with a warning; one that saved none is refused.
-use super::run_dir::{
-    RunDir, RunState, CALIBRATION_FILE, CONFIG_FILE, MEMORY_FILE, TRAINABLE_FILE,
-};
+use super::run_dir::{RunDir, RunState, CALIBRATION_FILE, CONFIG_FILE, TRAINABLE_FILE};
 use crate::config::Config;
+use crate::dist::env::JobEnv;
 use crate::dist::RunContext;
 use crate::error::{Error, Result};
 use crate::peft::load_named;
@@ -40,8 +39,13 @@ fn config_of(run: &RunDir, overrides: &[String]) -> Result<Config> {
     Ok(config)
 }
 
-/// The run in `dir` (see the module doc).
+/// The run in `dir` (see the module doc), in this process alone.
 pub fn load_run(dir: &Path, overrides: &[String]) -> Result<LoadedRun> {
+    load_run_in(dir, overrides, &JobEnv::single())
+}
+
+/// The run in `dir` loaded by every process of `job` (each holds its shard of the memory).
+pub fn load_run_in(dir: &Path, overrides: &[String], job: &JobEnv) -> Result<LoadedRun> {
     let run = RunDir::open(dir)?;
     let record = run.record().clone();
     let config = config_of(&run, overrides)?;
@@ -67,15 +71,19 @@ pub fn load_run(dir: &Path, overrides: &[String]) -> Result<LoadedRun> {
             record.total_steps
         );
     }
-    let ctx = RunContext::single(&config)?;
+    let ctx = match job.world_size {
+        1 => RunContext::single(&config)?,
+        _ => RunContext::for_job(&config, job)?,
+    };
     let mut model = TaskModel::build(&config, record.label_names.len(), &ctx)?;
     let trainable = dir.join(TRAINABLE_FILE);
     run.verify(TRAINABLE_FILE)?;
     load_named(model.trained_vars(), &trainable)?;
     check_finite(&model.named_trainable(), &trainable)?;
     if let Some(m) = &model.memory {
-        run.verify(MEMORY_FILE)?;
-        let path = dir.join(MEMORY_FILE);
+        let name = run.memory_file();
+        run.verify(name)?;
+        let path = dir.join(name);
         m.load(&path, false)?;
         check_finite(&m.tensors()?, &path)?;
     }

@@ -1,19 +1,19 @@
 //! The run directory, and the only writer of its files: `config.toml` (the resolved config),
 //! `run.json` (labels, state, step, the step the saved weights are from, and the size and
-//! sha256 of every weight file), `metrics.jsonl`, `trainable.safetensors`, `memory.safetensors`,
+//! sha256 of every weight file), `metrics.jsonl`, `trainable.safetensors`, `memory.index.json` and its shards,
 //! `calibration.json`, `summary.json` and the calibration plots. Every file is written
 //! atomically (see [`crate::atomic_file`]), and only by the writer rank. `run.json` exists from
 //! the first step on, so a run that was killed, interrupted or diverged can still be evaluated
 //! (its last saved weights) and reported (as unfinished).
 use super::report::Summary;
-use crate::atomic_file::{write_atomic, write_atomic_with};
+use crate::atomic_file::{check_digest, write_atomic, write_atomic_with};
+pub use crate::atomic_file::{digest, FileDigest};
 use crate::config::Config;
 use crate::dist::RunContext;
 use crate::error::{Error, Result};
 use crate::memory::MemoryFusion;
 use crate::task::TaskModel;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -24,6 +24,9 @@ pub const RUN_FILE: &str = "run.json";
 pub const METRICS_FILE: &str = "metrics.jsonl";
 pub const SUMMARY_FILE: &str = "summary.json";
 pub const TRAINABLE_FILE: &str = "trainable.safetensors";
+/// The memory's index (its shards are `memory.gN-0000R-of-0000W.safetensors` beside it).
+pub const MEMORY_INDEX: &str = "memory.index.json";
+/// The whole memory in one file, as runs from before memory shards saved it (still read).
 pub const MEMORY_FILE: &str = "memory.safetensors";
 pub const CALIBRATION_FILE: &str = "calibration.json";
 
@@ -49,13 +52,6 @@ impl RunState {
             RunState::Diverged => "diverged",
         }
     }
-}
-
-/// Size and sha256 of a file as it was written.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FileDigest {
-    pub bytes: u64,
-    pub sha256: String,
 }
 
 /// `run.json`.
@@ -185,26 +181,53 @@ impl RunDir {
     }
 
     /// Saves the trained tensors (and the memory) as the weights of `step`, with their digests.
-    /// Collective (every rank calls it: the sharded memory is gathered); rank 0 writes.
+    /// Collective (every rank calls it: each writes its memory shard); rank 0 writes the rest.
     pub fn save_weights(&mut self, model: &TaskModel, step: usize) -> Result<()> {
-        let memory = model.memory.as_ref().map(|m| m.tensors()).transpose()?;
+        if let Some(memory) = &model.memory {
+            self.store_memory(memory)?;
+        }
         if !self.writer {
             return Ok(());
         }
         self.write_tensors(TRAINABLE_FILE, &model.named_trainable())?;
-        if let Some(tensors) = memory {
-            self.write_tensors(MEMORY_FILE, &tensors)?;
-        }
         self.record.weights_step = Some(step);
         self.record.step = self.record.step.max(step);
         self.write_record()
     }
 
-    /// The memory's entries (the whole ring; collective when sharded), and its digest in
-    /// `run.json`.
+    /// The memory's entries (one shard per rank and `memory.index.json`; collective), and the
+    /// index's digest in `run.json`.
     pub fn save_memory(&mut self, memory: &MemoryFusion) -> Result<()> {
-        self.write_tensors(MEMORY_FILE, &memory.tensors()?)?;
-        self.write_record()
+        self.store_memory(memory)?;
+        if self.writer {
+            self.write_record()?;
+        }
+        Ok(())
+    }
+
+    fn store_memory(&mut self, memory: &MemoryFusion) -> Result<()> {
+        let digest = memory.save(&self.path.join(MEMORY_INDEX), false)?;
+        self.record.files.insert(MEMORY_INDEX.to_string(), digest);
+        // A run from before memory shards: its single file is superseded.
+        if self.record.files.remove(MEMORY_FILE).is_some() && self.writer {
+            let _ = std::fs::remove_file(self.path.join(MEMORY_FILE));
+        }
+        Ok(())
+    }
+
+    /// The memory this run saved: `memory.index.json`, or the single file of a run from before
+    /// memory shards.
+    pub fn memory_file(&self) -> &'static str {
+        if self.record.files.contains_key(MEMORY_FILE) && !self.path.join(MEMORY_INDEX).exists() {
+            MEMORY_FILE
+        } else {
+            MEMORY_INDEX
+        }
+    }
+
+    /// Whether this process writes the run's files (rank 0 of a multi-process command).
+    pub fn set_writer(&mut self, writer: bool) {
+        self.writer = writer;
     }
 
     fn write_tensors(&mut self, name: &str, tensors: &[(String, Tensor)]) -> Result<()> {
@@ -222,27 +245,7 @@ impl RunDir {
         let Some(want) = self.record.files.get(name) else {
             return Ok(());
         };
-        let path = self.path.join(name);
-        let got = digest(&path)?;
-        if got.bytes != want.bytes {
-            return Err(Error::format(
-                &path,
-                format!(
-                    "is {} bytes, {RUN_FILE} recorded {}: the file is truncated or was replaced",
-                    got.bytes, want.bytes
-                ),
-            ));
-        }
-        if got.sha256 != want.sha256 {
-            return Err(Error::format(
-                &path,
-                format!(
-                    "sha256 {} differs from the {} that {RUN_FILE} recorded: the file is corrupt",
-                    got.sha256, want.sha256
-                ),
-            ));
-        }
-        Ok(())
+        check_digest(&self.path.join(name), want, RUN_FILE)
     }
 
     pub fn write_calibration(&self, temperature: f64) -> Result<()> {
@@ -326,19 +329,6 @@ pub fn read_summary(dir: &Path) -> Result<Summary> {
     }
     let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
     serde_json::from_str(&text).map_err(|e| Error::format(&path, e.to_string()))
-}
-
-/// Size and sha256 of a file.
-pub fn digest(path: &Path) -> Result<FileDigest> {
-    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut hasher = Sha256::new();
-    let bytes = std::io::copy(&mut file, &mut hasher).map_err(|e| Error::io(path, e))?;
-    let sha256 = hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    Ok(FileDigest { bytes, sha256 })
 }
 
 /// Appends JSON lines to `metrics.jsonl`, flushed line by line so a crash loses at most one.

@@ -1,0 +1,297 @@
+//! Memory files: the external memory saved as one safetensors shard per rank plus an index
+//! (`NAME.index.json`, after Hugging Face's `model.safetensors.index.json`), loadable at any
+//! world size. Shard r of W holds the rank's rows: ring slot `s` is row `s / W` of shard `s % W`
+//! (the slot rule of METHOD.md section 2), so a loading rank r' of W' takes the slots with
+//! `s % W' == r'` from the shards that hold them — only its own shard when W' = W.
+//!
+//! Saving is collective: each rank writes its shard atomically under a new generation's name
+//! (`NAME.g3-00002-of-00004.safetensors`), rank 0 gathers their sizes and sha256, writes the
+//! index atomically and only then removes the previous generation's shards, and a barrier ends
+//! it. A kill at any instant therefore leaves the previous index and every file it names intact.
+//! Every rank writes into the same directory: across nodes it must be on a shared filesystem
+//! (the run directory under SLURM usually is). Loading checks each shard's size and sha256
+//! against the index and names the file that differs. A single `.safetensors` file holding the
+//! whole ring (what umtune wrote before shards) loads as a memory of one shard.
+use crate::atomic_file::{check_digest, digest, write_atomic, write_atomic_with, FileDigest};
+use crate::dist::Collective;
+use crate::error::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use tch::Tensor;
+
+pub const INDEX_SUFFIX: &str = ".index.json";
+const FORMAT: &str = "umtune-memory/1";
+
+/// `NAME.index.json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct MemoryIndex {
+    pub format: String,
+    /// Ring slots, all shards together.
+    pub capacity: usize,
+    /// Entries ever written (the ring position of the next write).
+    pub written: u64,
+    /// Bumped by every save; part of the shard names.
+    pub generation: u64,
+    /// The world size it was saved at: shard r holds slots r, r + W, ...
+    pub world_size: usize,
+    /// In rank order.
+    pub shards: Vec<ShardFile>,
+    /// The shard that also holds `w_k` (the key projection the entries were made with).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub w_k: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ShardFile {
+    /// A file name in the index's directory.
+    pub file: String,
+    #[serde(flatten)]
+    pub digest: FileDigest,
+}
+
+/// The index a memory is named by: `path` itself when it ends in `.index.json`, else
+/// `path.index.json`.
+pub fn index_path(path: &Path) -> PathBuf {
+    let s = path.as_os_str().to_string_lossy();
+    if s.ends_with(INDEX_SUFFIX) {
+        path.to_path_buf()
+    } else {
+        PathBuf::from(format!("{s}{INDEX_SUFFIX}"))
+    }
+}
+
+fn stem_of(index: &Path) -> String {
+    let name = index
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    name.trim_end_matches(INDEX_SUFFIX).to_string()
+}
+
+fn dir_of(index: &Path) -> &Path {
+    match index.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    }
+}
+
+pub fn read_index(index: &Path) -> Result<MemoryIndex> {
+    let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
+    let i: MemoryIndex =
+        serde_json::from_str(&text).map_err(|e| Error::format(index, e.to_string()))?;
+    if i.format != FORMAT {
+        return Err(Error::format(
+            index,
+            format!("format `{}`: this umtune reads `{FORMAT}`", i.format),
+        ));
+    }
+    if i.world_size == 0 || i.shards.len() != i.world_size {
+        return Err(Error::format(
+            index,
+            format!(
+                "lists {} shards for world size {}",
+                i.shards.len(),
+                i.world_size
+            ),
+        ));
+    }
+    Ok(i)
+}
+
+/// Saves a memory as shards + index at `index` (see the module doc). Collective: every rank
+/// passes its own `shard` tensors (`keys`, `values`, `ids`); `w_k`, when given, goes into rank
+/// 0's shard. Returns the index's digest (the same on every rank).
+pub fn save(
+    group: &dyn Collective,
+    index: &Path,
+    capacity: usize,
+    written: u64,
+    shard: &[(String, Tensor)],
+    w_k: Option<&Tensor>,
+) -> Result<FileDigest> {
+    let index = index_path(index);
+    let (dir, stem) = (dir_of(&index), stem_of(&index));
+    let (rank, world) = (group.rank(), group.world_size());
+    // Every rank reads the old index before rank 0 can replace it (it waits for all shards).
+    let generation = match read_index(&index) {
+        Ok(old) => old.generation + 1,
+        Err(_) => 1,
+    };
+    let generation = crate::dist::collective::rank_zero_string(group, &generation.to_string())?
+        .parse::<u64>()
+        .map_err(|e| Error::Internal(format!("memory generation from rank 0: {e}")))?;
+    let file = format!(
+        "{stem}.g{generation}-{:05}-of-{world:05}.safetensors",
+        rank + 1
+    );
+    let path = dir.join(&file);
+    let mut tensors: Vec<(String, Tensor)> = shard
+        .iter()
+        .map(|(n, t)| (n.clone(), t.shallow_clone()))
+        .collect();
+    if let (0, Some(w)) = (rank, w_k) {
+        tensors.push(("w_k".into(), w.detach()));
+    }
+    write_atomic_with(&path, |tmp| {
+        Tensor::write_safetensors(&tensors, tmp).map_err(|e| Error::format(tmp, e.to_string()))
+    })?;
+    let mine = ShardFile {
+        file,
+        digest: digest(&path)?,
+    };
+    let json = serde_json::to_string(&mine)
+        .map_err(|e| Error::Internal(format!("memory shard record: {e}")))?;
+    let shards = crate::dist::collective::all_gather_strings(group, &json)?
+        .iter()
+        .map(|s| serde_json::from_str::<ShardFile>(s))
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| Error::Internal(format!("memory shard records: {e}")))?;
+    let record = MemoryIndex {
+        format: FORMAT.into(),
+        capacity,
+        written,
+        generation,
+        world_size: world,
+        w_k: w_k.map(|_| shards[0].file.clone()),
+        shards,
+    };
+    let bytes = serde_json::to_vec_pretty(&record)
+        .map_err(|e| Error::Internal(format!("{}: {e}", index.display())))?;
+    if rank == 0 {
+        write_atomic(&index, &bytes)?;
+        remove_stale(dir, &stem, &record);
+    }
+    group.barrier()?;
+    digest(&index)
+}
+
+/// Removes the shards of other generations of `stem` (best effort: a leftover file is harmless).
+fn remove_stale(dir: &Path, stem: &str, keep: &MemoryIndex) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let prefix = format!("{stem}.g");
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let ours =
+            name.starts_with(&prefix) && name.ends_with(".safetensors") && name.contains("-of-");
+        if ours && !keep.shards.iter().any(|s| s.file == name) {
+            if let Err(err) = std::fs::remove_file(e.path()) {
+                tracing::warn!(file = %e.path().display(), "could not remove an old memory shard: {err}");
+            }
+        }
+    }
+}
+
+/// One saved shard's tensors, with where it came from.
+pub struct LoadedShard {
+    pub rank: usize,
+    pub path: PathBuf,
+    pub tensors: HashMap<String, Tensor>,
+}
+
+/// What a loading rank needs of a saved memory.
+pub struct Loaded {
+    pub capacity: usize,
+    pub written: u64,
+    pub world_size: usize,
+    /// The shards holding this rank's slots (all of them when the world size changed).
+    pub shards: Vec<LoadedShard>,
+    /// `w_k` and the file it came from, when the memory has one.
+    pub w_k: Option<(Tensor, PathBuf)>,
+}
+
+/// Reads the shards of the memory at `path` (an index, a name whose `NAME.index.json` exists, or
+/// a single whole-ring `.safetensors` file) that rank `rank` of `world` needs, each checked
+/// against the index.
+pub fn load(path: &Path, rank: usize, world: usize) -> Result<Loaded> {
+    if path.is_file() && !path.to_string_lossy().ends_with(INDEX_SUFFIX) {
+        return load_single(path);
+    }
+    let index = index_path(path);
+    if !index.is_file() {
+        return Err(Error::format(
+            path,
+            format!(
+                "no memory here: neither a `{INDEX_SUFFIX}` index nor a `.safetensors` file (is it a `umtune memory build` output?)"
+            ),
+        ));
+    }
+    let i = read_index(&index)?;
+    let dir = dir_of(&index);
+    let wanted: Vec<usize> = if i.world_size == world {
+        vec![rank]
+    } else {
+        (0..i.world_size).collect()
+    };
+    let mut shards = Vec::new();
+    let mut w_k = None;
+    for r in 0..i.world_size {
+        let entry = &i.shards[r];
+        let with_w_k = i.w_k.as_deref() == Some(entry.file.as_str());
+        if !wanted.contains(&r) && !with_w_k {
+            continue;
+        }
+        let file = dir.join(&entry.file);
+        if !file.is_file() {
+            return Err(Error::format(
+                &file,
+                format!("is missing: {} lists it as shard {r}", index.display()),
+            ));
+        }
+        check_digest(&file, &entry.digest, &index.display().to_string())?;
+        let mut tensors: HashMap<String, Tensor> = Tensor::read_safetensors(&file)
+            .map_err(|e| Error::format(&file, e.to_string()))?
+            .into_iter()
+            .collect();
+        if with_w_k {
+            let w = tensors.remove("w_k").ok_or_else(|| {
+                Error::tensor(&file, "w_k", "missing (the index names this shard)")
+            })?;
+            w_k = Some((w, file.clone()));
+        }
+        if wanted.contains(&r) {
+            shards.push(LoadedShard {
+                rank: r,
+                path: file,
+                tensors,
+            });
+        }
+    }
+    Ok(Loaded {
+        capacity: i.capacity,
+        written: i.written,
+        world_size: i.world_size,
+        shards,
+        w_k,
+    })
+}
+
+/// A whole ring in one file (`keys`, `values`, `ids`, `written`, maybe `w_k`): one shard of one.
+fn load_single(path: &Path) -> Result<Loaded> {
+    let mut tensors: HashMap<String, Tensor> = Tensor::read_safetensors(path)
+        .map_err(|e| Error::format(path, e.to_string()))?
+        .into_iter()
+        .collect();
+    let written = tensors
+        .remove("written")
+        .ok_or_else(|| Error::tensor(path, "written", "missing from the memory file"))?
+        .int64_value(&[0]) as u64;
+    let capacity = tensors
+        .get("ids")
+        .ok_or_else(|| Error::tensor(path, "ids", "missing from the memory file"))?
+        .size()[0] as usize;
+    let w_k = tensors.remove("w_k").map(|w| (w, path.to_path_buf()));
+    Ok(Loaded {
+        capacity,
+        written,
+        world_size: 1,
+        shards: vec![LoadedShard {
+            rank: 0,
+            path: path.to_path_buf(),
+            tensors,
+        }],
+        w_k,
+    })
+}
