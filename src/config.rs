@@ -308,6 +308,30 @@ pub struct Config {
     pub uncertainty: UncertaintyConfig,
     pub memory: MemoryConfig,
     pub dist: DistConfig,
+    pub checkpoint: CheckpointConfig,
+}
+
+/// Checkpoints for exact resume (`RUN/checkpoints/step_NNNNNN/`, see `train::checkpoint`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointConfig {
+    /// A checkpoint every this many optimizer steps (0: only at the end and on a stop signal).
+    pub every: usize,
+    /// The newest checkpoints kept (the best one is kept besides).
+    pub keep: usize,
+    /// Also keep the checkpoint with the best validation `accuracy`, `macro_f1` or `loss` among
+    /// those taken at an evaluation step (`""`: none).
+    pub best: String,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        CheckpointConfig {
+            every: 500,
+            keep: 2,
+            best: String::new(),
+        }
+    }
 }
 
 /// Which collective backend a multi-process run talks through.
@@ -497,6 +521,18 @@ impl Config {
                 )))
             }
         };
+        range(
+            self.checkpoint.keep > 0,
+            "checkpoint.keep",
+            self.checkpoint.keep.to_string(),
+            "at least 1",
+        )?;
+        range(
+            ["", "accuracy", "macro_f1", "loss"].contains(&self.checkpoint.best.as_str()),
+            "checkpoint.best",
+            format!("{:?}", self.checkpoint.best),
+            "\"\", \"accuracy\", \"macro_f1\" or \"loss\"",
+        )?;
         range(
             self.dist.timeout_s > 0,
             "dist.timeout_s",

@@ -14,6 +14,7 @@ use umtune::dist::RunContext;
 use umtune::logging::{self, LogFormat};
 use umtune::models::{generate, resolve, NoHook};
 use umtune::task::TaskModel;
+use umtune::train::checkpoint::Resume;
 use umtune::train::eval::{outputs, scores};
 use umtune::train::report::{collect_runs, results_csv, results_table, write_plots, ReportEntry};
 use umtune::train::run_dir::read_summary;
@@ -145,6 +146,11 @@ enum Command {
         /// Override a config value: `--set section.key=value` (repeatable).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         overrides: Vec<String>,
+        /// Continue from a checkpoint: `auto` (the run's newest good checkpoint, a fresh start
+        /// if it has none, nothing to do if it finished), a checkpoint directory, or a run
+        /// directory (its newest good checkpoint).
+        #[arg(long, value_name = "auto|PATH")]
+        resume: Option<String>,
     },
     /// Print the resolved configuration (file, then UMTUNE__* environment, then --set).
     Config {
@@ -394,7 +400,11 @@ fn run(command: Command) -> Result<()> {
             emit(&md)?;
         }
         Command::Config { cfg } => emit(&load_config(&cfg, &None)?.to_toml()?)?,
-        Command::Train { config, overrides } => {
+        Command::Train {
+            config,
+            overrides,
+            resume,
+        } => {
             let cfg = load_config(
                 &ConfigArgs {
                     config: Some(config),
@@ -406,7 +416,8 @@ fn run(command: Command) -> Result<()> {
             let ctx = RunContext::for_job(&cfg, &job)?.with_signal_handling()?;
             // Downloads (hub models) happen once per node.
             ctx.local_rank_zero_first(|| resolve::resolve(&cfg.model.source).map(|_| ()))?;
-            let summary = trainer::train(&cfg, &ctx)?;
+            let resume = resume.as_deref().map_or(Resume::No, Resume::parse);
+            let (summary, _) = trainer::train_resuming(&cfg, &ctx, &resume)?;
             ctx.finish()?;
             if ctx.is_writer {
                 let dir = summary.run_dir.display().to_string();

@@ -3,10 +3,10 @@
 //! process, fail-fast on a killed worker, and a rank that never arrives.
 mod common;
 
-use common::{fixture, TestResult};
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use common::process::*;
+use common::TestResult;
+use std::path::Path;
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tch::{Kind, Tensor};
@@ -220,138 +220,6 @@ fn python_tcpstore_reads_what_umtune_wrote() -> TestResult {
     );
     assert_eq!(server.get("from-python")?, b"hello from torch.distributed");
     Ok(())
-}
-
-fn venv_bin(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join(".venv/bin")
-        .join(name)
-}
-
-fn python() -> PathBuf {
-    venv_bin("python")
-}
-
-fn umtune_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_umtune"))
-}
-
-/// `umtune-launch`: built by the same `cargo test --workspace` (next to the umtune binary).
-fn launcher_bin() -> PathBuf {
-    umtune_bin().with_file_name("umtune-launch")
-}
-
-/// `umtune train` arguments for the tiny model: LoRA + UM + memory, every part on (LoRA dropout,
-/// UM noise, heteroscedastic samples: their draws are keyed by the example's position in the
-/// global batch, so they do not depend on the world size), `batch` examples per rank.
-fn train_args(out: &Path, name: &str, batch: usize, steps: usize, extra: &[&str]) -> Vec<String> {
-    let model = fixture("llama-tiny-gguf").unwrap().join("tiny.gguf");
-    let mut args: Vec<String> = vec![
-        "train".into(),
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("configs/ablations/lora-um-ema.toml")
-            .display()
-            .to_string(),
-    ];
-    let sets = [
-        format!("model.source={}", model.display()),
-        "model.device=cpu".into(),
-        "data.dataset=uci-sentiment".into(),
-        "data.train_limit=96".into(),
-        "data.eval_limit=48".into(),
-        format!("train.max_steps={steps}"),
-        format!("train.batch_size={batch}"),
-        "train.lr=0.01".into(),
-        "train.eval_every=0".into(),
-        "run.threads=1".into(),
-        format!("run.output_dir={}", out.display()),
-        format!("run.name={name}"),
-        "dist.timeout_s=60".into(),
-    ];
-    for s in sets.iter().map(String::as_str).chain(extra.iter().copied()) {
-        args.push("--set".into());
-        args.push(s.to_string());
-    }
-    args
-}
-
-/// Every tensor a run saved: the trainable weights and the memory (the whole ring, assembled
-/// from the ranks' shards, so the entries and their slots compare with one process's).
-fn weights(run: &Path) -> HashMap<String, Tensor> {
-    let mut all: HashMap<String, Tensor> =
-        Tensor::read_safetensors(run.join("trainable.safetensors"))
-            .unwrap()
-            .into_iter()
-            .map(|(n, t)| (format!("trainable/{n}"), t))
-            .collect();
-    let index = run.join("memory.index.json");
-    if index.exists() {
-        all.extend(whole_ring(&index));
-    }
-    all
-}
-
-/// A saved memory's whole ring in slot order, whatever world size saved it.
-fn whole_ring(index: &Path) -> HashMap<String, Tensor> {
-    let saved = umtune::memory::files::load(index, 0, 1).unwrap();
-    let first = &saved.shards[0].tensors;
-    let (d_k, d_v) = (first["keys"].size()[1], first["values"].size()[1]);
-    let mut ring =
-        umtune::memory::ShardedKvMemory::new(saved.capacity, d_k, d_v, 1.0, 0, 1, tch::Device::Cpu);
-    ring.restore(&saved, index).unwrap();
-    ring.tensors()
-        .into_iter()
-        .map(|(n, t)| (format!("memory/{n}"), t))
-        .collect()
-}
-
-fn summary(run: &Path) -> serde_json::Value {
-    common::read_json(run.join("summary.json")).unwrap()
-}
-
-fn check(out: &Output, what: &str) {
-    assert!(
-        out.status.success(),
-        "{what} failed ({}):\n{}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// The trainable weights and validation metrics of `multi` match the one-process run `single`.
-fn assert_same_run(single: &Path, multi: &Path, tol: f64) {
-    let (a, b) = (weights(single), weights(multi));
-    assert!(!a.is_empty(), "no weights in {}", single.display());
-    assert_eq!(
-        a.keys().collect::<std::collections::BTreeSet<_>>(),
-        b.keys().collect()
-    );
-    let mut worst = 0.0f64;
-    for (name, t) in &a {
-        // Relative to the tensor's scale (memory values are hidden states, far from unit size).
-        let scale = t
-            .to_kind(Kind::Double)
-            .abs()
-            .max()
-            .double_value(&[])
-            .max(1.0);
-        let d = common::max_abs_diff(t, &b[name]) / scale;
-        worst = worst.max(d);
-        assert!(d <= tol, "{name}: max |diff| / scale {d:e} > {tol:e}");
-    }
-    eprintln!("largest weight difference {worst:e}");
-    let (sa, sb) = (summary(single), summary(multi));
-    for split in ["validation", "test"] {
-        for key in ["accuracy", "macro_f1"] {
-            assert_eq!(sa[split][key], sb[split][key], "{split} {key}");
-        }
-        let (la, lb) = (
-            sa[split]["loss"].as_f64().unwrap(),
-            sb[split]["loss"].as_f64().unwrap(),
-        );
-        assert!((la - lb).abs() < 1e-4, "{split} loss {la} vs {lb}");
-    }
 }
 
 // Tolerance: ranks reduce in another order than one process (the ring sums chunk-wise, matmuls
@@ -736,6 +604,57 @@ fn memory_build_on_two_ranks_writes_shards_equal_to_one_process() -> TestResult 
     assert_eq!(index.world_size, 2);
     let eval = Command::new(umtune_bin()).arg("eval").arg(&run).output()?;
     check(&eval, "eval of the rebuilt run");
+    let _ = std::fs::remove_dir_all(&out);
+    Ok(())
+}
+
+#[test]
+fn a_checkpoint_resumes_on_another_world_size() -> TestResult {
+    let out = std::env::temp_dir().join(format!("umtune-reshard-{}", std::process::id()));
+    // 16 steps of 2 micro-batches; checkpoints every 5 steps; the global batch is 8.
+    let sets = ["train.grad_accum=2", "checkpoint.every=5"];
+    let args = |name: &str, batch: usize| train_args(&out, name, batch, 16, &sets);
+    let resume = |name: &str, batch: usize| {
+        let mut a = args(name, batch);
+        a.extend(["--resume".into(), "auto".into()]);
+        a
+    };
+    let two = |a: Vec<String>| {
+        let mut c = Command::new(launcher_bin());
+        c.args(["--nproc-per-node", "2", "--"])
+            .arg(umtune_bin())
+            .args(a);
+        c
+    };
+    check(
+        &Command::new(umtune_bin()).args(args("whole", 8)).output()?,
+        "one process",
+    );
+    // 2 ranks -> 1: aborted mid-accumulation of step 7, resumed by one process (which keeps the
+    // checkpoint's global batch of 8 whatever train.batch_size says).
+    let died = two(args("two-one", 4))
+        .env("UMTUNE_TEST_ABORT_AT", "7:1")
+        .output()?;
+    assert!(!died.status.success());
+    let index = umtune::memory::files::read_index(
+        &out.join("two-one/checkpoints/step_000005/memory.index.json"),
+    )?;
+    assert_eq!(index.world_size, 2, "one memory shard per rank");
+    check(
+        &Command::new(umtune_bin())
+            .args(resume("two-one", 4))
+            .output()?,
+        "resumed by one process",
+    );
+    assert_same_run(&out.join("whole"), &out.join("two-one"), PARITY_TOL);
+    // 1 -> 2 ranks.
+    let died = Command::new(umtune_bin())
+        .args(args("one-two", 8))
+        .env("UMTUNE_TEST_ABORT_AT", "7:1")
+        .output()?;
+    assert!(!died.status.success());
+    check(&two(resume("one-two", 8)).output()?, "resumed by two ranks");
+    assert_same_run(&out.join("whole"), &out.join("one-two"), PARITY_TOL);
     let _ = std::fs::remove_dir_all(&out);
     Ok(())
 }

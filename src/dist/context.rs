@@ -182,11 +182,16 @@ pub fn device_for(spec: &str, local_rank: usize) -> Result<Device> {
 pub struct StopFlag(Arc<AtomicUsize>);
 
 impl StopFlag {
-    /// A flag that SIGINT and SIGTERM set (the handlers only store the signal number).
+    /// A flag that SIGINT, SIGTERM and SIGUSR1 (SLURM's warning before a time limit) set (the
+    /// handlers only store the signal number).
     pub fn on_signals() -> Result<StopFlag> {
         let flag = StopFlag::default();
         let seen = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        for sig in [
+            signal_hook::consts::SIGINT,
+            signal_hook::consts::SIGTERM,
+            signal_hook::consts::SIGUSR1,
+        ] {
             let install = |e: std::io::Error| {
                 Error::Internal(format!("installing the handler of signal {sig}: {e}"))
             };
@@ -220,6 +225,7 @@ pub fn signal_name(signal: i32) -> &'static str {
     match signal {
         signal_hook::consts::SIGINT => "SIGINT",
         signal_hook::consts::SIGTERM => "SIGTERM",
+        signal_hook::consts::SIGUSR1 => "SIGUSR1",
         _ => "a signal",
     }
 }

@@ -324,48 +324,56 @@ impl MemoryFusion {
     }
 
     /// Writes the last training batch's entries (after the optimizer step). Collective: every
-    /// rank calls it, so entries with a non-finite key or value are dropped here (with a
-    /// warning) rather than failing one rank alone.
+    /// rank calls it after the same number of forward passes. One write per forward pass (a
+    /// micro-batch), in order: every rank's entries of micro-batch m land, in rank order, before
+    /// any of micro-batch m + 1, so the ring's slots follow the global batches' order at any
+    /// world size and accumulation. Entries with a non-finite key or value are dropped here
+    /// (with a warning) rather than failing one rank alone.
     pub fn commit(&self) -> Result<()> {
-        let pending = std::mem::take(&mut *self.pending()?);
-        if pending.is_empty() && self.group.world_size() == 1 {
-            return Ok(());
+        let mut pending = std::mem::take(&mut *self.pending()?);
+        if pending.is_empty() {
+            if self.group.world_size() == 1 {
+                return Ok(());
+            }
+            // A rank with nothing to write still takes part in the (collective) write.
+            let (d_k, d_v) = self.store()?.dims();
+            let device = self.w_k.ws.device();
+            pending.push((
+                Tensor::zeros([0, d_k], (Kind::Float, device)),
+                Tensor::zeros([0, d_v], (Kind::Float, device)),
+                Tensor::zeros([0], (Kind::Int64, device)),
+            ));
         }
-        // A rank with nothing to write still takes part in the (collective) write.
-        let (d_k, d_v) = self.store()?.dims();
-        let cat = |part: fn(&(Tensor, Tensor, Tensor)) -> &Tensor, empty: Tensor| match pending
-            .is_empty()
-        {
-            true => empty,
-            false => Tensor::cat(&pending.iter().map(part).collect::<Vec<_>>(), 0),
-        };
-        let device = self.w_k.ws.device();
-        let k = cat(|e| &e.0, Tensor::zeros([0, d_k], (Kind::Float, device)));
-        let v = cat(|e| &e.1, Tensor::zeros([0, d_v], (Kind::Float, device)));
-        let ids = cat(|e| &e.2, Tensor::zeros([0], (Kind::Int64, device)));
-        let finite = k
-            .isfinite()
-            .all_dim(1, false)
-            .logical_and(&v.to_kind(Kind::Float).isfinite().all_dim(1, false)); // (n,)
-        let n_bad = finite.logical_not().sum(Kind::Int64).int64_value(&[]);
-        if n_bad > 0 {
-            tracing::warn!(
-                entries = n_bad,
-                "memory entries with NaN or infinite keys or values dropped"
-            );
+        for (k, v, ids) in pending {
+            let (k, v, ids) = writable(k, v, ids)?;
+            self.store()?.write(self.group.as_ref(), &k, &v, &ids)?;
         }
-        // Negative example ids mark padding (a rank past the end of a corpus): never written.
-        let keep = finite.logical_and(&ids.ge(0));
-        let (k, v, ids) = if bool::try_from(keep.all())? {
-            (k, v, ids)
-        } else {
-            let keep = keep.nonzero().squeeze_dim(1);
-            (
-                k.index_select(0, &keep),
-                v.index_select(0, &keep),
-                ids.index_select(0, &keep),
-            )
-        };
-        self.store()?.write(self.group.as_ref(), &k, &v, &ids)
+        Ok(())
     }
+}
+
+/// The entries that may be written: finite keys and values (the others dropped with a warning),
+/// and not padding (negative example ids: a rank past the end of a corpus).
+fn writable(k: Tensor, v: Tensor, ids: Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    let finite = k
+        .isfinite()
+        .all_dim(1, false)
+        .logical_and(&v.to_kind(Kind::Float).isfinite().all_dim(1, false)); // (n,)
+    let n_bad = finite.logical_not().sum(Kind::Int64).int64_value(&[]);
+    if n_bad > 0 {
+        tracing::warn!(
+            entries = n_bad,
+            "memory entries with NaN or infinite keys or values dropped"
+        );
+    }
+    let keep = finite.logical_and(&ids.ge(0));
+    if bool::try_from(keep.all())? {
+        return Ok((k, v, ids));
+    }
+    let keep = keep.nonzero().squeeze_dim(1);
+    Ok((
+        k.index_select(0, &keep),
+        v.index_select(0, &keep),
+        ids.index_select(0, &keep),
+    ))
 }

@@ -54,7 +54,8 @@ pub struct Spike {
 ///
 /// Ordinary batch-to-batch noise (a small batch's loss easily doubles) is none of these. After
 /// a warning the guard stays quiet for [`COOLDOWN`] steps.
-#[derive(Default)]
+/// Its state is part of a checkpoint (so a resumed run warns where the uninterrupted one did).
+#[derive(Default, Clone, serde::Serialize, serde::Deserialize)]
 pub struct SpikeGuard {
     seen: usize,
     quiet_until: usize,

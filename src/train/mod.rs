@@ -2,6 +2,7 @@
 //! path), the run directory (the only writer of run files), restoring, exporting and predicting
 //! from a run, reports and metrics.
 pub mod autocast;
+pub mod checkpoint;
 pub mod diagnostics;
 pub mod eval;
 pub mod export;

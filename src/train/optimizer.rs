@@ -162,4 +162,53 @@ impl AdamW {
         out.insert("step".into(), Tensor::from(self.step));
         out
     }
+
+    /// Restores the state [`Self::state`] gave (from the file at `path`, named in errors).
+    pub fn load_state(
+        &mut self,
+        state: &std::collections::HashMap<String, Tensor>,
+        path: &std::path::Path,
+    ) -> crate::Result<()> {
+        use crate::error::Error;
+        let find = |name: &str, like: &Tensor| -> crate::Result<&Tensor> {
+            let t = state
+                .get(name)
+                .ok_or_else(|| Error::tensor(path, name, "missing from the optimizer state"))?;
+            if t.size() != like.size() {
+                return Err(Error::tensor(
+                    path,
+                    name,
+                    format!(
+                        "has shape {:?}, the parameter's is {:?}",
+                        t.size(),
+                        like.size()
+                    ),
+                ));
+            }
+            Ok(t)
+        };
+        let names = self.params.len() * 2 + 1;
+        if state.len() != names {
+            return Err(Error::format(
+                path,
+                format!(
+                    "holds {} tensors, this model's optimizer has {names}: another model or method?",
+                    state.len()
+                ),
+            ));
+        }
+        for p in &mut self.params {
+            let m = find(&format!("exp_avg.{}", p.name), &p.exp_avg)?;
+            let v = find(&format!("exp_avg_sq.{}", p.name), &p.exp_avg_sq)?;
+            tch::no_grad(|| {
+                p.exp_avg.copy_(m);
+                p.exp_avg_sq.copy_(v);
+            });
+        }
+        self.step = state
+            .get("step")
+            .ok_or_else(|| Error::tensor(path, "step", "missing from the optimizer state"))?
+            .int64_value(&[]);
+        Ok(())
+    }
 }

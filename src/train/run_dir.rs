@@ -98,6 +98,23 @@ impl RunDir {
             })
             .find(|d| !d.exists())
             .ok_or_else(|| Error::Internal("no free run directory name".into()))?;
+        Self::create_at(&path, cfg, ctx, label_names, total_steps)
+    }
+
+    /// Where `run.output_dir` and `run.name` (or its default) put this config's run.
+    pub fn default_path(cfg: &Config) -> PathBuf {
+        Path::new(&cfg.run.output_dir).join(run_name(cfg))
+    }
+
+    /// A new run at `path` (rank 0's), replacing what a previous attempt of the same job left
+    /// there (`--resume auto` without a checkpoint to resume).
+    pub fn create_at(
+        path: &Path,
+        cfg: &Config,
+        ctx: &RunContext,
+        label_names: &[String],
+        total_steps: usize,
+    ) -> Result<RunDir> {
         // Rank 0 names the directory; the other ranks use its name.
         let path = PathBuf::from(crate::dist::collective::rank_zero_string(
             ctx.group.as_ref(),
@@ -119,6 +136,20 @@ impl RunDir {
         if dir.writer {
             std::fs::create_dir_all(&dir.path).map_err(|e| Error::io(&dir.path, e))?;
             write_atomic(&dir.path.join(CONFIG_FILE), cfg.to_toml()?.as_bytes())?;
+            dir.write_record()?;
+        }
+        Ok(dir)
+    }
+
+    /// An existing run continued from a checkpoint: its record says it is running again, now
+    /// towards `total_steps`.
+    pub fn resume(path: &Path, ctx: &RunContext, total_steps: usize) -> Result<RunDir> {
+        let mut dir = Self::open(path)?;
+        dir.writer = ctx.is_writer;
+        dir.record.state = RunState::Running;
+        dir.record.message = None;
+        dir.record.total_steps = total_steps;
+        if dir.writer {
             dir.write_record()?;
         }
         Ok(dir)
@@ -167,6 +198,39 @@ impl RunDir {
             self.write_record()?;
         }
         Ok(())
+    }
+
+    /// `metrics.jsonl` of a resumed run: cut back to the lines of steps up to `step` (what the
+    /// checkpoint saw; the resumed run writes the rest again), then appended to.
+    pub fn metrics_from(&self, step: usize) -> Result<MetricsLog> {
+        let path = self.path.join(METRICS_FILE);
+        if !self.writer {
+            return Ok(MetricsLog { file: None, path });
+        }
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(Error::io(&path, e)),
+        };
+        let kept: String = text
+            .lines()
+            .filter(|line| {
+                serde_json::from_str::<serde_json::Value>(line)
+                    .ok()
+                    .and_then(|v| v["step"].as_u64())
+                    .is_some_and(|s| s as usize <= step)
+            })
+            .map(|line| format!("{line}\n"))
+            .collect();
+        write_atomic(&path, kept.as_bytes())?;
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
+        Ok(MetricsLog {
+            file: Some(file),
+            path,
+        })
     }
 
     /// `metrics.jsonl`, created empty.

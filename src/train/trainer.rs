@@ -3,7 +3,8 @@
 //! synchronization at exactly one point ([`sync_gradients`]), clipping, AdamW, memory commits,
 //! logging and periodic evaluation; then temperature fitting, final evaluation and the summary.
 //! Data, model, evaluation, reports and files live in their own modules.
-use super::diagnostics::{part_of, SpikeGuard};
+use super::checkpoint::{self, LoopState, Resume, Start};
+use super::diagnostics::part_of;
 use super::eval::{evaluate, outputs, scores};
 use super::optimizer::AdamW;
 use super::progress::Progress;
@@ -29,6 +30,17 @@ pub fn train(cfg: &Config, ctx: &RunContext) -> Result<Summary> {
 
 /// [`train`], also handing back the trained model.
 pub fn train_model(cfg: &Config, ctx: &RunContext) -> Result<(Summary, TaskModel)> {
+    train_resuming(cfg, ctx, &Resume::No)
+}
+
+/// [`train_model`], continuing from a checkpoint as `resume` says (see [`checkpoint`]): the
+/// weights, optimizer, memory, data order and loop state of the checkpoint's step, so the result
+/// is the uninterrupted run's — bitwise at the same world size on the CPU.
+pub fn train_resuming(
+    cfg: &Config,
+    ctx: &RunContext,
+    resume: &Resume,
+) -> Result<(Summary, TaskModel)> {
     let start = Instant::now();
     // The head's size is the label count, so the data comes first.
     let tok = load_tokenizer(&cfg.model.source)?.ok_or_else(|| {
@@ -47,8 +59,29 @@ pub fn train_model(cfg: &Config, ctx: &RunContext) -> Result<(Summary, TaskModel
 
     let t = &cfg.train;
     let mut opt = AdamW::new(model.named_trainable(), t.weight_decay);
-    // Global batches of batch_size per rank; each rank trains on its share (`shard`).
-    let mut sampler = Sampler::new(cfg.run.seed, t.batch_size * world);
+    let start_at = checkpoint::locate(cfg, ctx, resume)?;
+    // Global batches of batch_size per rank; each rank trains on its share (`shard`). A resumed
+    // run keeps its checkpoint's global batch at any world size, so the data order continues.
+    if let Start::Finished(run) = &start_at {
+        return Ok((super::run_dir::read_summary(run)?, model));
+    }
+    let global_batch = match &start_at {
+        Start::From { manifest, .. } => manifest.global_batch,
+        _ => t.batch_size * world,
+    };
+    if global_batch % world != 0 {
+        return Err(Error::Config(format!(
+            "the checkpoint's global batch of {global_batch} examples does not split over {world} ranks: resume on a world size that divides it"
+        )));
+    }
+    if global_batch != t.batch_size * world {
+        tracing::info!(
+            global_batch,
+            per_rank = global_batch / world,
+            "resuming with the checkpoint's global batch (train.batch_size is per rank)"
+        );
+    }
+    let mut sampler = Sampler::new(cfg.run.seed, global_batch);
     let lengths: Vec<usize> = data.train.iter().map(|e| e.ids.len()).collect();
     let steps_per_epoch = sampler
         .batches_per_epoch(data.train.len())
@@ -62,20 +95,61 @@ pub fn train_model(cfg: &Config, ctx: &RunContext) -> Result<(Summary, TaskModel
     let warmup = (t.warmup_ratio * total as f64).round() as usize;
     let pad = tok.padding_id();
     let backbone_params = model.backbone.num_parameters();
-    let mut run = RunDir::create(cfg, ctx, &data.label_names, total)?;
-    let mut log = run.metrics()?;
+    let (mut run, mut log, first_step, mut ls) = match &start_at {
+        Start::Fresh(at) => {
+            let run = match at {
+                Some(path) => RunDir::create_at(path, cfg, ctx, &data.label_names, total)?,
+                None => RunDir::create(cfg, ctx, &data.label_names, total)?,
+            };
+            let log = run.metrics()?;
+            (run, log, 1, LoopState::default())
+        }
+        Start::Finished(run) => {
+            return Err(Error::run(run, "a finished run has nothing to resume"));
+        }
+        Start::From {
+            run,
+            checkpoint: dir,
+            manifest,
+        } => {
+            checkpoint::restore(dir, manifest, &model, &mut opt)?;
+            sampler.state = manifest.sampler();
+            let mut run = RunDir::resume(run, ctx, total)?;
+            run.set_step(manifest.step);
+            let log = run.metrics_from(manifest.step)?;
+            tracing::info!(checkpoint = %dir.display(), step = manifest.step, world_size = manifest.world_size, "resuming");
+            (run, log, manifest.step + 1, manifest.loop_state.clone())
+        }
+    };
     tracing::info!(
         run_dir = %run.path().display(), train = data.train.len(), validation = data.validation.len(),
         labels = num_labels, steps = total, trainable = model.trainable_params(), "training"
     );
 
     let progress = Progress::new(total, ctx.is_writer);
-    let (mut bad_in_a_row, mut skipped, mut tokens, mut train_secs) =
-        (0usize, 0usize, 0usize, 0.0f64);
-    let mut guard = SpikeGuard::default();
-    // Seconds spent all-reducing gradients (the data-parallel communication), for the log.
-    let mut sync_secs = 0.0f64;
-    for step in 1..=total {
+    let snapshot = |run: &RunDir,
+                    step: usize,
+                    ls: &LoopState,
+                    sampler: &Sampler,
+                    opt: &AdamW,
+                    validation: Option<&super::eval::EvalResult>| {
+        checkpoint::save(
+            run.path(),
+            cfg,
+            ctx,
+            &model,
+            opt,
+            &checkpoint::Snapshot {
+                step,
+                total_steps: total,
+                sampler: sampler.state,
+                global_batch,
+                loop_state: ls,
+                validation,
+            },
+        )
+    };
+    for step in first_step..=total {
         let step_start = Instant::now();
         let logged = step % t.log_every == 0 || step == total;
         if logged {
@@ -86,6 +160,7 @@ pub fn train_model(cfg: &Config, ctx: &RunContext) -> Result<(Summary, TaskModel
         let lr = learning_rate(t.schedule, t.lr, step - 1, warmup, total);
         let mut loss_value = 0.0;
         for micro in 0..t.grad_accum {
+            checkpoint::test_abort(step, micro);
             let global = sampler.next_batch(&lengths);
             let idx = shard(&global, ctx.rank, world);
             let items: Vec<&Encoded> = idx.iter().map(|&i| &data.train[i]).collect();
@@ -94,7 +169,7 @@ pub fn train_model(cfg: &Config, ctx: &RunContext) -> Result<(Summary, TaskModel
             // one process would compute.
             let longest = global.iter().map(|&i| lengths[i]).max().unwrap_or(1);
             let batch = collate_to(&items, pad, device, longest);
-            tokens += batch.n_tokens;
+            ls.tokens += batch.n_tokens;
             let first = ctx.rank * idx.len();
             let keys = (first..first + idx.len())
                 .map(|position| noise::example_key(cfg.run.seed, step, micro, position))
@@ -119,22 +194,22 @@ pub fn train_model(cfg: &Config, ctx: &RunContext) -> Result<(Summary, TaskModel
         // or none does, and rank 0 logs the job's loss.
         let loss_value = mean_over_ranks(ctx.group.as_ref(), loss_value)?;
         if !loss_value.is_finite() {
-            skipped += 1;
-            bad_in_a_row += 1;
+            ls.skipped += 1;
+            ls.bad_in_a_row += 1;
             model.discard_memory()?;
             progress.suspend(|| tracing::warn!(step, "non-finite loss: step skipped"));
-            if bad_in_a_row >= t.max_bad_steps {
+            if ls.bad_in_a_row >= t.max_bad_steps {
                 progress.finish();
-                return Err(diverged(&mut run, step, bad_in_a_row));
+                return Err(diverged(&mut run, step, ls.bad_in_a_row));
             }
         } else {
-            bad_in_a_row = 0;
+            ls.bad_in_a_row = 0;
             let sync_start = Instant::now();
             sync_gradients(ctx.group.as_ref(), &opt)?;
-            sync_secs += sync_start.elapsed().as_secs_f64();
+            ls.sync_secs += sync_start.elapsed().as_secs_f64();
             let part_norms = opt.grad_norms_by(part_of)?;
             let grad_norm = opt.clip_grad_norm(t.max_grad_norm);
-            if let Some(spike) = guard.observe(step, loss_value, grad_norm, &part_norms) {
+            if let Some(spike) = ls.guard.observe(step, loss_value, grad_norm, &part_norms) {
                 progress.suspend(|| {
                     tracing::warn!(
                         step,
@@ -152,10 +227,10 @@ pub fn train_model(cfg: &Config, ctx: &RunContext) -> Result<(Summary, TaskModel
             }
             opt.step(lr);
             model.commit_memory()?;
-            train_secs += step_start.elapsed().as_secs_f64();
+            ls.train_secs += step_start.elapsed().as_secs_f64();
             if logged {
-                let tps = tokens as f64 / train_secs.max(1e-9);
-                let eta = train_secs / step as f64 * (total - step) as f64;
+                let tps = ls.tokens as f64 / ls.train_secs.max(1e-9);
+                let eta = ls.train_secs / step as f64 * (total - step) as f64;
                 progress.step(step, loss_value, lr, tps);
                 if progress.is_visible() {
                     tracing::debug!(step, total, loss = loss_value, lr, grad_norm, "train");
@@ -174,12 +249,13 @@ pub fn train_model(cfg: &Config, ctx: &RunContext) -> Result<(Summary, TaskModel
                 log.write(serde_json::json!({
                     "step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
                     "tokens_per_s": tps, "grad_norms": part_norms, "probe": model.probe.take(),
-                    "grad_sync_share": sync_secs / train_secs.max(1e-9),
+                    "grad_sync_share": ls.sync_secs / ls.train_secs.max(1e-9),
                 }))?;
             }
         }
         model.probe.take();
         run.set_step(step);
+        let mut validation = None;
         if t.eval_every > 0 && step % t.eval_every == 0 && step < total {
             let ev = evaluate(
                 &model,
@@ -198,14 +274,29 @@ pub fn train_model(cfg: &Config, ctx: &RunContext) -> Result<(Summary, TaskModel
             });
             log.write(serde_json::json!({"step": step, "split": "validation", "eval": ev}))?;
             run.save_weights(&model, step)?;
+            validation = Some(ev);
+        }
+        let every = cfg.checkpoint.every;
+        if every > 0 && step % every == 0 && step < total {
+            snapshot(&run, step, &ls, &sampler, &opt, validation.as_ref())?;
         }
         let signal = ctx.stop.requested().unwrap_or(0);
         if any_rank(ctx.group.as_ref(), signal != 0)? {
             progress.finish();
+            // Preemption: the ranks agreed on this step; its checkpoint is what a requeued
+            // `--resume auto` continues from.
+            if every == 0 || step % every != 0 || step == total {
+                snapshot(&run, step, &ls, &sampler, &opt, validation.as_ref())?;
+            }
             return Err(interrupted(&mut run, &model, step, signal)?);
         }
     }
     progress.finish();
+    // The end of training has a checkpoint too (a job stopped during the final evaluation
+    // resumes to just that).
+    if first_step <= total {
+        snapshot(&run, total, &ls, &sampler, &opt, None)?;
+    }
     // Post-hoc temperature scaling, fitted on the validation split and kept with the run.
     let bs = t.batch_size * 2;
     let val_out = outputs(&model, &data.validation, bs)?;
@@ -256,8 +347,8 @@ pub fn train_model(cfg: &Config, ctx: &RunContext) -> Result<(Summary, TaskModel
         backbone_params,
         trainable_share: trainable_params as f64 / backbone_params.max(1) as f64,
         steps: total,
-        skipped_steps: skipped,
-        train_tokens_per_s: tokens as f64 / train_secs.max(1e-9),
+        skipped_steps: ls.skipped,
+        train_tokens_per_s: ls.tokens as f64 / ls.train_secs.max(1e-9),
         seconds: start.elapsed().as_secs_f64(),
         validation,
         test,

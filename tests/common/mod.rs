@@ -1,6 +1,7 @@
 //! Shared helpers for the integration tests: fixture paths (made by tests/make_fixtures.py) and
 //! tensor comparisons.
 #![allow(dead_code)]
+pub mod process;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use tch::Tensor;

@@ -1,0 +1,521 @@
+//! Checkpoints for exact resume: `RUN/checkpoints/step_000500/` holds `manifest.json` (format,
+//! step, sampler cursor, world size and global batch, the resolved config and its sha256, the
+//! loop's counters and spike-guard averages, the validation scores of that step if it was an
+//! evaluation step, and the size and sha256 of every file), `trainable.safetensors` (the PEFT-named
+//! tensors and the umtune-only modules), `optimizer.safetensors` (AdamW's moments and step) and the
+//! memory as one shard per rank with `memory.index.json` (see [`crate::memory::files`]).
+//! safetensors and JSON only.
+//!
+//! No random-generator state is saved because none is needed: the sampler's order is a function
+//! of (seed, epoch), and every draw of training (LoRA dropout, UM noise, heteroscedastic samples)
+//! comes from a generator seeded with (seed, step, micro-batch, position in the global batch) —
+//! see `task::noise`. Checkpoints are taken at optimizer-step boundaries, where nothing is
+//! accumulated and the memory has nothing pending; a run killed in the middle of an accumulation
+//! repeats that step from the last checkpoint.
+//!
+//! Writing is collective: every rank writes into `step_000500.tmp/` (rank 0 the replicated
+//! files, each rank its memory shard, each file fsynced), then after a barrier rank 0 writes the
+//! manifest, renames the directory to `step_000500`, fsyncs `checkpoints/`, replaces the `latest`
+//! pointer atomically and prunes to the newest `checkpoint.keep` plus the best by
+//! `checkpoint.best`. A kill at any instant leaves every earlier checkpoint whole (loaders never
+//! look at `.tmp` directories). Loading checks every size and sha256 and names the file that
+//! differs; `--resume auto` then falls back to the next newest good checkpoint and says so.
+use super::diagnostics::SpikeGuard;
+use super::eval::EvalResult as Evaluation;
+use super::optimizer::AdamW;
+use crate::atomic_file::{check_digest, digest, write_atomic, write_atomic_with, FileDigest};
+use crate::config::Config;
+use crate::data::batching::SamplerState;
+use crate::dist::RunContext;
+use crate::error::{Error, Result};
+use crate::peft::load_named;
+use crate::task::TaskModel;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use tch::Tensor;
+
+pub const CHECKPOINTS_DIR: &str = "checkpoints";
+pub const LATEST: &str = "latest";
+pub const MANIFEST: &str = "manifest.json";
+const FORMAT: &str = "umtune-checkpoint/1";
+const TRAINABLE: &str = "trainable.safetensors";
+const OPTIMIZER: &str = "optimizer.safetensors";
+const MEMORY: &str = "memory.index.json";
+
+/// Config keys that may differ on resume: logging, evaluation cadence, the step budget, threads,
+/// checkpointing, the collective's settings, where the run lives, the device, and the per-rank
+/// batch (the checkpoint's global batch is kept whatever it says).
+pub const SAFE_ON_RESUME: &[&str] = &[
+    "train.log_every",
+    "train.eval_every",
+    "train.max_steps",
+    "train.batch_size",
+    "run.threads",
+    "run.output_dir",
+    "run.name",
+    "model.device",
+    "checkpoint.",
+    "dist.",
+];
+
+/// The training loop's own state between steps.
+#[derive(Clone, Default, Serialize, Deserialize)]
+pub struct LoopState {
+    pub bad_in_a_row: usize,
+    pub skipped: usize,
+    pub tokens: usize,
+    pub train_secs: f64,
+    pub sync_secs: f64,
+    pub guard: SpikeGuard,
+}
+
+/// `manifest.json`.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: String,
+    /// Optimizer steps done.
+    pub step: usize,
+    pub total_steps: usize,
+    /// The sampler's epoch and the batches of it already drawn.
+    pub epoch: u64,
+    pub sampler_batch: usize,
+    /// Micro-batches of the next step already done: always 0 (checkpoints are taken between
+    /// optimizer steps).
+    pub micro: usize,
+    pub world_size: usize,
+    /// Examples per optimizer micro-step, all ranks together (kept on resume at any world size).
+    pub global_batch: usize,
+    pub config: String,
+    pub config_sha256: String,
+    pub loop_state: LoopState,
+    /// The validation scores of this step, when it was an evaluation step.
+    #[serde(default)]
+    pub validation: Option<Evaluation>,
+    pub files: BTreeMap<String, FileDigest>,
+}
+
+impl Manifest {
+    pub fn sampler(&self) -> SamplerState {
+        SamplerState {
+            epoch: self.epoch,
+            batch: self.sampler_batch,
+        }
+    }
+}
+
+pub fn checkpoints_dir(run: &Path) -> PathBuf {
+    run.join(CHECKPOINTS_DIR)
+}
+
+fn step_name(step: usize) -> String {
+    format!("step_{step:06}")
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn fsync_dir(dir: &Path) -> Result<()> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io(dir, e))
+}
+
+/// What a checkpoint is made of, besides the model and the optimizer.
+pub struct Snapshot<'a> {
+    pub step: usize,
+    pub total_steps: usize,
+    pub sampler: SamplerState,
+    pub global_batch: usize,
+    pub loop_state: &'a LoopState,
+    pub validation: Option<&'a Evaluation>,
+}
+
+/// Saves a checkpoint of the run in `run` (see the module doc). Collective.
+pub fn save(
+    run: &Path,
+    cfg: &Config,
+    ctx: &RunContext,
+    model: &TaskModel,
+    opt: &AdamW,
+    snap: &Snapshot,
+) -> Result<PathBuf> {
+    let root = checkpoints_dir(run);
+    let name = step_name(snap.step);
+    let (tmp, done) = (root.join(format!("{name}.tmp")), root.join(&name));
+    let group = ctx.group.as_ref();
+    if ctx.is_writer {
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        }
+        std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        write_tensors(&tmp.join(TRAINABLE), &model.named_trainable())?;
+        let state: Vec<(String, Tensor)> = opt.state().into_iter().collect();
+        write_tensors(&tmp.join(OPTIMIZER), &state)?;
+        test_pause(snap.step);
+    }
+    group.barrier()?;
+    if let Some(memory) = &model.memory {
+        memory.save(&tmp.join(MEMORY), false)?;
+    }
+    if ctx.is_writer {
+        let mut files = BTreeMap::new();
+        for f in [TRAINABLE, OPTIMIZER, MEMORY] {
+            if tmp.join(f).exists() {
+                files.insert(f.to_string(), digest(&tmp.join(f))?);
+            }
+        }
+        let config = cfg.to_toml()?;
+        let manifest = Manifest {
+            format: FORMAT.into(),
+            step: snap.step,
+            total_steps: snap.total_steps,
+            epoch: snap.sampler.epoch,
+            sampler_batch: snap.sampler.batch,
+            micro: 0,
+            world_size: ctx.world_size,
+            global_batch: snap.global_batch,
+            config_sha256: sha256_hex(config.as_bytes()),
+            config,
+            loop_state: snap.loop_state.clone(),
+            validation: snap.validation.cloned(),
+            files,
+        };
+        let json = serde_json::to_vec_pretty(&manifest)
+            .map_err(|e| Error::Internal(format!("{MANIFEST}: {e}")))?;
+        write_atomic(&tmp.join(MANIFEST), &json)?;
+        fsync_dir(&tmp)?;
+        // A checkpoint of this step from an earlier attempt (a resumed run that got here again).
+        if done.exists() {
+            std::fs::remove_dir_all(&done).map_err(|e| Error::io(&done, e))?;
+        }
+        std::fs::rename(&tmp, &done).map_err(|e| Error::io(&done, e))?;
+        fsync_dir(&root)?;
+        write_atomic(&root.join(LATEST), name.as_bytes())?;
+        prune(&root, cfg)?;
+    }
+    group.barrier()?;
+    Ok(done)
+}
+
+fn write_tensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+    write_atomic_with(path, |tmp| {
+        Tensor::write_safetensors(tensors, tmp).map_err(|e| Error::format(tmp, e.to_string()))
+    })
+}
+
+/// Tests only: `UMTUNE_TEST_PAUSE_IN_CHECKPOINT=STEP` stops the writer for a minute halfway
+/// through writing the checkpoint of STEP (so a test can kill it there).
+fn test_pause(step: usize) {
+    let wanted = std::env::var("UMTUNE_TEST_PAUSE_IN_CHECKPOINT")
+        .ok()
+        .and_then(|s| s.parse::<usize>().ok());
+    if wanted == Some(step) {
+        tracing::warn!(step, "UMTUNE_TEST_PAUSE_IN_CHECKPOINT: pausing mid-write");
+        std::thread::sleep(std::time::Duration::from_secs(60));
+    }
+}
+
+/// Tests only: `UMTUNE_TEST_ABORT_AT=STEP:MICRO` aborts the process (no cleanup, as a kill -9)
+/// when micro-batch MICRO of step STEP is about to run.
+pub fn test_abort(step: usize, micro: usize) {
+    if let Ok(at) = std::env::var("UMTUNE_TEST_ABORT_AT") {
+        if at == format!("{step}:{micro}") {
+            eprintln!("UMTUNE_TEST_ABORT_AT={at}: aborting");
+            std::process::abort();
+        }
+    }
+}
+
+/// The finished checkpoints under `root`, newest first.
+fn list(root: &Path) -> Vec<(usize, PathBuf)> {
+    let mut found: Vec<(usize, PathBuf)> = std::fs::read_dir(root)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let step = name.strip_prefix("step_")?.parse::<usize>().ok()?;
+            e.path().is_dir().then(|| (step, e.path()))
+        })
+        .collect();
+    found.sort_by_key(|f| std::cmp::Reverse(f.0));
+    found
+}
+
+/// Keeps the newest `checkpoint.keep` checkpoints and the best by `checkpoint.best`.
+fn prune(root: &Path, cfg: &Config) -> Result<()> {
+    let all = list(root);
+    let best = match cfg.checkpoint.best.as_str() {
+        "" => None,
+        metric => all
+            .iter()
+            .filter_map(|(_, dir)| {
+                let m = read_manifest(dir).ok()?;
+                let v = m.validation?;
+                let score = match metric {
+                    "accuracy" => v.accuracy,
+                    "macro_f1" => v.macro_f1,
+                    _ => -v.loss,
+                };
+                score.is_finite().then(|| (score, dir.clone()))
+            })
+            .max_by(|a, b| a.0.total_cmp(&b.0))
+            .map(|(_, d)| d),
+    };
+    for (_, dir) in all.iter().skip(cfg.checkpoint.keep) {
+        if Some(dir) != best.as_ref() {
+            std::fs::remove_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        }
+    }
+    Ok(())
+}
+
+pub fn read_manifest(dir: &Path) -> Result<Manifest> {
+    let path = dir.join(MANIFEST);
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let m: Manifest =
+        serde_json::from_str(&text).map_err(|e| Error::format(&path, e.to_string()))?;
+    if m.format != FORMAT {
+        return Err(Error::format(
+            &path,
+            format!("format `{}`: this umtune reads `{FORMAT}`", m.format),
+        ));
+    }
+    Ok(m)
+}
+
+/// The checkpoint in `dir`, every file checked against its manifest (sizes and sha256; the
+/// memory's shards against its index when loaded).
+pub fn verify(dir: &Path) -> Result<Manifest> {
+    let m = read_manifest(dir)?;
+    let manifest = dir.join(MANIFEST).display().to_string();
+    for f in [TRAINABLE, OPTIMIZER] {
+        if !m.files.contains_key(f) {
+            return Err(Error::format(
+                dir.join(MANIFEST),
+                format!("lists no {f}: not a umtune checkpoint"),
+            ));
+        }
+    }
+    for (name, want) in &m.files {
+        let path = dir.join(name);
+        if !path.is_file() {
+            return Err(Error::format(
+                &path,
+                format!("is missing: {manifest} lists it"),
+            ));
+        }
+        check_digest(&path, want, &manifest)?;
+    }
+    if m.config_sha256 != sha256_hex(m.config.as_bytes()) {
+        return Err(Error::format(
+            dir.join(MANIFEST),
+            "the config's sha256 does not match the config it holds: the manifest was edited or is corrupt",
+        ));
+    }
+    Ok(m)
+}
+
+/// What `--resume` asked for.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Resume {
+    /// Start a new run.
+    No,
+    /// The run's newest good checkpoint, or a fresh start in the same directory if none.
+    Auto,
+    /// This checkpoint, or the newest good one of this run directory.
+    Path(PathBuf),
+}
+
+impl Resume {
+    pub fn parse(s: &str) -> Resume {
+        match s {
+            "auto" => Resume::Auto,
+            p => Resume::Path(PathBuf::from(p)),
+        }
+    }
+}
+
+/// Where a run starts: a checkpoint to continue from (its run directory and manifest), or a
+/// fresh run at `fresh_at` (auto with nothing to resume) or at a new directory (`None`).
+pub enum Start {
+    Fresh(Option<PathBuf>),
+    /// `--resume auto` of a run that already finished: nothing to do.
+    Finished(PathBuf),
+    From {
+        run: PathBuf,
+        checkpoint: PathBuf,
+        manifest: Box<Manifest>,
+    },
+}
+
+/// Decides where to start (rank 0 looks, every rank gets its answer and checks what it will
+/// read).
+pub fn locate(cfg: &Config, ctx: &RunContext, resume: &Resume) -> Result<Start> {
+    let chosen = if ctx.is_rank_zero() {
+        choose(cfg, resume)?
+    } else {
+        String::new()
+    };
+    let chosen = crate::dist::collective::rank_zero_string(ctx.group.as_ref(), &chosen)?;
+    if let Some(run) = chosen.strip_prefix("finished:") {
+        return Ok(Start::Finished(PathBuf::from(run)));
+    }
+    let Some(path) = chosen.strip_prefix("checkpoint:") else {
+        return Ok(Start::Fresh(
+            chosen.strip_prefix("fresh:").map(PathBuf::from),
+        ));
+    };
+    let checkpoint = PathBuf::from(path);
+    let manifest = verify(&checkpoint)?;
+    let run = checkpoint
+        .parent()
+        .and_then(Path::parent)
+        .ok_or_else(|| Error::run(&checkpoint, "a checkpoint is RUN/checkpoints/step_N"))?
+        .to_path_buf();
+    check_config(cfg, &manifest, &checkpoint)?;
+    Ok(Start::From {
+        run,
+        checkpoint,
+        manifest: Box::new(manifest),
+    })
+}
+
+/// Rank 0's choice as a string: `checkpoint:DIR`, `fresh:RUN_DIR`, `finished:RUN_DIR` or `new`.
+fn choose(cfg: &Config, resume: &Resume) -> Result<String> {
+    match resume {
+        Resume::No => Ok("new".into()),
+        Resume::Auto => {
+            let run = super::run_dir::RunDir::default_path(cfg);
+            let finished = super::run_dir::read_record(&run)
+                .is_ok_and(|r| r.state == super::run_dir::RunState::Finished)
+                && run.join(super::run_dir::SUMMARY_FILE).is_file();
+            if finished {
+                tracing::info!(run = %run.display(), "--resume auto: the run finished already");
+                return Ok(format!("finished:{}", run.display()));
+            }
+            match newest_good(&run)? {
+                Some(dir) => Ok(format!("checkpoint:{}", dir.display())),
+                None => {
+                    tracing::info!(run = %run.display(), "--resume auto: no checkpoint to resume, starting fresh");
+                    Ok(format!("fresh:{}", run.display()))
+                }
+            }
+        }
+        Resume::Path(p) if p.join(MANIFEST).is_file() => {
+            verify(p)?;
+            Ok(format!("checkpoint:{}", p.display()))
+        }
+        Resume::Path(p) => match newest_good(p)? {
+            Some(dir) => Ok(format!("checkpoint:{}", dir.display())),
+            None => Err(Error::run(
+                p,
+                "--resume: neither a checkpoint (no manifest.json) nor a run with a good checkpoint",
+            )),
+        },
+    }
+}
+
+/// The newest checkpoint of run `run` that verifies; each bad one is named in a warning.
+fn newest_good(run: &Path) -> Result<Option<PathBuf>> {
+    for (_, dir) in list(&checkpoints_dir(run)) {
+        match verify(&dir) {
+            Ok(_) => return Ok(Some(dir)),
+            Err(e) => {
+                tracing::warn!(checkpoint = %dir.display(), "skipping a bad checkpoint, trying an older one: {e}")
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// Refuses a config that differs from the checkpoint's in a key not in [`SAFE_ON_RESUME`],
+/// naming the keys.
+fn check_config(cfg: &Config, m: &Manifest, dir: &Path) -> Result<()> {
+    let theirs: toml::Value =
+        toml::from_str(&m.config).map_err(|e| Error::format(dir.join(MANIFEST), e.to_string()))?;
+    let ours: toml::Value = toml::from_str(&cfg.to_toml()?)
+        .map_err(|e| Error::Internal(format!("the config as TOML: {e}")))?;
+    let (mut a, mut b) = (BTreeMap::new(), BTreeMap::new());
+    flatten("", &theirs, &mut a);
+    flatten("", &ours, &mut b);
+    let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    let differing: Vec<String> = keys
+        .into_iter()
+        .filter(|k| a.get(*k) != b.get(*k))
+        .filter(|k| {
+            !SAFE_ON_RESUME
+                .iter()
+                .any(|s| k.as_str() == *s || (s.ends_with('.') && k.starts_with(s)))
+        })
+        .map(|k| {
+            format!(
+                "{k} ({} -> {})",
+                a.get(k).map_or("unset".into(), |v| v.to_string()),
+                b.get(k).map_or("unset".into(), |v| v.to_string())
+            )
+        })
+        .collect();
+    if differing.is_empty() {
+        return Ok(());
+    }
+    Err(Error::Config(format!(
+        "resuming {}: the config differs from the checkpoint's in {}; only {} may change on resume (start a new run for other changes)",
+        dir.display(),
+        differing.join(", "),
+        SAFE_ON_RESUME.join(", ")
+    )))
+}
+
+fn flatten(prefix: &str, v: &toml::Value, out: &mut BTreeMap<String, toml::Value>) {
+    match v {
+        toml::Value::Table(t) => {
+            for (k, v) in t {
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                flatten(&key, v, out);
+            }
+        }
+        other => {
+            out.insert(prefix.to_string(), other.clone());
+        }
+    }
+}
+
+/// Loads the checkpoint into the model (trainable tensors, memory shard) and the optimizer.
+pub fn restore(dir: &Path, m: &Manifest, model: &TaskModel, opt: &mut AdamW) -> Result<()> {
+    let trainable = dir.join(TRAINABLE);
+    load_named(model.trained_vars(), &trainable)?;
+    let optimizer = dir.join(OPTIMIZER);
+    let state: HashMap<String, Tensor> = Tensor::read_safetensors(&optimizer)
+        .map_err(|e| Error::format(&optimizer, e.to_string()))?
+        .into_iter()
+        .collect();
+    opt.load_state(&state, &optimizer)?;
+    match (&model.memory, m.files.contains_key(MEMORY)) {
+        (Some(memory), true) => memory.load(&dir.join(MEMORY), false)?,
+        (None, false) => {}
+        (Some(_), false) => {
+            return Err(Error::run(
+                dir,
+                "the checkpoint has no memory; the model has one",
+            ))
+        }
+        (None, true) => {
+            return Err(Error::run(
+                dir,
+                "the checkpoint has a memory; the model has none",
+            ))
+        }
+    }
+    Ok(())
+}
