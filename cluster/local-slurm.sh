@@ -66,7 +66,7 @@ start() {
   if ! pgrep -x slurmctld >/dev/null; then slurmctld; sleep 0.2; cat /run/slurmctld.pid >> "$STATE/pids"; fi
   if ! pgrep -x slurmd >/dev/null; then slurmd; sleep 0.2; cat /run/slurmd.pid >> "$STATE/pids"; fi
   for _ in $(seq 1 60); do
-    if sinfo -h -o %t 2>/dev/null | grep -qE '^(idle|mix|alloc)'; then
+    if timeout 5 sinfo -h -o %t 2>/dev/null | grep -qE '^(idle|mix|alloc)'; then
       echo "local-slurm: node $(hostname) up ($(nproc) CPUs)"
       return 0
     fi
@@ -83,6 +83,10 @@ stop() {
   # Newest first: slurmd, slurmctld, then munged.
   tac "$STATE/pids" | while read -r pid; do
     [ -n "$pid" ] && kill "$pid" 2>/dev/null || true
+  done
+  # Gone before returning, so that a `start` right after starts fresh daemons.
+  for pid in $(cat "$STATE/pids"); do
+    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
   done
   rm -f "$STATE/pids"
 }

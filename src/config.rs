@@ -309,6 +309,10 @@ pub struct Config {
     pub memory: MemoryConfig,
     pub dist: DistConfig,
     pub checkpoint: CheckpointConfig,
+    /// The `--set` overrides this config was loaded with (recorded in a run's summary; not part
+    /// of the config file).
+    #[serde(skip)]
+    pub overrides: Vec<String>,
 }
 
 /// Checkpoints for exact resume (`RUN/checkpoints/step_NNNNNN/`, see `train::checkpoint`).
@@ -499,6 +503,7 @@ impl Config {
             .try_deserialize()
             .map_err(|e| Error::Config(e.to_string()))?;
         cfg.data.dataset = absolute_dataset(&cfg.data.dataset)?;
+        cfg.overrides = overrides.to_vec();
         cfg.validate()?;
         Ok(cfg)
     }

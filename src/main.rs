@@ -18,7 +18,8 @@ use umtune::train::checkpoint::Resume;
 use umtune::train::eval::{outputs, scores};
 use umtune::train::report::{collect_runs, results_csv, results_table, write_plots, ReportEntry};
 use umtune::train::run_dir::read_summary;
-use umtune::train::{export, predict, restore, trainer};
+use umtune::train::sweep::{self, SweepPlan};
+use umtune::train::{export, predict, report, restore, trainer};
 
 #[derive(Parser)]
 #[command(
@@ -152,6 +153,51 @@ enum Command {
         #[arg(long, value_name = "auto|PATH")]
         resume: Option<String>,
     },
+    /// A grid of overrides x seeds, one run each (named after the values), run here one after
+    /// another or K at a time (--local / --parallel K) or as a SLURM job array (--slurm);
+    /// finished runs are skipped and interrupted ones resumed. `umtune report OUT` summarizes.
+    Sweep {
+        /// TOML experiment config every run starts from.
+        config: PathBuf,
+        /// `section.key=v1,v2,...` (repeatable; the grid is their product).
+        #[arg(long)]
+        grid: Vec<String>,
+        /// Seeds, comma separated.
+        #[arg(long, value_delimiter = ',', default_value = "42")]
+        seeds: Vec<u64>,
+        /// The sweep's directory (sweep.json, the runs, logs/).
+        #[arg(long)]
+        out: PathBuf,
+        /// Override a config value for every run: `--set section.key=value` (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+        #[arg(long)]
+        local: bool,
+        /// Runs at once with --local.
+        #[arg(long, default_value_t = 1)]
+        parallel: usize,
+        #[arg(long)]
+        slurm: bool,
+        /// Print the sbatch script (--slurm) or each run's overrides instead of running.
+        #[arg(long)]
+        dry_run: bool,
+        /// GPUs (workers under umtune-launch) per array task, with --slurm.
+        #[arg(long, default_value_t = 1)]
+        nproc_per_node: usize,
+        /// `--time` of each array task (HH:MM:SS), with --slurm.
+        #[arg(long, default_value = "")]
+        time: String,
+        /// Extra sbatch options, e.g. `--sbatch=--partition=gpu` (repeatable).
+        #[arg(long, allow_hyphen_values = true)]
+        sbatch: Vec<String>,
+    },
+    /// One run of a sweep (what `sweep` starts; under a launcher, one rank of it).
+    #[command(hide = true)]
+    SweepTask {
+        plan: PathBuf,
+        #[arg(long)]
+        task: usize,
+    },
     /// Print the resolved configuration (file, then UMTUNE__* environment, then --set).
     Config {
         #[command(flatten)]
@@ -238,6 +284,81 @@ fn load_config(args: &ConfigArgs, model: &Option<String>) -> Result<Config> {
 
 /// Prints to stdout; a closed pipe (`umtune train ... | head -1`) ends the output quietly
 /// instead of panicking.
+/// `umtune train` in this process, one rank of whatever launched it.
+fn train_job(cfg: &umtune::config::Config, resume: &Resume) -> Result<()> {
+    let job = JobEnv::from_process()?;
+    let ctx = RunContext::for_job(cfg, &job)?.with_signal_handling()?;
+    // Downloads (hub models) happen once per node.
+    ctx.local_rank_zero_first(|| resolve::resolve(&cfg.model.source).map(|_| ()))?;
+    let (summary, _) = trainer::train_resuming(cfg, &ctx, resume)?;
+    ctx.finish()?;
+    if ctx.is_writer {
+        let dir = summary.run_dir.display().to_string();
+        emit(&format!(
+            "{}\nrun directory: {dir}\n",
+            results_table(&[ReportEntry::finished(summary)])
+        ))?;
+    }
+    Ok(())
+}
+
+/// The sweep's runs as child processes, `parallel` at a time, each logging to
+/// `OUT/logs/NAME.log`; fails naming the runs that failed.
+fn run_local(
+    bin: &std::path::Path,
+    plan: &SweepPlan,
+    plan_path: &std::path::Path,
+    out: &std::path::Path,
+    parallel: usize,
+) -> Result<()> {
+    let logs = out.join("logs");
+    std::fs::create_dir_all(&logs)?;
+    let mut waiting: std::collections::VecDeque<usize> = (0..plan.runs.len()).collect();
+    let mut running: Vec<(usize, std::process::Child)> = Vec::new();
+    let mut failed = Vec::new();
+    while !waiting.is_empty() || !running.is_empty() {
+        while running.len() < parallel {
+            let Some(i) = waiting.pop_front() else { break };
+            let name = &plan.runs[i].name;
+            let log = std::fs::File::create(logs.join(format!("{name}.log")))?;
+            let child = std::process::Command::new(bin)
+                .args(["sweep-task".as_ref(), plan_path.as_os_str()])
+                .args(["--task", &i.to_string()])
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .spawn()?;
+            tracing::info!(run = %name, "sweep run started");
+            running.push((i, child));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let mut still = Vec::new();
+        for (i, mut child) in running {
+            match child.try_wait()? {
+                None => still.push((i, child)),
+                Some(status) => {
+                    let name = &plan.runs[i].name;
+                    if status.success() {
+                        tracing::info!(run = %name, "sweep run finished");
+                    } else {
+                        tracing::error!(run = %name, %status, "sweep run failed (see logs/{name}.log)");
+                        failed.push(name.clone());
+                    }
+                }
+            }
+        }
+        running = still;
+    }
+    if !failed.is_empty() {
+        bail!(
+            "{} sweep run(s) failed: {} (logs in {})",
+            failed.len(),
+            failed.join(", "),
+            logs.display()
+        );
+    }
+    Ok(())
+}
+
 fn emit(text: &str) -> Result<()> {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
@@ -398,6 +519,7 @@ fn run(command: Command) -> Result<()> {
             write_atomic(&dir.join("results.md"), md.as_bytes())?;
             write_atomic(&dir.join("results.csv"), results_csv(&runs)?.as_bytes())?;
             emit(&md)?;
+            emit(&report::sweep_report(&dir, &runs)?)?;
         }
         Command::Config { cfg } => emit(&load_config(&cfg, &None)?.to_toml()?)?,
         Command::Train {
@@ -412,20 +534,84 @@ fn run(command: Command) -> Result<()> {
                 },
                 &None,
             )?;
-            let job = JobEnv::from_process()?;
-            let ctx = RunContext::for_job(&cfg, &job)?.with_signal_handling()?;
-            // Downloads (hub models) happen once per node.
-            ctx.local_rank_zero_first(|| resolve::resolve(&cfg.model.source).map(|_| ()))?;
             let resume = resume.as_deref().map_or(Resume::No, Resume::parse);
-            let (summary, _) = trainer::train_resuming(&cfg, &ctx, &resume)?;
-            ctx.finish()?;
-            if ctx.is_writer {
-                let dir = summary.run_dir.display().to_string();
-                emit(&format!(
-                    "{}\nrun directory: {dir}\n",
-                    results_table(&[ReportEntry::finished(summary)])
-                ))?;
+            train_job(&cfg, &resume)?;
+        }
+        Command::Sweep {
+            config,
+            grid,
+            seeds,
+            out,
+            overrides,
+            local,
+            parallel,
+            slurm,
+            dry_run,
+            nproc_per_node,
+            time,
+            sbatch,
+        } => {
+            let plan = SweepPlan::new(&config, &overrides, &grid, &seeds)?;
+            let plan_path = plan.write(&out)?;
+            let bin = std::env::current_exe()?;
+            emit(&format!(
+                "{} runs ({} grid points x {} seeds), plan: {}\n",
+                plan.runs.len(),
+                plan.runs.len() / plan.seeds.len(),
+                plan.seeds.len(),
+                plan_path.display()
+            ))?;
+            if slurm {
+                let script = sweep::sbatch_script(
+                    &plan,
+                    &plan_path,
+                    &bin,
+                    &sweep::SlurmOptions {
+                        nproc_per_node,
+                        time,
+                        extra: sbatch,
+                    },
+                );
+                if dry_run {
+                    emit(&script)?;
+                } else {
+                    std::fs::create_dir_all(out.join("logs"))?;
+                    let file = out.join(sweep::SBATCH_FILE);
+                    write_atomic(&file, script.as_bytes())?;
+                    let submitted = std::process::Command::new("sbatch")
+                        .arg("--parsable")
+                        .arg(&file)
+                        .output()
+                        .with_context(|| "running sbatch (is SLURM installed here?)")?;
+                    if !submitted.status.success() {
+                        bail!(
+                            "sbatch {} failed: {}",
+                            file.display(),
+                            String::from_utf8_lossy(&submitted.stderr).trim()
+                        );
+                    }
+                    let id = String::from_utf8_lossy(&submitted.stdout)
+                        .trim()
+                        .to_string();
+                    emit(&format!("submitted job array {id} ({})\n", file.display()))?;
+                }
+            } else if local || parallel > 1 {
+                run_local(&bin, &plan, &plan_path, &out, parallel.max(1))?;
+                let runs = collect_runs(&out)?;
+                emit(&report::sweep_report(&out, &runs)?)?;
+            } else if dry_run {
+                for i in 0..plan.runs.len() {
+                    emit(&format!("{}\n", plan.overrides(i, &out)?.join(" ")))?;
+                }
+            } else {
+                bail!("umtune sweep: say how to run it: --local [--parallel K], --slurm [--dry-run], or --dry-run");
             }
+        }
+        Command::SweepTask { plan, task } => {
+            let sweep = SweepPlan::read(&plan)?;
+            let out = plan.parent().unwrap_or(std::path::Path::new("."));
+            let cfg = sweep.config_of(task, out)?;
+            train_job(&cfg, &Resume::Auto)?;
         }
         Command::Generate {
             cfg,
@@ -660,5 +846,7 @@ fn eval_summary(run: &restore::LoadedRun) -> Result<umtune::train::report::Summa
         seconds: 0.0,
         validation: Default::default(),
         test: None,
+        overrides: run.config.overrides.clone(),
+        hyper: umtune::train::report::hyper_parameters(&run.config),
     })
 }

@@ -7,11 +7,9 @@ mod common;
 
 use common::process::*;
 use common::TestResult;
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use tch::Tensor;
 
 /// 16 steps of 2 micro-batches of 4 over 96 examples: 12 steps an epoch, so the checkpoints of
 /// steps 5 and 10 are mid-epoch and the run crosses an epoch; an evaluation every 5 steps.
@@ -34,48 +32,6 @@ fn umtune(args: &[String], env: &[(&str, &str)]) -> std::io::Result<std::process
         c.env(k, v);
     }
     c.output()
-}
-
-/// Everything a run's result is made of: trainable weights, the memory's whole ring, the final
-/// checkpoint's optimizer state, and metrics.jsonl without its timings.
-fn outcome(run: &Path) -> (HashMap<String, Tensor>, Vec<serde_json::Value>) {
-    let mut tensors = weights(run);
-    let last = run.join("checkpoints/step_000016/optimizer.safetensors");
-    for (name, t) in Tensor::read_safetensors(&last).unwrap() {
-        tensors.insert(format!("optimizer/{name}"), t);
-    }
-    let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
-    let lines = text
-        .lines()
-        .map(|l| {
-            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-            if let Some(o) = v.as_object_mut() {
-                o.remove("tokens_per_s");
-                o.remove("grad_sync_share");
-            }
-            v
-        })
-        .collect();
-    (tensors, lines)
-}
-
-fn assert_bitwise(reference: &Path, resumed: &Path) {
-    let (a, la) = outcome(reference);
-    let (b, lb) = outcome(resumed);
-    assert_eq!(
-        a.keys().collect::<std::collections::BTreeSet<_>>(),
-        b.keys().collect()
-    );
-    for (name, t) in &a {
-        assert!(t.equal(&b[name]), "{name} differs after resuming");
-    }
-    assert_eq!(la.len(), lb.len(), "metrics.jsonl line counts");
-    for (x, y) in la.iter().zip(&lb) {
-        assert_eq!(x, y, "metrics.jsonl lines differ");
-    }
-    let (sa, sb) = (summary(reference), summary(resumed));
-    assert_eq!(sa["validation"], sb["validation"]);
-    assert_eq!(sa["test"], sb["test"]);
 }
 
 fn out_dir(tag: &str) -> PathBuf {
@@ -114,7 +70,7 @@ fn a_run_aborted_mid_accumulation_resumes_bitwise() -> TestResult {
         String::from_utf8_lossy(&resumed.stderr).contains("resuming"),
         "the resume is logged"
     );
-    assert_bitwise(&out.join("whole"), &out.join("cut"));
+    assert_bitwise(&out.join("whole"), &out.join("cut"), 16);
     // The newest two checkpoints are kept; `latest` names the newest.
     assert_eq!(
         checkpoints(&out.join("cut")),
@@ -125,7 +81,7 @@ fn a_run_aborted_mid_accumulation_resumes_bitwise() -> TestResult {
     // Resuming a finished run does nothing and says so.
     let again = umtune(&resume, &[])?;
     check(&again, "resuming a finished run");
-    assert_bitwise(&out.join("whole"), &out.join("cut"));
+    assert_bitwise(&out.join("whole"), &out.join("cut"), 16);
     let _ = std::fs::remove_dir_all(&out);
     Ok(())
 }
@@ -190,7 +146,7 @@ fn bad_checkpoints_are_named_and_auto_falls_back_to_a_good_one() -> TestResult {
     check(&fresh, "resume auto");
     let log = String::from_utf8_lossy(&fresh.stderr);
     assert!(log.contains("skipping a bad checkpoint"), "{log}");
-    assert_bitwise(&out.join("whole"), &run);
+    assert_bitwise(&out.join("whole"), &run, 16);
     let _ = std::fs::remove_dir_all(&out);
     Ok(())
 }
@@ -240,7 +196,7 @@ fn sigusr1_checkpoints_at_a_step_and_the_run_resumes_bitwise() -> TestResult {
     let mut resume = args(&out, "cut", &[]);
     resume.extend(["--resume".into(), "auto".into()]);
     check(&umtune(&resume, &[])?, "resumed run");
-    assert_bitwise(&out.join("whole"), &out.join("cut"));
+    assert_bitwise(&out.join("whole"), &out.join("cut"), 16);
     let _ = std::fs::remove_dir_all(&out);
     Ok(())
 }

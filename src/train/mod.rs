@@ -16,4 +16,5 @@ pub mod restore;
 pub mod run_dir;
 pub mod schedule;
 pub mod seqeval;
+pub mod sweep;
 pub mod trainer;

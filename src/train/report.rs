@@ -8,6 +8,7 @@ use crate::error::{Error, Result};
 use crate::uncertainty::calibration::calibrated;
 use crate::uncertainty::plots::{write_calibration_plots, CalibrationView};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// `summary.json`: a finished run's numbers.
@@ -30,6 +31,33 @@ pub struct Summary {
     pub seconds: f64,
     pub validation: EvalResult,
     pub test: Option<EvalResult>,
+    /// The `--set` overrides the run was started with (a sweep's grid point among them).
+    #[serde(default)]
+    pub overrides: Vec<String>,
+    /// The resolved hyper-parameters reports group by (see [`hyper_parameters`]).
+    #[serde(default)]
+    pub hyper: BTreeMap<String, serde_json::Value>,
+}
+
+/// The hyper-parameters of `cfg` a report groups runs by: optimization, the PEFT method, the
+/// seed, and which parts of the method are on.
+pub fn hyper_parameters(cfg: &crate::config::Config) -> BTreeMap<String, serde_json::Value> {
+    use serde_json::json;
+    let t = &cfg.train;
+    BTreeMap::from([
+        ("train.lr".to_string(), json!(t.lr)),
+        ("train.batch_size".into(), json!(t.batch_size)),
+        ("train.grad_accum".into(), json!(t.grad_accum)),
+        ("train.epochs".into(), json!(t.epochs)),
+        ("train.max_steps".into(), json!(t.max_steps)),
+        ("train.warmup_ratio".into(), json!(t.warmup_ratio)),
+        ("train.weight_decay".into(), json!(t.weight_decay)),
+        ("peft.method".into(), json!(cfg.peft.method.name())),
+        ("peft.r".into(), json!(cfg.peft.r)),
+        ("run.seed".into(), json!(cfg.run.seed)),
+        ("uncertainty.enabled".into(), json!(cfg.uncertainty.enabled)),
+        ("memory.enabled".into(), json!(cfg.memory.enabled)),
+    ])
 }
 
 impl Summary {
@@ -236,4 +264,231 @@ pub fn collect_runs(dir: &Path) -> Result<Vec<ReportEntry>> {
     }
     found.sort_by(|a, b| a.dir.cmp(&b.dir));
     Ok(found)
+}
+
+/// Runs that differ only in their seed: a sweep's grid point (from `sweep.json`), or elsewhere
+/// the run name without its `-sSEED` suffix.
+struct Group<'a> {
+    name: String,
+    point: BTreeMap<String, String>,
+    runs: Vec<&'a Summary>,
+}
+
+fn group_runs<'a>(
+    dir: &Path,
+    entries: &'a [ReportEntry],
+) -> Result<(Vec<Group<'a>>, Option<super::sweep::SweepPlan>)> {
+    let plan_path = dir.join(super::sweep::PLAN_FILE);
+    let plan = plan_path
+        .is_file()
+        .then(|| super::sweep::SweepPlan::read(&plan_path))
+        .transpose()?;
+    let mut groups: Vec<Group> = Vec::new();
+    for e in entries {
+        let Some(s) = &e.summary else { continue };
+        let name = e
+            .dir
+            .file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+        let (key, point) = match &plan {
+            Some(p) => match p.runs.iter().find(|r| r.name == name) {
+                Some(r) => (
+                    name.rsplit_once(",seed=")
+                        .map_or(name.clone(), |(k, _)| k.to_string()),
+                    r.point.clone(),
+                ),
+                None => continue,
+            },
+            None => {
+                let stem = match name.rsplit_once("-s") {
+                    Some((stem, seed)) if seed.chars().all(|c| c.is_ascii_digit()) => stem,
+                    _ => name.as_str(),
+                };
+                (stem.to_string(), BTreeMap::new())
+            }
+        };
+        match groups.iter_mut().find(|g| g.name == key) {
+            Some(g) => g.runs.push(s),
+            None => groups.push(Group {
+                name: key,
+                point,
+                runs: vec![s],
+            }),
+        }
+    }
+    Ok((groups, plan))
+}
+
+/// Mean, sample standard deviation, min and max.
+fn spread(xs: &[f64]) -> (f64, f64, f64, f64) {
+    let n = xs.len() as f64;
+    let mean = xs.iter().sum::<f64>() / n;
+    let sd = if xs.len() > 1 {
+        (xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt()
+    } else {
+        0.0
+    };
+    let min = xs.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = xs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    (mean, sd, min, max)
+}
+
+/// The split a group is scored on: test when the run has one, else validation.
+fn scored(s: &Summary) -> &EvalResult {
+    s.test.as_ref().unwrap_or(&s.validation)
+}
+
+const GROUP_COLUMNS: [&str; 12] = [
+    "group",
+    "seeds",
+    "accuracy mean",
+    "accuracy sd",
+    "accuracy min",
+    "accuracy max",
+    "macro-F1 mean",
+    "macro-F1 sd",
+    "ECE mean",
+    "ECE sd",
+    "ECE (T) mean",
+    "ECE (T) sd",
+];
+
+fn group_rows(groups: &[Group]) -> Vec<Vec<String>> {
+    groups
+        .iter()
+        .map(|g| {
+            let metric = |f: &dyn Fn(&EvalResult) -> Option<f64>| -> Vec<f64> {
+                g.runs.iter().filter_map(|s| f(scored(s))).collect()
+            };
+            let acc = spread(&metric(&|e| Some(e.accuracy)));
+            let f1 = spread(&metric(&|e| Some(e.macro_f1)));
+            let ece = metric(&|e| e.calibration.as_ref().map(|c| c.ece));
+            let ece_t = metric(&|e| e.calibrated.as_ref().map(|c| c.ece));
+            let show = |xs: &[f64], pick: fn((f64, f64, f64, f64)) -> f64| match xs.is_empty() {
+                true => "-".to_string(),
+                false => format!("{:.4}", pick(spread(xs))),
+            };
+            vec![
+                g.name.clone(),
+                g.runs.len().to_string(),
+                format!("{:.4}", acc.0),
+                format!("{:.4}", acc.1),
+                format!("{:.4}", acc.2),
+                format!("{:.4}", acc.3),
+                format!("{:.4}", f1.0),
+                format!("{:.4}", f1.1),
+                show(&ece, |s| s.0),
+                show(&ece, |s| s.1),
+                show(&ece_t, |s| s.0),
+                show(&ece_t, |s| s.1),
+            ]
+        })
+        .collect()
+}
+
+/// The runs under `dir` grouped by everything but the seed (a sweep's grid points, or run names
+/// without `-sSEED`): mean and spread of accuracy, macro-F1 and ECE raw and after the
+/// temperature (test split, or validation without one), and the best group by mean accuracy.
+/// Writes `groups.md`, `groups.csv` and, for a sweep with a numeric axis, `sweep.png` (the metric
+/// against that axis — the learning rate when it is one — one line per other grid value).
+/// Returns the markdown (empty when no group has two runs and there is no sweep).
+pub fn sweep_report(dir: &Path, entries: &[ReportEntry]) -> Result<String> {
+    let (groups, plan) = group_runs(dir, entries)?;
+    if groups.is_empty() || (plan.is_none() && groups.iter().all(|g| g.runs.len() < 2)) {
+        return Ok(String::new());
+    }
+    let rows = group_rows(&groups);
+    let line = |cells: &[String]| format!("| {} |\n", cells.join(" | "));
+    let header: Vec<String> = GROUP_COLUMNS.iter().map(|c| c.to_string()).collect();
+    let mut md =
+        String::from("\nMean and spread over seeds (test split, or validation without one):\n\n");
+    md.push_str(&line(&header));
+    md.push_str(&format!("|{}\n", "---|".repeat(GROUP_COLUMNS.len())));
+    for row in &rows {
+        md.push_str(&line(row));
+    }
+    let best = groups
+        .iter()
+        .zip(&rows)
+        .max_by(|a, b| {
+            let m = |r: &Vec<String>| r[2].parse::<f64>().unwrap_or(f64::NEG_INFINITY);
+            m(a.1).total_cmp(&m(b.1))
+        })
+        .map(|(g, r)| {
+            format!(
+                "\nbest: {} (accuracy {} over {} seeds)\n",
+                g.name, r[2], r[1]
+            )
+        });
+    md.push_str(&best.unwrap_or_default());
+    let mut w = csv::Writer::from_writer(Vec::new());
+    let internal = |e: csv::Error| Error::Internal(format!("groups CSV: {e}"));
+    w.write_record(GROUP_COLUMNS).map_err(internal)?;
+    for row in &rows {
+        w.write_record(row).map_err(internal)?;
+    }
+    let bytes = w
+        .into_inner()
+        .map_err(|e| Error::Internal(format!("groups CSV: {e}")))?;
+    crate::atomic_file::write_atomic(&dir.join("groups.csv"), &bytes)?;
+    crate::atomic_file::write_atomic(&dir.join("groups.md"), md.as_bytes())?;
+    if let Some(plan) = &plan {
+        if let Some(series) = sweep_series(plan, &groups) {
+            let path = dir.join("sweep.png");
+            match crate::uncertainty::plots::write_sweep_plot(&path, &series) {
+                Ok(()) => md.push_str(&format!("\nplot: {}\n", path.display())),
+                Err(e) => tracing::warn!("sweep plot skipped: {e}"),
+            }
+        }
+    }
+    Ok(md)
+}
+
+/// The lines of the sweep plot: x is the first numeric grid axis (`train.lr` if it is one), one
+/// line per combination of the other axes' values, points (x, mean accuracy, mean calibrated
+/// ECE) sorted by x.
+fn sweep_series(
+    plan: &super::sweep::SweepPlan,
+    groups: &[Group],
+) -> Option<crate::uncertainty::plots::SweepSeries> {
+    let numeric = |a: &&super::sweep::Axis| a.values.iter().all(|v| v.parse::<f64>().is_ok());
+    let axis = plan
+        .grid
+        .iter()
+        .filter(numeric)
+        .find(|a| a.key == "train.lr")
+        .or_else(|| plan.grid.iter().find(numeric))?;
+    let mut lines: BTreeMap<String, Vec<(f64, f64, f64)>> = BTreeMap::new();
+    for g in groups {
+        let x = g.point.get(&axis.key)?.parse::<f64>().ok()?;
+        let label: Vec<String> = g
+            .point
+            .iter()
+            .filter(|(k, _)| **k != axis.key)
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        let label = if label.is_empty() {
+            "runs".to_string()
+        } else {
+            label.join(", ")
+        };
+        let mean = |f: &dyn Fn(&EvalResult) -> Option<f64>| {
+            let xs: Vec<f64> = g.runs.iter().filter_map(|s| f(scored(s))).collect();
+            if xs.is_empty() {
+                f64::NAN
+            } else {
+                spread(&xs).0
+            }
+        };
+        let acc = mean(&|e| Some(e.accuracy));
+        let ece = mean(&|e| e.calibrated.as_ref().map(|c| c.ece));
+        lines.entry(label).or_default().push((x, acc, ece));
+    }
+    for pts in lines.values_mut() {
+        pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+    }
+    Some(crate::uncertainty::plots::SweepSeries {
+        x_label: axis.key.clone(),
+        lines: lines.into_iter().collect(),
+    })
 }

@@ -352,6 +352,8 @@ pub fn train_resuming(
         seconds: start.elapsed().as_secs_f64(),
         validation,
         test,
+        overrides: cfg.overrides.clone(),
+        hyper: super::report::hyper_parameters(cfg),
     };
     if !summary.is_finite() {
         tracing::warn!(run_dir = %run.path().display(), "the run finished with non-finite metrics");

@@ -194,3 +194,137 @@ fn draw_risk_coverage(path: &Path, view: &CalibrationView) -> std::result::Resul
         .map_err(|e| e.to_string())?;
     root.present().map_err(|e| e.to_string())
 }
+
+/// One point of a sweep's line: (x, accuracy, calibrated ECE).
+pub type SweepPoint = (f64, f64, f64);
+
+/// The lines of a sweep's plot: `(label, points)`, x ascending.
+pub struct SweepSeries {
+    pub x_label: String,
+    pub lines: Vec<(String, Vec<SweepPoint>)>,
+}
+
+const PALETTE: [RGBColor; 6] = [
+    RAW,
+    CALIBRATED,
+    RGBColor(44, 160, 44),
+    RGBColor(148, 103, 189),
+    RGBColor(255, 127, 14),
+    RGBColor(140, 86, 75),
+];
+
+/// `path`: mean accuracy (left) and calibrated ECE (right) against the sweep's axis, log-scaled
+/// when every x is positive, one line per series. Same guards as the calibration plots.
+pub fn write_sweep_plot(path: &Path, series: &SweepSeries) -> Result<()> {
+    if !fontconfig_available() {
+        return Err(plot_err(path)(
+            "libfontconfig.so.1 cannot be loaded (install fontconfig for the PNGs)".into(),
+        ));
+    }
+    let drawn = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        draw_sweep(path, series).map_err(plot_err(path))
+    }));
+    let result =
+        drawn.unwrap_or_else(|_| Err(plot_err(path)("the drawing library panicked".into())));
+    if result.is_err() {
+        let _ = std::fs::remove_file(path);
+    }
+    result
+}
+
+fn draw_sweep(path: &Path, s: &SweepSeries) -> std::result::Result<(), String> {
+    let xs: Vec<f64> = s
+        .lines
+        .iter()
+        .flat_map(|(_, p)| p.iter().map(|q| q.0))
+        .collect();
+    let (lo, hi) = xs
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &x| {
+            (a.min(x), b.max(x))
+        });
+    if !lo.is_finite() {
+        return Err("no points".into());
+    }
+    let log = lo > 0.0;
+    // Log axes are drawn on log10(x), labelled with x.
+    let tx = |x: f64| if log { x.log10() } else { x };
+    let (a, b) = (tx(lo), tx(hi));
+    let pad = ((b - a) * 0.05).max(0.05);
+    let root = BitMapBackend::new(path, (1000, 460)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| e.to_string())?;
+    let panels = root.split_evenly((1, 2));
+    let metrics: [(&str, fn(&SweepPoint) -> f64); 2] = [
+        ("accuracy (mean over seeds)", |p| p.1),
+        ("ECE after temperature (mean over seeds)", |p| p.2),
+    ];
+    for ((title, pick), area) in metrics.iter().zip(panels.iter()) {
+        let ys: Vec<f64> = s
+            .lines
+            .iter()
+            .flat_map(|(_, p)| p.iter().map(pick))
+            .filter(|y| y.is_finite())
+            .collect();
+        let (ylo, yhi) = ys
+            .iter()
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &y| {
+                (a.min(y), b.max(y))
+            });
+        let (ylo, yhi) = if ylo.is_finite() {
+            (ylo, yhi)
+        } else {
+            (0.0, 1.0)
+        };
+        let ypad = ((yhi - ylo) * 0.1).max(0.01);
+        let mut chart = ChartBuilder::on(area)
+            .caption(*title, ("sans-serif", 17))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(55)
+            .build_cartesian_2d((a - pad)..(b + pad), (ylo - ypad)..(yhi + ypad))
+            .map_err(|e| e.to_string())?;
+        let label = if log {
+            format!("{} (log scale)", s.x_label)
+        } else {
+            s.x_label.clone()
+        };
+        chart
+            .configure_mesh()
+            .x_desc(label)
+            .x_label_formatter(&|v| {
+                if log {
+                    format!("{:.0e}", 10f64.powf(*v))
+                } else {
+                    format!("{v:.3}")
+                }
+            })
+            .light_line_style(WHITE)
+            .draw()
+            .map_err(|e| e.to_string())?;
+        for (i, (name, pts)) in s.lines.iter().enumerate() {
+            let color = PALETTE[i % PALETTE.len()];
+            let pts: Vec<(f64, f64)> = pts
+                .iter()
+                .map(|p| (tx(p.0), pick(p)))
+                .filter(|p| p.1.is_finite())
+                .collect();
+            chart
+                .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
+                .map_err(|e| e.to_string())?
+                .label(name.clone())
+                .legend(move |(x, y)| {
+                    PathElement::new([(x, y), (x + 18, y)], color.stroke_width(2))
+                });
+            chart
+                .draw_series(pts.iter().map(|&p| Circle::new(p, 4, color.filled())))
+                .map_err(|e| e.to_string())?;
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK.mix(0.4))
+            .draw()
+            .map_err(|e| e.to_string())?;
+    }
+    root.present().map_err(|e| e.to_string())
+}

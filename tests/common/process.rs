@@ -3,7 +3,7 @@
 use super::fixture;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::Output;
+use std::process::{Command, Output};
 use tch::{Kind, Tensor};
 
 pub fn venv_bin(name: &str) -> PathBuf {
@@ -142,4 +142,78 @@ pub fn assert_same_run(single: &Path, multi: &Path, tol: f64) {
         );
         assert!((la - lb).abs() < 1e-4, "{split} loss {la} vs {lb}");
     }
+}
+
+// Tolerance: ranks reduce in another order than one process (the ring sums chunk-wise, matmuls
+// see other batch shapes), so the weights agree to float rounding accumulated over 20 AdamW steps
+// at lr 0.01 (Adam's normalization lifts rounding in near-zero gradients to the update's size):
+// measured up to 5e-5 relative to the tensor's scale, asserted 2e-4. Each wrong normalization met
+// while building this (a per-rank InfoNCE, a padding-dependent UM regularizer, a detached memory
+// read, rank-dependent dropout and noise) was off by 1e-3 or more.
+pub const PARITY_TOL: f64 = 2e-4;
+
+/// `launcher` (a command that starts 2 ranks of what follows it) trains 20 steps at batch 4 per
+/// rank; one process trains at batch 8; the runs must match.
+pub fn two_ranks_match_one_process(
+    name: &str,
+    mut launcher: Command,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let out = std::env::temp_dir().join(format!("umtune-{name}-{}", std::process::id()));
+    let one = Command::new(umtune_bin())
+        .args(train_args(&out, "w1", 8, 20, &[]))
+        .output()?;
+    check(&one, "one process");
+    let run = launcher
+        .arg(umtune_bin())
+        .args(train_args(&out, name, 4, 20, &[]))
+        .output()?;
+    check(&run, name);
+    assert_same_run(&out.join("w1"), &out.join(name), PARITY_TOL);
+    let _ = std::fs::remove_dir_all(&out);
+    Ok(())
+}
+
+/// Everything a run's result is made of: trainable weights, the memory's whole ring, the final
+/// checkpoint's optimizer state, and metrics.jsonl without its timings.
+pub fn outcome(run: &Path, last_step: usize) -> (HashMap<String, Tensor>, Vec<serde_json::Value>) {
+    let mut tensors = weights(run);
+    let last = run.join(format!(
+        "checkpoints/step_{last_step:06}/optimizer.safetensors"
+    ));
+    for (name, t) in Tensor::read_safetensors(&last).unwrap() {
+        tensors.insert(format!("optimizer/{name}"), t);
+    }
+    let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let lines = text
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            if let Some(o) = v.as_object_mut() {
+                o.remove("tokens_per_s");
+                o.remove("grad_sync_share");
+            }
+            v
+        })
+        .collect();
+    (tensors, lines)
+}
+
+/// The resumed run ended bitwise as the reference: tensors, optimizer state, metrics.
+pub fn assert_bitwise(reference: &Path, resumed: &Path, last_step: usize) {
+    let (a, la) = outcome(reference, last_step);
+    let (b, lb) = outcome(resumed, last_step);
+    assert_eq!(
+        a.keys().collect::<std::collections::BTreeSet<_>>(),
+        b.keys().collect()
+    );
+    for (name, t) in &a {
+        assert!(t.equal(&b[name]), "{name} differs after resuming");
+    }
+    assert_eq!(la.len(), lb.len(), "metrics.jsonl line counts");
+    for (x, y) in la.iter().zip(&lb) {
+        assert_eq!(x, y, "metrics.jsonl lines differ");
+    }
+    let (sa, sb) = (summary(reference), summary(resumed));
+    assert_eq!(sa["validation"], sb["validation"]);
+    assert_eq!(sa["test"], sb["test"]);
 }

@@ -1,0 +1,256 @@
+//! `umtune sweep`: a grid of config overrides times seeds, expanded into runs named after their
+//! values (`lr=3e-4,seed=2`) under one directory, with the plan in `sweep.json`. Each run is
+//! `umtune sweep-task PLAN --task I` — an ordinary training run with `--resume auto`, so a
+//! finished run is skipped and an interrupted one continues — started one after another or K at
+//! a time (`--local`), or as one SLURM job array whose task id picks the grid point (`--slurm`:
+//! the sbatch script asks for SIGUSR1 before the time limit and requeues the task, which then
+//! resumes). `umtune report SWEEP_DIR` groups the runs by grid point.
+use crate::atomic_file::write_atomic;
+use crate::config::Config;
+use crate::error::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+pub const PLAN_FILE: &str = "sweep.json";
+pub const SBATCH_FILE: &str = "sweep.sbatch";
+const FORMAT: &str = "umtune-sweep/1";
+
+/// One `--grid KEY=V1,V2,...`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Axis {
+    pub key: String,
+    pub values: Vec<String>,
+}
+
+/// One run of the sweep.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SweepRun {
+    /// The run directory's name: `lr=3e-4,seed=2`.
+    pub name: String,
+    /// The grid point: key -> value.
+    pub point: BTreeMap<String, String>,
+    pub seed: u64,
+}
+
+/// `sweep.json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SweepPlan {
+    pub format: String,
+    /// The config every run starts from (absolute).
+    pub config: PathBuf,
+    /// `--set` overrides every run gets (before the grid's).
+    pub sets: Vec<String>,
+    pub grid: Vec<Axis>,
+    pub seeds: Vec<u64>,
+    pub runs: Vec<SweepRun>,
+}
+
+impl SweepPlan {
+    /// Expands `grid` (`KEY=V1,V2,...` each) times `seeds` (the last axis varies fastest, seeds
+    /// last). Every key and value is checked by loading the config with it.
+    pub fn new(config: &Path, sets: &[String], grid: &[String], seeds: &[u64]) -> Result<Self> {
+        let config = std::path::absolute(config).map_err(|e| Error::io(config, e))?;
+        let mut axes = Vec::new();
+        for g in grid {
+            let (key, values) = g.split_once('=').ok_or_else(|| {
+                Error::Config(format!("--grid `{g}` must look like section.key=v1,v2,..."))
+            })?;
+            let values: Vec<String> = values
+                .split(',')
+                .map(str::trim)
+                .filter(|v| !v.is_empty())
+                .map(String::from)
+                .collect();
+            if values.is_empty() {
+                return Err(Error::Config(format!("--grid `{g}`: no values")));
+            }
+            if key.trim() == "run.seed" {
+                return Err(Error::Config("--grid run.seed: use --seeds".into()));
+            }
+            axes.push(Axis {
+                key: key.trim().to_string(),
+                values,
+            });
+        }
+        if seeds.is_empty() {
+            return Err(Error::Config("--seeds: at least one seed".into()));
+        }
+        let short = short_names(&axes);
+        let mut points: Vec<BTreeMap<String, String>> = vec![BTreeMap::new()];
+        for axis in &axes {
+            points = points
+                .into_iter()
+                .flat_map(|p| {
+                    axis.values.iter().map(move |v| {
+                        let mut p = p.clone();
+                        p.insert(axis.key.clone(), v.clone());
+                        p
+                    })
+                })
+                .collect();
+        }
+        let mut runs = Vec::new();
+        for point in points {
+            for &seed in seeds {
+                let mut parts: Vec<String> = axes
+                    .iter()
+                    .map(|a| format!("{}={}", short[&a.key], point[&a.key]))
+                    .collect();
+                parts.push(format!("seed={seed}"));
+                runs.push(SweepRun {
+                    name: parts.join(","),
+                    point: point.clone(),
+                    seed,
+                });
+            }
+        }
+        let plan = SweepPlan {
+            format: FORMAT.into(),
+            config,
+            sets: sets.to_vec(),
+            grid: axes,
+            seeds: seeds.to_vec(),
+            runs,
+        };
+        // Every grid value is a valid config before anything runs.
+        for i in 0..plan.runs.len() {
+            plan.config_of(i, Path::new("."))?;
+        }
+        Ok(plan)
+    }
+
+    /// The overrides of run `task` writing under `out`.
+    pub fn overrides(&self, task: usize, out: &Path) -> Result<Vec<String>> {
+        let run = self.runs.get(task).ok_or_else(|| {
+            Error::Config(format!(
+                "--task {task}: the sweep has runs 0 to {}",
+                self.runs.len().saturating_sub(1)
+            ))
+        })?;
+        let mut o = self.sets.clone();
+        o.extend(run.point.iter().map(|(k, v)| format!("{k}={v}")));
+        o.push(format!("run.seed={}", run.seed));
+        o.push(format!("run.output_dir={}", out.display()));
+        o.push(format!("run.name={}", run.name));
+        Ok(o)
+    }
+
+    /// The resolved config of run `task` writing under `out`.
+    pub fn config_of(&self, task: usize, out: &Path) -> Result<Config> {
+        let overrides = self.overrides(task, out)?;
+        Config::load(Some(&self.config), &overrides).map_err(|e| {
+            Error::Config(format!(
+                "sweep run {} ({}): {e}",
+                task, self.runs[task].name
+            ))
+        })
+    }
+
+    pub fn write(&self, out: &Path) -> Result<PathBuf> {
+        std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+        let path = out.join(PLAN_FILE);
+        let json = serde_json::to_vec_pretty(self)
+            .map_err(|e| Error::Internal(format!("{PLAN_FILE}: {e}")))?;
+        write_atomic(&path, &json)?;
+        Ok(path)
+    }
+
+    pub fn read(path: &Path) -> Result<SweepPlan> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let plan: SweepPlan =
+            serde_json::from_str(&text).map_err(|e| Error::format(path, e.to_string()))?;
+        if plan.format != FORMAT {
+            return Err(Error::format(
+                path,
+                format!("format `{}`: this umtune reads `{FORMAT}`", plan.format),
+            ));
+        }
+        Ok(plan)
+    }
+}
+
+/// Each key's last segment (`train.lr` -> `lr`), or the whole key where two axes share it.
+fn short_names(axes: &[Axis]) -> BTreeMap<String, String> {
+    let last = |k: &str| k.rsplit('.').next().unwrap_or(k).to_string();
+    axes.iter()
+        .map(|a| {
+            let s = last(&a.key);
+            let clash = axes.iter().filter(|b| last(&b.key) == s).count() > 1;
+            (a.key.clone(), if clash { a.key.clone() } else { s })
+        })
+        .collect()
+}
+
+/// How each SLURM array task runs.
+pub struct SlurmOptions {
+    /// Workers (GPUs) per task: more than 1 runs `umtune-launch` in the task.
+    pub nproc_per_node: usize,
+    /// `--time` of each task (`HH:MM:SS`), empty for the partition's default.
+    pub time: String,
+    /// Extra `#SBATCH` lines (`--partition=gpu`, ...).
+    pub extra: Vec<String>,
+}
+
+/// The job-array script of a sweep whose plan is at `plan` (see the module doc).
+pub fn sbatch_script(
+    plan: &SweepPlan,
+    plan_path: &Path,
+    umtune: &Path,
+    o: &SlurmOptions,
+) -> String {
+    let out = plan_path.parent().unwrap_or(Path::new("."));
+    let mut h = vec![
+        "#!/bin/bash".to_string(),
+        "# Written by `umtune sweep --slurm`: one array task per run of sweep.json; each trains"
+            .into(),
+        "# with --resume auto (a finished run is skipped, an interrupted one continues).".into(),
+        "# Submit again with `sbatch` after editing; SIGUSR1 120 s before the time limit".into(),
+        "# makes the task checkpoint and requeue itself.".into(),
+        "#SBATCH --job-name=umtune-sweep".into(),
+        format!("#SBATCH --array=0-{}", plan.runs.len().saturating_sub(1)),
+        format!("#SBATCH --output={}/logs/%A_%a.out", out.display()),
+        "#SBATCH --ntasks=1".into(),
+        "#SBATCH --signal=B:USR1@120".into(),
+        "#SBATCH --requeue".into(),
+        "#SBATCH --open-mode=append".into(),
+    ];
+    if o.nproc_per_node > 1 {
+        h.push(format!("#SBATCH --gpus-per-task={}", o.nproc_per_node));
+        h.push(format!("#SBATCH --cpus-per-task={}", 8 * o.nproc_per_node));
+    }
+    if !o.time.is_empty() {
+        h.push(format!("#SBATCH --time={}", o.time));
+    }
+    h.extend(o.extra.iter().map(|e| format!("#SBATCH {e}")));
+    let bin = umtune.display();
+    let launch = if o.nproc_per_node > 1 {
+        format!(
+            "{} --nproc-per-node {} -- {bin}",
+            umtune.with_file_name("umtune-launch").display(),
+            o.nproc_per_node
+        )
+    } else {
+        bin.to_string()
+    };
+    let body = format!(
+        r#"
+# NCCL hints (multi-GPU tasks): export NCCL_DEBUG=WARN; NCCL_SOCKET_IFNAME=<your IB/eth interface>
+set -u
+task="${{SLURM_ARRAY_JOB_ID}}_${{SLURM_ARRAY_TASK_ID}}"
+requeue() {{
+  echo "umtune sweep: SIGUSR1 (time limit near): checkpointing, then requeueing $task"
+  kill -USR1 "$child" 2>/dev/null
+  wait "$child"
+  scontrol requeue "$task"
+  exit 0
+}}
+trap requeue USR1
+{launch} sweep-task "{plan}" --task "$SLURM_ARRAY_TASK_ID" &
+child=$!
+wait "$child"
+"#,
+        plan = plan_path.display()
+    );
+    format!("{}\n{body}", h.join("\n"))
+}
