@@ -254,7 +254,8 @@ fn draw_sweep(path: &Path, s: &SweepSeries) -> std::result::Result<(), String> {
     let root = BitMapBackend::new(path, (1000, 460)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| e.to_string())?;
     let panels = root.split_evenly((1, 2));
-    let metrics: [(&str, fn(&SweepPoint) -> f64); 2] = [
+    type Metric = (&'static str, fn(&SweepPoint) -> f64);
+    let metrics: [Metric; 2] = [
         ("accuracy (mean over seeds)", |p| p.1),
         ("ECE after temperature (mean over seeds)", |p| p.2),
     ];
