@@ -28,10 +28,30 @@ pub fn digest(path: &Path) -> Result<FileDigest> {
     Ok(FileDigest { bytes, sha256 })
 }
 
+/// The size and sha256 of `bytes`.
+pub fn digest_of(bytes: &[u8]) -> FileDigest {
+    let sha256 = Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    FileDigest {
+        bytes: bytes.len() as u64,
+        sha256,
+    }
+}
+
 /// Fails naming `path` when it is not the file `recorded_in` recorded as `want` (truncated,
 /// replaced or corrupt).
 pub fn check_digest(path: &Path, want: &FileDigest, recorded_in: &str) -> Result<()> {
-    let got = digest(path)?;
+    compare(path, &digest(path)?, want, recorded_in)
+}
+
+/// [`check_digest`] of a file already read (or mapped) into `bytes`.
+pub fn check_bytes(path: &Path, bytes: &[u8], want: &FileDigest, recorded_in: &str) -> Result<()> {
+    compare(path, &digest_of(bytes), want, recorded_in)
+}
+
+fn compare(path: &Path, got: &FileDigest, want: &FileDigest, recorded_in: &str) -> Result<()> {
     if got.bytes != want.bytes {
         return Err(Error::format(
             path,

@@ -222,6 +222,14 @@ enum Command {
     /// median seconds per step as one JSON line for bench/ scripts. With `memory.enabled` the
     /// ring is filled to capacity first, so reads cost what they cost in a long run.
     BenchTrain(BenchArgs),
+    /// Time saving and loading a checkpoint (model, AdamW state, a full memory) into --out; prints
+    /// one JSON line (median seconds, bytes, the checkpoint's path) for bench/checkpoint.py.
+    BenchCheckpoint {
+        #[command(flatten)]
+        bench: BenchArgs,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Time forward passes (median tokens/s), printed as one JSON line for bench/ scripts.
     BenchForward(BenchArgs),
     /// Time all-reduces of f32 buffers through the CPU ring, one rank of a job a launcher started
@@ -284,6 +292,22 @@ fn load_config(args: &ConfigArgs, model: &Option<String>) -> Result<Config> {
 
 /// Prints to stdout; a closed pipe (`umtune train ... | head -1`) ends the output quietly
 /// instead of panicking.
+/// Fills the memory's ring with random unit keys and values (a long run's steady state).
+fn fill_memory(task: &TaskModel, cfg: &umtune::config::Config, ctx: &RunContext) -> Result<()> {
+    if let Some(m) = &task.memory {
+        let device = ctx.device;
+        let n = m.store()?.capacity() as i64;
+        let d = task.backbone.arch().hidden_size() as i64;
+        let keys = Tensor::randn([n, cfg.memory.key_size], (Kind::Float, device));
+        let keys = &keys / keys.norm_scalaropt_dim(2.0, [-1], true);
+        let values = Tensor::randn([n, d], (Kind::Float, device));
+        let ids = Tensor::arange_start(1 << 50, (1 << 50) + n, (Kind::Int64, device));
+        m.store()?.write(ctx.group.as_ref(), &keys, &values, &ids)?;
+        tracing::info!(entries = m.store()?.len(), "memory prefilled");
+    }
+    Ok(())
+}
+
 /// `umtune train` in this process, one rank of whatever launched it.
 fn train_job(cfg: &umtune::config::Config, resume: &Resume) -> Result<()> {
     let job = JobEnv::from_process()?;
@@ -665,16 +689,7 @@ fn run(command: Command) -> Result<()> {
             let labels = Tensor::randint(2, [b_sz], (Kind::Int64, device));
             // The memory's steady state: a full ring (every read scans `capacity` entries), so
             // the timed steps pay what a long training run pays.
-            if let Some(m) = &task.memory {
-                let n = m.store()?.capacity() as i64;
-                let d = task.backbone.arch().hidden_size() as i64;
-                let keys = Tensor::randn([n, cfg.memory.key_size], (Kind::Float, device));
-                let keys = &keys / keys.norm_scalaropt_dim(2.0, [-1], true);
-                let values = Tensor::randn([n, d], (Kind::Float, device));
-                let ids = Tensor::arange_start(1 << 50, (1 << 50) + n, (Kind::Int64, device));
-                m.store()?.write(ctx.group.as_ref(), &keys, &values, &ids)?;
-                tracing::info!(entries = m.store()?.len(), "memory prefilled");
-            }
+            fill_memory(&task, &cfg, &ctx)?;
             task.training.set(true);
             // Fresh example ids each step, as training has: the memory's self-exclusion then
             // removes nothing, and every read scans a ring that fills up as in training.
@@ -696,6 +711,54 @@ fn run(command: Command) -> Result<()> {
                     "model": cfg.model.source, "dtype": cfg.model.dtype.as_str(), "batch": b_sz,
                     "seq_len": seq_len, "threads": tch::get_num_threads(),
                     "trainable": task.trainable_params(), "secs_per_step": secs,
+                })
+            ))?;
+        }
+        Command::BenchCheckpoint { bench, out } => {
+            use umtune::train::checkpoint;
+            let cfg = load_config(&bench.cfg, &bench.model)?;
+            let ctx = RunContext::single(&cfg)?;
+            let task = TaskModel::build(&cfg, 2, &ctx)?;
+            fill_memory(&task, &cfg, &ctx)?;
+            let mut opt = umtune::train::optimizer::AdamW::new(
+                task.named_trainable(),
+                cfg.train.weight_decay,
+            );
+            std::fs::create_dir_all(&out)?;
+            let loop_state = checkpoint::LoopState::default();
+            let snap = checkpoint::Snapshot {
+                step: 1,
+                total_steps: 1,
+                sampler: Default::default(),
+                global_batch: cfg.train.batch_size,
+                loop_state: &loop_state,
+                validation: None,
+            };
+            let mut dir = PathBuf::new();
+            let save_s = bench.median_secs(ctx.device, || {
+                dir = checkpoint::save(&out, &cfg, &ctx, &task, &opt, &snap)?;
+                Ok(())
+            })?;
+            let load_s = bench.median_secs(ctx.device, || {
+                let manifest = checkpoint::verify(&dir)?;
+                checkpoint::restore(&dir, &manifest, &task, &mut opt)?;
+                Ok(())
+            })?;
+            // The checksums alone (the manifest's files; the memory shards are checked against
+            // their index inside the restore).
+            let verify_s = bench.median_secs(ctx.device, || {
+                checkpoint::verify(&dir)?;
+                Ok(())
+            })?;
+            let bytes: u64 = std::fs::read_dir(&dir)?
+                .map(|e| Ok(e?.metadata()?.len()))
+                .sum::<std::io::Result<u64>>()?;
+            emit(&format!(
+                "{}\n",
+                serde_json::json!({
+                    "model": cfg.model.source, "checkpoint": dir, "bytes": bytes,
+                    "save_s": save_s, "load_s": load_s, "verify_s": verify_s,
+                    "threads": tch::get_num_threads(),
                 })
             ))?;
         }

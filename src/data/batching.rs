@@ -179,7 +179,7 @@ pub fn padded(global: &[usize], world_size: usize) -> Vec<usize> {
 }
 
 /// Where a sampler stands; saved with checkpoints.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SamplerState {
     pub epoch: u64,
     /// Batches of this epoch already handed out.

@@ -12,9 +12,10 @@
 //! (the run directory under SLURM usually is). Loading checks each shard's size and sha256
 //! against the index and names the file that differs. A single `.safetensors` file holding the
 //! whole ring (what umtune wrote before shards) loads as a memory of one shard.
-use crate::atomic_file::{check_digest, digest, write_atomic, write_atomic_with, FileDigest};
+use crate::atomic_file::{digest, write_atomic, write_atomic_with, FileDigest};
 use crate::dist::Collective;
 use crate::error::{Error, Result};
+use crate::models::weights::read_safetensors_checked;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -240,11 +241,11 @@ pub fn load(path: &Path, rank: usize, world: usize) -> Result<Loaded> {
                 format!("is missing: {} lists it as shard {r}", index.display()),
             ));
         }
-        check_digest(&file, &entry.digest, &index.display().to_string())?;
-        let mut tensors: HashMap<String, Tensor> = Tensor::read_safetensors(&file)
-            .map_err(|e| Error::format(&file, e.to_string()))?
-            .into_iter()
-            .collect();
+        let recorded_in = index.display().to_string();
+        let mut tensors: HashMap<String, Tensor> =
+            read_safetensors_checked(&file, Some((&entry.digest, &recorded_in)))?
+                .into_iter()
+                .collect();
         if with_w_k {
             let w = tensors.remove("w_k").ok_or_else(|| {
                 Error::tensor(&file, "w_k", "missing (the index names this shard)")

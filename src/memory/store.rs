@@ -413,7 +413,11 @@ impl ShardedKvMemory {
                 ),
             ));
         }
-        self.clear();
+        // Saved at this world size, this rank's shard overwrites every row; otherwise the rows
+        // no saved slot maps to stay empty.
+        if saved.world_size != self.world_size {
+            self.clear();
+        }
         for shard in &saved.shards {
             self.restore_rows(shard.rank, saved.world_size, &shard.tensors, &shard.path)?;
         }
@@ -457,6 +461,15 @@ impl ShardedKvMemory {
             take("values", &self.values)?,
             take("ids", &self.ids)?,
         );
+        if (saved_rank, saved_world) == (self.rank, self.world_size) {
+            // The same shard: row for row.
+            tch::no_grad(|| {
+                self.keys.copy_(&keys);
+                self.values.copy_(&values);
+                self.ids.copy_(&ids);
+            });
+            return Ok(());
+        }
         let device = self.keys.device();
         let (w, rank) = (self.world_size as i64, self.rank as i64);
         let slots = Tensor::arange(ids.size()[0], (Kind::Int64, device)) * saved_world as i64

@@ -136,6 +136,34 @@ impl SafetensorsSource {
     }
 }
 
+/// Every tensor of the safetensors file at `path`, read once through a memory map; with `want`,
+/// the file's size and sha256 are checked against it first (`recorded_in` names the record in
+/// the error). One pass over the bytes for the check, one copy into the tensors.
+pub fn read_safetensors_checked(
+    path: &Path,
+    want: Option<(&crate::atomic_file::FileDigest, &str)>,
+) -> Result<Vec<(String, Tensor)>> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    // SAFETY: the file is only read; umtune replaces files by renaming, never in place.
+    let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+    if let Some((want, recorded_in)) = want {
+        crate::atomic_file::check_bytes(path, &mmap, want, recorded_in)?;
+    }
+    let st = safetensors::SafeTensors::deserialize(&mmap)
+        .map_err(|e| Error::format(path, e.to_string()))?;
+    st.tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let kind = kind_of(view.dtype()).ok_or_else(|| {
+                Error::tensor(path, &name, format!("unsupported dtype {:?}", view.dtype()))
+            })?;
+            let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+            let t = Tensor::f_from_data_size(view.data(), &shape, kind)?;
+            Ok((name, t))
+        })
+        .collect()
+}
+
 fn kind_of(dtype: safetensors::Dtype) -> Option<Kind> {
     use safetensors::Dtype as D;
     Some(match dtype {

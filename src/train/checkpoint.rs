@@ -28,6 +28,7 @@ use crate::config::Config;
 use crate::data::batching::SamplerState;
 use crate::dist::RunContext;
 use crate::error::{Error, Result};
+use crate::models::weights::read_safetensors_checked;
 use crate::peft::load_named;
 use crate::task::TaskModel;
 use serde::{Deserialize, Serialize};
@@ -496,8 +497,7 @@ pub fn restore(dir: &Path, m: &Manifest, model: &TaskModel, opt: &mut AdamW) -> 
     let trainable = dir.join(TRAINABLE);
     load_named(model.trained_vars(), &trainable)?;
     let optimizer = dir.join(OPTIMIZER);
-    let state: HashMap<String, Tensor> = Tensor::read_safetensors(&optimizer)
-        .map_err(|e| Error::format(&optimizer, e.to_string()))?
+    let state: HashMap<String, Tensor> = read_safetensors_checked(&optimizer, None)?
         .into_iter()
         .collect();
     opt.load_state(&state, &optimizer)?;
