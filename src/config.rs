@@ -4,6 +4,7 @@
 use crate::data::corrupt::Corruption;
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::Path;
 
 /// Where the model comes from and how it is held in memory.
@@ -794,11 +795,10 @@ fn check_layer(
         .map_err(|e| Error::Config(format!("{origin}: {e}")))
 }
 
-/// The dotted keys whose values are integers (from the defaults' TOML).
-fn integer_keys() -> Vec<String> {
-    fn walk(prefix: &str, v: &toml::Value, out: &mut Vec<String>) {
+/// Every leaf of a TOML value by its dotted key (`train.lr` -> 1e-3).
+pub fn flatten_toml(v: &toml::Value) -> BTreeMap<String, toml::Value> {
+    fn walk(prefix: &str, v: &toml::Value, out: &mut BTreeMap<String, toml::Value>) {
         match v {
-            toml::Value::Integer(_) => out.push(prefix.to_string()),
             toml::Value::Table(t) => {
                 for (k, v) in t {
                     let key = if prefix.is_empty() {
@@ -809,14 +809,27 @@ fn integer_keys() -> Vec<String> {
                     walk(&key, v, out);
                 }
             }
-            _ => {}
+            other => {
+                out.insert(prefix.to_string(), other.clone());
+            }
         }
     }
-    let mut out = Vec::new();
-    if let Ok(v) = toml::Value::try_from(Config::default()) {
-        walk("", &v, &mut out);
-    }
+    let mut out = BTreeMap::new();
+    walk("", v, &mut out);
     out
+}
+
+/// The dotted keys whose values are integers (from the defaults' TOML).
+fn integer_keys() -> Vec<String> {
+    toml::Value::try_from(Config::default())
+        .map(|v| {
+            flatten_toml(&v)
+                .into_iter()
+                .filter(|(_, v)| v.is_integer())
+                .map(|(k, _)| k)
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// An integer key given a fractional or out-of-range number is an error, not a rounding (the

@@ -505,13 +505,7 @@ fn memory_build_on_two_ranks_writes_shards_equal_to_one_process() -> TestResult 
         whole_ring(&out.join("two.index.json")),
     );
     for (name, t) in &a {
-        let scale = t
-            .to_kind(Kind::Double)
-            .abs()
-            .max()
-            .double_value(&[])
-            .max(1.0);
-        let d = common::max_abs_diff(t, &b[name]) / scale;
+        let d = relative_diff(t, &b[name]);
         assert!(d < 1e-5, "{name}: max |diff| / scale {d:e}");
     }
     assert!(

@@ -146,6 +146,20 @@ fn sharded_reads(
     k: usize,
     ring: bool,
 ) -> Result<Vec<Vec<Vec<Hit>>>, String> {
+    on_ranks(world, ring, move |group, rank| {
+        let mut mem = ShardedKvMemory::new(capacity, D_K, D_V, 0.5, rank, world, Device::Cpu);
+        write_pieces(group, &mut mem, world, written)?;
+        read_rows(group, &mem, rank, k)
+    })
+}
+
+/// Runs `f(group, rank)` on `world` ranks (threads; in-process, or `ring`: over the CPU ring's
+/// sockets); the results in rank order.
+fn on_ranks<T: Send + 'static>(
+    world: usize,
+    ring: bool,
+    f: impl Fn(&dyn Collective, usize) -> Result<T, String> + Send + Sync + 'static,
+) -> Result<Vec<T>, String> {
     let groups: Vec<Box<dyn Collective>> = if ring {
         common::ring_groups(world)
     } else {
@@ -154,35 +168,48 @@ fn sharded_reads(
             .map(|g| Box::new(g) as Box<dyn Collective>)
             .collect()
     };
+    let f = std::sync::Arc::new(f);
     let handles: Vec<_> = groups
         .into_iter()
         .map(|group| {
-            std::thread::spawn(move || -> Result<_, String> {
-                let rank = group.rank();
-                let mut mem =
-                    ShardedKvMemory::new(capacity, D_K, D_V, 0.5, rank, world, Device::Cpu);
-                // Two writes; in each, rank r contributes a contiguous piece, in rank order.
-                let half = written / 2;
-                for (lo, hi) in [(0, half), (half, written)] {
-                    let n = hi - lo;
-                    let a = lo + n * rank / world;
-                    let b = lo + n * (rank + 1) / world;
-                    let (k_, v, ids) = tensors(a..b);
-                    mem.write(group.as_ref(), &k_, &v, &ids)
-                        .map_err(|e| e.to_string())?;
-                }
-                let (q, qids) = queries(rank + 1, rank * 3);
-                let r = mem
-                    .read(group.as_ref(), &q, &qids, k)
-                    .map_err(|e| e.to_string())?;
-                rows(&r).map_err(|e| e.to_string())
-            })
+            let f = f.clone();
+            std::thread::spawn(move || f(group.as_ref(), group.rank()))
         })
         .collect();
     handles
         .into_iter()
         .map(|h| h.join().map_err(|_| "rank panicked".to_string())?)
         .collect()
+}
+
+/// Two writes of `written` entries in all; in each, rank r contributes a contiguous piece, in
+/// rank order.
+fn write_pieces(
+    group: &dyn Collective,
+    mem: &mut ShardedKvMemory,
+    world: usize,
+    written: usize,
+) -> Result<(), String> {
+    let rank = group.rank();
+    let half = written / 2;
+    for (lo, hi) in [(0, half), (half, written)] {
+        let n = hi - lo;
+        let (k_, v, ids) = tensors(lo + n * rank / world..lo + n * (rank + 1) / world);
+        mem.write(group, &k_, &v, &ids).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// Rank `rank`'s queries read from `mem`.
+fn read_rows(
+    group: &dyn Collective,
+    mem: &ShardedKvMemory,
+    rank: usize,
+    k: usize,
+) -> Result<Vec<Vec<Hit>>, String> {
+    let (q, qids) = queries(rank + 1, rank * 3);
+    let r = mem.read(group, &q, &qids, k).map_err(|e| e.to_string())?;
+    rows(&r).map_err(|e| e.to_string())
 }
 
 #[test]
@@ -227,38 +254,22 @@ fn save_sharded(
     written: usize,
     index: &std::path::Path,
 ) -> TestResult {
-    let handles: Vec<_> = InProcessGroup::new(world)
-        .into_iter()
-        .map(|group| {
-            let index = index.to_path_buf();
-            std::thread::spawn(move || -> Result<(), String> {
-                let rank = group.rank();
-                let mut mem =
-                    ShardedKvMemory::new(capacity, D_K, D_V, 0.5, rank, world, Device::Cpu);
-                let half = written / 2;
-                for (lo, hi) in [(0, half), (half, written)] {
-                    let n = hi - lo;
-                    let (k_, v, ids) = tensors(lo + n * rank / world..lo + n * (rank + 1) / world);
-                    mem.write(&group, &k_, &v, &ids)
-                        .map_err(|e| e.to_string())?;
-                }
-                let w_k = Tensor::ones([2, 2], (Kind::Float, Device::Cpu));
-                umtune::memory::files::save(
-                    &group,
-                    &index,
-                    capacity,
-                    mem.written(),
-                    &mem.shard_tensors(),
-                    Some(&w_k),
-                )
-                .map_err(|e| e.to_string())?;
-                Ok(())
-            })
-        })
-        .collect();
-    for h in handles {
-        h.join().map_err(|_| "rank panicked")??;
-    }
+    let index = index.to_path_buf();
+    on_ranks(world, false, move |group, rank| {
+        let mut mem = ShardedKvMemory::new(capacity, D_K, D_V, 0.5, rank, world, Device::Cpu);
+        write_pieces(group, &mut mem, world, written)?;
+        let w_k = Tensor::ones([2, 2], (Kind::Float, Device::Cpu));
+        umtune::memory::files::save(
+            group,
+            &index,
+            capacity,
+            mem.written(),
+            &mem.shard_tensors(),
+            Some(&w_k),
+        )
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+    })?;
     Ok(())
 }
 
@@ -269,27 +280,13 @@ fn load_and_read(
     k: usize,
     index: &std::path::Path,
 ) -> Result<Vec<Vec<Vec<Hit>>>, String> {
-    let handles: Vec<_> = InProcessGroup::new(world)
-        .into_iter()
-        .map(|group| {
-            let index = index.to_path_buf();
-            std::thread::spawn(move || -> Result<_, String> {
-                let rank = group.rank();
-                let mut mem =
-                    ShardedKvMemory::new(capacity, D_K, D_V, 0.5, rank, world, Device::Cpu);
-                let saved =
-                    umtune::memory::files::load(&index, rank, world).map_err(|e| e.to_string())?;
-                mem.restore(&saved, &index).map_err(|e| e.to_string())?;
-                let (q, qids) = queries(rank + 1, rank * 3);
-                let r = mem.read(&group, &q, &qids, k).map_err(|e| e.to_string())?;
-                rows(&r).map_err(|e| e.to_string())
-            })
-        })
-        .collect();
-    handles
-        .into_iter()
-        .map(|h| h.join().map_err(|_| "rank panicked".to_string())?)
-        .collect()
+    let index = index.to_path_buf();
+    on_ranks(world, false, move |group, rank| {
+        let mut mem = ShardedKvMemory::new(capacity, D_K, D_V, 0.5, rank, world, Device::Cpu);
+        let saved = umtune::memory::files::load(&index, rank, world).map_err(|e| e.to_string())?;
+        mem.restore(&saved, &index).map_err(|e| e.to_string())?;
+        read_rows(group, &mem, rank, k)
+    })
 }
 
 #[test]

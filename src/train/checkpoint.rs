@@ -24,7 +24,7 @@ use super::diagnostics::SpikeGuard;
 use super::eval::EvalResult as Evaluation;
 use super::optimizer::AdamW;
 use crate::atomic_file::{check_digest, digest, write_atomic, write_atomic_with, FileDigest};
-use crate::config::Config;
+use crate::config::{flatten_toml, Config};
 use crate::data::batching::SamplerState;
 use crate::dist::RunContext;
 use crate::error::{Error, Result};
@@ -443,9 +443,7 @@ fn check_config(cfg: &Config, m: &Manifest, dir: &Path) -> Result<()> {
         toml::from_str(&m.config).map_err(|e| Error::format(dir.join(MANIFEST), e.to_string()))?;
     let ours: toml::Value = toml::from_str(&cfg.to_toml()?)
         .map_err(|e| Error::Internal(format!("the config as TOML: {e}")))?;
-    let (mut a, mut b) = (BTreeMap::new(), BTreeMap::new());
-    flatten("", &theirs, &mut a);
-    flatten("", &ours, &mut b);
+    let (a, b) = (flatten_toml(&theirs), flatten_toml(&ours));
     let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
     let differing: Vec<String> = keys
         .into_iter()
@@ -472,24 +470,6 @@ fn check_config(cfg: &Config, m: &Manifest, dir: &Path) -> Result<()> {
         differing.join(", "),
         SAFE_ON_RESUME.join(", ")
     )))
-}
-
-fn flatten(prefix: &str, v: &toml::Value, out: &mut BTreeMap<String, toml::Value>) {
-    match v {
-        toml::Value::Table(t) => {
-            for (k, v) in t {
-                let key = if prefix.is_empty() {
-                    k.clone()
-                } else {
-                    format!("{prefix}.{k}")
-                };
-                flatten(&key, v, out);
-            }
-        }
-        other => {
-            out.insert(prefix.to_string(), other.clone());
-        }
-    }
 }
 
 /// Loads the checkpoint into the model (trainable tensors, memory shard) and the optimizer.

@@ -95,6 +95,18 @@ pub fn whole_ring(index: &Path) -> HashMap<String, Tensor> {
         .collect()
 }
 
+/// The largest |a - b| relative to a's scale (at least 1: memory values are hidden states, far
+/// from unit size).
+pub fn relative_diff(a: &Tensor, b: &Tensor) -> f64 {
+    let scale = a
+        .to_kind(Kind::Double)
+        .abs()
+        .max()
+        .double_value(&[])
+        .max(1.0);
+    super::max_abs_diff(a, b) / scale
+}
+
 pub fn summary(run: &Path) -> serde_json::Value {
     super::read_json(run.join("summary.json")).unwrap()
 }
@@ -119,14 +131,7 @@ pub fn assert_same_run(single: &Path, multi: &Path, tol: f64) {
     );
     let mut worst = 0.0f64;
     for (name, t) in &a {
-        // Relative to the tensor's scale (memory values are hidden states, far from unit size).
-        let scale = t
-            .to_kind(Kind::Double)
-            .abs()
-            .max()
-            .double_value(&[])
-            .max(1.0);
-        let d = super::max_abs_diff(t, &b[name]) / scale;
+        let d = relative_diff(t, &b[name]);
         worst = worst.max(d);
         assert!(d <= tol, "{name}: max |diff| / scale {d:e} > {tol:e}");
     }
