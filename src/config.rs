@@ -311,9 +311,19 @@ pub struct Config {
     pub dist: DistConfig,
     pub checkpoint: CheckpointConfig,
     /// The `--set` overrides this config was loaded with (recorded in a run's summary; not part
-    /// of the config file).
+    /// of the config file, nor of its value).
     #[serde(skip)]
-    pub overrides: Vec<String>,
+    pub overrides: Overrides,
+}
+
+/// How a config was loaded: not part of its value, so any two compare equal.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides(pub Vec<String>);
+
+impl PartialEq for Overrides {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
 }
 
 /// Checkpoints for exact resume (`RUN/checkpoints/step_NNNNNN/`, see `train::checkpoint`).
@@ -504,7 +514,7 @@ impl Config {
             .try_deserialize()
             .map_err(|e| Error::Config(e.to_string()))?;
         cfg.data.dataset = absolute_dataset(&cfg.data.dataset)?;
-        cfg.overrides = overrides.to_vec();
+        cfg.overrides = Overrides(overrides.to_vec());
         cfg.validate()?;
         Ok(cfg)
     }

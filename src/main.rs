@@ -909,7 +909,7 @@ fn eval_summary(run: &restore::LoadedRun) -> Result<umtune::train::report::Summa
         seconds: 0.0,
         validation: Default::default(),
         test: None,
-        overrides: run.config.overrides.clone(),
+        overrides: run.config.overrides.0.clone(),
         hyper: umtune::train::report::hyper_parameters(&run.config),
     })
 }

@@ -352,7 +352,7 @@ pub fn train_resuming(
         seconds: start.elapsed().as_secs_f64(),
         validation,
         test,
-        overrides: cfg.overrides.clone(),
+        overrides: cfg.overrides.0.clone(),
         hyper: super::report::hyper_parameters(cfg),
     };
     if !summary.is_finite() {
