@@ -4,6 +4,14 @@ use umtune::config::{Config, Dtype};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
+/// Every test here loads configs, which read the process's UMTUNE__* environment, and one test
+/// sets such a variable: they take this lock so none sees another's variable.
+static ENV: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn env_lock() -> std::sync::MutexGuard<'static, ()> {
+    ENV.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn write(name: &str, text: &str) -> std::io::Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!("umtune-config-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
@@ -22,6 +30,7 @@ fn load_err(file: Option<&PathBuf>, overrides: &[&str]) -> String {
 
 #[test]
 fn file_then_overrides() -> TestResult {
+    let _env = env_lock();
     let f = write(
         "ok.toml",
         "[model]\nsource = \"preset:gpt2\"\ndtype = \"bf16\"\n[run]\nthreads = 2\n",
@@ -43,6 +52,7 @@ fn file_then_overrides() -> TestResult {
 
 #[test]
 fn environment_overrides_file_and_set_overrides_environment() -> TestResult {
+    let _env = env_lock();
     let f = write("env.toml", "[run]\nseed = 1\n")?;
     std::env::set_var("UMTUNE__RUN__SEED", "7");
     let from_env = Config::load(Some(&f), &[])?.run.seed;
@@ -54,6 +64,7 @@ fn environment_overrides_file_and_set_overrides_environment() -> TestResult {
 
 #[test]
 fn unknown_key_names_the_key_and_the_allowed_ones() -> TestResult {
+    let _env = env_lock();
     let f = write("unknown.toml", "[model]\ndtyp = \"f32\"\n")?;
     let e = load_err(Some(&f), &[]);
     assert!(
@@ -72,6 +83,7 @@ fn unknown_key_names_the_key_and_the_allowed_ones() -> TestResult {
 
 #[test]
 fn wrong_type_names_the_key() -> TestResult {
+    let _env = env_lock();
     let f = write("type.toml", "[run]\nthreads = \"many\"\n")?;
     let e = load_err(Some(&f), &[]);
     assert!(e.contains("run.threads") && e.contains("integer"), "{e}");
@@ -80,6 +92,7 @@ fn wrong_type_names_the_key() -> TestResult {
 
 #[test]
 fn bad_values_list_the_allowed_values() {
+    let _env = env_lock();
     let e = load_err(None, &["model.dtype=f64"]);
     assert!(
         e.contains("model.dtype") && e.contains("`f32`, `bf16`, `f16`"),
@@ -100,12 +113,14 @@ fn bad_values_list_the_allowed_values() {
 
 #[test]
 fn missing_file_is_named() {
+    let _env = env_lock();
     let e = load_err(Some(&PathBuf::from("/nonexistent/exp.toml")), &[]);
     assert!(e.contains("/nonexistent/exp.toml"), "{e}");
 }
 
 #[test]
 fn shipped_configs_are_valid() -> TestResult {
+    let _env = env_lock();
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("configs");
     let mut n = 0;
     for sub in [dir.clone(), dir.join("ablations")] {
@@ -123,6 +138,7 @@ fn shipped_configs_are_valid() -> TestResult {
 
 #[test]
 fn overrides_take_toml_literals() -> TestResult {
+    let _env = env_lock();
     let sets: Vec<String> = [
         "peft.targets=[\"q_proj\", \"o_proj\"]",
         "train.lr=1e-3",
