@@ -153,6 +153,27 @@ fn sharded_reads(
     })
 }
 
+/// Every rank's reads (`results[rank][query]`, queries of [`read_rows`]) equal the brute force over
+/// the ring's surviving entries.
+fn assert_brute_force(
+    results: &[Vec<Vec<Hit>>],
+    written: usize,
+    capacity: usize,
+    k: usize,
+    what: &str,
+) -> TestResult {
+    for (rank, got) in results.iter().enumerate() {
+        let (q, qids) = queries(rank + 1, rank * 3);
+        let qv = Vec::<Vec<f32>>::try_from(&q)?;
+        let qi = Vec::<i64>::try_from(&qids)?;
+        for (i, row) in got.iter().enumerate() {
+            let want = brute_force(written, capacity, 0.5, &qv[i], qi[i], k);
+            assert_eq!(row, &want, "{what} rank {rank} query {i}");
+        }
+    }
+    Ok(())
+}
+
 /// Runs `f(group, rank)` on `world` ranks (threads; in-process, or `ring`: over the CPU ring's
 /// sockets); the results in rank order.
 fn on_ranks<T: Send + 'static>(
@@ -221,18 +242,13 @@ fn sharded_reads_equal_the_unsharded_memory() -> TestResult {
         // In-process ranks, and ranks over the CPU ring's sockets.
         for (world, ring) in [(2, false), (3, false), (4, false), (2, true), (4, true)] {
             let sharded = sharded_reads(world, capacity, written, k, ring)?;
-            for (rank, got) in sharded.iter().enumerate() {
-                let (q, qids) = queries(rank + 1, rank * 3);
-                let qv = Vec::<Vec<f32>>::try_from(&q)?;
-                let qi = Vec::<i64>::try_from(&qids)?;
-                for (i, row) in got.iter().enumerate() {
-                    let want = brute_force(written, capacity, 0.5, &qv[i], qi[i], k);
-                    assert_eq!(
-                        row, &want,
-                        "world {world} (ring {ring}) rank {rank} query {i}"
-                    );
-                }
-            }
+            assert_brute_force(
+                &sharded,
+                written,
+                capacity,
+                k,
+                &format!("world {world} (ring {ring})"),
+            )?;
         }
         // Ties exist in this data (the point of the test): some row has equal scores.
         let any_tie = single[0]
@@ -304,21 +320,14 @@ fn memory_files_are_shards_that_load_at_any_world_size() -> TestResult {
         // Loaded by 1, 2 or 4 ranks, every read is the unsharded memory's (brute force over
         // the surviving entries): the slots, the ids for self-exclusion and the ring position.
         for load_at in [1, 2, 4] {
-            for (rank, got) in load_and_read(load_at, capacity, k, &index)?
-                .iter()
-                .enumerate()
-            {
-                let (q, qids) = queries(rank + 1, rank * 3);
-                let qv = Vec::<Vec<f32>>::try_from(&q)?;
-                let qi = Vec::<i64>::try_from(&qids)?;
-                for (i, row) in got.iter().enumerate() {
-                    let want = brute_force(written, capacity, 0.5, &qv[i], qi[i], k);
-                    assert_eq!(
-                        row, &want,
-                        "saved at {saved_at}, loaded at {load_at}, rank {rank}"
-                    );
-                }
-            }
+            let got = load_and_read(load_at, capacity, k, &index)?;
+            assert_brute_force(
+                &got,
+                written,
+                capacity,
+                k,
+                &format!("saved at {saved_at}, loaded at {load_at}"),
+            )?;
         }
     }
     // Saving again replaces the generation and removes the old shards.

@@ -12,10 +12,10 @@
 //! (the run directory under SLURM usually is). Loading checks each shard's size and sha256
 //! against the index and names the file that differs. A single `.safetensors` file holding the
 //! whole ring (what umtune wrote before shards) loads as a memory of one shard.
-use crate::atomic_file::{digest, write_atomic, write_atomic_with, FileDigest};
+use crate::atomic_file::{digest, write_atomic, FileDigest};
 use crate::dist::Collective;
 use crate::error::{Error, Result};
-use crate::models::weights::read_safetensors_checked;
+use crate::models::weights::{read_safetensors_checked, write_safetensors_atomic};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -134,9 +134,7 @@ pub fn save(
     if let (0, Some(w)) = (rank, w_k) {
         tensors.push(("w_k".into(), w.detach()));
     }
-    write_atomic_with(&path, |tmp| {
-        Tensor::write_safetensors(&tensors, tmp).map_err(|e| Error::format(tmp, e.to_string()))
-    })?;
+    write_safetensors_atomic(&path, &tensors)?;
     let mine = ShardFile {
         file,
         digest: digest(&path)?,

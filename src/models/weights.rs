@@ -136,6 +136,16 @@ impl SafetensorsSource {
     }
 }
 
+/// Writes `tensors` as a safetensors file at `path` atomically (see [`crate::atomic_file`]).
+pub fn write_safetensors_atomic<S: AsRef<str>, T: AsRef<Tensor>>(
+    path: &Path,
+    tensors: &[(S, T)],
+) -> Result<()> {
+    crate::atomic_file::write_atomic_with(path, |tmp| {
+        Tensor::write_safetensors(tensors, tmp).map_err(|e| Error::format(tmp, e.to_string()))
+    })
+}
+
 /// Every tensor of the safetensors file at `path`, read once through a memory map; with `want`,
 /// the file's size and sha256 are checked against it first (`recorded_in` names the record in
 /// the error). One pass over the bytes for the check, one copy into the tensors.

@@ -23,12 +23,12 @@
 use super::diagnostics::SpikeGuard;
 use super::eval::EvalResult as Evaluation;
 use super::optimizer::AdamW;
-use crate::atomic_file::{check_digest, digest, write_atomic, write_atomic_with, FileDigest};
+use crate::atomic_file::{check_digest, digest, write_atomic, FileDigest};
 use crate::config::{flatten_toml, Config};
 use crate::data::batching::SamplerState;
 use crate::dist::RunContext;
 use crate::error::{Error, Result};
-use crate::models::weights::read_safetensors_checked;
+use crate::models::weights::{read_safetensors_checked, write_safetensors_atomic};
 use crate::peft::load_named;
 use crate::task::TaskModel;
 use serde::{Deserialize, Serialize};
@@ -155,9 +155,9 @@ pub fn save(
             std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
         }
         std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        write_tensors(&tmp.join(TRAINABLE), &model.named_trainable())?;
+        write_safetensors_atomic(&tmp.join(TRAINABLE), &model.named_trainable())?;
         let state: Vec<(String, Tensor)> = opt.state().into_iter().collect();
-        write_tensors(&tmp.join(OPTIMIZER), &state)?;
+        write_safetensors_atomic(&tmp.join(OPTIMIZER), &state)?;
         test_pause(snap.step);
     }
     group.barrier()?;
@@ -202,12 +202,6 @@ pub fn save(
     }
     group.barrier()?;
     Ok(done)
-}
-
-fn write_tensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
-    write_atomic_with(path, |tmp| {
-        Tensor::write_safetensors(tensors, tmp).map_err(|e| Error::format(tmp, e.to_string()))
-    })
 }
 
 /// Tests only: `UMTUNE_TEST_PAUSE_IN_CHECKPOINT=STEP` stops the writer for a minute halfway

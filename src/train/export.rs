@@ -2,10 +2,11 @@
 //! `adapter_model.safetensors`, the head as `modules_to_save`) that `PeftModel.from_pretrained`
 //! loads onto the matching transformers model.
 use super::restore::LoadedRun;
-use crate::atomic_file::{write_atomic, write_atomic_with};
+use crate::atomic_file::write_atomic;
 use crate::config::{PeftMethod, TaskKind};
 use crate::error::{Error, Result};
 use crate::heads::head_name;
+use crate::models::weights::write_safetensors_atomic;
 use crate::models::ArchConfig;
 use crate::peft::PEFT_PREFIX;
 use serde_json::json;
@@ -33,9 +34,7 @@ pub fn export_peft(run: &LoadedRun, out: &Path) -> Result<()> {
         .map(|(k, v)| (format!("{PEFT_PREFIX}{k}"), v))
         .collect();
     named.sort_by(|a, b| a.0.cmp(&b.0));
-    write_atomic_with(&out.join("adapter_model.safetensors"), |tmp| {
-        Tensor::write_safetensors(&named, tmp).map_err(|e| Error::format(tmp, e.to_string()))
-    })?;
+    write_safetensors_atomic(&out.join("adapter_model.safetensors"), &named)?;
     let mut targets: Vec<String> = named
         .iter()
         .filter_map(|(k, _)| {

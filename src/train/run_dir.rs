@@ -6,12 +6,13 @@
 //! the first step on, so a run that was killed, interrupted or diverged can still be evaluated
 //! (its last saved weights) and reported (as unfinished).
 use super::report::Summary;
-use crate::atomic_file::{check_digest, write_atomic, write_atomic_with};
+use crate::atomic_file::{check_digest, write_atomic};
 pub use crate::atomic_file::{digest, FileDigest};
 use crate::config::Config;
 use crate::dist::RunContext;
 use crate::error::{Error, Result};
 use crate::memory::MemoryFusion;
+use crate::models::weights::write_safetensors_atomic;
 use crate::task::TaskModel;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -296,9 +297,7 @@ impl RunDir {
 
     fn write_tensors(&mut self, name: &str, tensors: &[(String, Tensor)]) -> Result<()> {
         let path = self.path.join(name);
-        write_atomic_with(&path, |tmp| {
-            Tensor::write_safetensors(tensors, tmp).map_err(|e| Error::format(tmp, e.to_string()))
-        })?;
+        write_safetensors_atomic(&path, tensors)?;
         self.record.files.insert(name.to_string(), digest(&path)?);
         Ok(())
     }
