@@ -56,12 +56,51 @@ fn scontrol_field(job: &str, field: &str) -> String {
         .unwrap_or_default()
 }
 
-fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+fn wait_for(what: &str, limit: Duration, done: impl FnMut() -> bool) {
+    wait_or_explain(what, limit, done, String::new);
+}
+
+/// Waits until `done`; on time out, panics with what `explain` says of the cluster's state.
+fn wait_or_explain(
+    what: &str,
+    limit: Duration,
+    mut done: impl FnMut() -> bool,
+    explain: impl Fn() -> String,
+) {
     let start = Instant::now();
     while !done() {
-        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        if start.elapsed() > limit {
+            panic!("timed out waiting for {what}\n{}", explain());
+        }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// What SLURM and the job said, for a failure message: the job's record, the node's state and
+/// reason, the job's output and the daemons' last log lines.
+fn cluster_state(job: &str, job_out: &Path) -> String {
+    let run = |cmd: &str, args: &[&str]| {
+        Command::new(cmd).args(args).output().map_or_else(
+            |e| format!("{cmd}: {e}"),
+            |o| String::from_utf8_lossy(&o.stdout).into_owned(),
+        )
+    };
+    let tail = |path: &str| {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    };
+    format!(
+        "--- scontrol show job {job}\n{}\n--- sinfo -R\n{}\n--- sinfo\n{}\n--- {}\n{}\n\
+         --- slurmctld.log\n{}\n--- slurmd.log\n{}",
+        run("scontrol", &["show", "job", job]),
+        run("sinfo", &["-R"]),
+        run("sinfo", &[]),
+        job_out.display(),
+        std::fs::read_to_string(job_out).unwrap_or_default(),
+        tail("/var/log/slurm/slurmctld.log"),
+        tail("/var/log/slurm/slurmd.log"),
+    )
 }
 
 fn sbatch(args: &[String]) -> String {
@@ -112,26 +151,53 @@ fn a_warned_job_checkpoints_requeues_and_finishes_as_if_uninterrupted() -> TestR
     submit.extend(args("cut").into_iter().skip(1));
     let job = sbatch(&submit);
     let metrics = out.join("cut/metrics.jsonl");
-    wait_for("the job to train", Duration::from_secs(120), || {
-        std::fs::read_to_string(&metrics).map_or(0, |t| t.lines().count()) >= 3
-    });
+    let job_out = out.join("job.out");
+    let explain = || cluster_state(&job, &job_out);
+    wait_or_explain(
+        "the job to train",
+        Duration::from_secs(120),
+        || std::fs::read_to_string(&metrics).map_or(0, |t| t.lines().count()) >= 3,
+        explain,
+    );
     // SLURM's warning before the time limit (what --signal=B:USR1@120 sends to the script).
     let sent = Command::new("scancel")
         .args(["--signal=USR1", "--batch", &job])
         .status()?;
     assert!(sent.success());
-    wait_for("the requeue", Duration::from_secs(60), || {
-        scontrol_field(&job, "Restarts") == "1" && scontrol_field(&job, "JobState") == "PENDING"
-    });
+    wait_or_explain(
+        "the requeue",
+        Duration::from_secs(60),
+        || scontrol_field(&job, "Restarts") == "1" && scontrol_field(&job, "JobState") == "PENDING",
+        explain,
+    );
     // A requeued job is eligible after a delay SLURM sets (about two minutes): now, here (asked
     // again while it waits: an update while the requeue settles can be lost).
     let mut asked = Instant::now() - Duration::from_secs(10);
-    wait_for(
+    wait_or_explain(
         "the requeued job to finish",
-        Duration::from_secs(180),
+        Duration::from_secs(240),
         || {
             let state = scontrol_field(&job, "JobState");
+            let ended = [
+                "FAILED",
+                "CANCELLED",
+                "TIMEOUT",
+                "NODE_FAIL",
+                "OUT_OF_MEMORY",
+                "BOOT_FAIL",
+            ];
+            assert!(
+                !ended.contains(&state.as_str()),
+                "the requeued job ended {state}\n{}",
+                explain()
+            );
             if state == "PENDING" && asked.elapsed() > Duration::from_secs(2) {
+                // A requeued job whose relaunch failed is held (Reason=launch_failed_requeued_held):
+                // release it, and say so in the test's output.
+                if scontrol_field(&job, "Reason").contains("held") {
+                    eprintln!("releasing a held job:\n{}", explain());
+                    let _ = Command::new("scontrol").args(["release", &job]).output();
+                }
                 let _ = Command::new("scontrol")
                     .args(["update", &format!("JobId={job}"), "StartTime=now"])
                     .output();
@@ -139,6 +205,7 @@ fn a_warned_job_checkpoints_requeues_and_finishes_as_if_uninterrupted() -> TestR
             }
             state == "COMPLETED"
         },
+        explain,
     );
     let log = std::fs::read_to_string(out.join("job.out"))?;
     assert!(log.contains("requeueing job"), "{log}");
