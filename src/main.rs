@@ -739,13 +739,16 @@ fn run(command: Command) -> Result<()> {
                 dir = checkpoint::save(&out, &cfg, &ctx, &task, &opt, &snap)?;
                 Ok(())
             })?;
+            // What every rank of a resume does: the manifest, then each file checked while it
+            // is copied into the model, AdamW and the memory.
             let load_s = bench.median_secs(ctx.device, || {
-                let manifest = checkpoint::verify(&dir)?;
+                let manifest = checkpoint::manifest_of(&dir)?;
                 checkpoint::restore(&dir, &manifest, &task, &mut opt)?;
                 Ok(())
             })?;
-            // The checksums alone (the manifest's files; the memory shards are checked against
-            // their index inside the restore).
+            // What rank 0 adds when it chooses the checkpoint (so that `--resume auto` can fall
+            // back to an older one): the manifest's files' checksums (the memory's shards are
+            // checked against their index as they are restored).
             let verify_s = bench.median_secs(ctx.device, || {
                 checkpoint::verify(&dir)?;
                 Ok(())

@@ -200,3 +200,117 @@ fn sigusr1_checkpoints_at_a_step_and_the_run_resumes_bitwise() -> TestResult {
     let _ = std::fs::remove_dir_all(&out);
     Ok(())
 }
+
+/// umtune's safetensors writer and mapped reader: what it writes, Python's safetensors reads
+/// alike (and tch's reader); its recorded sha256 and xxh3 are the standard ones (Python's
+/// hashlib and xxhash, so `sha256sum` and `xxhsum -H3` check a checkpoint); a view after an
+/// odd-sized tensor (unaligned) reads right; a flipped byte is caught through the xxh3, and
+/// through the sha256 in records without an xxh3 (older umtune).
+#[test]
+fn checkpoint_files_are_standard_safetensors_with_standard_checksums() -> TestResult {
+    use umtune::atomic_file::FileDigest;
+    use umtune::models::weights::{write_safetensors_atomic, MappedSafetensors};
+    let out = out_dir("files");
+    std::fs::create_dir_all(&out)?;
+    let path = out.join("t.safetensors");
+    let tensors = vec![
+        (
+            "a_odd_bf16",
+            tch::Tensor::arange(7, (tch::Kind::BFloat16, tch::Device::Cpu)),
+        ),
+        (
+            "b_f32",
+            tch::Tensor::randn([5, 3], (tch::Kind::Float, tch::Device::Cpu)),
+        ),
+        (
+            "c_i64",
+            tch::Tensor::arange(4, (tch::Kind::Int64, tch::Device::Cpu)) - 2,
+        ),
+        (
+            "d_empty",
+            tch::Tensor::zeros([0, 4], (tch::Kind::Float, tch::Device::Cpu)),
+        ),
+        (
+            "e_view",
+            tch::Tensor::randn([4, 6], (tch::Kind::Float, tch::Device::Cpu)).transpose(0, 1),
+        ),
+    ];
+    let digest = write_safetensors_atomic(&path, &tensors)?;
+    let script = r#"
+import hashlib, json, sys, xxhash
+from safetensors.torch import load_file
+b = open(sys.argv[1], "rb").read()
+print(len(b), hashlib.sha256(b).hexdigest(), xxhash.xxh3_64_hexdigest(b))
+for k, t in sorted(load_file(sys.argv[1]).items()):
+    print(json.dumps([k, list(t.shape), float(t.double().sum())]))
+"#;
+    let py = Command::new(python())
+        .args(["-c", script])
+        .arg(&path)
+        .output()?;
+    check(&py, "python safetensors + hashlib + xxhash");
+    let text = String::from_utf8_lossy(&py.stdout).into_owned();
+    let mut lines = text.lines();
+    assert_eq!(
+        lines.next(),
+        Some(
+            format!(
+                "{} {} {}",
+                digest.bytes,
+                digest.sha256,
+                digest.xxh3.clone().unwrap_or_default()
+            )
+            .as_str()
+        )
+    );
+    let mapped = MappedSafetensors::open(&path, Some((&digest, "the test")))?;
+    let by_tch: std::collections::HashMap<String, tch::Tensor> =
+        tch::Tensor::read_safetensors(&path)?.into_iter().collect();
+    let mut seen = 0;
+    for ((name, t), line) in tensors.iter().zip(lines) {
+        let got = &mapped[*name];
+        assert!(
+            got.equal(t) && by_tch[*name].equal(t),
+            "{name}: {got} vs {t}"
+        );
+        let py: (String, Vec<i64>, f64) = serde_json::from_str(line)?;
+        let sum = t
+            .to_kind(tch::Kind::Double)
+            .sum(tch::Kind::Double)
+            .double_value(&[]);
+        assert!(
+            py.0 == *name && py.1 == t.size() && (py.2 - sum).abs() < 1e-9,
+            "python read {line}; umtune wrote {name} {:?} sum {sum}",
+            t.size()
+        );
+        seen += 1;
+    }
+    assert_eq!(seen, tensors.len(), "python read {text}");
+    drop(mapped);
+    let mut bytes = std::fs::read(&path)?;
+    let last = bytes.len() - 5;
+    bytes[last] ^= 0x04;
+    std::fs::write(&path, &bytes)?;
+    let e = MappedSafetensors::open(&path, Some((&digest, "the test")))
+        .err()
+        .ok_or("a flipped byte passed the xxh3")?
+        .to_string();
+    assert!(
+        e.contains("xxh3") && e.contains("corrupt") && e.contains("t.safetensors"),
+        "{e}"
+    );
+    let legacy = FileDigest {
+        xxh3: None,
+        ..digest.clone()
+    };
+    let e = MappedSafetensors::open(&path, Some((&legacy, "an old record")))
+        .err()
+        .ok_or("a flipped byte passed the sha256")?
+        .to_string();
+    assert!(e.contains("sha256") && e.contains("an old record"), "{e}");
+    bytes[last] ^= 0x04;
+    std::fs::write(&path, &bytes)?;
+    MappedSafetensors::open(&path, Some((&legacy, "an old record")))?;
+    let _ = std::fs::remove_dir_all(&out);
+    Ok(())
+}

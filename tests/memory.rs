@@ -372,6 +372,18 @@ fn memory_files_are_shards_that_load_at_any_world_size() -> TestResult {
             e.contains("mem2.g2-00002-of-00002.safetensors") && e.contains("corrupt"),
             "{e}"
         );
+        // Read while it is checked (what a resume does): the check's failure is the result,
+        // though the restore itself went through.
+        let e = umtune::memory::files::load_with(&index, rank, world, |saved| {
+            ShardedKvMemory::new(10, D_K, D_V, 0.5, rank, world, Device::Cpu).restore(saved, &index)
+        })
+        .err()
+        .ok_or("a corrupt shard was restored")?
+        .to_string();
+        assert!(
+            e.contains("mem2.g2-00002-of-00002.safetensors") && e.contains("corrupt"),
+            "{e}"
+        );
     }
     // Rank 0 of 2 reads only its own shard: the corrupt one is not its business.
     assert!(umtune::memory::files::load(&index, 0, 2).is_ok());

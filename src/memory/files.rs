@@ -5,17 +5,18 @@
 //! `s % W' == r'` from the shards that hold them — only its own shard when W' = W.
 //!
 //! Saving is collective: each rank writes its shard atomically under a new generation's name
-//! (`NAME.g3-00002-of-00004.safetensors`), rank 0 gathers their sizes and sha256, writes the
+//! (`NAME.g3-00002-of-00004.safetensors`), rank 0 gathers their sizes and checksums, writes the
 //! index atomically and only then removes the previous generation's shards, and a barrier ends
 //! it. A kill at any instant therefore leaves the previous index and every file it names intact.
 //! Every rank writes into the same directory: across nodes it must be on a shared filesystem
-//! (the run directory under SLURM usually is). Loading checks each shard's size and sha256
-//! against the index and names the file that differs. A single `.safetensors` file holding the
+//! (the run directory under SLURM usually is). Loading checks each shard's size and xxh3
+//! against the index (on the mapped bytes it reads, see [`load_with`]) and names the file that
+//! differs. A single `.safetensors` file holding the
 //! whole ring (what umtune wrote before shards) loads as a memory of one shard.
 use crate::atomic_file::{digest, write_atomic, FileDigest};
 use crate::dist::Collective;
 use crate::error::{Error, Result};
-use crate::models::weights::{read_safetensors_checked, write_safetensors_atomic};
+use crate::models::weights::{while_checking, write_safetensors_atomic, Check, MappedSafetensors};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -134,10 +135,9 @@ pub fn save(
     if let (0, Some(w)) = (rank, w_k) {
         tensors.push(("w_k".into(), w.detach()));
     }
-    write_safetensors_atomic(&path, &tensors)?;
     let mine = ShardFile {
         file,
-        digest: digest(&path)?,
+        digest: write_safetensors_atomic(&path, &tensors)?,
     };
     let json = serde_json::to_string(&mine)
         .map_err(|e| Error::Internal(format!("memory shard record: {e}")))?;
@@ -187,7 +187,8 @@ fn remove_stale(dir: &Path, stem: &str, keep: &MemoryIndex) {
 pub struct LoadedShard {
     pub rank: usize,
     pub path: PathBuf,
-    pub tensors: HashMap<String, Tensor>,
+    /// `keys`, `values`, `ids`, mapped from the file (copy what you keep).
+    pub tensors: MappedSafetensors,
 }
 
 /// What a loading rank needs of a saved memory.
@@ -199,12 +200,62 @@ pub struct Loaded {
     pub shards: Vec<LoadedShard>,
     /// `w_k` and the file it came from, when the memory has one.
     pub w_k: Option<(Tensor, PathBuf)>,
+    /// The shard `w_k` came from when this rank needs no rows of it (kept mapped for its check).
+    w_k_shard: Option<MappedSafetensors>,
+    /// The checks still to make: a shard's path, which of `shards` it is (`None`: `w_k_shard`),
+    /// its digest in the index and the index's name.
+    pending: Vec<(PathBuf, Option<usize>, FileDigest, String)>,
+}
+
+impl Loaded {
+    fn bytes_of(&self, shard: Option<usize>) -> &[u8] {
+        match shard {
+            Some(i) => self.shards[i].tensors.bytes(),
+            None => self.w_k_shard.as_ref().map_or(&[], |m| m.bytes()),
+        }
+    }
 }
 
 /// Reads the shards of the memory at `path` (an index, a name whose `NAME.index.json` exists, or
 /// a single whole-ring `.safetensors` file) that rank `rank` of `world` needs, each checked
 /// against the index.
 pub fn load(path: &Path, rank: usize, world: usize) -> Result<Loaded> {
+    let loaded = map_shards(path, rank, world)?;
+    loaded
+        .pending
+        .iter()
+        .try_for_each(|(path, shard, want, recorded_in)| {
+            crate::atomic_file::check_bytes(path, loaded.bytes_of(*shard), want, recorded_in)
+        })?;
+    Ok(loaded)
+}
+
+/// [`load`], with `work` reading the shards while a second thread checks them (see
+/// [`while_checking`]): a failed check is the result, whatever `work` did.
+pub fn load_with<R>(
+    path: &Path,
+    rank: usize,
+    world: usize,
+    work: impl FnOnce(&Loaded) -> Result<R>,
+) -> Result<R> {
+    let loaded = map_shards(path, rank, world)?;
+    let checks: Vec<Check> = loaded
+        .pending
+        .iter()
+        .map(|(path, shard, want, recorded_in)| {
+            (
+                path.as_path(),
+                loaded.bytes_of(*shard),
+                want,
+                recorded_in.as_str(),
+            )
+        })
+        .collect();
+    while_checking(&checks, || work(&loaded))
+}
+
+/// The shards [`load`] reads, mapped, with the checks still to make.
+fn map_shards(path: &Path, rank: usize, world: usize) -> Result<Loaded> {
     if path.is_file() && !path.to_string_lossy().ends_with(INDEX_SUFFIX) {
         return load_single(path);
     }
@@ -224,8 +275,16 @@ pub fn load(path: &Path, rank: usize, world: usize) -> Result<Loaded> {
     } else {
         (0..i.world_size).collect()
     };
-    let mut shards = Vec::new();
-    let mut w_k = None;
+    let mut loaded = Loaded {
+        capacity: i.capacity,
+        written: i.written,
+        world_size: i.world_size,
+        shards: Vec::new(),
+        w_k: None,
+        w_k_shard: None,
+        pending: Vec::new(),
+    };
+    let recorded_in = index.display().to_string();
     for r in 0..i.world_size {
         let entry = &i.shards[r];
         let with_w_k = i.w_k.as_deref() == Some(entry.file.as_str());
@@ -236,35 +295,32 @@ pub fn load(path: &Path, rank: usize, world: usize) -> Result<Loaded> {
         if !file.is_file() {
             return Err(Error::format(
                 &file,
-                format!("is missing: {} lists it as shard {r}", index.display()),
+                format!("is missing: {recorded_in} lists it as shard {r}"),
             ));
         }
-        let recorded_in = index.display().to_string();
-        let mut tensors: HashMap<String, Tensor> =
-            read_safetensors_checked(&file, Some((&entry.digest, &recorded_in)))?
-                .into_iter()
-                .collect();
+        let mut tensors = MappedSafetensors::open_unchecked(&file)?;
         if with_w_k {
-            let w = tensors.remove("w_k").ok_or_else(|| {
+            let w = tensors.take("w_k").ok_or_else(|| {
                 Error::tensor(&file, "w_k", "missing (the index names this shard)")
             })?;
-            w_k = Some((w, file.clone()));
+            loaded.w_k = Some((w, file.clone()));
         }
-        if wanted.contains(&r) {
-            shards.push(LoadedShard {
+        let shard = if wanted.contains(&r) {
+            loaded.shards.push(LoadedShard {
                 rank: r,
-                path: file,
+                path: file.clone(),
                 tensors,
             });
-        }
+            Some(loaded.shards.len() - 1)
+        } else {
+            loaded.w_k_shard = Some(tensors);
+            None
+        };
+        loaded
+            .pending
+            .push((file, shard, entry.digest.clone(), recorded_in.clone()));
     }
-    Ok(Loaded {
-        capacity: i.capacity,
-        written: i.written,
-        world_size: i.world_size,
-        shards,
-        w_k,
-    })
+    Ok(loaded)
 }
 
 /// A whole ring in one file (`keys`, `values`, `ids`, `written`, maybe `w_k`): one shard of one.
@@ -289,8 +345,10 @@ fn load_single(path: &Path) -> Result<Loaded> {
         shards: vec![LoadedShard {
             rank: 0,
             path: path.to_path_buf(),
-            tensors,
+            tensors: MappedSafetensors::owned(tensors),
         }],
         w_k,
+        w_k_shard: None,
+        pending: Vec::new(),
     })
 }

@@ -270,30 +270,31 @@ impl MemoryFusion {
     /// with `with_w_k` also `W_k` (a prebuilt memory, whose keys were made with it).
     pub fn load(&self, path: &Path, with_w_k: bool) -> Result<()> {
         let (rank, world) = (self.group.rank(), self.group.world_size());
-        let saved = super::files::load(path, rank, world)?;
-        if with_w_k {
-            let (w, file) = saved.w_k.as_ref().ok_or_else(|| {
-                Error::tensor(
-                    path,
-                    "w_k",
-                    "missing (not a file of `umtune memory build`?)",
-                )
-            })?;
-            if w.size() != self.w_k.ws.size() {
-                return Err(Error::tensor(
-                    file,
-                    "w_k",
-                    format!(
-                        "has shape {:?}, this model's is {:?}",
-                        w.size(),
-                        self.w_k.ws.size()
-                    ),
-                ));
+        super::files::load_with(path, rank, world, |saved| {
+            if with_w_k {
+                let (w, file) = saved.w_k.as_ref().ok_or_else(|| {
+                    Error::tensor(
+                        path,
+                        "w_k",
+                        "missing (not a file of `umtune memory build`?)",
+                    )
+                })?;
+                if w.size() != self.w_k.ws.size() {
+                    return Err(Error::tensor(
+                        file,
+                        "w_k",
+                        format!(
+                            "has shape {:?}, this model's is {:?}",
+                            w.size(),
+                            self.w_k.ws.size()
+                        ),
+                    ));
+                }
+                let mut ws = self.w_k.ws.shallow_clone();
+                tch::no_grad(|| ws.copy_(w));
             }
-            let mut ws = self.w_k.ws.shallow_clone();
-            tch::no_grad(|| ws.copy_(w));
-        }
-        self.store()?.restore(&saved, path)
+            self.store()?.restore(saved, path)
+        })
     }
 
     fn pending(&self) -> Result<std::sync::MutexGuard<'_, Vec<(Tensor, Tensor, Tensor)>>> {

@@ -44,8 +44,9 @@ pub struct ShardedKvMemory {
     ids: Tensor,
     /// Entries written so far, all ranks together (the ring position of the next write).
     written: u64,
-    /// Local rows of each example id, so that self-exclusion touches only those rows.
-    rows_of_id: std::collections::HashMap<i64, Vec<i64>>,
+    /// Local rows of each example id, so that self-exclusion touches only those rows (an id has
+    /// one row but for repeats: kept inline, no allocation per entry).
+    rows_of_id: std::collections::HashMap<i64, smallvec::SmallVec<[i64; 1]>>,
 }
 
 const NO_SLOT: i64 = i64::MAX;
@@ -175,7 +176,7 @@ impl ShardedKvMemory {
             let new = Vec::<i64>::try_from(new_ids.to_device(Device::Cpu))?;
             for ((&row, &was), &now) in rows_list.iter().zip(&old).zip(&new) {
                 if let Some(v) = self.rows_of_id.get_mut(&was) {
-                    v.retain(|&r| r != row);
+                    v.retain(|r| *r != row);
                     if v.is_empty() {
                         self.rows_of_id.remove(&was);
                     }
@@ -491,8 +492,9 @@ impl ShardedKvMemory {
 
     /// Ends a restore: `written` entries were ever written to the saved ring.
     fn finish_restore(&mut self, written: u64) -> Result<()> {
-        self.rows_of_id.clear();
         let ids = Vec::<i64>::try_from(self.ids.to_device(Device::Cpu))?;
+        self.rows_of_id.clear();
+        self.rows_of_id.reserve(ids.len());
         for (row, id) in ids.into_iter().enumerate().filter(|(_, id)| *id != -1) {
             self.rows_of_id.entry(id).or_default().push(row as i64);
         }

@@ -136,42 +136,274 @@ impl SafetensorsSource {
     }
 }
 
-/// Writes `tensors` as a safetensors file at `path` atomically (see [`crate::atomic_file`]).
+/// A tensor's bytes as a file holds them: borrowed from a contiguous CPU tensor (one made for it
+/// otherwise), so that writing a file copies its tensors once, into the file.
+struct TensorBytes {
+    tensor: Tensor,
+    dtype: safetensors::Dtype,
+}
+
+impl TensorBytes {
+    fn new(path: &Path, name: &str, t: &Tensor) -> Result<Self> {
+        let dtype = dtype_of(t.kind()).ok_or_else(|| {
+            Error::tensor(path, name, format!("cannot be saved as {:?}", t.kind()))
+        })?;
+        let tensor = if t.device() == Device::Cpu && t.is_contiguous() {
+            t.shallow_clone()
+        } else {
+            t.to_device(Device::Cpu).contiguous()
+        };
+        Ok(TensorBytes { tensor, dtype })
+    }
+
+    fn bytes(&self) -> &[u8] {
+        let len = self.tensor.numel() * self.tensor.kind().elt_size_in_bytes();
+        if len == 0 {
+            return &[];
+        }
+        // SAFETY: a contiguous CPU tensor of `len` bytes, alive while `self` is borrowed; saving
+        // happens between training steps, so nothing writes to it meanwhile.
+        unsafe { std::slice::from_raw_parts(self.tensor.data_ptr() as *const u8, len) }
+    }
+}
+
+/// Writes `tensors` as a safetensors file at `path` atomically (see [`crate::atomic_file`]) and
+/// returns the file's digest, hashed while it is written (see [`SafetensorsFile`]).
 pub fn write_safetensors_atomic<S: AsRef<str>, T: AsRef<Tensor>>(
     path: &Path,
     tensors: &[(S, T)],
-) -> Result<()> {
-    crate::atomic_file::write_atomic_with(path, |tmp| {
-        Tensor::write_safetensors(tensors, tmp).map_err(|e| Error::format(tmp, e.to_string()))
+) -> Result<crate::atomic_file::FileDigest> {
+    SafetensorsFile::new(path, tensors)?.write()
+}
+
+/// A safetensors file ready to be written: made where the tensors live, written (by
+/// [`Self::write`]) on any thread, e.g. beside another file's write. The tensors go from their
+/// memory to the file without an intermediate buffer: the safetensors crate writes only through
+/// a buffer or a path of its own, so the header (the format's JSON: dtype, shape, data offsets,
+/// padded with spaces to 8 bytes) is made here, tensors laid out as the crate does (by
+/// descending alignment, then name, so every tensor is aligned); the tests read the files back
+/// with the crate and with Python's safetensors.
+pub struct SafetensorsFile {
+    path: PathBuf,
+    header: Vec<u8>,
+    tensors: Vec<TensorBytes>,
+}
+
+impl SafetensorsFile {
+    pub fn new<S: AsRef<str>, T: AsRef<Tensor>>(path: &Path, tensors: &[(S, T)]) -> Result<Self> {
+        let mut views = tensors
+            .iter()
+            .map(|(name, t)| {
+                Ok((
+                    name.as_ref(),
+                    TensorBytes::new(path, name.as_ref(), t.as_ref())?,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        views.sort_by(|(a, x), (b, y)| {
+            let size = |v: &TensorBytes| v.tensor.kind().elt_size_in_bytes();
+            size(y).cmp(&size(x)).then(a.cmp(b))
+        });
+        let mut header = serde_json::Map::new();
+        let mut offset = 0usize;
+        for (name, v) in &views {
+            let end = offset + v.bytes().len();
+            let info = serde_json::json!({
+                "dtype": v.dtype,
+                "shape": v.tensor.size(),
+                "data_offsets": [offset, end],
+            });
+            if header.insert(name.to_string(), info).is_some() {
+                return Err(Error::tensor(path, name, "is named twice"));
+            }
+            offset = end;
+        }
+        let mut json = serde_json::to_vec(&header)
+            .map_err(|e| Error::Internal(format!("{}: header: {e}", path.display())))?;
+        json.resize(json.len().next_multiple_of(8), b' ');
+        let mut header = (json.len() as u64).to_le_bytes().to_vec();
+        header.extend(json);
+        Ok(SafetensorsFile {
+            path: path.to_path_buf(),
+            header,
+            tensors: views.into_iter().map(|(_, v)| v).collect(),
+        })
+    }
+
+    /// Writes the file atomically and returns its digest.
+    pub fn write(self) -> Result<crate::atomic_file::FileDigest> {
+        crate::atomic_file::write_parts_atomic_digest(&self.path, &self.parts())
+    }
+
+    /// Writes the file as a new file, synced, not renamed into place (see
+    /// [`crate::atomic_file::write_parts_new_digest`]), and returns its digest.
+    pub fn write_new(self) -> Result<crate::atomic_file::FileDigest> {
+        crate::atomic_file::write_parts_new_digest(&self.path, &self.parts())
+    }
+
+    fn parts(&self) -> Vec<&[u8]> {
+        let mut parts: Vec<&[u8]> = vec![&self.header];
+        parts.extend(self.tensors.iter().map(TensorBytes::bytes));
+        parts
+    }
+}
+
+/// The tensors of a safetensors file, read without a copy: the file is memory-mapped read-only
+/// (pages read ahead) and each tensor is a view into the map. A view must not outlive this value,
+/// nor be written to (the pages are read-only: a write faults): what a caller keeps, it copies
+/// (`copy_` into its own tensors, `index_select`, [`Self::take`]). Read access goes through
+/// `Deref` to the name → tensor map.
+pub struct MappedSafetensors {
+    // Declared before the map: dropped first.
+    tensors: HashMap<String, Tensor>,
+    map: Option<memmap2::Mmap>,
+}
+
+impl MappedSafetensors {
+    /// Maps the safetensors file at `path`; with `want`, its size and checksum are checked on the
+    /// mapped bytes before it returns (`recorded_in` names the record in errors).
+    pub fn open(
+        path: &Path,
+        want: Option<(&crate::atomic_file::FileDigest, &str)>,
+    ) -> Result<Self> {
+        let mapped = Self::open_unchecked(path)?;
+        if let Some((want, recorded_in)) = want {
+            crate::atomic_file::check_bytes(path, mapped.bytes(), want, recorded_in)?;
+        }
+        Ok(mapped)
+    }
+
+    /// Maps the file without checking it: the caller checks [`Self::bytes`] (see
+    /// [`while_checking`]) before it trusts anything it read.
+    pub fn open_unchecked(path: &Path) -> Result<Self> {
+        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        // SAFETY: read-only; umtune replaces files by renaming, never in place.
+        let map = unsafe { memmap2::MmapOptions::new().populate().map(&file) }
+            .map_err(|e| Error::io(path, e))?;
+        let views: Vec<(String, Kind, Vec<i64>, std::ops::Range<usize>)> = {
+            let st = safetensors::SafeTensors::deserialize(&map)
+                .map_err(|e| Error::format(path, e.to_string()))?;
+            let base = map.as_ptr() as usize;
+            st.tensors()
+                .into_iter()
+                .map(|(name, view)| {
+                    let kind = kind_of(view.dtype()).ok_or_else(|| {
+                        Error::tensor(path, &name, format!("unsupported dtype {:?}", view.dtype()))
+                    })?;
+                    let shape = view.shape().iter().map(|&d| d as i64).collect();
+                    let start = view.data().as_ptr() as usize - base;
+                    Ok((name, kind, shape, start..start + view.data().len()))
+                })
+                .collect::<Result<_>>()?
+        };
+        let mut tensors = HashMap::new();
+        for (name, kind, shape, bytes) in views {
+            let aligned = bytes.start % kind.elt_size_in_bytes() == 0;
+            let t = if bytes.is_empty() || !aligned {
+                Tensor::f_from_data_size(&map[bytes], &shape, kind)?
+            } else {
+                let mut strides = vec![1i64; shape.len()];
+                for i in (0..shape.len().saturating_sub(1)).rev() {
+                    strides[i] = strides[i + 1] * shape[i + 1];
+                }
+                // SAFETY: in bounds (safetensors checked the offsets against the file's size),
+                // aligned for `kind`, alive as long as `self` (see the type's doc).
+                unsafe {
+                    Tensor::f_from_blob(
+                        map.as_ptr().add(bytes.start),
+                        &shape,
+                        &strides,
+                        kind,
+                        Device::Cpu,
+                    )?
+                }
+            };
+            tensors.insert(name, t);
+        }
+        Ok(MappedSafetensors {
+            tensors,
+            map: Some(map),
+        })
+    }
+
+    /// Tensors already in memory (nothing mapped).
+    pub fn owned(tensors: HashMap<String, Tensor>) -> Self {
+        MappedSafetensors { tensors, map: None }
+    }
+
+    /// The file's bytes (none when [`Self::owned`]).
+    pub fn bytes(&self) -> &[u8] {
+        self.map.as_deref().unwrap_or_default()
+    }
+
+    /// Removes `name` and returns it as a tensor of its own (a copy when mapped).
+    pub fn take(&mut self, name: &str) -> Option<Tensor> {
+        let t = self.tensors.remove(name)?;
+        Some(if self.map.is_some() { t.copy() } else { t })
+    }
+}
+
+impl std::ops::Deref for MappedSafetensors {
+    type Target = HashMap<String, Tensor>;
+    fn deref(&self) -> &Self::Target {
+        &self.tensors
+    }
+}
+
+/// One file to check: its path, its bytes, the digest it must have and where that was recorded.
+pub type Check<'a> = (
+    &'a Path,
+    &'a [u8],
+    &'a crate::atomic_file::FileDigest,
+    &'a str,
+);
+
+/// Runs `work` (which reads the files) while a second thread checks them, so that checking costs
+/// no time beside the copy. A failed check wins over whatever `work` returned: what it copied
+/// must then not be used, and every caller ends its load with the error.
+pub fn while_checking<R>(checks: &[Check], work: impl FnOnce() -> Result<R>) -> Result<R> {
+    std::thread::scope(|s| {
+        let checker = s.spawn(|| {
+            checks
+                .iter()
+                .try_for_each(|(path, bytes, want, recorded_in)| {
+                    crate::atomic_file::check_bytes(path, bytes, want, recorded_in)
+                })
+        });
+        let done = work();
+        checker.join().expect("a checksum does not panic")?;
+        done
     })
 }
 
-/// Every tensor of the safetensors file at `path`, read once through a memory map; with `want`,
-/// the file's size and sha256 are checked against it first (`recorded_in` names the record in
-/// the error). One pass over the bytes for the check, one copy into the tensors.
+/// Every tensor of the safetensors file at `path`, each a tensor of its own (see
+/// [`MappedSafetensors::open`] for `want`).
 pub fn read_safetensors_checked(
     path: &Path,
     want: Option<(&crate::atomic_file::FileDigest, &str)>,
 ) -> Result<Vec<(String, Tensor)>> {
-    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    // SAFETY: the file is only read; umtune replaces files by renaming, never in place.
-    let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-    if let Some((want, recorded_in)) = want {
-        crate::atomic_file::check_bytes(path, &mmap, want, recorded_in)?;
-    }
-    let st = safetensors::SafeTensors::deserialize(&mmap)
-        .map_err(|e| Error::format(path, e.to_string()))?;
-    st.tensors()
+    let mut mapped = MappedSafetensors::open(path, want)?;
+    let mut names: Vec<String> = mapped.keys().cloned().collect();
+    names.sort();
+    Ok(names
         .into_iter()
-        .map(|(name, view)| {
-            let kind = kind_of(view.dtype()).ok_or_else(|| {
-                Error::tensor(path, &name, format!("unsupported dtype {:?}", view.dtype()))
-            })?;
-            let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
-            let t = Tensor::f_from_data_size(view.data(), &shape, kind)?;
-            Ok((name, t))
-        })
-        .collect()
+        .filter_map(|n| mapped.take(&n).map(|t| (n, t)))
+        .collect())
+}
+
+fn dtype_of(kind: Kind) -> Option<safetensors::Dtype> {
+    use safetensors::Dtype as D;
+    Some(match kind {
+        Kind::Float => D::F32,
+        Kind::Half => D::F16,
+        Kind::BFloat16 => D::BF16,
+        Kind::Double => D::F64,
+        Kind::Int64 => D::I64,
+        Kind::Int => D::I32,
+        Kind::Uint8 => D::U8,
+        Kind::Bool => D::BOOL,
+        _ => return None,
+    })
 }
 
 fn kind_of(dtype: safetensors::Dtype) -> Option<Kind> {

@@ -161,37 +161,48 @@ pub const PEFT_PREFIX: &str = "base_model.model.";
 /// whose keys carry the `base_model.model.` prefix) into the trainable VarStore; every variable
 /// must be present with its shape and no tensor may be left over.
 pub fn load_peft_adapter(trainable: &nn::VarStore, path: &std::path::Path) -> crate::Result<()> {
-    load_named(trainable.variables(), path)
+    load_named(trainable.variables(), path, None)
 }
 
 /// [`load_peft_adapter`] into any set of named tensors.
-pub fn load_named(mut vars: HashMap<String, Tensor>, path: &std::path::Path) -> crate::Result<()> {
+pub fn load_named(
+    mut vars: HashMap<String, Tensor>,
+    path: &std::path::Path,
+    want: Option<(&crate::atomic_file::FileDigest, &str)>,
+) -> crate::Result<()> {
     use crate::error::Error;
-    let tensors = Tensor::read_safetensors(path).map_err(|e| Error::format(path, e.to_string()))?;
-    for (key, value) in tensors {
-        let name = key.strip_prefix(PEFT_PREFIX).unwrap_or(&key);
-        let mut var = vars.remove(name).ok_or_else(|| {
-            Error::tensor(path, &key, "is unexpected: no such adapter in the model")
-        })?;
-        if var.size() != value.size() {
-            return Err(Error::tensor(
-                path,
-                &key,
-                format!(
-                    "has shape {:?}, the adapter is {:?}",
-                    value.size(),
-                    var.size()
-                ),
-            ));
+    use crate::models::weights::{while_checking, MappedSafetensors};
+    let tensors = MappedSafetensors::open_unchecked(path)?;
+    let checks: Vec<_> = want
+        .iter()
+        .map(|(digest, recorded_in)| (path, tensors.bytes(), *digest, *recorded_in))
+        .collect();
+    while_checking(&checks, || {
+        for (key, value) in tensors.iter() {
+            let name = key.strip_prefix(PEFT_PREFIX).unwrap_or(key);
+            let mut var = vars.remove(name).ok_or_else(|| {
+                Error::tensor(path, key, "is unexpected: no such adapter in the model")
+            })?;
+            if var.size() != value.size() {
+                return Err(Error::tensor(
+                    path,
+                    key,
+                    format!(
+                        "has shape {:?}, the adapter is {:?}",
+                        value.size(),
+                        var.size()
+                    ),
+                ));
+            }
+            tch::no_grad(|| var.copy_(value));
         }
-        tch::no_grad(|| var.copy_(&value));
-    }
-    if let Some(name) = vars.keys().min() {
-        return Err(Error::tensor(
-            path,
-            &format!("{PEFT_PREFIX}{name}"),
-            "missing from the adapter file",
-        ));
-    }
-    Ok(())
+        match vars.keys().min() {
+            Some(name) => Err(Error::tensor(
+                path,
+                &format!("{PEFT_PREFIX}{name}"),
+                "missing from the adapter file",
+            )),
+            None => Ok(()),
+        }
+    })
 }

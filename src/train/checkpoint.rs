@@ -1,7 +1,7 @@
 //! Checkpoints for exact resume: `RUN/checkpoints/step_000500/` holds `manifest.json` (format,
 //! step, sampler cursor, world size and global batch, the resolved config and its sha256, the
 //! loop's counters and spike-guard averages, the validation scores of that step if it was an
-//! evaluation step, and the size and sha256 of every file), `trainable.safetensors` (the PEFT-named
+//! evaluation step, and the size, sha256 and xxh3 of every file), `trainable.safetensors` (the PEFT-named
 //! tensors and the umtune-only modules), `optimizer.safetensors` (AdamW's moments and step) and the
 //! memory as one shard per rank with `memory.index.json` (see [`crate::memory::files`]).
 //! safetensors and JSON only.
@@ -14,25 +14,29 @@
 //! repeats that step from the last checkpoint.
 //!
 //! Writing is collective: every rank writes into `step_000500.tmp/` (rank 0 the replicated
-//! files, each rank its memory shard, each file fsynced), then after a barrier rank 0 writes the
+//! files on a second thread while every rank writes its memory shard; each file fsynced and
+//! hashed as it is written), then after a barrier rank 0 writes the
 //! manifest, renames the directory to `step_000500`, fsyncs `checkpoints/`, replaces the `latest`
 //! pointer atomically and prunes to the newest `checkpoint.keep` plus the best by
 //! `checkpoint.best`. A kill at any instant leaves every earlier checkpoint whole (loaders never
-//! look at `.tmp` directories). Loading checks every size and sha256 and names the file that
-//! differs; `--resume auto` then falls back to the next newest good checkpoint and says so.
+//! look at `.tmp` directories). Rank 0 verifies a checkpoint (every size and xxh3, see
+//! [`crate::atomic_file::FileDigest`]) before choosing it, and `--resume auto` falls back to the
+//! next newest good one and says so; every rank then checks each file on the bytes it restores
+//! from (memory-mapped, checked on a second thread while they are copied) and names a file that
+//! differs.
 use super::diagnostics::SpikeGuard;
 use super::eval::EvalResult as Evaluation;
 use super::optimizer::AdamW;
-use crate::atomic_file::{check_digest, digest, write_atomic, FileDigest};
+use crate::atomic_file::{check_digest, write_atomic, FileDigest};
 use crate::config::{flatten_toml, Config};
 use crate::data::batching::SamplerState;
 use crate::dist::RunContext;
 use crate::error::{Error, Result};
-use crate::models::weights::{read_safetensors_checked, write_safetensors_atomic};
+use crate::models::weights::{while_checking, MappedSafetensors, SafetensorsFile};
 use crate::peft::load_named;
 use crate::task::TaskModel;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use tch::Tensor;
 
@@ -155,22 +159,38 @@ pub fn save(
             std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
         }
         std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        write_safetensors_atomic(&tmp.join(TRAINABLE), &model.named_trainable())?;
-        let state: Vec<(String, Tensor)> = opt.state().into_iter().collect();
-        write_safetensors_atomic(&tmp.join(OPTIMIZER), &state)?;
-        test_pause(snap.step);
     }
+    // The directory exists before any rank writes its memory shard into it.
     group.barrier()?;
-    if let Some(memory) = &model.memory {
-        memory.save(&tmp.join(MEMORY), false)?;
-    }
-    if ctx.is_writer {
-        let mut files = BTreeMap::new();
-        for f in [TRAINABLE, OPTIMIZER, MEMORY] {
-            if tmp.join(f).exists() {
-                files.insert(f.to_string(), digest(&tmp.join(f))?);
-            }
+    let mut files = BTreeMap::new();
+    // The writer's two files are written on a second thread while every rank writes its memory
+    // shard: one file's sync overlaps the other's copy into the page cache.
+    std::thread::scope(|s| -> Result<()> {
+        let side = if ctx.is_writer {
+            let trainable = SafetensorsFile::new(&tmp.join(TRAINABLE), &model.named_trainable())?;
+            let state: Vec<(String, Tensor)> = opt.state().into_iter().collect();
+            let optimizer = SafetensorsFile::new(&tmp.join(OPTIMIZER), &state)?;
+            // Published with the directory (synced, renamed), so no rename of their own.
+            Some(s.spawn(move || Ok::<_, Error>((trainable.write_new()?, optimizer.write_new()?))))
+        } else {
+            None
+        };
+        let memory = model
+            .memory
+            .as_ref()
+            .map(|memory| memory.save(&tmp.join(MEMORY), false));
+        if let Some(side) = side {
+            let (trainable, optimizer) = side.join().expect("writing files does not panic")?;
+            files.insert(TRAINABLE.to_string(), trainable);
+            files.insert(OPTIMIZER.to_string(), optimizer);
+            test_pause(snap.step);
         }
+        if let Some(memory) = memory {
+            files.insert(MEMORY.to_string(), memory?);
+        }
+        Ok(())
+    })?;
+    if ctx.is_writer {
         let config = cfg.to_toml()?;
         let manifest = Manifest {
             format: FORMAT.into(),
@@ -285,9 +305,21 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest> {
     Ok(m)
 }
 
-/// The checkpoint in `dir`, every file checked against its manifest (sizes and sha256; the
+/// The checkpoint in `dir`, every file checked against its manifest (sizes and checksums; the
 /// memory's shards against its index when loaded).
 pub fn verify(dir: &Path) -> Result<Manifest> {
+    let m = manifest_of(dir)?;
+    let manifest = dir.join(MANIFEST).display().to_string();
+    for (name, want) in &m.files {
+        check_digest(&dir.join(name), want, &manifest)?;
+    }
+    Ok(m)
+}
+
+/// The checkpoint's manifest, checked without reading the files it lists: the files a
+/// checkpoint needs are listed and there with their sizes, the config matches its hash.
+/// [`restore`] checks every file's checksum on the bytes it reads.
+pub fn manifest_of(dir: &Path) -> Result<Manifest> {
     let m = read_manifest(dir)?;
     let manifest = dir.join(MANIFEST).display().to_string();
     for f in [TRAINABLE, OPTIMIZER] {
@@ -300,13 +332,18 @@ pub fn verify(dir: &Path) -> Result<Manifest> {
     }
     for (name, want) in &m.files {
         let path = dir.join(name);
-        if !path.is_file() {
+        let bytes = std::fs::metadata(&path)
+            .map_err(|_| Error::format(&path, format!("is missing: {manifest} lists it")))?
+            .len();
+        if bytes != want.bytes {
             return Err(Error::format(
                 &path,
-                format!("is missing: {manifest} lists it"),
+                format!(
+                    "is {bytes} bytes, {manifest} recorded {}: the file is truncated or was replaced",
+                    want.bytes
+                ),
             ));
         }
-        check_digest(&path, want, &manifest)?;
     }
     if m.config_sha256 != sha256_hex(m.config.as_bytes()) {
         return Err(Error::format(
@@ -368,7 +405,8 @@ pub fn locate(cfg: &Config, ctx: &RunContext, resume: &Resume) -> Result<Start> 
         ));
     };
     let checkpoint = PathBuf::from(path);
-    let manifest = verify(&checkpoint)?;
+    // Rank 0 verified it when choosing; every rank checks each file as it restores it.
+    let manifest = manifest_of(&checkpoint)?;
     let run = checkpoint
         .parent()
         .and_then(Path::parent)
@@ -467,14 +505,28 @@ fn check_config(cfg: &Config, m: &Manifest, dir: &Path) -> Result<()> {
 }
 
 /// Loads the checkpoint into the model (trainable tensors, memory shard) and the optimizer.
+/// Every file is checked against the manifest on the bytes that are read.
 pub fn restore(dir: &Path, m: &Manifest, model: &TaskModel, opt: &mut AdamW) -> Result<()> {
+    let manifest = dir.join(MANIFEST).display().to_string();
+    let want = |f: &str| {
+        m.files
+            .get(f)
+            .map(|d| (d, manifest.as_str()))
+            .ok_or_else(|| {
+                Error::format(
+                    dir.join(MANIFEST),
+                    format!("lists no {f}: not a umtune checkpoint"),
+                )
+            })
+    };
     let trainable = dir.join(TRAINABLE);
-    load_named(model.trained_vars(), &trainable)?;
+    load_named(model.trained_vars(), &trainable, Some(want(TRAINABLE)?))?;
     let optimizer = dir.join(OPTIMIZER);
-    let state: HashMap<String, Tensor> = read_safetensors_checked(&optimizer, None)?
-        .into_iter()
-        .collect();
-    opt.load_state(&state, &optimizer)?;
+    let state = MappedSafetensors::open_unchecked(&optimizer)?;
+    let (digest, recorded_in) = want(OPTIMIZER)?;
+    while_checking(&[(&optimizer, state.bytes(), digest, recorded_in)], || {
+        opt.load_state(&state, &optimizer)
+    })?;
     match (&model.memory, m.files.contains_key(MEMORY)) {
         (Some(memory), true) => memory.load(&dir.join(MEMORY), false)?,
         (None, false) => {}

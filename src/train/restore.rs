@@ -77,8 +77,11 @@ pub fn load_run_in(dir: &Path, overrides: &[String], job: &JobEnv) -> Result<Loa
     };
     let mut model = TaskModel::build(&config, record.label_names.len(), &ctx)?;
     let trainable = dir.join(TRAINABLE_FILE);
-    run.verify(TRAINABLE_FILE)?;
-    load_named(model.trained_vars(), &trainable)?;
+    load_named(
+        model.trained_vars(),
+        &trainable,
+        run.recorded(TRAINABLE_FILE),
+    )?;
     check_finite(&model.named_trainable(), &trainable)?;
     if let Some(m) = &model.memory {
         let name = run.memory_file();

@@ -297,12 +297,17 @@ impl RunDir {
 
     fn write_tensors(&mut self, name: &str, tensors: &[(String, Tensor)]) -> Result<()> {
         let path = self.path.join(name);
-        write_safetensors_atomic(&path, tensors)?;
-        self.record.files.insert(name.to_string(), digest(&path)?);
+        let digest = write_safetensors_atomic(&path, tensors)?;
+        self.record.files.insert(name.to_string(), digest);
         Ok(())
     }
 
-    /// Checks `name` against the size and sha256 `run.json` recorded for it (files of runs from
+    /// What `run.json` recorded of `name` and where, for a reader that checks as it reads.
+    pub fn recorded(&self, name: &str) -> Option<(&FileDigest, &'static str)> {
+        self.record.files.get(name).map(|d| (d, RUN_FILE))
+    }
+
+    /// Checks `name` against the size and checksum `run.json` recorded for it (files of runs from
     /// before digests were recorded pass unchecked).
     pub fn verify(&self, name: &str) -> Result<()> {
         let Some(want) = self.record.files.get(name) else {
