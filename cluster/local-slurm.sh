@@ -43,6 +43,10 @@ SlurmctldLogFile=/var/log/slurm/slurmctld.log
 SlurmdLogFile=/var/log/slurm/slurmd.log
 MpiDefault=none
 KillWait=10
+# A requeued job waits cred_expire seconds before it starts again, so that the revoked credential
+# of its previous run has expired (default 120; forcing an earlier start makes slurmd refuse the
+# launch: "Job credential revoked"). 10 keeps the requeue tests short.
+AuthInfo=cred_expire=10
 InactiveLimit=0
 MinJobAge=60
 NodeName=$host CPUs=$cpus RealMemory=$mem State=UNKNOWN
