@@ -26,7 +26,11 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 fn xxh3_hex(bytes: &[u8]) -> String {
-    format!("{:016x}", twox_hash::XxHash3_64::oneshot(bytes))
+    xxh3_string(twox_hash::XxHash3_64::oneshot(bytes))
+}
+
+fn xxh3_string(hash: u64) -> String {
+    format!("{hash:016x}")
 }
 
 /// The size and checksums of the file at `path`.
@@ -37,10 +41,21 @@ pub fn digest(path: &Path) -> Result<FileDigest> {
 
 /// The size and checksums of `bytes`.
 pub fn digest_of(bytes: &[u8]) -> FileDigest {
+    digest_of_parts(&[bytes])
+}
+
+/// The size and checksums of the concatenation of `parts`.
+fn digest_of_parts(parts: &[&[u8]]) -> FileDigest {
+    use std::hash::Hasher;
+    let (mut sha, mut xxh) = (Sha256::new(), twox_hash::XxHash3_64::new());
+    for part in parts {
+        sha.update(part);
+        xxh.write(part);
+    }
     FileDigest {
-        bytes: bytes.len() as u64,
-        sha256: hex(&Sha256::digest(bytes)),
-        xxh3: Some(xxh3_hex(bytes)),
+        bytes: parts.iter().map(|p| p.len() as u64).sum(),
+        sha256: hex(&sha.finalize()),
+        xxh3: Some(xxh3_string(xxh.finish())),
     }
 }
 
@@ -48,10 +63,6 @@ pub fn digest_of(bytes: &[u8]) -> FileDigest {
 /// replaced or corrupt).
 pub fn check_digest(path: &Path, want: &FileDigest, recorded_in: &str) -> Result<()> {
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
-    if len == 0 {
-        return check_bytes(path, &[], want, recorded_in);
-    }
     // SAFETY: only read; umtune replaces files by renaming, never in place.
     let map = unsafe { memmap2::MmapOptions::new().populate().map(&file) }
         .map_err(|e| Error::io(path, e))?;
@@ -91,11 +102,11 @@ pub fn check_bytes(path: &Path, bytes: &[u8], want: &FileDigest, recorded_in: &s
 pub fn write_parts_atomic_digest(path: &Path, parts: &[&[u8]]) -> Result<FileDigest> {
     digest_while(parts, || {
         write_atomic_with(path, |tmp| {
-            let f = std::fs::OpenOptions::new()
+            let mut f = std::fs::OpenOptions::new()
                 .write(true)
                 .open(tmp)
                 .map_err(|e| Error::io(tmp, e))?;
-            write_parts(tmp, f, parts)
+            write_parts(tmp, &mut f, parts)
         })
     })
 }
@@ -105,13 +116,13 @@ pub fn write_parts_atomic_digest(path: &Path, parts: &[&[u8]]) -> Result<FileDig
 /// whole (synced, then renamed into place), such as a checkpoint's `step_N.tmp`.
 pub fn write_parts_new_digest(path: &Path, parts: &[&[u8]]) -> Result<FileDigest> {
     digest_while(parts, || {
-        let f = std::fs::File::create_new(path).map_err(|e| Error::io(path, e))?;
-        write_parts(path, f.try_clone().map_err(|e| Error::io(path, e))?, parts)?;
+        let mut f = std::fs::File::create_new(path).map_err(|e| Error::io(path, e))?;
+        write_parts(path, &mut f, parts)?;
         f.sync_all().map_err(|e| Error::io(path, e))
     })
 }
 
-fn write_parts(path: &Path, mut f: std::fs::File, parts: &[&[u8]]) -> Result<()> {
+fn write_parts(path: &Path, f: &mut std::fs::File, parts: &[&[u8]]) -> Result<()> {
     parts
         .iter()
         .try_for_each(|p| f.write_all(p))
@@ -121,19 +132,7 @@ fn write_parts(path: &Path, mut f: std::fs::File, parts: &[&[u8]]) -> Result<()>
 /// Runs `write` while a second thread computes the digest of the concatenated `parts`.
 fn digest_while(parts: &[&[u8]], write: impl FnOnce() -> Result<()>) -> Result<FileDigest> {
     std::thread::scope(|s| {
-        let digest = s.spawn(|| {
-            use std::hash::Hasher;
-            let (mut sha, mut xxh) = (Sha256::new(), twox_hash::XxHash3_64::new());
-            for part in parts {
-                sha.update(part);
-                xxh.write(part);
-            }
-            FileDigest {
-                bytes: parts.iter().map(|p| p.len() as u64).sum(),
-                sha256: hex(&sha.finalize()),
-                xxh3: Some(format!("{:016x}", xxh.finish())),
-            }
-        });
+        let digest = s.spawn(|| digest_of_parts(parts));
         write()?;
         Ok(digest.join().expect("hashing does not panic"))
     })

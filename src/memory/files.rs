@@ -208,11 +208,18 @@ pub struct Loaded {
 }
 
 impl Loaded {
-    fn bytes_of(&self, shard: Option<usize>) -> &[u8] {
-        match shard {
-            Some(i) => self.shards[i].tensors.bytes(),
-            None => self.w_k_shard.as_ref().map_or(&[], |m| m.bytes()),
-        }
+    /// The checks still to make, each on the bytes of the mapped shard it is about.
+    fn checks(&self) -> Vec<Check<'_>> {
+        self.pending
+            .iter()
+            .map(|(path, shard, want, recorded_in)| {
+                let bytes = match shard {
+                    Some(i) => self.shards[*i].tensors.bytes(),
+                    None => self.w_k_shard.as_ref().map_or(&[][..], |m| m.bytes()),
+                };
+                (path.as_path(), bytes, want, recorded_in.as_str())
+            })
+            .collect()
     }
 }
 
@@ -222,10 +229,10 @@ impl Loaded {
 pub fn load(path: &Path, rank: usize, world: usize) -> Result<Loaded> {
     let loaded = map_shards(path, rank, world)?;
     loaded
-        .pending
+        .checks()
         .iter()
-        .try_for_each(|(path, shard, want, recorded_in)| {
-            crate::atomic_file::check_bytes(path, loaded.bytes_of(*shard), want, recorded_in)
+        .try_for_each(|(path, bytes, want, recorded_in)| {
+            crate::atomic_file::check_bytes(path, bytes, want, recorded_in)
         })?;
     Ok(loaded)
 }
@@ -239,19 +246,7 @@ pub fn load_with<R>(
     work: impl FnOnce(&Loaded) -> Result<R>,
 ) -> Result<R> {
     let loaded = map_shards(path, rank, world)?;
-    let checks: Vec<Check> = loaded
-        .pending
-        .iter()
-        .map(|(path, shard, want, recorded_in)| {
-            (
-                path.as_path(),
-                loaded.bytes_of(*shard),
-                want,
-                recorded_in.as_str(),
-            )
-        })
-        .collect();
-    while_checking(&checks, || work(&loaded))
+    while_checking(&loaded.checks(), || work(&loaded))
 }
 
 /// The shards [`load`] reads, mapped, with the checks still to make.

@@ -376,21 +376,6 @@ pub fn while_checking<R>(checks: &[Check], work: impl FnOnce() -> Result<R>) -> 
     })
 }
 
-/// Every tensor of the safetensors file at `path`, each a tensor of its own (see
-/// [`MappedSafetensors::open`] for `want`).
-pub fn read_safetensors_checked(
-    path: &Path,
-    want: Option<(&crate::atomic_file::FileDigest, &str)>,
-) -> Result<Vec<(String, Tensor)>> {
-    let mut mapped = MappedSafetensors::open(path, want)?;
-    let mut names: Vec<String> = mapped.keys().cloned().collect();
-    names.sort();
-    Ok(names
-        .into_iter()
-        .filter_map(|n| mapped.take(&n).map(|t| (n, t)))
-        .collect())
-}
-
 fn dtype_of(kind: Kind) -> Option<safetensors::Dtype> {
     use safetensors::Dtype as D;
     Some(match kind {
