@@ -388,6 +388,25 @@ fn a_rank_that_never_arrives_fails_the_others_within_the_timeout() -> TestResult
     Ok(())
 }
 
+/// A signal that reaches one rank before another (the launcher forwards it worker by worker) still
+/// stops every rank with the same signal, hence the same step and exit status (CI once saw rank 1
+/// stop on SIGTERM with status 143 and rank 0 on "a signal" with 128).
+#[test]
+fn ranks_agree_on_the_stop_signal_when_it_reaches_them_at_different_times() {
+    use umtune::train::trainer::agreed_signal;
+    for (seen, agreed) in [
+        ([0, 0, 0], 0),
+        ([0, 15, 0], 15),
+        ([0, 15, 10], 15),
+        ([2, 15, 0], 2),
+    ] {
+        let got = on_ranks("ring", 3, move |g| {
+            agreed_signal(g, seen[g.rank()]).expect("agreeing on the signal")
+        });
+        assert_eq!(got, vec![agreed; 3], "signals seen {seen:?}");
+    }
+}
+
 #[test]
 fn sigterm_to_the_launcher_reaches_every_rank_and_the_run_is_saved() -> TestResult {
     let out = std::env::temp_dir().join(format!("umtune-sigterm-{}", std::process::id()));
@@ -412,6 +431,10 @@ fn sigterm_to_the_launcher_reaches_every_rank_and_the_run_is_saved() -> TestResu
     assert!(stderr.contains("forwarding SIGTERM"), "{stderr}");
     // Both ranks stopped at the same step (the stop is agreed), rank 0 saved and recorded it.
     assert!(stderr.contains("failed with exit status 143"), "{stderr}");
+    assert!(
+        !stderr.contains("by a signal"),
+        "every rank names SIGTERM:\n{stderr}"
+    );
     let record = common::read_json(out.join("stopped/run.json"))?;
     assert_eq!(record["state"], "interrupted");
     assert!(record["weights_step"].as_u64().unwrap() >= 1);

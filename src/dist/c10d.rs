@@ -267,11 +267,14 @@ pub fn nccl_compiled() -> bool {
     unsafe { umt_nccl_compiled() != 0 }
 }
 
-/// c10d's ProcessGroupNCCL: collectives on CUDA tensors of this process's device.
+/// c10d's ProcessGroupNCCL: collectives on CUDA tensors of this process's device. A tensor
+/// elsewhere (the trainer's stop signal, a string, a count on the CPU) travels through that device
+/// and comes back where it was, as the CPU ring does the other way round.
 pub struct NcclGroup {
     raw: *mut RawGroup,
     rank: usize,
     world_size: usize,
+    device: tch::Device,
     // Keeps the store alive as long as the group uses it.
     _store: std::sync::Arc<Store>,
 }
@@ -312,6 +315,7 @@ impl NcclGroup {
             raw,
             rank,
             world_size,
+            device: tch::Device::Cuda(device),
             _store: store,
         })
     }
@@ -326,12 +330,21 @@ impl NcclGroup {
         }
     }
 
-    fn cuda(&self, t: &Tensor, what: &str) -> Result<()> {
-        if !t.device().is_cuda() || !t.is_contiguous() {
-            return Err(Error::Internal(format!(
-                "NCCL {what} needs a contiguous CUDA tensor, got one on {:?}",
-                t.device()
-            )));
+    /// `t` as NCCL takes it: contiguous on this group's device (`t` itself when it already is).
+    fn staged(&self, t: &Tensor) -> Tensor {
+        if t.device() == self.device && t.is_contiguous() {
+            t.shallow_clone()
+        } else {
+            t.to_device(self.device).contiguous()
+        }
+    }
+
+    /// Runs an in-place collective on `t`, staged through the device when it lives elsewhere.
+    fn in_place(&self, t: &mut Tensor, op: impl FnOnce(&mut Tensor) -> Result<()>) -> Result<()> {
+        let mut work = self.staged(t);
+        op(&mut work)?;
+        if work.data_ptr() != t.data_ptr() {
+            tch::no_grad(|| t.copy_(&work));
         }
         Ok(())
     }
@@ -352,26 +365,27 @@ impl super::Collective for NcclGroup {
         self.world_size
     }
     fn all_reduce(&self, t: &mut Tensor, op: super::ReduceOp) -> Result<()> {
-        self.cuda(t, "all-reduce")?;
-        let mut err = std::ptr::null_mut();
         let code = match op {
             super::ReduceOp::Sum => 0,
             super::ReduceOp::Mean => 1,
         };
-        // SAFETY: `t` is a live tensor; the shim reduces it in place.
-        let rc = unsafe { umt_pg_allreduce(self.raw, t.as_mut_ptr(), code, &mut err) };
-        self.check("all-reduce", rc, err)
+        self.in_place(t, |t| {
+            let mut err = std::ptr::null_mut();
+            // SAFETY: `t` is a live contiguous device tensor; the shim reduces it in place.
+            let rc = unsafe { umt_pg_allreduce(self.raw, t.as_mut_ptr(), code, &mut err) };
+            self.check("all-reduce", rc, err)
+        })
     }
     fn broadcast(&self, t: &mut Tensor, root: usize) -> Result<()> {
-        self.cuda(t, "broadcast")?;
-        let mut err = std::ptr::null_mut();
-        // SAFETY: as above.
-        let rc = unsafe { umt_pg_broadcast(self.raw, t.as_mut_ptr(), root as c_int, &mut err) };
-        self.check("broadcast", rc, err)
+        self.in_place(t, |t| {
+            let mut err = std::ptr::null_mut();
+            // SAFETY: as above.
+            let rc = unsafe { umt_pg_broadcast(self.raw, t.as_mut_ptr(), root as c_int, &mut err) };
+            self.check("broadcast", rc, err)
+        })
     }
     fn all_gather_same(&self, t: &Tensor) -> Result<Tensor> {
-        let input = t.contiguous();
-        self.cuda(&input, "all-gather")?;
+        let input = self.staged(t);
         let mut shape = input.size();
         if shape.is_empty() {
             shape.push(1);
@@ -384,6 +398,6 @@ impl super::Collective for NcclGroup {
         let rc =
             unsafe { umt_pg_allgather(self.raw, out.as_mut_ptr(), input.as_mut_ptr(), &mut err) };
         self.check("all-gather", rc, err)?;
-        Ok(out)
+        Ok(out.to_device(t.device()))
     }
 }

@@ -280,8 +280,8 @@ pub fn train_resuming(
         if every > 0 && step % every == 0 && step < total {
             snapshot(&run, step, &ls, &sampler, &opt, validation.as_ref())?;
         }
-        let signal = ctx.stop.requested().unwrap_or(0);
-        if any_rank(ctx.group.as_ref(), signal != 0)? {
+        let signal = agreed_signal(ctx.group.as_ref(), ctx.stop.requested().unwrap_or(0))?;
+        if signal != 0 {
             progress.finish();
             // Preemption: the ranks agreed on this step; its checkpoint is what a requeued
             // `--resume auto` continues from.
@@ -386,15 +386,19 @@ fn labelled_units(idx: &[usize], data: &[Encoded]) -> usize {
         .sum()
 }
 
-/// Whether `flag` holds on any rank: the way every control-flow decision (skip a step, stop) is
-/// made, so that ranks never take different branches.
-fn any_rank(group: &dyn Collective, flag: bool) -> Result<bool> {
+/// The stop signal the ranks agree on, 0 while none asked: the lowest rank's that saw one. A
+/// signal may reach one rank a step before another (a launcher forwards it one worker at a time);
+/// the stop, its step and the exit status (128 + the signal) must be the same on every rank, so
+/// no rank takes a branch the others do not and the launcher reports one cause.
+pub fn agreed_signal(group: &dyn Collective, signal: i32) -> Result<i32> {
     if group.world_size() == 1 {
-        return Ok(flag);
+        return Ok(signal);
     }
-    let mut t = Tensor::from_slice(&[f32::from(u8::from(flag))]);
-    group.all_reduce_sum(&mut t)?;
-    Ok(t.double_value(&[0]) > 0.0)
+    let seen = group.all_gather_same(&Tensor::from_slice(&[i64::from(signal)]))?;
+    Ok(Vec::<i64>::try_from(&seen.reshape([-1]))?
+        .into_iter()
+        .find(|&s| s != 0)
+        .unwrap_or(0) as i32)
 }
 
 /// The one place where gradients are made consistent across ranks, before clipping and the
