@@ -123,16 +123,41 @@ fn bad_checkpoints_are_named_and_auto_falls_back_to_a_good_one() -> TestResult {
     let refused = umtune(&changed, &[])?;
     let e = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success() && e.contains("train.lr"), "{e}");
-    // One flipped byte in step 5's optimizer state: named when asked for by path...
     let step5 = run.join("checkpoints/step_000005");
+    let by_path = || {
+        let mut a = args(&out, "cut", &[]);
+        a.extend(["--resume".into(), step5.display().to_string()]);
+        umtune(&a, &[])
+    };
+    // A flipped byte in its memory shard is caught while the shard is restored, naming it.
+    let shard = std::fs::read_dir(&step5)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            let n = p.file_name().unwrap_or_default().to_string_lossy();
+            n.starts_with("memory.") && n.ends_with(".safetensors")
+        })
+        .ok_or("step 5 has no memory shard")?;
+    let good = std::fs::read(&shard)?;
+    let mut bad = good.clone();
+    let mid = bad.len() / 2;
+    bad[mid] ^= 0x10;
+    std::fs::write(&shard, &bad)?;
+    let refused = by_path()?;
+    let e = String::from_utf8_lossy(&refused.stderr);
+    let name = shard.file_name().unwrap_or_default().to_string_lossy();
+    assert!(
+        !refused.status.success() && e.contains(&*name) && e.contains("corrupt"),
+        "{e}"
+    );
+    std::fs::write(&shard, &good)?;
+    // One flipped byte in step 5's optimizer state: named when asked for by path...
     let file = step5.join("optimizer.safetensors");
     let mut bytes = std::fs::read(&file)?;
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x10;
     std::fs::write(&file, &bytes)?;
-    let mut by_path = args(&out, "cut", &[]);
-    by_path.extend(["--resume".into(), step5.display().to_string()]);
-    let refused = umtune(&by_path, &[])?;
+    let refused = by_path()?;
     let e = String::from_utf8_lossy(&refused.stderr);
     assert!(
         !refused.status.success() && e.contains("optimizer.safetensors") && e.contains("corrupt"),

@@ -209,7 +209,7 @@ pub struct Loaded {
 
 impl Loaded {
     /// The checks still to make, each on the bytes of the mapped shard it is about.
-    fn checks(&self) -> Vec<Check<'_>> {
+    pub fn checks(&self) -> Vec<Check<'_>> {
         self.pending
             .iter()
             .map(|(path, shard, want, recorded_in)| {
@@ -227,7 +227,7 @@ impl Loaded {
 /// a single whole-ring `.safetensors` file) that rank `rank` of `world` needs, each checked
 /// against the index.
 pub fn load(path: &Path, rank: usize, world: usize) -> Result<Loaded> {
-    let loaded = map_shards(path, rank, world)?;
+    let loaded = map(path, rank, world)?;
     loaded
         .checks()
         .iter()
@@ -245,12 +245,13 @@ pub fn load_with<R>(
     world: usize,
     work: impl FnOnce(&Loaded) -> Result<R>,
 ) -> Result<R> {
-    let loaded = map_shards(path, rank, world)?;
+    let loaded = map(path, rank, world)?;
     while_checking(&loaded.checks(), || work(&loaded))
 }
 
-/// The shards [`load`] reads, mapped, with the checks still to make.
-fn map_shards(path: &Path, rank: usize, world: usize) -> Result<Loaded> {
+/// The shards [`load`] reads, mapped, with the checks still to make ([`Loaded::checks`]: run
+/// them, e.g. with [`while_checking`], before trusting what was read).
+pub fn map(path: &Path, rank: usize, world: usize) -> Result<Loaded> {
     if path.is_file() && !path.to_string_lossy().ends_with(INDEX_SUFFIX) {
         return load_single(path);
     }

@@ -269,32 +269,49 @@ impl MemoryFusion {
     /// Restores the store from a saved memory at any world size (see [`super::files::load`]);
     /// with `with_w_k` also `W_k` (a prebuilt memory, whose keys were made with it).
     pub fn load(&self, path: &Path, with_w_k: bool) -> Result<()> {
-        let (rank, world) = (self.group.rank(), self.group.world_size());
-        super::files::load_with(path, rank, world, |saved| {
-            if with_w_k {
-                let (w, file) = saved.w_k.as_ref().ok_or_else(|| {
-                    Error::tensor(
-                        path,
-                        "w_k",
-                        "missing (not a file of `umtune memory build`?)",
-                    )
-                })?;
-                if w.size() != self.w_k.ws.size() {
-                    return Err(Error::tensor(
-                        file,
-                        "w_k",
-                        format!(
-                            "has shape {:?}, this model's is {:?}",
-                            w.size(),
-                            self.w_k.ws.size()
-                        ),
-                    ));
-                }
-                let mut ws = self.w_k.ws.shallow_clone();
-                tch::no_grad(|| ws.copy_(w));
-            }
-            self.store()?.restore(saved, path)
+        let saved = self.map(path)?;
+        crate::models::weights::while_checking(&saved.checks(), || {
+            self.restore_from(&saved, path, with_w_k)
         })
+    }
+
+    /// The shards of the memory at `path` this rank needs, mapped and not yet checked (see
+    /// [`super::files::map`]).
+    pub fn map(&self, path: &Path) -> Result<super::files::Loaded> {
+        super::files::map(path, self.group.rank(), self.group.world_size())
+    }
+
+    /// Copies what [`Self::map`] mapped into the store (and `W_k` with `with_w_k`); the caller
+    /// runs the shards' checks beside it.
+    pub fn restore_from(
+        &self,
+        saved: &super::files::Loaded,
+        path: &Path,
+        with_w_k: bool,
+    ) -> Result<()> {
+        if with_w_k {
+            let (w, file) = saved.w_k.as_ref().ok_or_else(|| {
+                Error::tensor(
+                    path,
+                    "w_k",
+                    "missing (not a file of `umtune memory build`?)",
+                )
+            })?;
+            if w.size() != self.w_k.ws.size() {
+                return Err(Error::tensor(
+                    file,
+                    "w_k",
+                    format!(
+                        "has shape {:?}, this model's is {:?}",
+                        w.size(),
+                        self.w_k.ws.size()
+                    ),
+                ));
+            }
+            let mut ws = self.w_k.ws.shallow_clone();
+            tch::no_grad(|| ws.copy_(w));
+        }
+        self.store()?.restore(saved, path)
     }
 
     fn pending(&self) -> Result<std::sync::MutexGuard<'_, Vec<(Tensor, Tensor, Tensor)>>> {

@@ -164,45 +164,54 @@ pub fn load_peft_adapter(trainable: &nn::VarStore, path: &std::path::Path) -> cr
     load_named(trainable.variables(), path, None)
 }
 
-/// [`load_peft_adapter`] into any set of named tensors.
+/// [`load_peft_adapter`] into any set of named tensors; with `want`, the file is checked against
+/// that digest while it is copied.
 pub fn load_named(
-    mut vars: HashMap<String, Tensor>,
+    vars: HashMap<String, Tensor>,
     path: &std::path::Path,
     want: Option<(&crate::atomic_file::FileDigest, &str)>,
 ) -> crate::Result<()> {
-    use crate::error::Error;
     use crate::models::weights::{while_checking, MappedSafetensors};
     let tensors = MappedSafetensors::open_unchecked(path)?;
     let checks: Vec<_> = want
         .iter()
         .map(|(digest, recorded_in)| (path, tensors.bytes(), *digest, *recorded_in))
         .collect();
-    while_checking(&checks, || {
-        for (key, value) in tensors.iter() {
-            let name = key.strip_prefix(PEFT_PREFIX).unwrap_or(key);
-            let mut var = vars.remove(name).ok_or_else(|| {
-                Error::tensor(path, key, "is unexpected: no such adapter in the model")
-            })?;
-            if var.size() != value.size() {
-                return Err(Error::tensor(
-                    path,
-                    key,
-                    format!(
-                        "has shape {:?}, the adapter is {:?}",
-                        value.size(),
-                        var.size()
-                    ),
-                ));
-            }
-            tch::no_grad(|| var.copy_(value));
-        }
-        match vars.keys().min() {
-            Some(name) => Err(Error::tensor(
+    while_checking(&checks, || copy_named(vars, path, &tensors))
+}
+
+/// Copies the tensors of the file at `path`, already read into `tensors`, into `vars`: every
+/// variable must be there with its shape (keys with or without PEFT's prefix) and nothing else.
+pub fn copy_named(
+    mut vars: HashMap<String, Tensor>,
+    path: &std::path::Path,
+    tensors: &HashMap<String, Tensor>,
+) -> crate::Result<()> {
+    use crate::error::Error;
+    for (key, value) in tensors.iter() {
+        let name = key.strip_prefix(PEFT_PREFIX).unwrap_or(key);
+        let mut var = vars.remove(name).ok_or_else(|| {
+            Error::tensor(path, key, "is unexpected: no such adapter in the model")
+        })?;
+        if var.size() != value.size() {
+            return Err(Error::tensor(
                 path,
-                &format!("{PEFT_PREFIX}{name}"),
-                "missing from the adapter file",
-            )),
-            None => Ok(()),
+                key,
+                format!(
+                    "has shape {:?}, the adapter is {:?}",
+                    value.size(),
+                    var.size()
+                ),
+            ));
         }
-    })
+        tch::no_grad(|| var.copy_(value));
+    }
+    match vars.keys().min() {
+        Some(name) => Err(Error::tensor(
+            path,
+            &format!("{PEFT_PREFIX}{name}"),
+            "missing from the adapter file",
+        )),
+        None => Ok(()),
+    }
 }

@@ -33,7 +33,7 @@ use crate::data::batching::SamplerState;
 use crate::dist::RunContext;
 use crate::error::{Error, Result};
 use crate::models::weights::{while_checking, MappedSafetensors, SafetensorsFile};
-use crate::peft::load_named;
+use crate::peft::copy_named;
 use crate::task::TaskModel;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -519,17 +519,15 @@ pub fn restore(dir: &Path, m: &Manifest, model: &TaskModel, opt: &mut AdamW) -> 
                 )
             })
     };
+    // Every file mapped first, then copied in while one thread checks them all.
     let trainable = dir.join(TRAINABLE);
-    load_named(model.trained_vars(), &trainable, Some(want(TRAINABLE)?))?;
+    let weights = MappedSafetensors::open_unchecked(&trainable)?;
     let optimizer = dir.join(OPTIMIZER);
     let state = MappedSafetensors::open_unchecked(&optimizer)?;
-    let (digest, recorded_in) = want(OPTIMIZER)?;
-    while_checking(&[(&optimizer, state.bytes(), digest, recorded_in)], || {
-        opt.load_state(&state, &optimizer)
-    })?;
-    match (&model.memory, m.files.contains_key(MEMORY)) {
-        (Some(memory), true) => memory.load(&dir.join(MEMORY), false)?,
-        (None, false) => {}
+    let memory_file = dir.join(MEMORY);
+    let memory = match (&model.memory, m.files.contains_key(MEMORY)) {
+        (Some(memory), true) => Some((memory, memory.map(&memory_file)?)),
+        (None, false) => None,
         (Some(_), false) => {
             return Err(Error::run(
                 dir,
@@ -542,6 +540,32 @@ pub fn restore(dir: &Path, m: &Manifest, model: &TaskModel, opt: &mut AdamW) -> 
                 "the checkpoint has a memory; the model has none",
             ))
         }
+    };
+    let (trainable_digest, recorded_in) = want(TRAINABLE)?;
+    let (optimizer_digest, _) = want(OPTIMIZER)?;
+    let mut checks = vec![
+        (
+            trainable.as_path(),
+            weights.bytes(),
+            trainable_digest,
+            recorded_in,
+        ),
+        (
+            optimizer.as_path(),
+            state.bytes(),
+            optimizer_digest,
+            recorded_in,
+        ),
+    ];
+    if let Some((_, saved)) = &memory {
+        checks.extend(saved.checks());
     }
-    Ok(())
+    while_checking(&checks, || {
+        copy_named(model.trained_vars(), &trainable, &weights)?;
+        opt.load_state(&state, &optimizer)?;
+        if let Some((memory, saved)) = &memory {
+            memory.restore_from(saved, &memory_file, false)?;
+        }
+        Ok(())
+    })
 }
