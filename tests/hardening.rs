@@ -76,6 +76,14 @@ fn non_finite_metrics_round_trip_and_reports_list_every_run() -> TestResult {
     record.state = RunState::Running;
     record.step = 2;
     std::fs::write(unfinished.join("run.json"), serde_json::to_string(&record)?)?;
+    // A live run's log is ahead of its run.json (rewritten only at evaluations and state changes).
+    let live = root.join("live-run");
+    std::fs::create_dir_all(&live)?;
+    std::fs::write(live.join("run.json"), serde_json::to_string(&record)?)?;
+    std::fs::write(
+        live.join("metrics.jsonl"),
+        "{\"step\":1,\"split\":\"train\"}\n{\"step\":3,\"split\":\"train\",\"loss\":0.5}\n",
+    )?;
     let broken = root.join("broken-run");
     std::fs::create_dir_all(&broken)?;
     std::fs::write(broken.join("summary.json"), "{not json")?;
@@ -86,7 +94,7 @@ fn non_finite_metrics_round_trip_and_reports_list_every_run() -> TestResult {
             .map(|r| r.status.clone())
             .ok_or(format!("{name} not listed"))
     };
-    assert_eq!(runs.len(), 4);
+    assert_eq!(runs.len(), 5);
     let own = summary
         .run_dir
         .file_name()
@@ -95,6 +103,7 @@ fn non_finite_metrics_round_trip_and_reports_list_every_run() -> TestResult {
     assert_eq!(status(own)?, "finished");
     assert_eq!(status("nan-run")?, "finished, non-finite metrics");
     assert_eq!(status("unfinished-run")?, "running at step 2 of 4");
+    assert_eq!(status("live-run")?, "running at step 3 of 4");
     let b = status("broken-run")?;
     assert!(
         b.starts_with("broken: ") && b.contains("summary.json"),
@@ -103,7 +112,7 @@ fn non_finite_metrics_round_trip_and_reports_list_every_run() -> TestResult {
     let table = results_table(&runs);
     assert!(table.contains("| NaN |"), "{table}");
     let csv = results_csv(&runs)?;
-    assert_eq!(csv.lines().count(), 1 + 2 + 2 + 1 + 1, "{csv}");
+    assert_eq!(csv.lines().count(), 1 + 2 + 2 + 1 + 1 + 1, "{csv}");
     Ok(())
 }
 

@@ -3,7 +3,7 @@
 //! that are unfinished, diverged, interrupted, broken or have non-finite metrics are listed and
 //! marked rather than skipped.
 use super::eval::{calibration_units, EvalResult, Outputs};
-use super::run_dir::{read_record, read_summary, RUN_FILE, SUMMARY_FILE};
+use super::run_dir::{read_record, read_summary, METRICS_FILE, RUN_FILE, SUMMARY_FILE};
 use crate::error::{Error, Result};
 use crate::uncertainty::calibration::calibrated;
 use crate::uncertainty::plots::{write_calibration_plots, CalibrationView};
@@ -141,10 +141,11 @@ impl ReportEntry {
         match read_record(dir) {
             Ok(r) => ReportEntry {
                 dir: dir.to_path_buf(),
+                // run.json is rewritten at evaluations and state changes; the log is live.
                 status: format!(
                     "{} at step {} of {}",
                     r.state.as_str(),
-                    r.step,
+                    r.step.max(last_logged_step(dir).unwrap_or(0)),
                     r.total_steps
                 ),
                 summary: None,
@@ -152,6 +153,23 @@ impl ReportEntry {
             Err(e) => broken(e),
         }
     }
+}
+
+/// The step of the last line of the run's `metrics.jsonl` (read from its end: logs grow long).
+fn last_logged_step(dir: &Path) -> Option<usize> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(dir.join(METRICS_FILE)).ok()?;
+    let len = f.metadata().ok()?.len();
+    f.seek(SeekFrom::Start(len.saturating_sub(8192))).ok()?;
+    let mut tail = Vec::new();
+    f.read_to_end(&mut tail).ok()?;
+    String::from_utf8_lossy(&tail)
+        .lines()
+        .rev()
+        .find_map(|line| {
+            let v: serde_json::Value = serde_json::from_str(line).ok()?;
+            Some(v.get("step")?.as_u64()? as usize)
+        })
 }
 
 const RESULT_COLUMNS: [&str; 16] = [
