@@ -362,17 +362,28 @@ pub type Check<'a> = (
 /// no time beside the copy. A failed check wins over whatever `work` returned: what it copied
 /// must then not be used, and every caller ends its load with the error.
 pub fn while_checking<R>(checks: &[Check], work: impl FnOnce() -> Result<R>) -> Result<R> {
+    while_checking_and(checks, || Ok(()), work).map(|((), r)| r)
+}
+
+/// [`while_checking`], where the checking thread, once every check passed, also does `after`
+/// (its share of the copy: checking takes a few milliseconds, the copy most of the load).
+pub fn while_checking_and<A: Send, R>(
+    checks: &[Check],
+    after: impl FnOnce() -> Result<A> + Send,
+    work: impl FnOnce() -> Result<R>,
+) -> Result<(A, R)> {
     std::thread::scope(|s| {
         let checker = s.spawn(|| {
             checks
                 .iter()
                 .try_for_each(|(path, bytes, want, recorded_in)| {
                     crate::atomic_file::check_bytes(path, bytes, want, recorded_in)
-                })
+                })?;
+            after()
         });
         let done = work();
-        checker.join().expect("a checksum does not panic")?;
-        done
+        let side = checker.join().expect("a checksum does not panic")?;
+        Ok((side, done?))
     })
 }
 

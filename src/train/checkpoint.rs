@@ -27,12 +27,12 @@
 use super::diagnostics::SpikeGuard;
 use super::eval::EvalResult as Evaluation;
 use super::optimizer::AdamW;
-use crate::atomic_file::{check_digest, write_atomic, FileDigest};
+use crate::atomic_file::{check_bytes, check_digest, write_atomic, FileDigest};
 use crate::config::{flatten_toml, Config};
 use crate::data::batching::SamplerState;
 use crate::dist::RunContext;
 use crate::error::{Error, Result};
-use crate::models::weights::{while_checking, MappedSafetensors, SafetensorsFile};
+use crate::models::weights::{while_checking_and, MappedSafetensors, SafetensorsFile};
 use crate::peft::copy_named;
 use crate::task::TaskModel;
 use serde::{Deserialize, Serialize};
@@ -519,11 +519,10 @@ pub fn restore(dir: &Path, m: &Manifest, model: &TaskModel, opt: &mut AdamW) -> 
                 )
             })
     };
-    // Every file mapped first, then copied in while one thread checks them all.
+    // The weights and the memory mapped first, then copied in while another thread checks them.
     let trainable = dir.join(TRAINABLE);
     let weights = MappedSafetensors::open_unchecked(&trainable)?;
     let optimizer = dir.join(OPTIMIZER);
-    let state = MappedSafetensors::open_unchecked(&optimizer)?;
     let memory_file = dir.join(MEMORY);
     let memory = match (&model.memory, m.files.contains_key(MEMORY)) {
         (Some(memory), true) => Some((memory, memory.map(&memory_file)?)),
@@ -543,29 +542,31 @@ pub fn restore(dir: &Path, m: &Manifest, model: &TaskModel, opt: &mut AdamW) -> 
     };
     let (trainable_digest, recorded_in) = want(TRAINABLE)?;
     let (optimizer_digest, _) = want(OPTIMIZER)?;
-    let mut checks = vec![
-        (
-            trainable.as_path(),
-            weights.bytes(),
-            trainable_digest,
-            recorded_in,
-        ),
-        (
-            optimizer.as_path(),
-            state.bytes(),
-            optimizer_digest,
-            recorded_in,
-        ),
-    ];
+    let mut checks = vec![(
+        trainable.as_path(),
+        weights.bytes(),
+        trainable_digest,
+        recorded_in,
+    )];
     if let Some((_, saved)) = &memory {
         checks.extend(saved.checks());
     }
-    while_checking(&checks, || {
-        copy_named(model.trained_vars(), &trainable, &weights)?;
-        opt.load_state(&state, &optimizer)?;
-        if let Some((memory, saved)) = &memory {
-            memory.restore_from(saved, &memory_file, false)?;
-        }
-        Ok(())
-    })
+    // The checking thread then maps, checks and restores AdamW's state; this one copies the
+    // weights and the memory meanwhile.
+    while_checking_and(
+        &checks,
+        || {
+            let state = MappedSafetensors::open_unchecked(&optimizer)?;
+            check_bytes(&optimizer, state.bytes(), optimizer_digest, recorded_in)?;
+            opt.load_state(&state, &optimizer)
+        },
+        || {
+            copy_named(model.trained_vars(), &trainable, &weights)?;
+            if let Some((memory, saved)) = &memory {
+                memory.restore_from(saved, &memory_file, false)?;
+            }
+            Ok(())
+        },
+    )
+    .map(|((), ())| ())
 }
