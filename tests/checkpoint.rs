@@ -339,3 +339,36 @@ for k, t in sorted(load_file(sys.argv[1]).items()):
     let _ = std::fs::remove_dir_all(&out);
     Ok(())
 }
+
+/// A kill after `run.json` recorded new weights but before they were moved into place (the run
+/// directory's two-phase save): the next reader completes the save, so the recorded weights are
+/// the ones used; a staged file that `run.json` does not record (a save cut off before its
+/// commit) is left alone and the recorded weights still load.
+#[test]
+fn a_kill_between_recording_and_moving_the_weights_loses_nothing() -> TestResult {
+    let out = out_dir("commit");
+    let mut a = train_args(&out, "cut", 4, 6, &["train.eval_every=2"]);
+    a.extend(["--set".into(), "checkpoint.every=0".into()]);
+    let died = umtune(&a, &[("UMTUNE_TEST_ABORT_AFTER_COMMIT", "4")])?;
+    assert!(!died.status.success(), "the abort did not happen");
+    let run = out.join("cut");
+    let record = common::read_json(run.join("run.json"))?;
+    assert_eq!(record["weights_step"], 4);
+    let staged = run.join("trainable.safetensors.next");
+    let step4 = std::fs::read(&staged)?;
+    assert!(run.join("memory.index.json.next").is_file());
+    assert_ne!(std::fs::read(run.join("trainable.safetensors"))?, step4);
+    let eval = umtune(&["eval".into(), run.display().to_string()], &[])?;
+    check(&eval, "eval after the cut-off save");
+    assert!(!staged.exists() && !run.join("memory.index.json.next").exists());
+    assert_eq!(std::fs::read(run.join("trainable.safetensors"))?, step4);
+    // An uncommitted staged file is not used, nor removed by a reader.
+    std::fs::write(&staged, b"a save that never committed")?;
+    check(
+        &umtune(&["eval".into(), run.display().to_string()], &[])?,
+        "eval beside an uncommitted staged file",
+    );
+    assert!(staged.is_file());
+    let _ = std::fs::remove_dir_all(&out);
+    Ok(())
+}

@@ -112,6 +112,59 @@ pub fn save(
     shard: &[(String, Tensor)],
     w_k: Option<&Tensor>,
 ) -> Result<FileDigest> {
+    save_as(group, index, capacity, written, shard, w_k, false)
+}
+
+/// Where a staged save (see [`save_staged`]) leaves the new index until [`publish`].
+pub fn staged_path(index: &Path) -> PathBuf {
+    let index = index_path(index);
+    let mut name = index.file_name().unwrap_or_default().to_os_string();
+    name.push(".next");
+    index.with_file_name(name)
+}
+
+/// [`save`] in two phases, for a caller that records the index's digest elsewhere (a run's
+/// `run.json`): the new generation's shards and its index as `NAME.index.json.next`, the current
+/// index and its shards untouched. After the caller has recorded the digest, [`publish`] moves
+/// the index into place and removes the old shards; a kill before that leaves the previous
+/// memory whole, and the staged index can still be published from the record.
+pub fn save_staged(
+    group: &dyn Collective,
+    index: &Path,
+    capacity: usize,
+    written: u64,
+    shard: &[(String, Tensor)],
+    w_k: Option<&Tensor>,
+) -> Result<FileDigest> {
+    save_as(group, index, capacity, written, shard, w_k, true)
+}
+
+/// Moves a staged index into place (an already moved one is fine: a reader may have published
+/// it) and, with `tidy`, removes the shards it does not name (only the writer may: a reader
+/// could remove the shards of a save in flight).
+pub fn publish(index: &Path, tidy: bool) -> Result<()> {
+    let index = index_path(index);
+    match std::fs::rename(staged_path(&index), &index) {
+        Ok(()) => crate::atomic_file::sync_dir(dir_of(&index))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::io(&index, e)),
+    }
+    if tidy {
+        remove_stale(dir_of(&index), &stem_of(&index), &read_index(&index)?);
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn save_as(
+    group: &dyn Collective,
+    index: &Path,
+    capacity: usize,
+    written: u64,
+    shard: &[(String, Tensor)],
+    w_k: Option<&Tensor>,
+    staged: bool,
+) -> Result<FileDigest> {
     let index = index_path(index);
     let (dir, stem) = (dir_of(&index), stem_of(&index));
     let (rank, world) = (group.rank(), group.world_size());
@@ -157,12 +210,19 @@ pub fn save(
     };
     let bytes = serde_json::to_vec_pretty(&record)
         .map_err(|e| Error::Internal(format!("{}: {e}", index.display())))?;
+    let written_to = if staged {
+        staged_path(&index)
+    } else {
+        index.clone()
+    };
     if rank == 0 {
-        write_atomic(&index, &bytes)?;
-        remove_stale(dir, &stem, &record);
+        write_atomic(&written_to, &bytes)?;
+        if !staged {
+            remove_stale(dir, &stem, &record);
+        }
     }
     group.barrier()?;
-    digest(&index)
+    digest(&written_to)
 }
 
 /// Removes the shards of other generations of `stem` (best effort: a leftover file is harmless).

@@ -23,6 +23,16 @@ use crate::error::Result;
 use crate::heads::classification::last_token;
 use crate::probe::Probe;
 use std::path::Path;
+
+/// [`super::files::save`] or [`super::files::save_staged`].
+type SaveFn = fn(
+    &dyn Collective,
+    &Path,
+    usize,
+    u64,
+    &[(String, tch::Tensor)],
+    Option<&tch::Tensor>,
+) -> Result<crate::atomic_file::FileDigest>;
 use std::sync::{Arc, Mutex};
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
@@ -251,12 +261,30 @@ impl MemoryFusion {
     /// also `W_k` (a prebuilt memory carries the projection its keys were made with).
     /// Collective: every rank writes its shard.
     pub fn save(&self, index: &Path, with_w_k: bool) -> Result<crate::atomic_file::FileDigest> {
+        self.save_with(index, with_w_k, super::files::save)
+    }
+
+    /// [`Self::save`] in two phases (see [`super::files::save_staged`]).
+    pub fn save_staged(
+        &self,
+        index: &Path,
+        with_w_k: bool,
+    ) -> Result<crate::atomic_file::FileDigest> {
+        self.save_with(index, with_w_k, super::files::save_staged)
+    }
+
+    fn save_with(
+        &self,
+        index: &Path,
+        with_w_k: bool,
+        save: SaveFn,
+    ) -> Result<crate::atomic_file::FileDigest> {
         let (shard, capacity, written) = {
             let store = self.store()?;
             (store.shard_tensors(), store.capacity(), store.written())
         };
         let w_k = self.w_k.ws.detach();
-        super::files::save(
+        save(
             self.group.as_ref(),
             index,
             capacity,

@@ -5,6 +5,13 @@
 //! atomically (see [`crate::atomic_file`]), and only by the writer rank. `run.json` exists from
 //! the first step on, so a run that was killed, interrupted or diverged can still be evaluated
 //! (its last saved weights) and reported (as unfinished).
+//!
+//! Weights are saved in two phases, `run.json` being the commit: the new `trainable.safetensors`
+//! and memory index are written beside the current ones as `NAME.next` (the memory's shards under
+//! a new generation's names), then `run.json` records their digests and step, then they are moved
+//! into place. A kill before the commit leaves the previous weights and their record; a kill after
+//! it leaves staged files that match the record, which the next opening of the run moves into
+//! place. Either way the weights `run.json` names are there and check.
 use super::report::Summary;
 use crate::atomic_file::{check_digest, write_atomic};
 pub use crate::atomic_file::{digest, FileDigest};
@@ -18,7 +25,6 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use tch::Tensor;
 
 pub const CONFIG_FILE: &str = "config.toml";
 pub const RUN_FILE: &str = "run.json";
@@ -165,11 +171,51 @@ impl RunDir {
                 format!("not a run directory (no {CONFIG_FILE})"),
             ));
         }
-        Ok(RunDir {
+        let dir = RunDir {
             path: path.to_path_buf(),
             writer: true,
             record: read_record(path)?,
-        })
+        };
+        dir.roll_forward()?;
+        Ok(dir)
+    }
+
+    /// Moves into place the staged weights that `run.json` already records (a save killed
+    /// between its commit and its moves). A staged file the record does not name is a save
+    /// that never committed, or one in flight: left alone.
+    fn roll_forward(&self) -> Result<()> {
+        for name in [TRAINABLE_FILE, MEMORY_INDEX] {
+            let (Some(want), staged) = (self.record.files.get(name), self.staged(name)) else {
+                continue;
+            };
+            if staged.is_file() && check_digest(&staged, want, RUN_FILE).is_ok() {
+                tracing::warn!(file = %self.path.join(name).display(), "completing a save that was cut off after run.json recorded it");
+                self.publish(name, false)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Where the next `name` waits for its commit.
+    fn staged(&self, name: &str) -> PathBuf {
+        match name {
+            MEMORY_INDEX => crate::memory::files::staged_path(&self.path.join(name)),
+            _ => self.path.join(format!("{name}.next")),
+        }
+    }
+
+    /// Moves the staged `name` into place (one moved already, by another reader, is fine); with
+    /// `tidy` (the writer) the memory's old shards go too.
+    fn publish(&self, name: &str, tidy: bool) -> Result<()> {
+        if name == MEMORY_INDEX {
+            return crate::memory::files::publish(&self.path.join(name), tidy);
+        }
+        let path = self.path.join(name);
+        match std::fs::rename(self.staged(name), &path) {
+            Ok(()) => crate::atomic_file::sync_dir(&self.path),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io(&path, e)),
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -245,36 +291,56 @@ impl RunDir {
         Ok(MetricsLog { file, path })
     }
 
-    /// Saves the trained tensors (and the memory) as the weights of `step`, with their digests.
-    /// Collective (every rank calls it: each writes its memory shard); rank 0 writes the rest.
+    /// Saves the trained tensors (and the memory) as the weights of `step`, with their digests,
+    /// in two phases (see the module's documentation). Collective (every rank calls it: each
+    /// writes its memory shard); rank 0 writes the rest.
     pub fn save_weights(&mut self, model: &TaskModel, step: usize) -> Result<()> {
-        if let Some(memory) = &model.memory {
-            self.store_memory(memory)?;
-        }
+        let memory = match &model.memory {
+            Some(memory) => Some(memory.save_staged(&self.path.join(MEMORY_INDEX), false)?),
+            None => None,
+        };
         if !self.writer {
             return Ok(());
         }
-        self.write_tensors(TRAINABLE_FILE, &model.named_trainable())?;
+        let trainable =
+            write_safetensors_atomic(&self.staged(TRAINABLE_FILE), &model.named_trainable())?;
+        self.record
+            .files
+            .insert(TRAINABLE_FILE.to_string(), trainable);
         self.record.weights_step = Some(step);
         self.record.step = self.record.step.max(step);
-        self.write_record()
-    }
-
-    /// The memory's entries (one shard per rank and `memory.index.json`; collective), and the
-    /// index's digest in `run.json`.
-    pub fn save_memory(&mut self, memory: &MemoryFusion) -> Result<()> {
-        self.store_memory(memory)?;
-        if self.writer {
-            self.write_record()?;
+        self.commit(memory)?;
+        test_abort_after_commit(step);
+        self.publish(TRAINABLE_FILE, true)?;
+        if model.memory.is_some() {
+            self.publish(MEMORY_INDEX, true)?;
         }
         Ok(())
     }
 
-    fn store_memory(&mut self, memory: &MemoryFusion) -> Result<()> {
-        let digest = memory.save(&self.path.join(MEMORY_INDEX), false)?;
-        self.record.files.insert(MEMORY_INDEX.to_string(), digest);
-        // A run from before memory shards: its single file is superseded.
-        if self.record.files.remove(MEMORY_FILE).is_some() && self.writer {
+    /// The memory's entries (one shard per rank and `memory.index.json`; collective), and the
+    /// index's digest in `run.json`, in two phases as the weights.
+    pub fn save_memory(&mut self, memory: &MemoryFusion) -> Result<()> {
+        let digest = memory.save_staged(&self.path.join(MEMORY_INDEX), false)?;
+        if !self.writer {
+            return Ok(());
+        }
+        self.commit(Some(digest))?;
+        self.publish(MEMORY_INDEX, true)
+    }
+
+    /// Writes `run.json` with the staged memory index's digest: the commit of a save.
+    fn commit(&mut self, memory: Option<FileDigest>) -> Result<()> {
+        let legacy = match memory {
+            Some(digest) => {
+                self.record.files.insert(MEMORY_INDEX.to_string(), digest);
+                // A run from before memory shards: its single file is superseded.
+                self.record.files.remove(MEMORY_FILE).is_some()
+            }
+            None => false,
+        };
+        self.write_record()?;
+        if legacy {
             let _ = std::fs::remove_file(self.path.join(MEMORY_FILE));
         }
         Ok(())
@@ -293,13 +359,6 @@ impl RunDir {
     /// Whether this process writes the run's files (rank 0 of a multi-process command).
     pub fn set_writer(&mut self, writer: bool) {
         self.writer = writer;
-    }
-
-    fn write_tensors(&mut self, name: &str, tensors: &[(String, Tensor)]) -> Result<()> {
-        let path = self.path.join(name);
-        let digest = write_safetensors_atomic(&path, tensors)?;
-        self.record.files.insert(name.to_string(), digest);
-        Ok(())
     }
 
     /// What `run.json` recorded of `name` and where, for a reader that checks as it reads.
@@ -364,6 +423,15 @@ fn run_name(cfg: &Config) -> String {
         .and_then(|n| n.to_str())
         .unwrap_or("data");
     format!("{dataset}-{}-s{}", cfg.peft.method.name(), cfg.run.seed)
+}
+
+/// Tests only: `UMTUNE_TEST_ABORT_AFTER_COMMIT=STEP` aborts the process (as a kill -9) when the
+/// weights of STEP are recorded in `run.json` but not yet moved into place.
+fn test_abort_after_commit(step: usize) {
+    if std::env::var("UMTUNE_TEST_ABORT_AFTER_COMMIT").ok() == Some(step.to_string()) {
+        eprintln!("UMTUNE_TEST_ABORT_AFTER_COMMIT={step}: aborting");
+        std::process::abort();
+    }
 }
 
 /// `run.json` of `dir`; a run from before it existed has its labels in `summary.json` and is
