@@ -275,16 +275,17 @@ fn save_sharded(
         let mut mem = ShardedKvMemory::new(capacity, D_K, D_V, 0.5, rank, world, Device::Cpu);
         write_pieces(group, &mut mem, world, written)?;
         let w_k = Tensor::ones([2, 2], (Kind::Float, Device::Cpu));
-        umtune::memory::files::save(
-            group,
-            &index,
+        use umtune::memory::files::{save, Commit, Contents};
+        let shard = mem.shard_tensors();
+        let contents = Contents {
             capacity,
-            mem.written(),
-            &mem.shard_tensors(),
-            Some(&w_k),
-        )
-        .map(|_| ())
-        .map_err(|e| e.to_string())
+            written: mem.written(),
+            shard: &shard,
+            w_k: Some(&w_k),
+        };
+        save(group, &index, &contents, Commit::Now)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
     })?;
     Ok(())
 }

@@ -101,42 +101,34 @@ pub fn read_index(index: &Path) -> Result<MemoryIndex> {
     Ok(i)
 }
 
-/// Saves a memory as shards + index at `index` (see the module doc). Collective: every rank
-/// passes its own `shard` tensors (`keys`, `values`, `ids`); `w_k`, when given, goes into rank
-/// 0's shard. Returns the index's digest (the same on every rank).
-pub fn save(
-    group: &dyn Collective,
-    index: &Path,
-    capacity: usize,
-    written: u64,
-    shard: &[(String, Tensor)],
-    w_k: Option<&Tensor>,
-) -> Result<FileDigest> {
-    save_as(group, index, capacity, written, shard, w_k, false)
+/// What a rank saves of a memory: the ring's size and position, its own shard's tensors (`keys`,
+/// `values`, `ids`) and, on rank 0, `w_k` when the memory carries it.
+pub struct Contents<'a> {
+    pub capacity: usize,
+    pub written: u64,
+    pub shard: &'a [(String, Tensor)],
+    pub w_k: Option<&'a Tensor>,
 }
 
-/// Where a staged save (see [`save_staged`]) leaves the new index until [`publish`].
+/// When a save takes effect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Commit {
+    /// The index is replaced and the old shards removed at once.
+    Now,
+    /// Two phases, for a caller that records the index's digest elsewhere (a run's `run.json`):
+    /// the new generation's shards and its index as `NAME.index.json.next`, the current index
+    /// and its shards untouched. After the caller has recorded the digest, [`publish`] moves the
+    /// index into place and removes the old shards; a kill before that leaves the previous
+    /// memory whole, and the staged index can still be published from the record.
+    Staged,
+}
+
+/// Where a staged save leaves the new index until [`publish`].
 pub fn staged_path(index: &Path) -> PathBuf {
     let index = index_path(index);
     let mut name = index.file_name().unwrap_or_default().to_os_string();
     name.push(".next");
     index.with_file_name(name)
-}
-
-/// [`save`] in two phases, for a caller that records the index's digest elsewhere (a run's
-/// `run.json`): the new generation's shards and its index as `NAME.index.json.next`, the current
-/// index and its shards untouched. After the caller has recorded the digest, [`publish`] moves
-/// the index into place and removes the old shards; a kill before that leaves the previous
-/// memory whole, and the staged index can still be published from the record.
-pub fn save_staged(
-    group: &dyn Collective,
-    index: &Path,
-    capacity: usize,
-    written: u64,
-    shard: &[(String, Tensor)],
-    w_k: Option<&Tensor>,
-) -> Result<FileDigest> {
-    save_as(group, index, capacity, written, shard, w_k, true)
 }
 
 /// Moves a staged index into place (an already moved one is fine: a reader may have published
@@ -155,16 +147,20 @@ pub fn publish(index: &Path, tidy: bool) -> Result<()> {
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-fn save_as(
+/// Saves a memory as shards + index at `index` (see the module doc). Collective: every rank
+/// passes its own contents. Returns the digest of the index written (the same on every rank).
+pub fn save(
     group: &dyn Collective,
     index: &Path,
-    capacity: usize,
-    written: u64,
-    shard: &[(String, Tensor)],
-    w_k: Option<&Tensor>,
-    staged: bool,
+    contents: &Contents,
+    commit: Commit,
 ) -> Result<FileDigest> {
+    let Contents {
+        capacity,
+        written,
+        shard,
+        w_k,
+    } = *contents;
     let index = index_path(index);
     let (dir, stem) = (dir_of(&index), stem_of(&index));
     let (rank, world) = (group.rank(), group.world_size());
@@ -210,14 +206,13 @@ fn save_as(
     };
     let bytes = serde_json::to_vec_pretty(&record)
         .map_err(|e| Error::Internal(format!("{}: {e}", index.display())))?;
-    let written_to = if staged {
-        staged_path(&index)
-    } else {
-        index.clone()
+    let written_to = match commit {
+        Commit::Staged => staged_path(&index),
+        Commit::Now => index.clone(),
     };
     if rank == 0 {
         write_atomic(&written_to, &bytes)?;
-        if !staged {
+        if commit == Commit::Now {
             remove_stale(dir, &stem, &record);
         }
     }

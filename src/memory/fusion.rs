@@ -24,15 +24,6 @@ use crate::heads::classification::last_token;
 use crate::probe::Probe;
 use std::path::Path;
 
-/// [`super::files::save`] or [`super::files::save_staged`].
-type SaveFn = fn(
-    &dyn Collective,
-    &Path,
-    usize,
-    u64,
-    &[(String, tch::Tensor)],
-    Option<&tch::Tensor>,
-) -> Result<crate::atomic_file::FileDigest>;
 use std::sync::{Arc, Mutex};
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
@@ -261,37 +252,36 @@ impl MemoryFusion {
     /// also `W_k` (a prebuilt memory carries the projection its keys were made with).
     /// Collective: every rank writes its shard.
     pub fn save(&self, index: &Path, with_w_k: bool) -> Result<crate::atomic_file::FileDigest> {
-        self.save_with(index, with_w_k, super::files::save)
+        self.save_with(index, with_w_k, super::files::Commit::Now)
     }
 
-    /// [`Self::save`] in two phases (see [`super::files::save_staged`]).
+    /// [`Self::save`] in two phases (see [`super::files::Commit::Staged`]).
     pub fn save_staged(
         &self,
         index: &Path,
         with_w_k: bool,
     ) -> Result<crate::atomic_file::FileDigest> {
-        self.save_with(index, with_w_k, super::files::save_staged)
+        self.save_with(index, with_w_k, super::files::Commit::Staged)
     }
 
     fn save_with(
         &self,
         index: &Path,
         with_w_k: bool,
-        save: SaveFn,
+        commit: super::files::Commit,
     ) -> Result<crate::atomic_file::FileDigest> {
         let (shard, capacity, written) = {
             let store = self.store()?;
             (store.shard_tensors(), store.capacity(), store.written())
         };
         let w_k = self.w_k.ws.detach();
-        save(
-            self.group.as_ref(),
-            index,
+        let contents = super::files::Contents {
             capacity,
             written,
-            &shard,
-            with_w_k.then_some(&w_k),
-        )
+            shard: &shard,
+            w_k: with_w_k.then_some(&w_k),
+        };
+        super::files::save(self.group.as_ref(), index, &contents, commit)
     }
 
     /// Restores the store from a saved memory at any world size (see [`super::files::load`]);
