@@ -171,6 +171,16 @@ pub fn write_atomic_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -
     sync_dir(dir)
 }
 
+/// Moves a staged file `from` over `to` and syncs the directory; a `from` already moved (by
+/// another reader completing the same save) is fine.
+pub fn move_into_place(from: &Path, to: &Path) -> Result<()> {
+    match std::fs::rename(from, to) {
+        Ok(()) => sync_dir(to.parent().unwrap_or(Path::new("."))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io(to, e)),
+    }
+}
+
 /// Makes a directory's entries (a rename into it) durable.
 pub fn sync_dir(dir: &Path) -> Result<()> {
     std::fs::File::open(dir)

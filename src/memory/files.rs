@@ -136,11 +136,7 @@ pub fn staged_path(index: &Path) -> PathBuf {
 /// could remove the shards of a save in flight).
 pub fn publish(index: &Path, tidy: bool) -> Result<()> {
     let index = index_path(index);
-    match std::fs::rename(staged_path(&index), &index) {
-        Ok(()) => crate::atomic_file::sync_dir(dir_of(&index))?,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(Error::io(&index, e)),
-    }
+    crate::atomic_file::move_into_place(&staged_path(&index), &index)?;
     if tidy {
         remove_stale(dir_of(&index), &stem_of(&index), &read_index(&index)?);
     }

@@ -23,7 +23,6 @@ use crate::error::Result;
 use crate::heads::classification::last_token;
 use crate::probe::Probe;
 use std::path::Path;
-
 use std::sync::{Arc, Mutex};
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
@@ -287,9 +286,9 @@ impl MemoryFusion {
     /// Restores the store from a saved memory at any world size (see [`super::files::load`]);
     /// with `with_w_k` also `W_k` (a prebuilt memory, whose keys were made with it).
     pub fn load(&self, path: &Path, with_w_k: bool) -> Result<()> {
-        let saved = self.map(path)?;
-        crate::models::weights::while_checking(&saved.checks(), || {
-            self.restore_from(&saved, path, with_w_k)
+        let (rank, world) = (self.group.rank(), self.group.world_size());
+        super::files::load_with(path, rank, world, |saved| {
+            self.restore_from(saved, path, with_w_k)
         })
     }
 

@@ -210,12 +210,7 @@ impl RunDir {
         if name == MEMORY_INDEX {
             return crate::memory::files::publish(&self.path.join(name), tidy);
         }
-        let path = self.path.join(name);
-        match std::fs::rename(self.staged(name), &path) {
-            Ok(()) => crate::atomic_file::sync_dir(&self.path),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(Error::io(&path, e)),
-        }
+        crate::atomic_file::move_into_place(&self.staged(name), &self.path.join(name))
     }
 
     pub fn path(&self) -> &Path {
