@@ -1,8 +1,10 @@
 //! Model references (local dirs, GGUF, the Hugging Face cache) and bad checkpoints, whose errors
 //! name the tensor and the file.
 mod common;
+use common::process::umtune_bin;
 use common::*;
 use std::path::PathBuf;
+use std::process::Command;
 use tch::{Device, Kind, Tensor};
 use umtune::models::resolve::load;
 
@@ -98,8 +100,9 @@ fn corrupt_files_are_named() -> TestResult {
 }
 
 /// Hub ids resolve through the local Hugging Face cache layout (`models--org--name/refs/main`
-/// naming a snapshot); offline and uncached, the error says which file and where it looked. One
-/// test, because both set the process-wide HF_HOME.
+/// naming a snapshot); offline and uncached, the error says which file and where it looked. Run
+/// as `umtune generate` processes with their own HF_HOME: setting it in this process would race
+/// with the other tests' threads reading the environment.
 #[test]
 fn hub_ids_use_the_local_cache_and_explain_misses() -> TestResult {
     let home = std::env::temp_dir().join(format!("umtune-hf-{}", std::process::id()));
@@ -109,15 +112,30 @@ fn hub_ids_use_the_local_cache_and_explain_misses() -> TestResult {
     std::fs::create_dir_all(repo.join("refs"))?;
     std::fs::write(repo.join("refs").join("main"), "0123abcd")?;
     let src = fixture("gpt2-tiny")?;
-    for file in ["config.json", "model.safetensors"] {
+    for file in [
+        "config.json",
+        "model.safetensors",
+        "vocab.json",
+        "merges.txt",
+    ] {
         std::fs::copy(src.join(file), snapshot.join(file))?;
     }
-    std::env::set_var("HF_HOME", &home);
-    std::env::set_var("HF_HUB_OFFLINE", "1");
-    let model = load("tiny-org/gpt2-tiny", Kind::Float, Device::Cpu)?;
-    assert_eq!(model.files, umtune::models::ModelFiles::Dir(snapshot));
-    assert_eq!(model.backbone.arch().num_layers(), 2);
-    let e = load_err(std::path::Path::new("openai-community/gpt2"));
+    let generate = |model: &str| {
+        Command::new(umtune_bin())
+            .args(["generate", "--model", model, "--prompt", "hello", "--ids"])
+            .args(["--max-new-tokens", "2"])
+            .env("HF_HOME", &home)
+            .env("HF_HUB_OFFLINE", "1")
+            .output()
+    };
+    let found = generate("tiny-org/gpt2-tiny")?;
+    let stderr = String::from_utf8_lossy(&found.stderr);
+    assert!(found.status.success(), "{stderr}");
+    let out: serde_json::Value = serde_json::from_slice(&found.stdout)?;
+    assert!(out["generated_ids"].is_array(), "{out}");
+    let missed = generate("openai-community/gpt2")?;
+    let e = String::from_utf8_lossy(&missed.stderr);
+    assert!(!missed.status.success());
     assert!(
         e.contains("openai-community/gpt2")
             && e.contains("config.json")
