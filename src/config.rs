@@ -245,6 +245,9 @@ pub struct TrainConfig {
     pub grad_accum: usize,
     pub lr: f64,
     pub weight_decay: f64,
+    /// AdamW's epsilon (`torch.optim.AdamW`'s `eps`, HF's `adam_epsilon`): the floor of the
+    /// update's denominator. Large values make the update proportional to the gradient.
+    pub adam_eps: f64,
     pub warmup_ratio: f64,
     pub schedule: ScheduleKind,
     /// Clip the global gradient norm to this (0: no clipping).
@@ -287,6 +290,7 @@ impl Default for TrainConfig {
             grad_accum: 1,
             lr: 5e-4,
             weight_decay: 0.01,
+            adam_eps: 1e-8,
             warmup_ratio: 0.06,
             schedule: ScheduleKind::Cosine,
             max_grad_norm: 1.0,
@@ -626,6 +630,12 @@ impl Config {
             "train.weight_decay",
             self.train.weight_decay.to_string(),
             "0 or more",
+        )?;
+        range(
+            self.train.adam_eps > 0.0 && self.train.adam_eps.is_finite(),
+            "train.adam_eps",
+            self.train.adam_eps.to_string(),
+            "above 0 (1e-8 is AdamW's usual value)",
         )?;
         range(
             (0.0..=1.0).contains(&self.train.warmup_ratio),

@@ -5,6 +5,7 @@ pub mod data;
 pub mod dist;
 pub mod doctor;
 pub mod error;
+pub mod faults;
 pub mod finite_json;
 pub mod heads;
 pub mod logging;

@@ -227,7 +227,7 @@ fn launcher_two_and_three_ranks_match_one_process() -> TestResult {
     let out = std::env::temp_dir().join(format!("umtune-dp-{}", std::process::id()));
     for world in [2usize, 3] {
         let one = Command::new(umtune_bin())
-            .args(train_args(
+            .args(parity_args(
                 &out,
                 &format!("w1-b{}", 4 * world),
                 4 * world,
@@ -239,7 +239,7 @@ fn launcher_two_and_three_ranks_match_one_process() -> TestResult {
         let many = Command::new(launcher_bin())
             .args(["--nproc-per-node", &world.to_string(), "--"])
             .arg(umtune_bin())
-            .args(train_args(&out, &format!("w{world}-b4"), 4, 20, &[]))
+            .args(parity_args(&out, &format!("w{world}-b4"), 4, 20, &[]))
             .output()?;
         check(&many, "umtune-launch");
         let stdout = String::from_utf8_lossy(&many.stdout);
@@ -260,6 +260,51 @@ fn launcher_two_and_three_ranks_match_one_process() -> TestResult {
         // Only rank 0 wrote a run directory.
         let dirs = std::fs::read_dir(&out)?.count();
         assert_eq!(dirs, 2 * if world == 2 { 1 } else { 2 });
+    }
+    let _ = std::fs::remove_dir_all(&out);
+    Ok(())
+}
+
+/// At equal weights and memory — a one-process checkpoint of step 3: 36 entries, so reads with
+/// k = 16 select; `W_o` trained, so the read carries gradient — one optimizer step's synchronized
+/// gradients on 2 and 3 ranks equal one process's at the same global batch (12) within float
+/// summation order, for every trainable tensor: LoRA, UM's estimators and head, the memory's
+/// projections and gate, the classifier. AdamW as users run it (lr 0.01, eps 1e-8).
+#[test]
+fn step_gradients_on_two_and_three_ranks_match_one_process() -> TestResult {
+    let out = std::env::temp_dir().join(format!("umtune-grads-{}", std::process::id()));
+    let sets = ["checkpoint.every=3", "checkpoint.keep=5"];
+    check(
+        &Command::new(umtune_bin())
+            .args(train_args(&out, "base", 12, 4, &sets))
+            .output()?,
+        "one process",
+    );
+    let resumed = |world: usize| -> Result<std::path::PathBuf, Box<dyn std::error::Error>> {
+        let name = format!("w{world}");
+        copy_dir(&out.join("base"), &out.join(&name))?;
+        let grads = out.join(format!("grads-{name}"));
+        let mut args = train_args(&out, &name, 12 / world, 4, &sets);
+        args.push("--resume".into());
+        args.push(
+            out.join(&name)
+                .join("checkpoints/step_000003")
+                .display()
+                .to_string(),
+        );
+        let mut cmd = Command::new(launcher_bin());
+        cmd.args(["--nproc-per-node", &world.to_string(), "--"])
+            .arg(umtune_bin());
+        let run = cmd
+            .args(args)
+            .env("UMTUNE_TEST_DUMP_GRADIENTS", &grads)
+            .output()?;
+        check(&run, &name);
+        Ok(grads)
+    };
+    let one = resumed(1)?;
+    for world in [2, 3] {
+        assert_same_gradients(&one, &resumed(world)?, 4);
     }
     let _ = std::fs::remove_dir_all(&out);
     Ok(())
@@ -448,7 +493,7 @@ fn two_launchers_as_two_nodes_match_one_process() -> TestResult {
     // only spawns its worker, which joins node 0's store.
     let out = std::env::temp_dir().join(format!("umtune-nodes-{}", std::process::id()));
     let one = Command::new(umtune_bin())
-        .args(train_args(&out, "w1", 8, 20, &[]))
+        .args(parity_args(&out, "w1", 8, 20, &[]))
         .output()?;
     check(&one, "one process");
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
@@ -472,7 +517,7 @@ fn two_launchers_as_two_nodes_match_one_process() -> TestResult {
             ])
             .arg("--")
             .arg(umtune_bin())
-            .args(train_args(&out, "nodes", 4, 20, &[]))
+            .args(parity_args(&out, "nodes", 4, 20, &[]))
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
@@ -572,7 +617,7 @@ fn a_checkpoint_resumes_on_another_world_size() -> TestResult {
     let out = std::env::temp_dir().join(format!("umtune-reshard-{}", std::process::id()));
     // 16 steps of 2 micro-batches; checkpoints every 5 steps; the global batch is 8.
     let sets = ["train.grad_accum=2", "checkpoint.every=5"];
-    let args = |name: &str, batch: usize| train_args(&out, name, batch, 16, &sets);
+    let args = |name: &str, batch: usize| parity_args(&out, name, batch, 16, &sets);
     let resume = |name: &str, batch: usize| {
         let mut a = args(name, batch);
         a.extend(["--resume".into(), "auto".into()]);

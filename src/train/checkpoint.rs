@@ -183,7 +183,7 @@ pub fn save(
             let (trainable, optimizer) = side.join().expect("writing files does not panic")?;
             files.insert(TRAINABLE.to_string(), trainable);
             files.insert(OPTIMIZER.to_string(), optimizer);
-            test_pause(snap.step);
+            crate::faults::pause_in_checkpoint(snap.step);
         }
         if let Some(memory) = memory {
             files.insert(MEMORY.to_string(), memory?);
@@ -222,29 +222,6 @@ pub fn save(
     }
     group.barrier()?;
     Ok(done)
-}
-
-/// Tests only: `UMTUNE_TEST_PAUSE_IN_CHECKPOINT=STEP` stops the writer for a minute halfway
-/// through writing the checkpoint of STEP (so a test can kill it there).
-fn test_pause(step: usize) {
-    let wanted = std::env::var("UMTUNE_TEST_PAUSE_IN_CHECKPOINT")
-        .ok()
-        .and_then(|s| s.parse::<usize>().ok());
-    if wanted == Some(step) {
-        tracing::warn!(step, "UMTUNE_TEST_PAUSE_IN_CHECKPOINT: pausing mid-write");
-        std::thread::sleep(std::time::Duration::from_secs(60));
-    }
-}
-
-/// Tests only: `UMTUNE_TEST_ABORT_AT=STEP:MICRO` aborts the process (no cleanup, as a kill -9)
-/// when micro-batch MICRO of step STEP is about to run.
-pub fn test_abort(step: usize, micro: usize) {
-    if let Ok(at) = std::env::var("UMTUNE_TEST_ABORT_AT") {
-        if at == format!("{step}:{micro}") {
-            eprintln!("UMTUNE_TEST_ABORT_AT={at}: aborting");
-            std::process::abort();
-        }
-    }
 }
 
 /// The finished checkpoints under `root`, newest first.
@@ -468,6 +445,21 @@ fn newest_good(run: &Path) -> Result<Option<PathBuf>> {
     Ok(None)
 }
 
+/// Keys added after a checkpoint was written, whose default is what runs did before them: a
+/// checkpoint without the key resumes with its default. (A key whose default changed the
+/// behaviour, `memory.normalize`, is not one: a checkpoint without it refuses.)
+fn added_since(
+    key: &str,
+    theirs: &BTreeMap<String, toml::Value>,
+    ours: &BTreeMap<String, toml::Value>,
+    defaults: &BTreeMap<String, toml::Value>,
+) -> bool {
+    const ADDED_WITH_OLD_DEFAULT: &[&str] = &["train.adam_eps"];
+    ADDED_WITH_OLD_DEFAULT.contains(&key)
+        && !theirs.contains_key(key)
+        && ours.get(key) == defaults.get(key)
+}
+
 /// Refuses a config that differs from the checkpoint's in a key not in [`SAFE_ON_RESUME`],
 /// naming the keys.
 fn check_config(cfg: &Config, m: &Manifest, dir: &Path) -> Result<()> {
@@ -476,10 +468,15 @@ fn check_config(cfg: &Config, m: &Manifest, dir: &Path) -> Result<()> {
     let ours: toml::Value = toml::from_str(&cfg.to_toml()?)
         .map_err(|e| Error::Internal(format!("the config as TOML: {e}")))?;
     let (a, b) = (flatten_toml(&theirs), flatten_toml(&ours));
+    let defaults = flatten_toml(
+        &toml::from_str(&Config::default().to_toml()?)
+            .map_err(|e| Error::Internal(format!("the default config as TOML: {e}")))?,
+    );
     let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
     let differing: Vec<String> = keys
         .into_iter()
         .filter(|k| a.get(*k) != b.get(*k))
+        .filter(|k| !added_since(k, &a, &b, &defaults))
         .filter(|k| {
             !SAFE_ON_RESUME
                 .iter()

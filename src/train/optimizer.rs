@@ -27,6 +27,7 @@ pub fn decays(name: &str, tensor: &Tensor) -> bool {
 }
 
 impl AdamW {
+    /// AdamW over `named` with torch's defaults (betas 0.9, 0.999; eps 1e-8).
     pub fn new(named: Vec<(String, Tensor)>, weight_decay: f64) -> Self {
         let params = named
             .into_iter()
@@ -48,6 +49,12 @@ impl AdamW {
         }
     }
 
+    /// The same with another `eps` (`train.adam_eps`).
+    pub fn with_eps(mut self, eps: f64) -> Self {
+        self.eps = eps;
+        self
+    }
+
     pub fn zero_grad(&mut self) {
         for p in &mut self.params {
             let mut g = p.tensor.grad();
@@ -65,6 +72,22 @@ impl AdamW {
             .map(|p| p.tensor.grad())
             .filter(Tensor::defined)
             .collect()
+    }
+
+    /// Writes the defined gradients by parameter name (test inspection, see [`crate::faults`]).
+    pub fn save_gradients(&self, path: &std::path::Path) -> crate::Result<()> {
+        let named: Vec<(&str, Tensor)> = self
+            .params
+            .iter()
+            .map(|p| (p.name.as_str(), p.tensor.grad()))
+            .filter(|(_, g)| g.defined())
+            .map(|(n, g)| (n, g.to_device(tch::Device::Cpu)))
+            .collect();
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| crate::Error::io(dir, e))?;
+        }
+        Tensor::write_safetensors(&named, path)
+            .map_err(|e| crate::Error::Internal(format!("{}: {e}", path.display())))
     }
 
     /// Global L2 norm of the gradients, with one device-to-host copy.

@@ -305,7 +305,7 @@ impl RunDir {
         self.record.weights_step = Some(step);
         self.record.step = self.record.step.max(step);
         self.commit(memory)?;
-        test_abort_after_commit(step);
+        crate::faults::abort_after_commit(step);
         self.publish(TRAINABLE_FILE, true)?;
         if model.memory.is_some() {
             self.publish(MEMORY_INDEX, true)?;
@@ -418,15 +418,6 @@ fn run_name(cfg: &Config) -> String {
         .and_then(|n| n.to_str())
         .unwrap_or("data");
     format!("{dataset}-{}-s{}", cfg.peft.method.name(), cfg.run.seed)
-}
-
-/// Tests only: `UMTUNE_TEST_ABORT_AFTER_COMMIT=STEP` aborts the process (as a kill -9) when the
-/// weights of STEP are recorded in `run.json` but not yet moved into place.
-fn test_abort_after_commit(step: usize) {
-    if std::env::var("UMTUNE_TEST_ABORT_AFTER_COMMIT").ok() == Some(step.to_string()) {
-        eprintln!("UMTUNE_TEST_ABORT_AFTER_COMMIT={step}: aborting");
-        std::process::abort();
-    }
 }
 
 /// `run.json` of `dir`; a run from before it existed has its labels in `summary.json` and is

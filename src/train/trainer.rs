@@ -58,7 +58,7 @@ pub fn train_resuming(
     model.broadcast_trainable()?;
 
     let t = &cfg.train;
-    let mut opt = AdamW::new(model.named_trainable(), t.weight_decay);
+    let mut opt = AdamW::new(model.named_trainable(), t.weight_decay).with_eps(t.adam_eps);
     let start_at = checkpoint::locate(cfg, ctx, resume)?;
     // Global batches of batch_size per rank; each rank trains on its share (`shard`). A resumed
     // run keeps its checkpoint's global batch at any world size, so the data order continues.
@@ -160,7 +160,7 @@ pub fn train_resuming(
         let lr = learning_rate(t.schedule, t.lr, step - 1, warmup, total);
         let mut loss_value = 0.0;
         for micro in 0..t.grad_accum {
-            checkpoint::test_abort(step, micro);
+            crate::faults::abort_at(step, micro);
             let global = sampler.next_batch(&lengths);
             let idx = shard(&global, ctx.rank, world);
             let items: Vec<&Encoded> = idx.iter().map(|&i| &data.train[i]).collect();
@@ -207,6 +207,9 @@ pub fn train_resuming(
             let sync_start = Instant::now();
             sync_gradients(ctx.group.as_ref(), &opt)?;
             ls.sync_secs += sync_start.elapsed().as_secs_f64();
+            if let Some(path) = crate::faults::gradient_dump(step).filter(|_| ctx.is_writer) {
+                opt.save_gradients(&path)?;
+            }
             let part_norms = opt.grad_norms_by(part_of)?;
             let grad_norm = opt.clip_grad_norm(t.max_grad_norm);
             if let Some(spike) = ls.guard.observe(step, loss_value, grad_norm, &part_norms) {
