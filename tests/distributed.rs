@@ -476,6 +476,11 @@ fn sigterm_to_the_launcher_reaches_every_rank_and_the_run_is_saved() -> TestResu
     assert!(stderr.contains("forwarding SIGTERM"), "{stderr}");
     // Both ranks stopped at the same step (the stop is agreed), rank 0 saved and recorded it.
     assert!(stderr.contains("failed with exit status 143"), "{stderr}");
+    assert_eq!(
+        status.code(),
+        Some(143),
+        "the launcher exits with the workers' status (128 + SIGTERM)"
+    );
     assert!(
         !stderr.contains("by a signal"),
         "every rank names SIGTERM:\n{stderr}"
@@ -660,5 +665,134 @@ fn a_checkpoint_resumes_on_another_world_size() -> TestResult {
     check(&two(resume("one-two", 8)).output()?, "resumed by two ranks");
     assert_same_run(&out.join("whole"), &out.join("one-two"), PARITY_TOL);
     let _ = std::fs::remove_dir_all(&out);
+    Ok(())
+}
+
+#[test]
+fn a_silent_connection_does_not_stall_the_ring_rendezvous() -> TestResult {
+    // A client that connects to rank 0's ring port and never speaks (a port scanner, a stuck
+    // health check) used to hold rank 0's handshake for the whole timeout.
+    let server = Store::connect("127.0.0.1", 0, true, 2, TIMEOUT, "silent", 0)?;
+    let port = server.port();
+    let start = Instant::now();
+    let ranks: Vec<_> = (0..2)
+        .map(|rank| {
+            std::thread::spawn(move || {
+                let store =
+                    Store::connect("127.0.0.1", port, false, 2, TIMEOUT, "silent", rank).unwrap();
+                if rank == 1 {
+                    std::thread::sleep(Duration::from_millis(300));
+                }
+                let g = RingGroup::connect(&store, rank, 2, "127.0.0.1", TIMEOUT).unwrap();
+                let mut t = Tensor::from_slice(&[1.0f32]);
+                g.all_reduce(&mut t, ReduceOp::Sum).unwrap();
+                t.double_value(&[0])
+            })
+        })
+        .collect();
+    let addr = String::from_utf8(server.get("ring/addr/0")?)?;
+    let _silent = std::net::TcpStream::connect(&addr)?;
+    for r in ranks {
+        assert_eq!(r.join().unwrap(), 2.0);
+    }
+    assert!(
+        start.elapsed() < Duration::from_secs(4),
+        "the ring formed after {:?} (a silent client stalled it)",
+        start.elapsed()
+    );
+    Ok(())
+}
+
+#[test]
+fn store_failures_say_who_and_why_in_a_line() -> TestResult {
+    let out = std::env::temp_dir().join(format!("umtune-storefail-{}", std::process::id()));
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let rank1 = |addr: &str, timeout: &str| {
+        Command::new(umtune_bin())
+            .args(train_args(&out, "lonely", 4, 5, &[timeout]))
+            .env("RANK", "1")
+            .env("WORLD_SIZE", "2")
+            .env("LOCAL_RANK", "1")
+            .env("MASTER_ADDR", addr)
+            .env("MASTER_PORT", port.to_string())
+            .output()
+    };
+    // No rank 0: the error names it and the address, without libtorch's C++ backtraces.
+    let run = rank1("127.0.0.1", "dist.timeout_s=3")?;
+    assert!(!run.status.success());
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "rank 0 did not answer at 127.0.0.1:{port} within 3 s"
+        )),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("frame #") && stderr.lines().count() < 12,
+        "a short error, no C++ backtrace:\n{stderr}"
+    );
+    // A name that does not resolve fails at once, not after the timeout.
+    let start = Instant::now();
+    let run = rank1("no.such.host.invalid", "dist.timeout_s=60")?;
+    assert!(!run.status.success());
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        stderr.contains("MASTER_ADDR `no.such.host.invalid` does not resolve"),
+        "{stderr}"
+    );
+    assert!(start.elapsed() < Duration::from_secs(30), "{stderr}");
+    let _ = std::fs::remove_dir_all(&out);
+    Ok(())
+}
+
+/// `umtune-launch --nproc-per-node 2 [flags] -- sh -c script`, its output.
+fn launch_sh(flags: &[&str], script: &str) -> std::io::Result<std::process::Output> {
+    Command::new(launcher_bin())
+        .args(["--nproc-per-node", "2"])
+        .args(flags)
+        .args(["--", "sh", "-c", script])
+        .env_remove("OMP_NUM_THREADS")
+        .output()
+}
+
+#[test]
+fn the_launcher_shares_the_cores_and_keeps_the_workers_exit_status() -> TestResult {
+    // OMP_NUM_THREADS: the node's cores over the workers, unless set.
+    let cores = std::thread::available_parallelism()?.get();
+    let run = launch_sh(&[], "echo threads=$OMP_NUM_THREADS")?;
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    let want = format!("threads={}", (cores / 2).max(1));
+    assert_eq!(stdout.matches(&want).count(), 2, "{stdout}");
+    let run = Command::new(launcher_bin())
+        .args(["--nproc-per-node", "2", "--", "sh", "-c"])
+        .arg("echo threads=$OMP_NUM_THREADS")
+        .env("OMP_NUM_THREADS", "3")
+        .output()?;
+    assert_eq!(
+        String::from_utf8_lossy(&run.stdout)
+            .matches("threads=3")
+            .count(),
+        2
+    );
+    // A configuration error (2) stays 2; a worker killed by a signal is 128 + it.
+    let run = launch_sh(&[], "exit 2")?;
+    assert_eq!(run.status.code(), Some(2));
+    let run = launch_sh(&[], "[ $RANK = 1 ] && kill -9 $$; sleep 20")?;
+    assert_eq!(run.status.code(), Some(137));
+    // A worker that exits 0 while the other still runs ends the job after --exit-grace-s.
+    let start = Instant::now();
+    let run = launch_sh(
+        &["--exit-grace-s", "1", "--grace-s", "1"],
+        "[ $RANK = 1 ] && exit 0; sleep 30",
+    )?;
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("rank 1 exited successfully 1 s before rank(s) 0"),
+        "{stderr}"
+    );
+    assert!(start.elapsed() < Duration::from_secs(10));
     Ok(())
 }

@@ -6,8 +6,16 @@
 //!   workers join it as clients, as they join torchrun's agent store.
 //! - Every output line of worker k is prefixed with `[rank k]`.
 //! - Fail-fast: when a worker exits non-zero or dies, the others get SIGTERM, then SIGKILL after
-//!   `--grace-s`; the launcher exits non-zero naming the rank and its exit status or signal.
+//!   `--grace-s`; the launcher names the rank and its exit status or signal, and exits with that
+//!   worker's status (128 + N for a worker killed by signal N), so a caller tells "stopped on a
+//!   signal after saving" (128 + the signal, every rank agreeing) from "failed" (1) or "bad
+//!   configuration" (2). A worker that exits 0 while others still run ends the job too, after
+//!   `--exit-grace-s` (ranks finish a run within moments of each other; one that left early
+//!   would leave the others waiting in a collective until `dist.timeout_s`).
 //!   Workers run in their own process groups with PR_SET_PDEATHSIG, so none outlives the launcher.
+//! - Threads: each worker gets `OMP_NUM_THREADS` = this node's cores / workers (at least 1) unless
+//!   the launcher's environment sets it (torchrun sets 1 when it starts several workers); a
+//!   worker's `run.threads` overrides it. Without it every worker takes all cores.
 //! - SIGINT, SIGTERM, SIGUSR1 and SIGUSR2 are forwarded to every worker (SLURM's warning signal
 //!   before a time limit is SIGUSR1, which torchrun does not forward).
 //! - Under SLURM with one launcher per node (`srun --ntasks-per-node 1 umtune-launch ...`), the
@@ -50,6 +58,10 @@ struct Args {
     /// Seconds between SIGTERM and SIGKILL when the job is torn down.
     #[arg(long, default_value_t = 10)]
     grace_s: u64,
+    /// Seconds the other workers may still run after one exited successfully, before the job is
+    /// stopped as failed.
+    #[arg(long, default_value_t = 120)]
+    exit_grace_s: u64,
     /// Seconds the store waits for workers (rendezvous timeout).
     #[arg(long, default_value_t = 300)]
     timeout_s: u64,
@@ -205,6 +217,7 @@ fn run(a: &Args) -> Result<ExitCode, String> {
         signal_hook::flag::register_usize(sig, pending.clone(), sig as usize)
             .map_err(|e| format!("installing the handler of signal {sig}: {e}"))?;
     }
+    let threads = worker_threads(a.nproc_per_node);
     let mut children: Vec<(usize, Child)> = Vec::new();
     for local in 0..a.nproc_per_node {
         let rank = node_rank * a.nproc_per_node + local;
@@ -222,6 +235,7 @@ fn run(a: &Args) -> Result<ExitCode, String> {
             .env("TORCHELASTIC_USE_AGENT_STORE", "True")
             .env("TORCHELASTIC_RUN_ID", &run_id)
             .env("TORCHELASTIC_RESTART_COUNT", "0")
+            .env("OMP_NUM_THREADS", &threads)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -250,7 +264,9 @@ fn run(a: &Args) -> Result<ExitCode, String> {
     }
 
     // Wait: all done, or the first failure tears the job down.
-    let mut failure: Option<String> = None;
+    let mut failure: Option<Failure> = None;
+    let mut forwarded: Option<i32> = None;
+    let mut first_exit: Option<(usize, Instant)> = None;
     let mut teardown: Option<Instant> = None;
     let mut killed = false;
     loop {
@@ -261,18 +277,20 @@ fn run(a: &Args) -> Result<ExitCode, String> {
                 signal_name(sig as i32)
             );
             signal_all(&children, sig as i32);
+            forwarded.get_or_insert(sig as i32);
         }
         let mut still = Vec::new();
         for (rank, mut c) in children.drain(..) {
             match c.try_wait() {
                 Ok(Some(status)) => {
                     if !status.success() && failure.is_none() {
-                        failure = Some(format!("rank {rank} failed with {}", describe(status)));
+                        failure = Some(Failure::Exited(rank, status));
                     }
+                    first_exit.get_or_insert((rank, Instant::now()));
                 }
                 Ok(None) => still.push((rank, c)),
                 Err(e) => {
-                    failure.get_or_insert(format!("waiting for rank {rank}: {e}"));
+                    failure.get_or_insert(Failure::Other(format!("waiting for rank {rank}: {e}")));
                     still.push((rank, c));
                 }
             }
@@ -281,10 +299,23 @@ fn run(a: &Args) -> Result<ExitCode, String> {
         if children.is_empty() {
             break;
         }
+        if let (None, Some((rank, at))) = (&failure, first_exit) {
+            if at.elapsed() > Duration::from_secs(a.exit_grace_s) {
+                let left: Vec<String> = children.iter().map(|(r, _)| r.to_string()).collect();
+                failure = Some(Failure::Other(format!(
+                    "rank {rank} exited successfully {} s before rank(s) {} (--exit-grace-s): they would wait for it until dist.timeout_s",
+                    a.exit_grace_s,
+                    left.join(", ")
+                )));
+            }
+        }
         if let Some(f) = &failure {
             match teardown {
                 None => {
-                    eprintln!("umtune-launch: {f}; stopping the other ranks (SIGTERM)");
+                    eprintln!(
+                        "umtune-launch: {}; stopping the other ranks (SIGTERM)",
+                        f.describe()
+                    );
                     signal_all(&children, libc::SIGTERM);
                     teardown = Some(Instant::now());
                 }
@@ -304,11 +335,62 @@ fn run(a: &Args) -> Result<ExitCode, String> {
     // Let the relays drain the last lines.
     std::thread::sleep(Duration::from_millis(100));
     drop(store);
-    match failure {
-        Some(f) => {
-            eprintln!("umtune-launch: {f}");
-            Ok(ExitCode::from(1))
-        }
-        None => Ok(ExitCode::SUCCESS),
+    let Some(f) = failure else {
+        return Ok(ExitCode::SUCCESS);
+    };
+    let code = f.exit_code();
+    match forwarded {
+        Some(sig) if i32::from(code) == 128 + sig => eprintln!(
+            "umtune-launch: the workers stopped on the forwarded {} ({}; a training run saved its checkpoint first)",
+            signal_name(sig),
+            f.describe()
+        ),
+        _ => eprintln!("umtune-launch: {}", f.describe()),
     }
+    Ok(ExitCode::from(code))
+}
+
+/// Why the job ended early.
+enum Failure {
+    /// The first worker that exited unsuccessfully, and how.
+    Exited(usize, ExitStatus),
+    Other(String),
+}
+
+impl Failure {
+    fn describe(&self) -> String {
+        match self {
+            Failure::Exited(rank, status) => {
+                format!("rank {rank} failed with {}", describe(*status))
+            }
+            Failure::Other(msg) => msg.clone(),
+        }
+    }
+
+    /// The launcher's own exit status: the failed worker's (128 + N when signal N killed it, as
+    /// a shell reports it), 1 otherwise.
+    fn exit_code(&self) -> u8 {
+        match self {
+            Failure::Exited(_, status) => match (status.code(), status.signal()) {
+                (Some(c), _) => u8::try_from(c).ok().filter(|&c| c != 0).unwrap_or(1),
+                (None, Some(s)) => u8::try_from(128 + s).unwrap_or(1),
+                _ => 1,
+            },
+            Failure::Other(_) => 1,
+        }
+    }
+}
+
+/// `OMP_NUM_THREADS` for each of `workers` workers: the launcher's own value if set, else this
+/// node's cores (those this process may run on) shared out, at least 1; said once in the log.
+fn worker_threads(workers: usize) -> String {
+    if let Ok(set) = std::env::var("OMP_NUM_THREADS") {
+        return set;
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let each = (cores / workers).max(1);
+    eprintln!(
+        "umtune-launch: OMP_NUM_THREADS={each} per worker ({cores} cores / {workers} workers; set OMP_NUM_THREADS or run.threads to change)"
+    );
+    each.to_string()
 }

@@ -63,15 +63,7 @@ impl RunContext {
             master = %format!("{}:{}", job.master_addr, job.master_port), ?device,
             "joining the job"
         );
-        let store = Arc::new(Store::connect(
-            &job.master_addr,
-            job.master_port,
-            job.serves_store(),
-            job.world_size,
-            timeout,
-            &format!("umtune/{}", job.run_id),
-            job.rank,
-        )?);
+        let store = Arc::new(join_store(job, timeout)?);
         let backend = match cfg.dist.backend {
             Backend::Auto if device.is_cuda() => Backend::Nccl,
             Backend::Auto => Backend::Cpu,
@@ -141,6 +133,52 @@ impl RunContext {
     pub fn is_rank_zero(&self) -> bool {
         self.rank == 0
     }
+}
+
+/// This rank's connection to the job's TCPStore, or its server on rank 0. A client checks that
+/// the master address resolves first (c10d retries a name that does not resolve until the
+/// timeout) and says who serves the store when it cannot be reached.
+fn join_store(job: &JobEnv, timeout: std::time::Duration) -> Result<Store> {
+    let (addr, port) = (&job.master_addr, job.master_port);
+    let fail = |msg: String| Error::Collective {
+        rank: job.rank,
+        msg,
+    };
+    if !job.serves_store() {
+        use std::net::ToSocketAddrs;
+        if let Err(e) = (addr.as_str(), port).to_socket_addrs() {
+            return Err(fail(format!(
+                "MASTER_ADDR `{addr}` does not resolve ({e}): set it to the host of rank 0 (or the launcher's node)"
+            )));
+        }
+    }
+    Store::connect(
+        addr,
+        port,
+        job.serves_store(),
+        job.world_size,
+        timeout,
+        &format!("umtune/{}", job.run_id),
+        job.rank,
+    )
+    .map_err(|e| {
+        if job.serves_store() {
+            return e;
+        }
+        let who = if job.agent_store {
+            "the launcher (its agent store)"
+        } else {
+            "rank 0"
+        };
+        let why = match &e {
+            Error::Collective { msg, .. } => msg.lines().next().unwrap_or_default().to_string(),
+            other => other.to_string(),
+        };
+        fail(format!(
+            "{who} did not answer at {addr}:{port} within {} s (dist.timeout_s): is it running, and are MASTER_ADDR/MASTER_PORT its address? ({why})",
+            timeout.as_secs()
+        ))
+    })
 }
 
 /// libtorch's intra-op threads (`run.threads`, 0 keeps its default) and the global seed: the one

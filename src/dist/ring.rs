@@ -28,6 +28,45 @@ const SEGMENT: usize = 1 << 18;
 /// the kernel's socket buffers hold, so two ranks writing to each other cannot block).
 const INLINE: usize = 16 << 10;
 const MAGIC: &[u8; 4] = b"UMTR";
+/// How long an accepted connection may take to send its greeting (a ring peer sends it as soon as
+/// it has connected); a silent one is dropped so that it cannot hold up the rendezvous.
+const HELLO_DEADLINE: Duration = Duration::from_secs(5);
+
+/// An accepted connection whose 24-byte greeting is still arriving.
+struct Greeting {
+    stream: TcpStream,
+    from: SocketAddr,
+    buf: [u8; 24],
+    got: usize,
+    since: Instant,
+}
+
+impl Greeting {
+    fn new(stream: TcpStream, from: SocketAddr) -> Self {
+        Greeting {
+            stream,
+            from,
+            buf: [0; 24],
+            got: 0,
+            since: Instant::now(),
+        }
+    }
+
+    /// Reads what has arrived: `Some(true)` with the whole greeting, `Some(false)` when the
+    /// connection closed or failed first, `None` while more is to come.
+    fn poll(&mut self) -> Option<bool> {
+        while self.got < self.buf.len() {
+            match self.stream.read(&mut self.buf[self.got..]) {
+                Ok(0) => return Some(false),
+                Ok(n) => self.got += n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return None,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => return Some(false),
+            }
+        }
+        Some(true)
+    }
+}
 
 struct Links {
     next: TcpStream,
@@ -142,34 +181,47 @@ impl RingGroup {
             .map_err(|e| fail(format!("greeting rank {next_rank}: {e}")))?;
 
         // Accept until the previous rank shows up with this job's nonce; strangers are dropped.
+        // Greetings are read without blocking, several connections at a time, so a client that
+        // connects and stays silent holds up nothing: it is dropped after HELLO_DEADLINE.
         listener
             .set_nonblocking(true)
             .map_err(|e| fail(format!("ring listener: {e}")))?;
-        let mut prev = loop {
+        let want = hello(&nonce, prev_rank);
+        let mut waiting: Vec<Greeting> = Vec::new();
+        let prev = 'found: loop {
             match listener.accept() {
-                Ok((mut s, from)) => {
-                    s.set_nonblocking(false)
-                        .and_then(|_| configure(&s, timeout))
-                        .map_err(|e| fail(format!("socket from {from}: {e}")))?;
-                    let mut buf = [0u8; 24];
-                    let ok = s.read_exact(&mut buf).is_ok() && buf == hello(&nonce, prev_rank);
-                    if ok {
-                        break s;
-                    }
-                    tracing::warn!(rank, %from, "refused a ring connection that did not prove it belongs to this job");
-                }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                    if Instant::now() > deadline {
-                        return Err(fail(format!(
-                            "rank {prev_rank} did not connect within {:.0} s",
-                            timeout.as_secs_f64()
-                        )));
-                    }
-                    std::thread::sleep(Duration::from_millis(2));
-                }
+                Ok((s, from)) => match s.set_nonblocking(true) {
+                    Ok(()) => waiting.push(Greeting::new(s, from)),
+                    Err(e) => tracing::warn!(rank, %from, "dropped a ring connection: {e}"),
+                },
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
                 Err(e) => return Err(fail(format!("accepting the ring connection: {e}"))),
             }
+            let mut i = 0;
+            while i < waiting.len() {
+                match waiting[i].poll() {
+                    Some(true) if waiting[i].buf == want => {
+                        break 'found waiting.swap_remove(i).stream;
+                    }
+                    None if waiting[i].since.elapsed() < HELLO_DEADLINE => i += 1,
+                    _ => {
+                        let from = waiting.swap_remove(i).from;
+                        tracing::warn!(rank, %from, "refused a ring connection that did not prove it belongs to this job");
+                    }
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(fail(format!(
+                    "rank {prev_rank} did not connect within {:.0} s",
+                    timeout.as_secs_f64()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(2));
         };
+        let mut prev = prev;
+        prev.set_nonblocking(false)
+            .and_then(|_| configure(&prev, timeout))
+            .map_err(|e| fail(format!("socket from rank {prev_rank}: {e}")))?;
         // Both directions proven: the acceptor answers with its own greeting.
         prev.write_all(&hello(&nonce, rank))
             .map_err(|e| fail(format!("answering rank {prev_rank}: {e}")))?;

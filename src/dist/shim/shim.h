@@ -10,6 +10,13 @@ struct umt_store {
 
 char* umt_dup_error(const char* what);
 
+// The exception's message for a user: c10 errors without their C++ backtrace (20 frames of
+// libtorch internals that say nothing about a missing rank or a wrong address).
+inline char* umt_exception_error(const std::exception& e) {
+  if (auto* c = dynamic_cast<const c10::Error*>(&e)) return umt_dup_error(c->what_without_backtrace());
+  return umt_dup_error(e.what());
+}
+
 // Runs `body`; 0, or 1 with the exception's message in *err (freed by the caller with umt_free).
 template <class F>
 int umt_guard(char** err, F&& body) {
@@ -17,7 +24,7 @@ int umt_guard(char** err, F&& body) {
     body();
     return 0;
   } catch (const std::exception& e) {
-    *err = umt_dup_error(e.what());
+    *err = umt_exception_error(e);
     return 1;
   }
 }

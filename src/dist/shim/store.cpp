@@ -8,6 +8,8 @@
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
+#include <c10/util/Logging.h>
+
 #include <cstring>
 
 char* umt_dup_error(const char* what) { return strdup(what); }
@@ -25,11 +27,21 @@ umt_store* umt_store_new(const char* host, int port, int is_server, int world, i
     if (o.isServer && world > 0) o.numWorkers = static_cast<size_t>(world);
     o.waitWorkers = false;
     o.timeout = std::chrono::milliseconds(timeout_ms);
-    auto tcp = c10::make_intrusive<c10d::TCPStore>(host, o);
+    // While it connects, c10d logs each retry with the exception's 20-frame C++ backtrace; the
+    // caller reports the outcome in one line, so only fatal messages pass meanwhile.
+    struct Quiet {
+      int was = FLAGS_caffe2_log_level;
+      Quiet() { FLAGS_caffe2_log_level = 3; }
+      ~Quiet() { FLAGS_caffe2_log_level = was; }
+    };
+    auto tcp = [&] {
+      Quiet quiet;
+      return c10::make_intrusive<c10d::TCPStore>(host, o);
+    }();
     auto store = c10::make_intrusive<c10d::PrefixStore>(prefix, tcp);
     return new umt_store{store, tcp};
   } catch (const std::exception& e) {
-    *err = umt_dup_error(e.what());
+    *err = umt_exception_error(e);
     return nullptr;
   }
 }
