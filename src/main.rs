@@ -174,8 +174,8 @@ enum Command {
         #[arg(long)]
         local: bool,
         /// Runs at once with --local.
-        #[arg(long, default_value_t = 1)]
-        parallel: usize,
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+        parallel: u64,
         #[arg(long)]
         slurm: bool,
         /// Print the sbatch script (--slurm) or each run's overrides instead of running.
@@ -322,63 +322,6 @@ fn train_job(cfg: &umtune::config::Config, resume: &Resume) -> Result<()> {
             "{}\nrun directory: {dir}\n",
             results_table(&[ReportEntry::finished(summary)])
         ))?;
-    }
-    Ok(())
-}
-
-/// The sweep's runs as child processes, `parallel` at a time, each logging to
-/// `OUT/logs/NAME.log`; fails naming the runs that failed.
-fn run_local(
-    bin: &std::path::Path,
-    plan: &SweepPlan,
-    plan_path: &std::path::Path,
-    out: &std::path::Path,
-    parallel: usize,
-) -> Result<()> {
-    let logs = out.join("logs");
-    std::fs::create_dir_all(&logs)?;
-    let mut waiting: std::collections::VecDeque<usize> = (0..plan.runs.len()).collect();
-    let mut running: Vec<(usize, std::process::Child)> = Vec::new();
-    let mut failed = Vec::new();
-    while !waiting.is_empty() || !running.is_empty() {
-        while running.len() < parallel {
-            let Some(i) = waiting.pop_front() else { break };
-            let name = &plan.runs[i].name;
-            let log = std::fs::File::create(logs.join(format!("{name}.log")))?;
-            let child = std::process::Command::new(bin)
-                .args(["sweep-task".as_ref(), plan_path.as_os_str()])
-                .args(["--task", &i.to_string()])
-                .stdout(log.try_clone()?)
-                .stderr(log)
-                .spawn()?;
-            tracing::info!(run = %name, "sweep run started");
-            running.push((i, child));
-        }
-        std::thread::sleep(std::time::Duration::from_millis(200));
-        let mut still = Vec::new();
-        for (i, mut child) in running {
-            match child.try_wait()? {
-                None => still.push((i, child)),
-                Some(status) => {
-                    let name = &plan.runs[i].name;
-                    if status.success() {
-                        tracing::info!(run = %name, "sweep run finished");
-                    } else {
-                        tracing::error!(run = %name, %status, "sweep run failed (see logs/{name}.log)");
-                        failed.push(name.clone());
-                    }
-                }
-            }
-        }
-        running = still;
-    }
-    if !failed.is_empty() {
-        bail!(
-            "{} sweep run(s) failed: {} (logs in {})",
-            failed.len(),
-            failed.join(", "),
-            logs.display()
-        );
     }
     Ok(())
 }
@@ -575,6 +518,9 @@ fn run(command: Command) -> Result<()> {
             time,
             sbatch,
         } => {
+            if !(slurm || local || parallel > 1 || dry_run) {
+                bail!("umtune sweep: say how to run it: --local [--parallel K], --slurm [--dry-run], or --dry-run");
+            }
             let plan = SweepPlan::new(&config, &overrides, &grid, &seeds)?;
             let plan_path = plan.write(&out)?;
             let bin = std::env::current_exe()?;
@@ -620,15 +566,13 @@ fn run(command: Command) -> Result<()> {
                     emit(&format!("submitted job array {id} ({})\n", file.display()))?;
                 }
             } else if local || parallel > 1 {
-                run_local(&bin, &plan, &plan_path, &out, parallel.max(1))?;
+                sweep::run_local(&bin, &plan, &plan_path, parallel as usize)?;
                 let runs = collect_runs(&out)?;
                 emit(&report::sweep_report(&out, &runs)?)?;
             } else if dry_run {
                 for i in 0..plan.runs.len() {
                     emit(&format!("{}\n", plan.overrides(i, &out)?.join(" ")))?;
                 }
-            } else {
-                bail!("umtune sweep: say how to run it: --local [--parallel K], --slurm [--dry-run], or --dry-run");
             }
         }
         Command::SweepTask { plan, task } => {

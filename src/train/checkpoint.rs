@@ -43,7 +43,13 @@ use tch::Tensor;
 pub const CHECKPOINTS_DIR: &str = "checkpoints";
 pub const LATEST: &str = "latest";
 pub const MANIFEST: &str = "manifest.json";
-const FORMAT: &str = "umtune-checkpoint/1";
+/// Checkpoints of this format have `manifest.sha256` beside the manifest.
+const FORMAT: &str = "umtune-checkpoint/2";
+/// Read too: without the manifest's own digest.
+const FORMAT_V1: &str = "umtune-checkpoint/1";
+/// The sha256 of `manifest.json`'s bytes: an edited or corrupt manifest (its step, sampler
+/// cursor, file list) is a bad checkpoint like a corrupt weight file.
+pub const MANIFEST_DIGEST: &str = "manifest.sha256";
 const TRAINABLE: &str = "trainable.safetensors";
 const OPTIMIZER: &str = "optimizer.safetensors";
 const MEMORY: &str = "memory.index.json";
@@ -210,6 +216,7 @@ pub fn save(
         let json = serde_json::to_vec_pretty(&manifest)
             .map_err(|e| Error::Internal(format!("{MANIFEST}: {e}")))?;
         write_atomic(&tmp.join(MANIFEST), &json)?;
+        write_atomic(&tmp.join(MANIFEST_DIGEST), sha256_hex(&json).as_bytes())?;
         fsync_dir(&tmp)?;
         // A checkpoint of this step from an earlier attempt (a resumed run that got here again).
         if done.exists() {
@@ -273,7 +280,16 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest> {
     let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
     let m: Manifest =
         serde_json::from_str(&text).map_err(|e| Error::format(&path, e.to_string()))?;
-    if m.format != FORMAT {
+    if m.format == FORMAT {
+        let sidecar = dir.join(MANIFEST_DIGEST);
+        let want = std::fs::read_to_string(&sidecar).map_err(|e| Error::io(&sidecar, e))?;
+        if want.trim() != sha256_hex(text.as_bytes()) {
+            return Err(Error::format(
+                &path,
+                format!("does not match its sha256 in {MANIFEST_DIGEST}: the manifest was edited or is corrupt"),
+            ));
+        }
+    } else if m.format != FORMAT_V1 {
         return Err(Error::format(
             &path,
             format!("format `{}`: this umtune reads `{FORMAT}`", m.format),
@@ -289,6 +305,16 @@ pub fn verify(dir: &Path) -> Result<Manifest> {
     let manifest = dir.join(MANIFEST).display().to_string();
     for (name, want) in &m.files {
         check_digest(&dir.join(name), want, &manifest)?;
+    }
+    // The memory's shards, against the index just checked (a requeued job falls back past a
+    // corrupt shard as past any corrupt file).
+    if m.files.contains_key(MEMORY) {
+        let index_file = dir.join(MEMORY);
+        let index = crate::memory::files::read_index(&index_file)?;
+        let recorded_in = index_file.display().to_string();
+        for shard in &index.shards {
+            check_digest(&dir.join(&shard.file), &shard.digest, &recorded_in)?;
+        }
     }
     Ok(m)
 }
@@ -389,7 +415,12 @@ pub fn locate(cfg: &Config, ctx: &RunContext, resume: &Resume) -> Result<Start> 
         .and_then(Path::parent)
         .ok_or_else(|| Error::run(&checkpoint, "a checkpoint is RUN/checkpoints/step_N"))?
         .to_path_buf();
-    check_config(cfg, &manifest, &checkpoint)?;
+    check_config(
+        cfg,
+        &manifest.config,
+        &checkpoint.join(MANIFEST),
+        &checkpoint,
+    )?;
     Ok(Start::From {
         run,
         checkpoint,
@@ -407,6 +438,10 @@ fn choose(cfg: &Config, resume: &Resume) -> Result<String> {
                 .is_ok_and(|r| r.state == super::run_dir::RunState::Finished)
                 && run.join(super::run_dir::SUMMARY_FILE).is_file();
             if finished {
+                // A finished run is this config's result only if it was trained with it.
+                let file = run.join(super::run_dir::CONFIG_FILE);
+                let text = std::fs::read_to_string(&file).map_err(|e| Error::io(&file, e))?;
+                check_config(cfg, &text, &file, &run)?;
                 tracing::info!(run = %run.display(), "--resume auto: the run finished already");
                 return Ok(format!("finished:{}", run.display()));
             }
@@ -462,9 +497,10 @@ fn added_since(
 
 /// Refuses a config that differs from the checkpoint's in a key not in [`SAFE_ON_RESUME`],
 /// naming the keys.
-fn check_config(cfg: &Config, m: &Manifest, dir: &Path) -> Result<()> {
+/// `theirs` is the config text kept in `file`, of the checkpoint or run `dir`.
+fn check_config(cfg: &Config, theirs: &str, file: &Path, dir: &Path) -> Result<()> {
     let theirs: toml::Value =
-        toml::from_str(&m.config).map_err(|e| Error::format(dir.join(MANIFEST), e.to_string()))?;
+        toml::from_str(theirs).map_err(|e| Error::format(file, e.to_string()))?;
     let ours: toml::Value = toml::from_str(&cfg.to_toml()?)
         .map_err(|e| Error::Internal(format!("the config as TOML: {e}")))?;
     let (a, b) = (flatten_toml(&theirs), flatten_toml(&ours));
@@ -494,7 +530,7 @@ fn check_config(cfg: &Config, m: &Manifest, dir: &Path) -> Result<()> {
         return Ok(());
     }
     Err(Error::Config(format!(
-        "resuming {}: the config differs from the checkpoint's in {}; only {} may change on resume (start a new run for other changes)",
+        "resuming {}: the config differs from the one it was trained with in {}; only {} may change on resume (start a new run for other changes)",
         dir.display(),
         differing.join(", "),
         SAFE_ON_RESUME.join(", ")

@@ -150,7 +150,7 @@ pub fn build_in(req: &BuildRequest, job: &JobEnv) -> Result<BuildReport> {
         }
         // The run's own memory, with its digest in run.json.
         None => {
-            let mut run = RunDir::open(req.source)?;
+            let mut run = RunDir::open_for_writing(req.source)?;
             run.set_writer(ctx.is_writer);
             run.save_memory(fusion)?;
             req.source.join(MEMORY_INDEX)

@@ -36,6 +36,8 @@ pub const MEMORY_INDEX: &str = "memory.index.json";
 /// The whole memory in one file, as runs from before memory shards saved it (still read).
 pub const MEMORY_FILE: &str = "memory.safetensors";
 pub const CALIBRATION_FILE: &str = "calibration.json";
+/// Held (flock) by the process that writes the run; names its host and pid.
+pub const LOCK_FILE: &str = "lock";
 
 /// Where a run stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -84,6 +86,57 @@ pub struct RunDir {
     path: PathBuf,
     writer: bool,
     record: RunRecord,
+    /// The writer's hold on the directory (see [`RunLock`]).
+    lock: Option<RunLock>,
+}
+
+/// The exclusive right to write a run directory: an advisory lock (flock) on its `lock` file,
+/// which holds the writer's host and pid. The kernel releases it when the process ends, however
+/// it ends (kill -9 included), so a stale lock cannot block a requeued job. A second writer (two
+/// sweep tasks with one run name, two requeues of one job overlapping) is refused naming the
+/// holder instead of interleaving its files with the first's.
+pub struct RunLock {
+    _file: std::fs::File,
+}
+
+impl RunLock {
+    /// Takes the lock of run directory `dir` (which exists), or says who holds it.
+    pub fn take(dir: &Path) -> Result<RunLock> {
+        let path = dir.join(LOCK_FILE);
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
+        match file.try_lock() {
+            Ok(()) => {
+                let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .map(|h| h.trim().to_string())
+                    .unwrap_or_else(|_| "unknown host".into());
+                let me = format!("host {host} pid {}\n", std::process::id());
+                file.set_len(0)
+                    .and_then(|_| file.write_all(me.as_bytes()))
+                    .map_err(|e| Error::io(&path, e))?;
+                Ok(RunLock { _file: file })
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let holder = std::fs::read_to_string(&path).unwrap_or_default();
+                let holder = match holder.trim() {
+                    "" => "a process that is starting".to_string(),
+                    h => h.to_string(),
+                };
+                Err(Error::run(
+                    dir,
+                    format!(
+                        "another umtune process is writing this run ({holder}); stop it or wait for it to end, or use another run.name"
+                    ),
+                ))
+            }
+            Err(std::fs::TryLockError::Error(e)) => Err(Error::io(&path, e)),
+        }
+    }
 }
 
 impl RunDir {
@@ -97,14 +150,23 @@ impl RunDir {
     ) -> Result<RunDir> {
         let base = run_name(cfg);
         let root = Path::new(&cfg.run.output_dir);
-        // Never overwrite an earlier run.
-        let path = (1..)
-            .map(|i| match i {
-                1 => root.join(&base),
-                _ => root.join(format!("{base}-{i}")),
-            })
-            .find(|d| !d.exists())
-            .ok_or_else(|| Error::Internal("no free run directory name".into()))?;
+        // Never overwrite an earlier run: the writer claims the first free name with mkdir,
+        // which one process wins when two start at once.
+        let mut path = root.join(&base);
+        if ctx.is_writer {
+            std::fs::create_dir_all(root).map_err(|e| Error::io(root, e))?;
+            for i in 1.. {
+                path = match i {
+                    1 => root.join(&base),
+                    _ => root.join(format!("{base}-{i}")),
+                };
+                match std::fs::create_dir(&path) {
+                    Ok(()) => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                    Err(e) => return Err(Error::io(&path, e)),
+                }
+            }
+        }
         Self::create_at(&path, cfg, ctx, label_names, total_steps)
     }
 
@@ -127,9 +189,10 @@ impl RunDir {
             ctx.group.as_ref(),
             &path.to_string_lossy(),
         )?);
-        let dir = RunDir {
+        let mut dir = RunDir {
             path,
             writer: ctx.is_writer,
+            lock: None,
             record: RunRecord {
                 label_names: label_names.to_vec(),
                 state: RunState::Running,
@@ -142,6 +205,7 @@ impl RunDir {
         };
         if dir.writer {
             std::fs::create_dir_all(&dir.path).map_err(|e| Error::io(&dir.path, e))?;
+            dir.lock = Some(RunLock::take(&dir.path)?);
             write_atomic(&dir.path.join(CONFIG_FILE), cfg.to_toml()?.as_bytes())?;
             dir.write_record()?;
         }
@@ -153,6 +217,11 @@ impl RunDir {
     pub fn resume(path: &Path, ctx: &RunContext, total_steps: usize) -> Result<RunDir> {
         let mut dir = Self::open(path)?;
         dir.writer = ctx.is_writer;
+        if dir.writer {
+            dir.lock = Some(RunLock::take(path)?);
+            // Read again under the lock: the record may have changed since it was opened.
+            dir.record = read_record(path)?;
+        }
         dir.record.state = RunState::Running;
         dir.record.message = None;
         dir.record.total_steps = total_steps;
@@ -162,8 +231,16 @@ impl RunDir {
         Ok(dir)
     }
 
-    /// An existing run directory, for reading (and for `memory build`, which replaces its
-    /// memory file).
+    /// An existing run directory, to write into as well (`memory build`, which replaces its
+    /// memory): [`Self::open`] holding the run's lock.
+    pub fn open_for_writing(path: &Path) -> Result<RunDir> {
+        let mut dir = Self::open(path)?;
+        dir.lock = Some(RunLock::take(path)?);
+        dir.record = read_record(path)?;
+        Ok(dir)
+    }
+
+    /// An existing run directory, for reading.
     pub fn open(path: &Path) -> Result<RunDir> {
         if !path.join(CONFIG_FILE).is_file() {
             return Err(Error::run(
@@ -174,6 +251,7 @@ impl RunDir {
         let dir = RunDir {
             path: path.to_path_buf(),
             writer: true,
+            lock: None,
             record: read_record(path)?,
         };
         dir.roll_forward()?;

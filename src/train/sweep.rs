@@ -68,6 +68,12 @@ impl SweepPlan {
             if key.trim() == "run.seed" {
                 return Err(Error::Config("--grid run.seed: use --seeds".into()));
             }
+            if let Some(twice) = repeated(&values) {
+                // Two runs of one grid point would share a run directory.
+                return Err(Error::Config(format!(
+                    "--grid `{g}` lists `{twice}` twice: each value once (--seeds repeats runs)"
+                )));
+            }
             axes.push(Axis {
                 key: key.trim().to_string(),
                 values,
@@ -75,6 +81,11 @@ impl SweepPlan {
         }
         if seeds.is_empty() {
             return Err(Error::Config("--seeds: at least one seed".into()));
+        }
+        if let Some(twice) = repeated(seeds) {
+            return Err(Error::Config(format!(
+                "--seeds lists {twice} twice: each seed once"
+            )));
         }
         let short = short_names(&axes);
         let mut points: Vec<BTreeMap<String, String>> = vec![BTreeMap::new()];
@@ -95,7 +106,7 @@ impl SweepPlan {
             for &seed in seeds {
                 let mut parts: Vec<String> = axes
                     .iter()
-                    .map(|a| format!("{}={}", short[&a.key], point[&a.key]))
+                    .map(|a| format!("{}={}", short[&a.key], name_part(&point[&a.key])))
                     .collect();
                 parts.push(format!("seed={seed}"));
                 runs.push(SweepRun {
@@ -104,6 +115,11 @@ impl SweepPlan {
                     seed,
                 });
             }
+        }
+        if let Some(twice) = repeated(&runs.iter().map(|r| &r.name).collect::<Vec<_>>()) {
+            return Err(Error::Config(format!(
+                "two grid points would both be named `{twice}` (values that differ only in `/`): give them distinct values"
+            )));
         }
         let plan = SweepPlan {
             format: FORMAT.into(),
@@ -147,9 +163,22 @@ impl SweepPlan {
         })
     }
 
+    /// Writes `OUT/sweep.json`. A sweep directory holds one plan: running the same plan again
+    /// continues it (finished runs are skipped); another plan there is refused, since its runs'
+    /// results would be reported as the new plan's.
     pub fn write(&self, out: &Path) -> Result<PathBuf> {
         std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
         let path = out.join(PLAN_FILE);
+        if path.is_file() {
+            let old = Self::read(&path)?;
+            let same = serde_json::to_value(&old).ok() == serde_json::to_value(self).ok();
+            if !same {
+                return Err(Error::Config(format!(
+                    "{} holds another sweep's plan (config, --set, --grid or --seeds differ): use another --out, or remove that directory to start over",
+                    path.display()
+                )));
+            }
+        }
         let json = serde_json::to_vec_pretty(self)
             .map_err(|e| Error::Internal(format!("{PLAN_FILE}: {e}")))?;
         write_atomic(&path, &json)?;
@@ -168,6 +197,21 @@ impl SweepPlan {
         }
         Ok(plan)
     }
+}
+
+/// The first value that occurs twice in `values`.
+fn repeated<T: PartialEq + std::fmt::Display>(values: &[T]) -> Option<String> {
+    values
+        .iter()
+        .enumerate()
+        .find(|(i, v)| values[..*i].contains(v))
+        .map(|(_, v)| v.to_string())
+}
+
+/// A grid value as part of a run's directory name: a path's `/` become `_` (a dataset given as
+/// a path would otherwise nest the run in directories).
+fn name_part(value: &str) -> String {
+    value.trim_start_matches('/').replace('/', "_")
 }
 
 /// Each key's last segment (`train.lr` -> `lr`), or the whole key where two axes share it.
@@ -253,4 +297,103 @@ wait "$child"
         plan = plan_path.display()
     );
     format!("{}\n{body}", h.join("\n"))
+}
+
+/// Runs the sweep's runs here as child processes (`BIN sweep-task PLAN --task I`), `parallel` at
+/// a time, each logging to `OUT/logs/NAME.log`; fails naming the runs that failed. SIGINT,
+/// SIGTERM and SIGUSR1 are forwarded to the running children (which checkpoint and stop), no
+/// further run starts, and the sweep waits for them and ends with 128 + the signal; children die
+/// with the sweep (PR_SET_PDEATHSIG), so none trains on as an orphan.
+pub fn run_local(bin: &Path, plan: &SweepPlan, plan_path: &Path, parallel: usize) -> Result<()> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let out = plan_path.parent().unwrap_or(Path::new("."));
+    let logs = out.join("logs");
+    std::fs::create_dir_all(&logs).map_err(|e| Error::io(&logs, e))?;
+    let signal = std::sync::Arc::new(AtomicUsize::new(0));
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGUSR1] {
+        signal_hook::flag::register_usize(sig, signal.clone(), sig as usize)
+            .map_err(|e| Error::Internal(format!("installing the handler of signal {sig}: {e}")))?;
+    }
+    let mut waiting: std::collections::VecDeque<usize> = (0..plan.runs.len()).collect();
+    let mut running: Vec<(usize, std::process::Child)> = Vec::new();
+    let (mut failed, mut stopped) = (Vec::new(), None);
+    while !waiting.is_empty() || !running.is_empty() {
+        let sig = signal.swap(0, Ordering::SeqCst) as i32;
+        if sig != 0 {
+            tracing::warn!(
+                signal = sig,
+                runs = running.len(),
+                "forwarding the signal to the running sweep runs; starting no more"
+            );
+            for (_, child) in &running {
+                // SAFETY: kill(2) on a child we started and have not reaped.
+                unsafe { libc::kill(child.id() as i32, sig) };
+            }
+            waiting.clear();
+            stopped.get_or_insert(sig);
+        }
+        while running.len() < parallel {
+            let Some(i) = waiting.pop_front() else { break };
+            let name = &plan.runs[i].name;
+            let log_path = logs.join(format!("{name}.log"));
+            let log = std::fs::File::create(&log_path).map_err(|e| Error::io(&log_path, e))?;
+            let mut cmd = std::process::Command::new(bin);
+            cmd.args(["sweep-task".as_ref(), plan_path.as_os_str()])
+                .args(["--task", &i.to_string()])
+                .stdout(log.try_clone().map_err(|e| Error::io(&log_path, e))?)
+                .stderr(log);
+            // SAFETY: prctl is async-signal-safe; it runs between fork and exec.
+            unsafe {
+                use std::os::unix::process::CommandExt;
+                cmd.pre_exec(|| {
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+            let child = cmd.spawn().map_err(|e| Error::io(bin, e))?;
+            tracing::info!(run = %name, "sweep run started");
+            running.push((i, child));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let mut still = Vec::new();
+        for (i, mut child) in running {
+            match child.try_wait().map_err(|e| Error::io(bin, e))? {
+                None => still.push((i, child)),
+                Some(status) => {
+                    let name = &plan.runs[i].name;
+                    if status.success() {
+                        tracing::info!(run = %name, "sweep run finished");
+                    } else {
+                        tracing::error!(run = %name, %status, "sweep run failed (see logs/{name}.log)");
+                        failed.push(name.clone());
+                    }
+                }
+            }
+        }
+        running = still;
+    }
+    if let Some(signal) = stopped {
+        return Err(Error::Interrupted {
+            signal,
+            name: crate::dist::context::signal_name(signal),
+            step: 0,
+            msg: format!(
+                "the sweep's running runs were stopped and saved; run the same `umtune sweep` again to continue it ({})",
+                out.display()
+            ),
+        });
+    }
+    if !failed.is_empty() {
+        return Err(Error::Run {
+            dir: logs,
+            msg: format!(
+                "{} sweep run(s) failed: {}",
+                failed.len(),
+                failed.join(", ")
+            ),
+        });
+    }
+    Ok(())
 }
