@@ -8,6 +8,8 @@
 //!   checkpoint of STEP (so a test can kill it there).
 //! - `UMTUNE_TEST_ABORT_AFTER_COMMIT=STEP`: abort when the weights of STEP are recorded in
 //!   `run.json` but not yet moved into place.
+//! - `UMTUNE_TEST_ABORT_IN_FINAL_EVALUATION=1`: abort after the final validation line is written,
+//!   before the test split is evaluated.
 //! - `UMTUNE_TEST_DUMP_GRADIENTS=DIR`: the writer rank saves every step's synchronized gradients
 //!   (before clipping) as `DIR/step_NNNNNN.safetensors`, for parity checks between world sizes.
 use std::path::PathBuf;
@@ -18,6 +20,7 @@ struct Faults {
     abort_at: Option<(usize, usize)>,
     pause_in_checkpoint: Option<usize>,
     abort_after_commit: Option<usize>,
+    abort_in_final_evaluation: bool,
     dump_gradients: Option<PathBuf>,
 }
 
@@ -33,6 +36,8 @@ fn faults() -> &'static Faults {
             }),
             pause_in_checkpoint: step("UMTUNE_TEST_PAUSE_IN_CHECKPOINT"),
             abort_after_commit: step("UMTUNE_TEST_ABORT_AFTER_COMMIT"),
+            abort_in_final_evaluation: var("UMTUNE_TEST_ABORT_IN_FINAL_EVALUATION").as_deref()
+                == Some("1"),
             dump_gradients: var("UMTUNE_TEST_DUMP_GRADIENTS").map(PathBuf::from),
         }
     })
@@ -58,6 +63,14 @@ pub fn pause_in_checkpoint(step: usize) {
 pub fn abort_after_commit(step: usize) {
     if faults().abort_after_commit == Some(step) {
         eprintln!("UMTUNE_TEST_ABORT_AFTER_COMMIT={step}: aborting");
+        std::process::abort();
+    }
+}
+
+/// Aborts if told to in the final evaluation.
+pub fn abort_in_final_evaluation() {
+    if faults().abort_in_final_evaluation {
+        eprintln!("UMTUNE_TEST_ABORT_IN_FINAL_EVALUATION: aborting");
         std::process::abort();
     }
 }

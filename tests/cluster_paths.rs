@@ -304,3 +304,57 @@ fn an_edited_manifest_or_a_corrupt_shard_is_a_bad_checkpoint() -> TestResult {
     let _ = std::fs::remove_dir_all(&out);
     Ok(())
 }
+
+#[test]
+fn a_resume_that_would_write_elsewhere_or_past_its_budget_is_refused() -> TestResult {
+    let out = scratch("resume-into");
+    let run = aborted_run(&out, "other")?;
+    // By path with another run.name: it would have written into `other`.
+    let mut into = train_args(&out, "mine", 4, 6, &["checkpoint.every=2"]);
+    into.push("--resume".into());
+    into.push(run.join("checkpoints/step_000004").display().to_string());
+    let refused = umtune(&into)?;
+    let e = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{e}");
+    assert!(e.contains("continues the run in"), "{e}");
+    assert!(!out.join("mine").exists());
+    // A step-4 checkpoint under train.max_steps = 3 would claim "finished, 3 steps".
+    let refused = umtune(&with_resume(train_args(
+        &out,
+        "other",
+        4,
+        3,
+        &["checkpoint.every=2"],
+    )))?;
+    let e = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{e}");
+    assert!(
+        e.contains("the checkpoint is at step 4, past this run's 3 steps"),
+        "{e}"
+    );
+    let _ = std::fs::remove_dir_all(&out);
+    Ok(())
+}
+
+#[test]
+fn a_kill_in_the_final_evaluation_resumes_without_duplicate_lines() -> TestResult {
+    let out = scratch("final-eval");
+    let args = with_resume(train_args(&out, "e", 4, 3, &[]));
+    let died = Command::new(umtune_bin())
+        .args(&args)
+        .env("UMTUNE_TEST_ABORT_IN_FINAL_EVALUATION", "1")
+        .output()?;
+    assert!(!died.status.success());
+    check(&umtune(&args)?, "resume auto");
+    let text = std::fs::read_to_string(out.join("e/metrics.jsonl"))?;
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    for split in ["validation", "test"] {
+        let n = lines.iter().filter(|l| l["split"] == split).count();
+        assert_eq!(n, 1, "{split} lines in metrics.jsonl:\n{text}");
+    }
+    let _ = std::fs::remove_dir_all(&out);
+    Ok(())
+}

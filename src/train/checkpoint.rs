@@ -421,11 +421,31 @@ pub fn locate(cfg: &Config, ctx: &RunContext, resume: &Resume) -> Result<Start> 
         &checkpoint.join(MANIFEST),
         &checkpoint,
     )?;
+    // A checkpoint continues its own run; a run.name or run.output_dir that points elsewhere
+    // would be ignored silently (and the other run written into).
+    let named = super::run_dir::RunDir::default_path(cfg);
+    if !cfg.run.name.is_empty() && !same_dir(&named, &run) {
+        return Err(Error::Config(format!(
+            "--resume {} continues the run in {}, but run.name / run.output_dir say {}: drop them, or copy that run to {} and resume the copy",
+            checkpoint.display(),
+            run.display(),
+            named.display(),
+            named.display()
+        )));
+    }
     Ok(Start::From {
         run,
         checkpoint,
         manifest: Box::new(manifest),
     })
+}
+
+/// Whether `a` and `b` name one directory.
+fn same_dir(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    }
 }
 
 /// Rank 0's choice as a string: `checkpoint:DIR`, `fresh:RUN_DIR`, `finished:RUN_DIR` or `new`.

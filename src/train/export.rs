@@ -25,6 +25,26 @@ pub fn export_peft(run: &LoadedRun, out: &Path) -> Result<()> {
             ),
         ));
     }
+    let extras: Vec<&str> = [
+        (
+            cfg.memory.enabled,
+            "the external memory (its entries and fusion)",
+        ),
+        (
+            cfg.uncertainty.enabled,
+            "uncertainty modeling's estimators and head",
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(on, what)| on.then_some(what))
+    .collect();
+    if !extras.is_empty() {
+        tracing::warn!(
+            run = %run.dir.display(),
+            "the PEFT adapter carries LoRA and the head only: transformers + peft ignore {} (their tensors are in the file under umtune's names), so its outputs are those of the model without them",
+            extras.join(" and ")
+        );
+    }
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let mut named: Vec<(String, Tensor)> = run
         .model

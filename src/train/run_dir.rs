@@ -321,8 +321,10 @@ impl RunDir {
     }
 
     /// `metrics.jsonl` of a resumed run: cut back to the lines of steps up to `step` (what the
-    /// checkpoint saw; the resumed run writes the rest again), then appended to.
-    pub fn metrics_from(&self, step: usize) -> Result<MetricsLog> {
+    /// checkpoint saw; the resumed run writes the rest again), then appended to. The checkpoint
+    /// of the last step is taken before the final evaluation, so when `step` is the last one
+    /// (`last`) its evaluation lines go too: the resumed run evaluates again.
+    pub fn metrics_from(&self, step: usize, last: bool) -> Result<MetricsLog> {
         let path = self.path.join(METRICS_FILE);
         if !self.writer {
             return Ok(MetricsLog { file: None, path });
@@ -335,10 +337,13 @@ impl RunDir {
         let kept: String = text
             .lines()
             .filter(|line| {
-                serde_json::from_str::<serde_json::Value>(line)
-                    .ok()
-                    .and_then(|v| v["step"].as_u64())
-                    .is_some_and(|s| s as usize <= step)
+                let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+                    return false;
+                };
+                let final_eval = last && v.get("split").is_some();
+                v["step"]
+                    .as_u64()
+                    .is_some_and(|s| (s as usize) < step || (s as usize == step && !final_eval))
             })
             .map(|line| format!("{line}\n"))
             .collect();

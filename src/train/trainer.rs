@@ -92,6 +92,14 @@ pub fn train_resuming(
     } else {
         steps_per_epoch * t.epochs
     };
+    if let Start::From { manifest, .. } = &start_at {
+        if manifest.step > total {
+            return Err(Error::Config(format!(
+                "the checkpoint is at step {}, past this run's {total} steps (train.max_steps / train.epochs): raise them to continue it",
+                manifest.step
+            )));
+        }
+    }
     let warmup = (t.warmup_ratio * total as f64).round() as usize;
     let pad = tok.padding_id();
     let backbone_params = model.backbone.num_parameters();
@@ -116,7 +124,7 @@ pub fn train_resuming(
             sampler.state = manifest.sampler();
             let mut run = RunDir::resume(run, ctx, total)?;
             run.set_step(manifest.step);
-            let log = run.metrics_from(manifest.step)?;
+            let log = run.metrics_from(manifest.step, manifest.step == total)?;
             tracing::info!(checkpoint = %dir.display(), step = manifest.step, world_size = manifest.world_size, "resuming");
             (run, log, manifest.step + 1, manifest.loop_state.clone())
         }
@@ -320,6 +328,7 @@ pub fn train_resuming(
         data.validation.len(),
     );
     log.write(serde_json::json!({"step": total, "split": "validation", "eval": validation}))?;
+    crate::faults::abort_in_final_evaluation();
     let test_out = data
         .test
         .as_ref()
