@@ -358,3 +358,25 @@ fn a_kill_in_the_final_evaluation_resumes_without_duplicate_lines() -> TestResul
     let _ = std::fs::remove_dir_all(&out);
     Ok(())
 }
+
+#[test]
+fn a_temperature_is_used_only_with_the_weights_it_was_fitted_on() -> TestResult {
+    use umtune::train::run_dir::{read_calibration, CALIBRATION_FILE};
+    let dir = scratch("calibration");
+    std::fs::create_dir_all(&dir)?;
+    let file = dir.join(CALIBRATION_FILE);
+    std::fs::write(
+        &file,
+        r#"{"temperature": 1.5, "fitted_on": "validation", "weights_step": 4}"#,
+    )?;
+    assert_eq!(read_calibration(&dir, Some(4))?, Some(1.5));
+    // The final save failed after the temperature was fitted: step 2's weights are not its.
+    assert_eq!(read_calibration(&dir, Some(2))?, None);
+    // Runs from before the step was recorded keep their temperature.
+    std::fs::write(&file, r#"{"temperature": 1.5, "fitted_on": "validation"}"#)?;
+    assert_eq!(read_calibration(&dir, Some(2))?, Some(1.5));
+    std::fs::write(&file, r#"{"temperature": -1, "fitted_on": "validation"}"#)?;
+    assert!(read_calibration(&dir, Some(2)).is_err());
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}

@@ -2,7 +2,7 @@
 //! run's resolved config, its labels, and the model with its saved weights, checked against the
 //! digests in `run.json` and for non-finite values. An unfinished run (interrupted, diverged,
 //! killed) loads its last saved weights with a warning; one that saved none is refused.
-use super::run_dir::{RunDir, RunState, CALIBRATION_FILE, CONFIG_FILE, TRAINABLE_FILE};
+use super::run_dir::{RunDir, RunState, CONFIG_FILE, TRAINABLE_FILE};
 use crate::config::Config;
 use crate::dist::env::JobEnv;
 use crate::dist::RunContext;
@@ -90,19 +90,7 @@ pub fn load_run_in(dir: &Path, overrides: &[String], job: &JobEnv) -> Result<Loa
         m.load(&path, false)?;
         check_finite(&m.tensors()?, &path)?;
     }
-    let calibration = dir.join(CALIBRATION_FILE);
-    if calibration.exists() {
-        let text = std::fs::read_to_string(&calibration).map_err(|e| Error::io(&calibration, e))?;
-        let c: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| Error::format(&calibration, e.to_string()))?;
-        let t = c["temperature"]
-            .as_f64()
-            .filter(|t| t.is_finite() && *t > 0.0)
-            .ok_or_else(|| {
-                Error::format(&calibration, "`temperature` must be a positive number")
-            })?;
-        model.temperature = Some(t);
-    }
+    model.temperature = super::run_dir::read_calibration(dir, record.weights_step)?;
     Ok(LoadedRun {
         dir: dir.to_path_buf(),
         config,

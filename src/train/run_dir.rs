@@ -81,6 +81,44 @@ pub struct RunRecord {
     pub files: BTreeMap<String, FileDigest>,
 }
 
+/// `calibration.json`: the post-hoc temperature and the weights it belongs to.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Calibration {
+    pub temperature: f64,
+    pub fitted_on: String,
+    /// The step of the weights whose outputs it was fitted on (absent in runs from before it
+    /// was recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weights_step: Option<usize>,
+}
+
+/// `calibration.json` of run `dir`, if there is one and it belongs to the weights of
+/// `weights_step` (a save cut off after the temperature was fitted leaves older weights beside
+/// it: that temperature is not theirs, and is not used).
+pub fn read_calibration(dir: &Path, weights_step: Option<usize>) -> Result<Option<f64>> {
+    let path = dir.join(CALIBRATION_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io(&path, e)),
+    };
+    let c: Calibration =
+        serde_json::from_str(&text).map_err(|e| Error::format(&path, e.to_string()))?;
+    if !(c.temperature.is_finite() && c.temperature > 0.0) {
+        return Err(Error::format(&path, "`temperature` must be a positive number"));
+    }
+    if c.weights_step.is_some() && c.weights_step != weights_step {
+        tracing::warn!(
+            file = %path.display(),
+            "the temperature was fitted on the weights of step {}, the saved weights are of step {}: not used (outputs uncalibrated)",
+            c.weights_step.unwrap_or_default(),
+            weights_step.map_or("none".into(), |s| s.to_string())
+        );
+        return Ok(None);
+    }
+    Ok(Some(c.temperature))
+}
+
 /// A run directory: written through on the writer rank, read anywhere.
 pub struct RunDir {
     path: PathBuf,
@@ -453,15 +491,20 @@ impl RunDir {
         check_digest(&self.path.join(name), want, RUN_FILE)
     }
 
-    pub fn write_calibration(&self, temperature: f64) -> Result<()> {
+    /// Writes `calibration.json`: `temperature`, fitted on the outputs of the weights of
+    /// `weights_step` (which the caller saves next).
+    pub fn write_calibration(&self, temperature: f64, weights_step: usize) -> Result<()> {
         if !self.writer {
             return Ok(());
         }
-        let json = serde_json::json!({"temperature": temperature, "fitted_on": "validation"});
-        write_atomic(
-            &self.path.join(CALIBRATION_FILE),
-            json.to_string().as_bytes(),
-        )
+        let c = Calibration {
+            temperature,
+            fitted_on: "validation".into(),
+            weights_step: Some(weights_step),
+        };
+        let json = serde_json::to_vec(&c)
+            .map_err(|e| Error::Internal(format!("{CALIBRATION_FILE}: {e}")))?;
+        write_atomic(&self.path.join(CALIBRATION_FILE), &json)
     }
 
     /// The calibration pictures of the final outputs (see [`super::report::write_plots`]).

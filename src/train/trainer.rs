@@ -320,7 +320,7 @@ pub fn train_resuming(
         );
     }
     model.temperature = Some(temperature);
-    run.write_calibration(temperature)?;
+    run.write_calibration(temperature, total)?;
     let validation = scores(
         &val_out,
         &data.label_names,
