@@ -380,3 +380,37 @@ fn a_temperature_is_used_only_with_the_weights_it_was_fitted_on() -> TestResult 
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
+
+#[test]
+fn a_full_disk_leaves_no_partial_checkpoint() -> TestResult {
+    // A 4 MB tmpfs: the run's files fit, the first checkpoint (a 12.7 MB memory shard) does not.
+    let out = scratch("enospc");
+    std::fs::create_dir_all(&out)?;
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
+        .arg(&out)
+        .status()?;
+    assert!(
+        mounted.success(),
+        "mounting a tmpfs (the tests run as root)"
+    );
+    let run = umtune(&train_args(&out, "full", 4, 3, &["checkpoint.every=1"]));
+    let leftovers: Vec<String> = std::fs::read_dir(out.join("full/checkpoints"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".tmp"))
+        .collect();
+    Command::new("umount").arg(&out).status()?;
+    let run = run?;
+    let e = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success(), "{e}");
+    assert!(e.contains("No space left on device"), "{e}");
+    assert!(
+        leftovers.is_empty(),
+        "partial checkpoints left: {leftovers:?}"
+    );
+    let _ = std::fs::remove_dir_all(&out);
+    Ok(())
+}

@@ -147,6 +147,28 @@ pub struct Snapshot<'a> {
     pub validation: Option<&'a Evaluation>,
 }
 
+/// A checkpoint's `.tmp` directory, removed when dropped unless the save completed.
+struct PartialDir<'a> {
+    dir: &'a Path,
+    armed: bool,
+}
+
+impl PartialDir<'_> {
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for PartialDir<'_> {
+    fn drop(&mut self) {
+        if self.armed && self.dir.exists() {
+            if let Err(e) = std::fs::remove_dir_all(self.dir) {
+                tracing::warn!(dir = %self.dir.display(), "removing a failed checkpoint's files: {e}");
+            }
+        }
+    }
+}
+
 /// Saves a checkpoint of the run in `run` (see the module doc). Collective.
 pub fn save(
     run: &Path,
@@ -166,6 +188,12 @@ pub fn save(
         }
         std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     }
+    // A save that fails (a full disk) takes its partial directory with it on the writer, so
+    // the space it took is given back; the earlier checkpoints are untouched either way.
+    let partial = PartialDir {
+        dir: &tmp,
+        armed: ctx.is_writer,
+    };
     // The directory exists before any rank writes its memory shard into it.
     group.barrier()?;
     let mut files = BTreeMap::new();
@@ -223,6 +251,7 @@ pub fn save(
             std::fs::remove_dir_all(&done).map_err(|e| Error::io(&done, e))?;
         }
         std::fs::rename(&tmp, &done).map_err(|e| Error::io(&done, e))?;
+        partial.disarm();
         fsync_dir(&root)?;
         write_atomic(&root.join(LATEST), name.as_bytes())?;
         prune(&root, cfg)?;

@@ -105,7 +105,10 @@ pub fn read_calibration(dir: &Path, weights_step: Option<usize>) -> Result<Optio
     let c: Calibration =
         serde_json::from_str(&text).map_err(|e| Error::format(&path, e.to_string()))?;
     if !(c.temperature.is_finite() && c.temperature > 0.0) {
-        return Err(Error::format(&path, "`temperature` must be a positive number"));
+        return Err(Error::format(
+            &path,
+            "`temperature` must be a positive number",
+        ));
     }
     if c.weights_step.is_some() && c.weights_step != weights_step {
         tracing::warn!(
