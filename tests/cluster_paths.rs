@@ -382,7 +382,7 @@ fn a_temperature_is_used_only_with_the_weights_it_was_fitted_on() -> TestResult 
 }
 
 #[test]
-fn a_full_disk_leaves_no_partial_checkpoint() -> TestResult {
+fn a_full_disk_leaves_no_partial_checkpoint_and_records_the_failure() -> TestResult {
     // A 4 MB tmpfs: the run's files fit, the first checkpoint (a 12.7 MB memory shard) does not.
     let out = scratch("enospc");
     std::fs::create_dir_all(&out)?;
@@ -402,8 +402,17 @@ fn a_full_disk_leaves_no_partial_checkpoint() -> TestResult {
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .filter(|n| n.ends_with(".tmp"))
         .collect();
+    let record = common::read_json(out.join("full/run.json"));
     Command::new("umount").arg(&out).status()?;
     let run = run?;
+    let record = record?;
+    assert_eq!(record["state"], "failed", "{record}");
+    assert!(
+        record["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("No space left on device")),
+        "{record}"
+    );
     let e = String::from_utf8_lossy(&run.stderr);
     assert!(!run.status.success(), "{e}");
     assert!(e.contains("No space left on device"), "{e}");

@@ -50,6 +50,8 @@ pub enum RunState {
     Interrupted,
     /// Stopped after too many consecutive non-finite losses.
     Diverged,
+    /// Stopped by an error (a full disk, a lost rank); the message says which.
+    Failed,
 }
 
 impl RunState {
@@ -59,6 +61,7 @@ impl RunState {
             RunState::Finished => "finished",
             RunState::Interrupted => "interrupted",
             RunState::Diverged => "diverged",
+            RunState::Failed => "failed",
         }
     }
 }

@@ -134,94 +134,97 @@ pub fn train_resuming(
         labels = num_labels, steps = total, trainable = model.trainable_params(), "training"
     );
 
-    let progress = Progress::new(total, ctx.is_writer);
-    let snapshot = |run: &RunDir,
-                    step: usize,
-                    ls: &LoopState,
-                    sampler: &Sampler,
-                    opt: &AdamW,
-                    validation: Option<&super::eval::EvalResult>| {
-        checkpoint::save(
-            run.path(),
-            cfg,
-            ctx,
-            &model,
-            opt,
-            &checkpoint::Snapshot {
-                step,
-                total_steps: total,
-                sampler: sampler.state,
-                global_batch,
-                loop_state: ls,
-                validation,
-            },
-        )
-    };
-    for step in first_step..=total {
-        let step_start = Instant::now();
-        let logged = step % t.log_every == 0 || step == total;
-        if logged {
-            model.probe.start();
-        }
-        model.training.set(true);
-        opt.zero_grad();
-        let lr = learning_rate(t.schedule, t.lr, step - 1, warmup, total);
-        let mut loss_value = 0.0;
-        for micro in 0..t.grad_accum {
-            crate::faults::abort_at(step, micro);
-            let global = sampler.next_batch(&lengths);
-            let idx = shard(&global, ctx.rank, world);
-            let items: Vec<&Encoded> = idx.iter().map(|&i| &data.train[i]).collect();
-            // Padded to the global batch's longest example, and each example's dropout and
-            // noise keyed by its position in the global batch: every rank's rows are the rows
-            // one process would compute.
-            let longest = global.iter().map(|&i| lengths[i]).max().unwrap_or(1);
-            let batch = collate_to(&items, pad, device, longest);
-            ls.tokens += batch.n_tokens;
-            let first = ctx.rank * idx.len();
-            let keys = (first..first + idx.len())
-                .map(|position| noise::example_key(cfg.run.seed, step, micro, position))
-                .collect();
-            let fwd = noise::with_streams(keys, || {
-                model.forward(
-                    &batch.input_ids,
-                    &batch.attention_mask,
-                    Some(&batch.example_ids),
-                )
-            })?;
-            // Normalized by the global batch's labelled units, so N ranks step as one process
-            // at N times the batch (rank gradients are averaged, hence the division by N).
-            let units = (world > 1).then(|| {
-                labelled_units(&padded(&global, world), &data.train) as f64 / world as f64
-            });
-            let loss = model.loss_over(&fwd, &batch.labels, units) / t.grad_accum as f64;
-            loss_value += loss.double_value(&[]);
-            loss.backward();
-        }
-        // The global loss (mean over ranks: NaN on any rank makes it NaN), so every rank skips,
-        // or none does, and rank 0 logs the job's loss.
-        let loss_value = mean_over_ranks(ctx.group.as_ref(), loss_value)?;
-        if !loss_value.is_finite() {
-            ls.skipped += 1;
-            ls.bad_in_a_row += 1;
-            model.discard_memory()?;
-            progress.suspend(|| tracing::warn!(step, "non-finite loss: step skipped"));
-            if ls.bad_in_a_row >= t.max_bad_steps {
-                progress.finish();
-                return Err(diverged(&mut run, step, ls.bad_in_a_row));
+    // The loop and the finish; an error that ends them is recorded in run.json (a signal and a
+    // divergence record themselves), so the run does not stay `running` forever.
+    let outcome = (|| -> Result<Summary> {
+        let progress = Progress::new(total, ctx.is_writer);
+        let snapshot = |run: &RunDir,
+                        step: usize,
+                        ls: &LoopState,
+                        sampler: &Sampler,
+                        opt: &AdamW,
+                        validation: Option<&super::eval::EvalResult>| {
+            checkpoint::save(
+                run.path(),
+                cfg,
+                ctx,
+                &model,
+                opt,
+                &checkpoint::Snapshot {
+                    step,
+                    total_steps: total,
+                    sampler: sampler.state,
+                    global_batch,
+                    loop_state: ls,
+                    validation,
+                },
+            )
+        };
+        for step in first_step..=total {
+            let step_start = Instant::now();
+            let logged = step % t.log_every == 0 || step == total;
+            if logged {
+                model.probe.start();
             }
-        } else {
-            ls.bad_in_a_row = 0;
-            let sync_start = Instant::now();
-            sync_gradients(ctx.group.as_ref(), &opt)?;
-            ls.sync_secs += sync_start.elapsed().as_secs_f64();
-            if let Some(path) = crate::faults::gradient_dump(step).filter(|_| ctx.is_writer) {
-                opt.save_gradients(&path)?;
+            model.training.set(true);
+            opt.zero_grad();
+            let lr = learning_rate(t.schedule, t.lr, step - 1, warmup, total);
+            let mut loss_value = 0.0;
+            for micro in 0..t.grad_accum {
+                crate::faults::abort_at(step, micro);
+                let global = sampler.next_batch(&lengths);
+                let idx = shard(&global, ctx.rank, world);
+                let items: Vec<&Encoded> = idx.iter().map(|&i| &data.train[i]).collect();
+                // Padded to the global batch's longest example, and each example's dropout and
+                // noise keyed by its position in the global batch: every rank's rows are the rows
+                // one process would compute.
+                let longest = global.iter().map(|&i| lengths[i]).max().unwrap_or(1);
+                let batch = collate_to(&items, pad, device, longest);
+                ls.tokens += batch.n_tokens;
+                let first = ctx.rank * idx.len();
+                let keys = (first..first + idx.len())
+                    .map(|position| noise::example_key(cfg.run.seed, step, micro, position))
+                    .collect();
+                let fwd = noise::with_streams(keys, || {
+                    model.forward(
+                        &batch.input_ids,
+                        &batch.attention_mask,
+                        Some(&batch.example_ids),
+                    )
+                })?;
+                // Normalized by the global batch's labelled units, so N ranks step as one process
+                // at N times the batch (rank gradients are averaged, hence the division by N).
+                let units = (world > 1).then(|| {
+                    labelled_units(&padded(&global, world), &data.train) as f64 / world as f64
+                });
+                let loss = model.loss_over(&fwd, &batch.labels, units) / t.grad_accum as f64;
+                loss_value += loss.double_value(&[]);
+                loss.backward();
             }
-            let part_norms = opt.grad_norms_by(part_of)?;
-            let grad_norm = opt.clip_grad_norm(t.max_grad_norm);
-            if let Some(spike) = ls.guard.observe(step, loss_value, grad_norm, &part_norms) {
-                progress.suspend(|| {
+            // The global loss (mean over ranks: NaN on any rank makes it NaN), so every rank skips,
+            // or none does, and rank 0 logs the job's loss.
+            let loss_value = mean_over_ranks(ctx.group.as_ref(), loss_value)?;
+            if !loss_value.is_finite() {
+                ls.skipped += 1;
+                ls.bad_in_a_row += 1;
+                model.discard_memory()?;
+                progress.suspend(|| tracing::warn!(step, "non-finite loss: step skipped"));
+                if ls.bad_in_a_row >= t.max_bad_steps {
+                    progress.finish();
+                    return Err(diverged(&mut run, step, ls.bad_in_a_row));
+                }
+            } else {
+                ls.bad_in_a_row = 0;
+                let sync_start = Instant::now();
+                sync_gradients(ctx.group.as_ref(), &opt)?;
+                ls.sync_secs += sync_start.elapsed().as_secs_f64();
+                if let Some(path) = crate::faults::gradient_dump(step).filter(|_| ctx.is_writer) {
+                    opt.save_gradients(&path)?;
+                }
+                let part_norms = opt.grad_norms_by(part_of)?;
+                let grad_norm = opt.clip_grad_norm(t.max_grad_norm);
+                if let Some(spike) = ls.guard.observe(step, loss_value, grad_norm, &part_norms) {
+                    progress.suspend(|| {
                     tracing::warn!(
                         step,
                         loss = spike.loss,
@@ -234,144 +237,158 @@ pub fn train_resuming(
                         "training spike: far above the running average; the part whose gradient rose most is named"
                     )
                 });
-                log.write(serde_json::json!({"step": step, "warning": "spike", "spike": spike}))?;
+                    log.write(
+                        serde_json::json!({"step": step, "warning": "spike", "spike": spike}),
+                    )?;
+                }
+                opt.step(lr);
+                model.commit_memory()?;
+                ls.train_secs += step_start.elapsed().as_secs_f64();
+                if logged {
+                    let tps = ls.tokens as f64 / ls.train_secs.max(1e-9);
+                    let eta = ls.train_secs / step as f64 * (total - step) as f64;
+                    progress.step(step, loss_value, lr, tps);
+                    if progress.is_visible() {
+                        tracing::debug!(step, total, loss = loss_value, lr, grad_norm, "train");
+                    } else {
+                        tracing::info!(
+                            step,
+                            total,
+                            loss = loss_value,
+                            lr,
+                            grad_norm,
+                            tokens_per_s = tps as u64,
+                            eta_s = eta as u64,
+                            "train"
+                        );
+                    }
+                    log.write(serde_json::json!({
+                        "step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
+                        "tokens_per_s": tps, "grad_norms": part_norms, "probe": model.probe.take(),
+                        "grad_sync_share": ls.sync_secs / ls.train_secs.max(1e-9),
+                    }))?;
+                }
             }
-            opt.step(lr);
-            model.commit_memory()?;
-            ls.train_secs += step_start.elapsed().as_secs_f64();
-            if logged {
-                let tps = ls.tokens as f64 / ls.train_secs.max(1e-9);
-                let eta = ls.train_secs / step as f64 * (total - step) as f64;
-                progress.step(step, loss_value, lr, tps);
-                if progress.is_visible() {
-                    tracing::debug!(step, total, loss = loss_value, lr, grad_norm, "train");
-                } else {
+            model.probe.take();
+            run.set_step(step);
+            let mut validation = None;
+            if t.eval_every > 0 && step % t.eval_every == 0 && step < total {
+                let ev = evaluate(
+                    &model,
+                    &data.validation,
+                    t.batch_size * 2,
+                    &data.label_names,
+                )?;
+                progress.suspend(|| {
                     tracing::info!(
                         step,
-                        total,
-                        loss = loss_value,
-                        lr,
-                        grad_norm,
-                        tokens_per_s = tps as u64,
-                        eta_s = eta as u64,
-                        "train"
-                    );
-                }
-                log.write(serde_json::json!({
-                    "step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
-                    "tokens_per_s": tps, "grad_norms": part_norms, "probe": model.probe.take(),
-                    "grad_sync_share": ls.sync_secs / ls.train_secs.max(1e-9),
-                }))?;
+                        loss = ev.loss,
+                        accuracy = ev.accuracy,
+                        macro_f1 = ev.macro_f1,
+                        "validation"
+                    )
+                });
+                log.write(serde_json::json!({"step": step, "split": "validation", "eval": ev}))?;
+                run.save_weights(&model, step)?;
+                validation = Some(ev);
             }
-        }
-        model.probe.take();
-        run.set_step(step);
-        let mut validation = None;
-        if t.eval_every > 0 && step % t.eval_every == 0 && step < total {
-            let ev = evaluate(
-                &model,
-                &data.validation,
-                t.batch_size * 2,
-                &data.label_names,
-            )?;
-            progress.suspend(|| {
-                tracing::info!(
-                    step,
-                    loss = ev.loss,
-                    accuracy = ev.accuracy,
-                    macro_f1 = ev.macro_f1,
-                    "validation"
-                )
-            });
-            log.write(serde_json::json!({"step": step, "split": "validation", "eval": ev}))?;
-            run.save_weights(&model, step)?;
-            validation = Some(ev);
-        }
-        let every = cfg.checkpoint.every;
-        if every > 0 && step % every == 0 && step < total {
-            snapshot(&run, step, &ls, &sampler, &opt, validation.as_ref())?;
-        }
-        let signal = agreed_signal(ctx.group.as_ref(), ctx.stop.requested().unwrap_or(0))?;
-        if signal != 0 {
-            progress.finish();
-            // Preemption: the ranks agreed on this step; its checkpoint is what a requeued
-            // `--resume auto` continues from.
-            if every == 0 || step % every != 0 || step == total {
+            let every = cfg.checkpoint.every;
+            if every > 0 && step % every == 0 && step < total {
                 snapshot(&run, step, &ls, &sampler, &opt, validation.as_ref())?;
             }
-            return Err(interrupted(&mut run, &model, step, signal)?);
+            let signal = agreed_signal(ctx.group.as_ref(), ctx.stop.requested().unwrap_or(0))?;
+            if signal != 0 {
+                progress.finish();
+                // Preemption: the ranks agreed on this step; its checkpoint is what a requeued
+                // `--resume auto` continues from.
+                if every == 0 || step % every != 0 || step == total {
+                    snapshot(&run, step, &ls, &sampler, &opt, validation.as_ref())?;
+                }
+                return Err(interrupted(&mut run, &model, step, signal)?);
+            }
         }
-    }
-    progress.finish();
-    // The end of training has a checkpoint too (a job stopped during the final evaluation
-    // resumes to just that).
-    if first_step <= total {
-        snapshot(&run, total, &ls, &sampler, &opt, None)?;
-    }
-    // Post-hoc temperature scaling, fitted on the validation split and kept with the run.
-    let bs = t.batch_size * 2;
-    let val_out = outputs(&model, &data.validation, bs)?;
-    let (val_logits, val_gold) = super::eval::calibration_units(&val_out, &data.label_names);
-    let temperature = fit_temperature(&val_logits, &val_gold);
-    if at_search_bound(temperature) {
-        tracing::warn!(
+        progress.finish();
+        // The end of training has a checkpoint too (a job stopped during the final evaluation
+        // resumes to just that).
+        if first_step <= total {
+            snapshot(&run, total, &ls, &sampler, &opt, None)?;
+        }
+        // Post-hoc temperature scaling, fitted on the validation split and kept with the run.
+        let bs = t.batch_size * 2;
+        let val_out = outputs(&model, &data.validation, bs)?;
+        let (val_logits, val_gold) = super::eval::calibration_units(&val_out, &data.label_names);
+        let temperature = fit_temperature(&val_logits, &val_gold);
+        if at_search_bound(temperature) {
+            tracing::warn!(
             temperature,
             "the fitted temperature is at the end of its search range {T_RANGE:?}: the validation NLL kept falling past it (near-uniform or degenerate outputs?)"
         );
+        }
+        model.temperature = Some(temperature);
+        run.write_calibration(temperature, total)?;
+        let validation = scores(
+            &val_out,
+            &data.label_names,
+            model.temperature,
+            data.validation.len(),
+        );
+        log.write(serde_json::json!({"step": total, "split": "validation", "eval": validation}))?;
+        crate::faults::abort_in_final_evaluation();
+        let test_out = data
+            .test
+            .as_ref()
+            .map(|d| outputs(&model, d, bs))
+            .transpose()?;
+        let test = test_out
+            .as_ref()
+            .zip(data.test.as_ref())
+            .map(|(out, d)| scores(out, &data.label_names, model.temperature, d.len()));
+        if let Some(ev) = &test {
+            log.write(serde_json::json!({"step": total, "split": "test", "eval": ev}))?;
+        }
+        run.write_plots(
+            &val_out,
+            test_out.as_ref(),
+            &data.label_names,
+            model.temperature,
+        );
+        run.save_weights(&model, total)?;
+        let trainable_params = model.trainable_params();
+        let summary = Summary {
+            run_dir: run.path().to_path_buf(),
+            model: cfg.model.source.clone(),
+            dataset: cfg.data.dataset.clone(),
+            method: cfg.peft.method.name().to_string(),
+            label_names: data.label_names,
+            trainable_params,
+            backbone_params,
+            trainable_share: trainable_params as f64 / backbone_params.max(1) as f64,
+            steps: total,
+            skipped_steps: ls.skipped,
+            train_tokens_per_s: ls.tokens as f64 / ls.train_secs.max(1e-9),
+            seconds: start.elapsed().as_secs_f64(),
+            validation,
+            test,
+            overrides: cfg.overrides.0.clone(),
+            hyper: super::report::hyper_parameters(cfg),
+        };
+        if !summary.is_finite() {
+            tracing::warn!(run_dir = %run.path().display(), "the run finished with non-finite metrics");
+        }
+        run.write_summary(&summary)?;
+        Ok(summary)
+    })();
+    match outcome {
+        Ok(summary) => Ok((summary, model)),
+        Err(e) => {
+            if !matches!(e, Error::Interrupted { .. } | Error::Diverged { .. }) {
+                if let Err(also) = run.set_state(RunState::Failed, Some(e.to_string())) {
+                    tracing::error!("recording the failure in run.json: {also}");
+                }
+            }
+            Err(e)
+        }
     }
-    model.temperature = Some(temperature);
-    run.write_calibration(temperature, total)?;
-    let validation = scores(
-        &val_out,
-        &data.label_names,
-        model.temperature,
-        data.validation.len(),
-    );
-    log.write(serde_json::json!({"step": total, "split": "validation", "eval": validation}))?;
-    crate::faults::abort_in_final_evaluation();
-    let test_out = data
-        .test
-        .as_ref()
-        .map(|d| outputs(&model, d, bs))
-        .transpose()?;
-    let test = test_out
-        .as_ref()
-        .zip(data.test.as_ref())
-        .map(|(out, d)| scores(out, &data.label_names, model.temperature, d.len()));
-    if let Some(ev) = &test {
-        log.write(serde_json::json!({"step": total, "split": "test", "eval": ev}))?;
-    }
-    run.write_plots(
-        &val_out,
-        test_out.as_ref(),
-        &data.label_names,
-        model.temperature,
-    );
-    run.save_weights(&model, total)?;
-    let trainable_params = model.trainable_params();
-    let summary = Summary {
-        run_dir: run.path().to_path_buf(),
-        model: cfg.model.source.clone(),
-        dataset: cfg.data.dataset.clone(),
-        method: cfg.peft.method.name().to_string(),
-        label_names: data.label_names,
-        trainable_params,
-        backbone_params,
-        trainable_share: trainable_params as f64 / backbone_params.max(1) as f64,
-        steps: total,
-        skipped_steps: ls.skipped,
-        train_tokens_per_s: ls.tokens as f64 / ls.train_secs.max(1e-9),
-        seconds: start.elapsed().as_secs_f64(),
-        validation,
-        test,
-        overrides: cfg.overrides.0.clone(),
-        hyper: super::report::hyper_parameters(cfg),
-    };
-    if !summary.is_finite() {
-        tracing::warn!(run_dir = %run.path().display(), "the run finished with non-finite metrics");
-    }
-    run.write_summary(&summary)?;
-    Ok((summary, model))
 }
 
 /// The mean of `x` over ranks.
