@@ -423,3 +423,36 @@ fn a_full_disk_leaves_no_partial_checkpoint_and_records_the_failure() -> TestRes
     let _ = std::fs::remove_dir_all(&out);
     Ok(())
 }
+
+#[test]
+fn a_sweep_report_lists_the_runs_without_results() -> TestResult {
+    let out = scratch("sweep-report");
+    let args = train_args(&out, "unused", 4, 2, &[]);
+    let sets: Vec<&String> = args[2..]
+        .chunks(2)
+        .filter(|kv| !kv[1].starts_with("run.") && !kv[1].starts_with("data.dataset"))
+        .flatten()
+        .collect();
+    // The second grid point's data does not exist: its run fails before it trains.
+    let missing = out.join("no-such.jsonl").display().to_string();
+    let sweep = Command::new(umtune_bin())
+        .args(["sweep", &args[1], "--out"])
+        .arg(&out)
+        .args(["--grid", &format!("data.dataset=uci-sentiment,{missing}")])
+        .arg("--local")
+        .args(sets)
+        .output()?;
+    assert!(!sweep.status.success(), "a failed run fails the sweep");
+    let report = Command::new(umtune_bin())
+        .arg("report")
+        .arg(&out)
+        .output()?;
+    check(&report, "umtune report");
+    let text = String::from_utf8_lossy(&report.stdout);
+    assert!(
+        text.contains("1 of 2 planned runs have no results") && text.contains("no-such.jsonl"),
+        "{text}"
+    );
+    let _ = std::fs::remove_dir_all(&out);
+    Ok(())
+}

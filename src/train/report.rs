@@ -412,7 +412,10 @@ fn group_rows(groups: &[Group]) -> Vec<Vec<String>> {
 /// Returns the markdown (empty when no group has two runs and there is no sweep).
 pub fn sweep_report(dir: &Path, entries: &[ReportEntry]) -> Result<String> {
     let (groups, plan) = group_runs(dir, entries)?;
-    if groups.is_empty() || (plan.is_none() && groups.iter().all(|g| g.runs.len() < 2)) {
+    if groups.is_empty() {
+        return Ok(plan.map_or_else(String::new, |p| missing_runs(&p, entries)));
+    }
+    if plan.is_none() && groups.iter().all(|g| g.runs.len() < 2) {
         return Ok(String::new());
     }
     let rows = group_rows(&groups);
@@ -439,6 +442,9 @@ pub fn sweep_report(dir: &Path, entries: &[ReportEntry]) -> Result<String> {
             )
         });
     md.push_str(&best.unwrap_or_default());
+    if let Some(plan) = &plan {
+        md.push_str(&missing_runs(plan, entries));
+    }
     let mut w = csv::Writer::from_writer(Vec::new());
     let internal = |e: csv::Error| Error::Internal(format!("groups CSV: {e}"));
     w.write_record(GROUP_COLUMNS).map_err(internal)?;
@@ -460,6 +466,34 @@ pub fn sweep_report(dir: &Path, entries: &[ReportEntry]) -> Result<String> {
         }
     }
     Ok(md)
+}
+
+/// The planned runs that have no results (failed, unfinished or never started), each with its
+/// state: they are not in the table, and `best` is chosen without them.
+fn missing_runs(plan: &super::sweep::SweepPlan, entries: &[ReportEntry]) -> String {
+    let lines: Vec<String> = plan
+        .runs
+        .iter()
+        .filter_map(|run| {
+            let entry = entries
+                .iter()
+                .find(|e| e.dir.file_name().is_some_and(|n| n == run.name.as_str()));
+            match entry {
+                Some(e) if e.summary.is_some() => None,
+                Some(e) => Some(format!("- {}: {}\n", run.name, e.status)),
+                None => Some(format!("- {}: not started\n", run.name)),
+            }
+        })
+        .collect();
+    if lines.is_empty() {
+        return String::new();
+    }
+    format!(
+        "\n{} of {} planned runs have no results (not in the table; `best` is among the others):\n{}",
+        lines.len(),
+        plan.runs.len(),
+        lines.concat()
+    )
 }
 
 /// The lines of the sweep plot: x is the first numeric grid axis (`train.lr` if it is one), one
