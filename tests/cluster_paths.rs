@@ -97,6 +97,19 @@ fn resume_auto_of_a_finished_run_compares_its_config() -> TestResult {
         &umtune(&with_resume(train_args(&out, "f", 4, 2, &[])))?,
         "resume of the finished run",
     );
+    // Its PEFT export says what the adapter leaves out (the run has UM and the memory on).
+    let export = Command::new(umtune_bin())
+        .arg("export")
+        .arg(out.join("f"))
+        .arg("--out")
+        .arg(out.join("adapter"))
+        .output()?;
+    check(&export, "export");
+    let e = String::from_utf8_lossy(&export.stderr);
+    assert!(
+        e.contains("ignore the external memory") && e.contains("uncertainty modeling"),
+        "{e}"
+    );
     let _ = std::fs::remove_dir_all(&out);
     Ok(())
 }
