@@ -165,19 +165,23 @@ fn conformance_ring_2_and_3_ranks() {
     conformance("ring", 3);
 }
 
-#[test]
-fn a_stranger_is_refused_by_the_ring() -> TestResult {
-    // Rank 1 of the job publishes its address; a connection without the job's nonce is dropped,
-    // and the real ring still forms.
-    let server = Store::connect("127.0.0.1", 0, true, 2, TIMEOUT, "stranger", 0)?;
+/// A 2-rank ring formed through a store under `prefix` while `visit` connects to rank 0's ring
+/// port first (rank 1 arrives 300 ms late); the ring's all-reduce works. Returns how long the
+/// ring took to form and whatever `visit` keeps open meanwhile.
+fn ring_with_a_visitor<T>(
+    prefix: &'static str,
+    visit: impl FnOnce(&str) -> std::io::Result<T>,
+) -> Result<(Duration, T), Box<dyn std::error::Error>> {
+    let server = Store::connect("127.0.0.1", 0, true, 2, TIMEOUT, prefix, 0)?;
     let port = server.port();
+    let start = Instant::now();
     let ranks: Vec<_> = (0..2)
         .map(|rank| {
             std::thread::spawn(move || {
                 let store =
-                    Store::connect("127.0.0.1", port, false, 2, TIMEOUT, "stranger", rank).unwrap();
+                    Store::connect("127.0.0.1", port, false, 2, TIMEOUT, prefix, rank).unwrap();
                 if rank == 1 {
-                    // Let the stranger knock first.
+                    // Let the visitor knock first.
                     std::thread::sleep(Duration::from_millis(300));
                 }
                 let g = RingGroup::connect(&store, rank, 2, "127.0.0.1", TIMEOUT).unwrap();
@@ -188,12 +192,22 @@ fn a_stranger_is_refused_by_the_ring() -> TestResult {
         })
         .collect();
     let addr = String::from_utf8(server.get("ring/addr/0")?)?;
-    let mut intruder = std::net::TcpStream::connect(&addr)?;
-    use std::io::Write;
-    intruder.write_all(b"UMTR0000000000000000\x01\x00\x00\x00")?;
+    let kept = visit(&addr)?;
     for r in ranks {
         assert_eq!(r.join().unwrap(), 2.0);
     }
+    Ok((start.elapsed(), kept))
+}
+
+#[test]
+fn a_stranger_is_refused_by_the_ring() -> TestResult {
+    // A connection without the job's nonce is dropped, and the real ring still forms.
+    ring_with_a_visitor("stranger", |addr| {
+        use std::io::Write;
+        let mut intruder = std::net::TcpStream::connect(addr)?;
+        intruder.write_all(b"UMTR0000000000000000\x01\x00\x00\x00")?;
+        Ok(intruder)
+    })?;
     Ok(())
 }
 
@@ -672,33 +686,10 @@ fn a_checkpoint_resumes_on_another_world_size() -> TestResult {
 fn a_silent_connection_does_not_stall_the_ring_rendezvous() -> TestResult {
     // A client that connects to rank 0's ring port and never speaks (a port scanner, a stuck
     // health check) used to hold rank 0's handshake for the whole timeout.
-    let server = Store::connect("127.0.0.1", 0, true, 2, TIMEOUT, "silent", 0)?;
-    let port = server.port();
-    let start = Instant::now();
-    let ranks: Vec<_> = (0..2)
-        .map(|rank| {
-            std::thread::spawn(move || {
-                let store =
-                    Store::connect("127.0.0.1", port, false, 2, TIMEOUT, "silent", rank).unwrap();
-                if rank == 1 {
-                    std::thread::sleep(Duration::from_millis(300));
-                }
-                let g = RingGroup::connect(&store, rank, 2, "127.0.0.1", TIMEOUT).unwrap();
-                let mut t = Tensor::from_slice(&[1.0f32]);
-                g.all_reduce(&mut t, ReduceOp::Sum).unwrap();
-                t.double_value(&[0])
-            })
-        })
-        .collect();
-    let addr = String::from_utf8(server.get("ring/addr/0")?)?;
-    let _silent = std::net::TcpStream::connect(&addr)?;
-    for r in ranks {
-        assert_eq!(r.join().unwrap(), 2.0);
-    }
+    let (took, _silent) = ring_with_a_visitor("silent", |addr| std::net::TcpStream::connect(addr))?;
     assert!(
-        start.elapsed() < Duration::from_secs(4),
-        "the ring formed after {:?} (a silent client stalled it)",
-        start.elapsed()
+        took < Duration::from_secs(4),
+        "the ring formed after {took:?} (a silent client stalled it)"
     );
     Ok(())
 }
