@@ -214,6 +214,16 @@ fn a_stranger_is_refused_by_the_ring() -> TestResult {
 #[test]
 fn python_tcpstore_reads_what_umtune_wrote() -> TestResult {
     let server = Store::connect("127.0.0.1", 0, true, 2, TIMEOUT, "umtune", 0)?;
+    // It serves on the interface its host names (loopback), not on every interface.
+    let listening = std::fs::read_to_string("/proc/net/tcp")?;
+    let loopback = format!("0100007F:{:04X}", server.port());
+    assert!(
+        listening
+            .lines()
+            .any(|l| l.split_whitespace().nth(1) == Some(&loopback)),
+        "no listener at 127.0.0.1:{}:\n{listening}",
+        server.port()
+    );
     server.set("from-rust", b"hello from a umtune rank")?;
     let script = format!(
         "import datetime, torch.distributed as d\n\

@@ -179,10 +179,11 @@ fn run(a: &Args) -> Result<ExitCode, String> {
     // every node's workers meet under one prefix.
     let timeout = Duration::from_secs(a.timeout_s);
     let serve = node_rank == 0;
+    // Node 0 serves on the master address's interface (loopback on one node), so the store is
+    // not reachable from networks the job does not use.
     let bind = match (serve, nnodes) {
         (true, 1) => "127.0.0.1",
-        (true, _) => "0.0.0.0",
-        (false, _) => master_addr.as_str(),
+        _ => master_addr.as_str(),
     };
     let store = Store::connect(
         bind,

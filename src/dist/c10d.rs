@@ -28,6 +28,7 @@ extern "C" {
         world: c_int,
         timeout_ms: c_int,
         prefix: *const c_char,
+        listen_fd: c_int,
         err: *mut *mut c_char,
     ) -> *mut RawStore;
     fn umt_store_port(s: *mut RawStore) -> c_int;
@@ -104,6 +105,23 @@ fn take_error(err: *mut c_char) -> String {
     msg.lines().next().unwrap_or_default().to_string()
 }
 
+/// A listening socket on `host:port` for the store's server, or None to let c10d listen on
+/// every interface (`host` unspecified, or not this machine's: said in a warning).
+fn bind_store_listener(host: &str, port: u16) -> Option<std::net::TcpListener> {
+    use std::net::ToSocketAddrs;
+    let addr = (host, port).to_socket_addrs().ok()?.next()?;
+    if addr.ip().is_unspecified() {
+        return None;
+    }
+    match std::net::TcpListener::bind(addr) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            tracing::warn!(%addr, "the store serves on every interface: binding its address failed ({e})");
+            None
+        }
+    }
+}
+
 fn c_string(s: &str, what: &str) -> Result<CString> {
     CString::new(s).map_err(|_| Error::Config(format!("{what} `{s}` contains a NUL byte")))
 }
@@ -138,6 +156,15 @@ impl Store {
         rank: usize,
     ) -> Result<Store> {
         let (h, p) = (c_string(host, "host")?, c_string(prefix, "store prefix")?);
+        // A server listens on `host`'s interface only (c10d alone would listen on all of them):
+        // umtune binds the socket and the store takes it over. `0.0.0.0`, or a host that is not
+        // an address of this machine, serves on all interfaces as before.
+        let listener = match is_server {
+            true => bind_store_listener(host, port),
+            false => None,
+        };
+        use std::os::fd::IntoRawFd;
+        let listen_fd = listener.map_or(-1, |l| l.into_raw_fd());
         let mut err = std::ptr::null_mut();
         // SAFETY: valid C strings; the shim catches every exception.
         let raw = unsafe {
@@ -148,6 +175,7 @@ impl Store {
                 world_size as c_int,
                 millis(timeout),
                 p.as_ptr(),
+                listen_fd,
                 &mut err,
             )
         };

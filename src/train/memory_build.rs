@@ -150,7 +150,11 @@ pub fn build_in(req: &BuildRequest, job: &JobEnv) -> Result<BuildReport> {
         }
         // The run's own memory, with its digest in run.json.
         None => {
-            let mut run = RunDir::open_for_writing(req.source)?;
+            // Only the writer rank holds the run's lock (every rank writes its shard).
+            let mut run = match ctx.is_writer {
+                true => RunDir::open_for_writing(req.source)?,
+                false => RunDir::open(req.source)?,
+            };
             run.set_writer(ctx.is_writer);
             run.save_memory(fusion)?;
             req.source.join(MEMORY_INDEX)

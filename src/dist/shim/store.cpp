@@ -18,10 +18,13 @@ extern "C" {
 
 void umt_free(void* p) { free(p); }
 
+// listen_fd >= 0 (a server): a socket the caller bound and listens on, which the store takes
+// over (so it serves on the interface the caller chose rather than on all of them).
 umt_store* umt_store_new(const char* host, int port, int is_server, int world, int timeout_ms,
-                         const char* prefix, char** err) {
+                         const char* prefix, int listen_fd, char** err) {
   try {
     c10d::TCPStoreOptions o;
+    if (is_server != 0 && listen_fd >= 0) o.masterListenFd = listen_fd;
     o.port = static_cast<uint16_t>(port);
     o.isServer = is_server != 0;
     if (o.isServer && world > 0) o.numWorkers = static_cast<size_t>(world);
