@@ -16,9 +16,14 @@
 use super::c10d::Store;
 use super::{Collective, ReduceOp};
 use crate::error::{Error, Result};
+mod element;
+mod link;
+
+use element::{as_bytes, as_bytes_mut, disjoint, slice_of, Element};
+use link::{configure, hello, local_ip_towards, Greeting, Sender, HELLO_DEADLINE};
 use std::io::{ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::sync::{mpsc, Mutex};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
 
@@ -27,93 +32,12 @@ const SEGMENT: usize = 1 << 18;
 /// Up to this many bytes a step writes before reading without a helper thread (far below what
 /// the kernel's socket buffers hold, so two ranks writing to each other cannot block).
 const INLINE: usize = 16 << 10;
-const MAGIC: &[u8; 4] = b"UMTR";
-/// How long an accepted connection may take to send its greeting (a ring peer sends it as soon as
-/// it has connected); a silent one is dropped so that it cannot hold up the rendezvous.
-const HELLO_DEADLINE: Duration = Duration::from_secs(5);
-
-/// An accepted connection whose 24-byte greeting is still arriving.
-struct Greeting {
-    stream: TcpStream,
-    from: SocketAddr,
-    buf: [u8; 24],
-    got: usize,
-    since: Instant,
-}
-
-impl Greeting {
-    fn new(stream: TcpStream, from: SocketAddr) -> Self {
-        Greeting {
-            stream,
-            from,
-            buf: [0; 24],
-            got: 0,
-            since: Instant::now(),
-        }
-    }
-
-    /// Reads what has arrived: `Some(true)` with the whole greeting, `Some(false)` when the
-    /// connection closed or failed first, `None` while more is to come.
-    fn poll(&mut self) -> Option<bool> {
-        while self.got < self.buf.len() {
-            match self.stream.read(&mut self.buf[self.got..]) {
-                Ok(0) => return Some(false),
-                Ok(n) => self.got += n,
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return None,
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(_) => return Some(false),
-            }
-        }
-        Some(true)
-    }
-}
 
 struct Links {
     next: TcpStream,
     prev: TcpStream,
     /// Writes to `next` (a clone of its socket) while the caller reads from `prev`.
     sender: Sender,
-}
-
-/// One thread per group that writes to the next rank while the collective's thread reads from
-/// the previous one (a thread per step would put a thread start on every step's latency).
-struct Sender {
-    jobs: mpsc::Sender<(usize, usize)>,
-    done: mpsc::Receiver<std::io::Result<()>>,
-}
-
-impl Sender {
-    fn spawn(mut stream: TcpStream) -> std::io::Result<Sender> {
-        let (jobs, job_rx) = mpsc::channel::<(usize, usize)>();
-        let (done_tx, done) = mpsc::channel();
-        std::thread::Builder::new()
-            .name("umtune-ring-send".into())
-            .spawn(move || {
-                for (addr, len) in job_rx {
-                    // SAFETY: `send` keeps the bytes alive and unchanged until `done` reports.
-                    let bytes = unsafe { std::slice::from_raw_parts(addr as *const u8, len) };
-                    if done_tx.send(stream.write_all(bytes)).is_err() {
-                        break;
-                    }
-                }
-            })?;
-        Ok(Sender { jobs, done })
-    }
-
-    /// Writes `out` on the sender thread while `receive` runs here; returns both outcomes. Always
-    /// waits for the write to finish (bounded by the socket's timeout) before `out` is released.
-    fn send_while<T>(&self, out: &[u8], receive: impl FnOnce() -> T) -> (T, std::io::Result<()>) {
-        if self.jobs.send((out.as_ptr() as usize, out.len())).is_err() {
-            let gone = std::io::Error::other("the ring sender thread is gone");
-            return (receive(), Err(gone));
-        }
-        let got = receive();
-        let sent = self
-            .done
-            .recv()
-            .unwrap_or_else(|_| Err(std::io::Error::other("the ring sender thread is gone")));
-        (got, sent)
-    }
 }
 
 pub struct RingGroup {
@@ -503,32 +427,6 @@ impl Collective for RingGroup {
     }
 }
 
-/// The local address whose interface routes to `master` (no packet is sent), so peers on other
-/// nodes can reach the listener; loopback for a local master.
-fn local_ip_towards(master: &str) -> std::net::IpAddr {
-    let fallback = std::net::IpAddr::from([127, 0, 0, 1]);
-    let probe = || -> std::io::Result<std::net::IpAddr> {
-        let sock = UdpSocket::bind("0.0.0.0:0")?;
-        sock.connect((master, 9))?;
-        Ok(sock.local_addr()?.ip())
-    };
-    probe().unwrap_or(fallback)
-}
-
-fn configure(s: &TcpStream, timeout: Duration) -> std::io::Result<()> {
-    s.set_nodelay(true)?;
-    s.set_read_timeout(Some(timeout))?;
-    s.set_write_timeout(Some(timeout))
-}
-
-fn hello(nonce: &[u8; 16], rank: usize) -> [u8; 24] {
-    let mut h = [0u8; 24];
-    h[..4].copy_from_slice(MAGIC);
-    h[4..20].copy_from_slice(nonce);
-    h[20..].copy_from_slice(&(rank as u32).to_le_bytes());
-    h
-}
-
 fn peer_error(rank: usize, peer: usize, what: &str, e: std::io::Error) -> Error {
     let why = match e.kind() {
         ErrorKind::WouldBlock | ErrorKind::TimedOut => {
@@ -542,69 +440,5 @@ fn peer_error(rank: usize, peer: usize, what: &str, e: std::io::Error) -> Error 
     Error::Collective {
         rank,
         msg: format!("{what} rank {peer}: {why}"),
-    }
-}
-
-/// The `n` elements of a contiguous CPU tensor as a mutable slice.
-///
-/// # Safety
-/// `t` must be contiguous, on the CPU, hold at least `n` elements of `T`'s layout, and nothing
-/// else may access its storage while the slice lives.
-#[allow(clippy::mut_from_ref)]
-unsafe fn slice_of<T>(t: &Tensor, n: usize) -> &mut [T] {
-    if n == 0 {
-        return &mut [];
-    }
-    std::slice::from_raw_parts_mut(t.data_ptr().cast::<T>(), n)
-}
-
-fn as_bytes<T: Element>(x: &[T]) -> &[u8] {
-    // SAFETY: plain-old-data element types, any bit pattern is a valid u8.
-    unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<u8>(), std::mem::size_of_val(x)) }
-}
-
-fn as_bytes_mut<T: Element>(x: &mut [T]) -> &mut [u8] {
-    // SAFETY: as above; every byte pattern is a valid f32/f64/i64 too.
-    unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(x)) }
-}
-
-/// The chunk at `send` to read and the (different) chunk at `recv` to write, of one buffer.
-fn disjoint<T>(data: &mut [T], send: (usize, usize), recv: (usize, usize)) -> (&[T], &mut [T]) {
-    if send.1 <= recv.0 {
-        let (lo, hi) = data.split_at_mut(recv.0);
-        (&lo[send.0..send.1], &mut hi[..recv.1 - recv.0])
-    } else {
-        let (lo, hi) = data.split_at_mut(send.0);
-        (&hi[..send.1 - send.0], &mut lo[recv.0..recv.1])
-    }
-}
-
-/// The element types the ring reduces (little-endian, as on every platform libtorch runs on).
-trait Element: Copy + std::ops::AddAssign {
-    const SIZE: usize;
-    fn from_le(b: &[u8]) -> Self;
-    /// Adds the elements in `bytes` to `target` element by element.
-    fn add_bytes(target: &mut [Self], bytes: &[u8]) {
-        for (t, b) in target.iter_mut().zip(bytes.chunks_exact(Self::SIZE)) {
-            *t += Self::from_le(b);
-        }
-    }
-}
-impl Element for f32 {
-    const SIZE: usize = 4;
-    fn from_le(b: &[u8]) -> Self {
-        f32::from_le_bytes(b.try_into().unwrap())
-    }
-}
-impl Element for f64 {
-    const SIZE: usize = 8;
-    fn from_le(b: &[u8]) -> Self {
-        f64::from_le_bytes(b.try_into().unwrap())
-    }
-}
-impl Element for i64 {
-    const SIZE: usize = 8;
-    fn from_le(b: &[u8]) -> Self {
-        i64::from_le_bytes(b.try_into().unwrap())
     }
 }
