@@ -5,7 +5,7 @@ use crate::data::corrupt::Corruption;
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Where the model comes from and how it is held in memory.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -281,6 +281,13 @@ impl Autocast {
     }
 }
 
+impl TrainConfig {
+    /// The batch of inference passes (no gradients are kept, so twice the training batch fits).
+    pub fn eval_batch_size(&self) -> usize {
+        self.batch_size * 2
+    }
+}
+
 impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
@@ -318,6 +325,36 @@ pub struct Config {
     /// of the config file, nor of its value).
     #[serde(skip)]
     pub overrides: Overrides,
+}
+
+/// A config from a file (optional), `--set` overrides and a model reference, as the commands
+/// that need no run directory take it.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct ConfigArgs {
+    /// TOML experiment config.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub overrides: OverrideArgs,
+    /// Model reference (overrides model.source).
+    #[arg(long)]
+    pub model: Option<String>,
+}
+
+impl ConfigArgs {
+    pub fn load(&self) -> Result<Config> {
+        let mut overrides = self.overrides.set.clone();
+        overrides.extend(self.model.iter().map(|m| format!("model.source={m}")));
+        Config::load(self.config.as_deref(), &overrides)
+    }
+}
+
+/// The `--set section.key=value` flags every subcommand that reads a config takes.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct OverrideArgs {
+    /// Override a config value: `--set section.key=value` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
 }
 
 /// How a config was loaded: not part of its value, so any two compare equal.

@@ -9,6 +9,26 @@ pub struct Fact {
     pub ok: bool,
 }
 
+/// The facts as `umtune doctor` prints them: one `name  value` line each.
+pub fn table(facts: &[Fact]) -> String {
+    facts
+        .iter()
+        .map(|f| format!("{:<24} {}\n", f.name, f.value))
+        .collect()
+}
+
+/// An error naming the facts `make run` needs and this machine lacks.
+pub fn check(facts: &[Fact]) -> crate::error::Result<()> {
+    let missing: Vec<&str> = facts.iter().filter(|f| !f.ok).map(|f| f.name).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(crate::error::Error::Config(format!(
+        "missing: {} (see above)",
+        missing.join(", ")
+    )))
+}
+
 pub fn facts() -> Vec<Fact> {
     let mut out = Vec::new();
     let mut add = |name, value: String| {

@@ -1,5 +1,6 @@
 //! umtune: parameter-efficient fine-tuning of LLMs with uncertainty modeling and external memory.
 pub mod atomic_file;
+pub mod bench;
 pub mod config;
 pub mod data;
 pub mod dist;

@@ -21,6 +21,14 @@ pub mod ids {
     pub const FOREIGN: i64 = 3 << 40;
     /// Inputs of `predict`: never an entry of the memory.
     pub const PREDICT: i64 = 4 << 40;
+    /// Random entries the benchmarks fill a memory with.
+    pub const SYNTHETIC: i64 = 1 << 50;
+    /// Inputs without ids (a forward outside training): `UNKNOWN + i` for row i, distinct per
+    /// row and never an entry's.
+    pub const UNKNOWN: i64 = i64::MIN;
+    /// A query id no entry has (the memory's self-exclusion removes nothing; -1 marks an empty
+    /// slot).
+    pub const NONE: i64 = -2;
 }
 
 /// The dataset directory: a path, or a name under `$UMTUNE_CACHE/data`.

@@ -404,7 +404,8 @@ impl TaskModel {
         let example_ids = match example_ids {
             Some(ids) => ids,
             None => {
-                unknown = Tensor::arange(b_sz, (tch::Kind::Int64, input_ids.device())) + i64::MIN;
+                unknown = Tensor::arange(b_sz, (tch::Kind::Int64, input_ids.device()))
+                    + crate::data::dataset::ids::UNKNOWN;
                 &unknown
             }
         };

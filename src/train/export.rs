@@ -13,6 +13,32 @@ use serde_json::json;
 use std::path::Path;
 use tch::Tensor;
 
+/// The formats a run exports to.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// A Hugging Face PEFT LoRA adapter.
+    Peft,
+}
+
+/// `umtune export`'s arguments.
+#[derive(clap::Args, Debug)]
+pub struct ExportArgs {
+    pub run_dir: std::path::PathBuf,
+    #[arg(long, value_enum, default_value = "peft")]
+    pub format: Format,
+    #[arg(long)]
+    pub out: std::path::PathBuf,
+}
+
+/// Exports the run `args.run_dir` names in `args.format`; returns what was written, in words.
+pub fn export(args: &ExportArgs) -> Result<String> {
+    let run = super::restore::load_run(&args.run_dir, &[])?;
+    match args.format {
+        Format::Peft => export_peft(&run, &args.out)?,
+    }
+    Ok(format!("PEFT adapter written to {}", args.out.display()))
+}
+
 /// Writes `out/adapter_config.json` and `out/adapter_model.safetensors` for a LoRA run.
 pub fn export_peft(run: &LoadedRun, out: &Path) -> Result<()> {
     let cfg = &run.config;

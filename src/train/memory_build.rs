@@ -65,6 +65,34 @@ pub fn build(req: &BuildRequest) -> Result<BuildReport> {
     build_in(req, &JobEnv::single())
 }
 
+/// `umtune memory build`'s arguments.
+#[derive(clap::Args, Debug)]
+pub struct BuildArgs {
+    /// A run directory or a TOML config with `[memory] enabled = true`.
+    pub source: std::path::PathBuf,
+    /// A dataset (name or directory) to read instead of the source's.
+    #[arg(long)]
+    pub data: Option<String>,
+    #[arg(long, default_value = "train")]
+    pub split: String,
+    #[arg(long)]
+    pub out: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub overrides: crate::config::OverrideArgs,
+}
+
+impl BuildArgs {
+    pub fn request(&self) -> BuildRequest<'_> {
+        BuildRequest {
+            source: &self.source,
+            data: self.data.as_deref(),
+            split: &self.split,
+            out: self.out.as_deref(),
+            overrides: &self.overrides.set,
+        }
+    }
+}
+
 /// Builds the memory with every process of `job` (each encodes its share and writes its shard).
 pub fn build_in(req: &BuildRequest, job: &JobEnv) -> Result<BuildReport> {
     let start = Instant::now();
@@ -126,7 +154,7 @@ pub fn build_in(req: &BuildRequest, job: &JobEnv) -> Result<BuildReport> {
     // batch's first example as padding (id -1: read, never written) — the writes and reads are
     // collective.
     let (rank, w) = (ctx.rank, ctx.world_size);
-    let bs = config.train.batch_size * 2;
+    let bs = config.train.eval_batch_size();
     for start in (0..examples.len()).step_by(bs * w) {
         let end = (start + bs * w).min(examples.len());
         let lo = (start + rank * bs).min(end);

@@ -5,6 +5,7 @@ pub mod autocast;
 pub mod checkpoint;
 pub mod diagnostics;
 pub mod eval;
+pub mod evaluate;
 pub mod export;
 pub mod memory_build;
 pub mod metrics;

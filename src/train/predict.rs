@@ -109,6 +109,30 @@ fn same_file(a: &Path, b: &Path) -> bool {
     resolve(a).is_some_and(|x| Some(x) == resolve(b))
 }
 
+/// `umtune predict`'s arguments.
+#[derive(clap::Args, Debug)]
+pub struct PredictArgs {
+    pub run_dir: std::path::PathBuf,
+    #[arg(long)]
+    pub input: std::path::PathBuf,
+    #[arg(long)]
+    pub output: std::path::PathBuf,
+    /// Average N stochastic passes (MC sampling; runs with uncertainty modeling).
+    #[arg(long, value_name = "N")]
+    pub mc: Option<i64>,
+}
+
+/// Loads the run and predicts `args.input` into `args.output`; returns the examples predicted.
+pub fn predict_file(args: &PredictArgs) -> Result<usize> {
+    let overrides: Vec<String> = args
+        .mc
+        .map(|n| format!("uncertainty.mc_predict={n}"))
+        .into_iter()
+        .collect();
+    let run = super::restore::load_run(&args.run_dir, &overrides)?;
+    predict_jsonl(&run, &args.input, &args.output)
+}
+
 /// `umtune predict`: reads JSONL (the text column, or for NER the tokens column as a list of
 /// words or the text column split on whitespace), writes each line back with the predictions
 /// added: `label`, `label_id`, `probabilities`; for NER `tokens`, `tags`, `tag_probabilities`.
@@ -155,7 +179,7 @@ pub fn predict_jsonl(run: &LoadedRun, input: &Path, output: &Path) -> Result<usi
         };
         rows.push((v, words));
     }
-    let bs = run.config.train.batch_size * 2;
+    let bs = run.config.train.eval_batch_size();
     let calibrated = run.model.temperature.is_some();
     let mut out = String::new();
     if ner {

@@ -39,6 +39,37 @@ pub struct Summary {
     pub hyper: BTreeMap<String, serde_json::Value>,
 }
 
+impl Summary {
+    /// What `cfg` and the model's sizes say of a run; its steps, throughput and scores start at
+    /// zero for the caller to fill in.
+    pub fn of(
+        cfg: &crate::config::Config,
+        run_dir: &Path,
+        label_names: Vec<String>,
+        trainable_params: i64,
+        backbone_params: i64,
+    ) -> Self {
+        Summary {
+            run_dir: run_dir.to_path_buf(),
+            model: cfg.model.source.clone(),
+            dataset: cfg.data.dataset.clone(),
+            method: cfg.peft.method.name().to_string(),
+            label_names,
+            trainable_params,
+            backbone_params,
+            trainable_share: trainable_params as f64 / backbone_params.max(1) as f64,
+            steps: 0,
+            skipped_steps: 0,
+            train_tokens_per_s: 0.0,
+            seconds: 0.0,
+            validation: Default::default(),
+            test: None,
+            overrides: cfg.overrides.0.clone(),
+            hyper: hyper_parameters(cfg),
+        }
+    }
+}
+
 /// The hyper-parameters of `cfg` a report groups runs by: optimization, the PEFT method, the
 /// seed, and which parts of the method are on.
 pub fn hyper_parameters(cfg: &crate::config::Config) -> BTreeMap<String, serde_json::Value> {
@@ -235,6 +266,20 @@ fn result_rows(entries: &[ReportEntry]) -> Vec<Vec<String>> {
 }
 
 /// A markdown results table.
+/// Writes `DIR/results.md` and `DIR/results.csv` of the runs below `dir`; returns the markdown.
+pub fn write_results(dir: &Path, runs: &[ReportEntry]) -> Result<String> {
+    if runs.is_empty() {
+        return Err(Error::run(
+            dir,
+            "no run directories (with run.json or summary.json) below it",
+        ));
+    }
+    let md = results_table(runs);
+    crate::atomic_file::write_atomic(&dir.join("results.md"), md.as_bytes())?;
+    crate::atomic_file::write_atomic(&dir.join("results.csv"), results_csv(runs)?.as_bytes())?;
+    Ok(md)
+}
+
 pub fn results_table(entries: &[ReportEntry]) -> String {
     let line = |cells: &[String]| {
         let cells: Vec<String> = cells.iter().map(|c| c.replace('|', "\\|")).collect();

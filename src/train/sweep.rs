@@ -6,7 +6,7 @@
 //! the sbatch script asks for SIGUSR1 before the time limit and requeues the task, which then
 //! resumes). `umtune report SWEEP_DIR` groups the runs by grid point.
 use crate::atomic_file::write_atomic;
-use crate::config::Config;
+use crate::config::{Config, OverrideArgs};
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -224,6 +224,125 @@ fn short_names(axes: &[Axis]) -> BTreeMap<String, String> {
             (a.key.clone(), if clash { a.key.clone() } else { s })
         })
         .collect()
+}
+
+/// `umtune sweep`'s arguments.
+#[derive(clap::Args, Debug)]
+pub struct SweepArgs {
+    /// TOML experiment config every run starts from.
+    pub config: PathBuf,
+    /// `section.key=v1,v2,...` (repeatable; the grid is their product).
+    #[arg(long)]
+    pub grid: Vec<String>,
+    /// Seeds, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "42")]
+    pub seeds: Vec<u64>,
+    /// The sweep's directory (sweep.json, the runs, logs/).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Overrides every run gets.
+    #[command(flatten)]
+    pub overrides: OverrideArgs,
+    #[arg(long)]
+    pub local: bool,
+    /// Runs at once with --local.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    pub parallel: u64,
+    #[arg(long)]
+    pub slurm: bool,
+    /// Print the sbatch script (--slurm) or each run's overrides instead of running.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// GPUs (workers under umtune-launch) per array task, with --slurm.
+    #[arg(long, default_value_t = 1)]
+    pub nproc_per_node: usize,
+    /// `--time` of each array task (HH:MM:SS), with --slurm.
+    #[arg(long, default_value = "")]
+    pub time: String,
+    /// Extra sbatch options, e.g. `--sbatch=--partition=gpu` (repeatable).
+    #[arg(long, allow_hyphen_values = true)]
+    pub sbatch: Vec<String>,
+}
+
+/// Plans the sweep (`OUT/sweep.json`) and runs it as `args` say: submits the job array
+/// (`--slurm`), runs it here (`--local`), or prints what it would do (`--dry-run`), writing what
+/// it tells the user to `out`. True when the runs ran here (a report of them is due).
+pub fn run(args: &SweepArgs, bin: &Path, out: &mut dyn std::io::Write) -> Result<bool> {
+    let say = |out: &mut dyn std::io::Write, text: &str| {
+        out.write_all(text.as_bytes())
+            .map_err(|e| Error::io("stdout", e))
+    };
+    if !(args.slurm || args.local || args.parallel > 1 || args.dry_run) {
+        return Err(Error::Config("umtune sweep: say how to run it: --local [--parallel K], --slurm [--dry-run], or --dry-run".into()));
+    }
+    let plan = SweepPlan::new(&args.config, &args.overrides.set, &args.grid, &args.seeds)?;
+    let plan_path = plan.write(&args.out)?;
+    say(
+        out,
+        &format!(
+            "{} runs ({} grid points x {} seeds), plan: {}\n",
+            plan.runs.len(),
+            plan.runs.len() / plan.seeds.len(),
+            plan.seeds.len(),
+            plan_path.display()
+        ),
+    )?;
+    if args.slurm {
+        let options = SlurmOptions {
+            nproc_per_node: args.nproc_per_node,
+            time: args.time.clone(),
+            extra: args.sbatch.clone(),
+        };
+        let script = sbatch_script(&plan, &plan_path, bin, &options);
+        if args.dry_run {
+            say(out, &script)?;
+        } else {
+            let (id, file) = submit(&script, &args.out)?;
+            say(
+                out,
+                &format!("submitted job array {id} ({})\n", file.display()),
+            )?;
+        }
+        Ok(false)
+    } else if args.local || args.parallel > 1 {
+        run_local(bin, &plan, &plan_path, args.parallel as usize)?;
+        Ok(true)
+    } else {
+        for i in 0..plan.runs.len() {
+            say(
+                out,
+                &format!("{}\n", plan.overrides(i, &args.out)?.join(" ")),
+            )?;
+        }
+        Ok(false)
+    }
+}
+
+/// Writes `script` to `OUT/sweep.sbatch` and submits it; returns the job id and the file.
+fn submit(script: &str, out: &Path) -> Result<(String, PathBuf)> {
+    let logs = out.join("logs");
+    std::fs::create_dir_all(&logs).map_err(|e| Error::io(&logs, e))?;
+    let file = out.join(SBATCH_FILE);
+    write_atomic(&file, script.as_bytes())?;
+    let submitted = std::process::Command::new("sbatch")
+        .arg("--parsable")
+        .arg(&file)
+        .output()
+        .map_err(|e| Error::io("sbatch (is SLURM installed here?)", e))?;
+    if !submitted.status.success() {
+        return Err(Error::Run {
+            dir: out.to_path_buf(),
+            msg: format!(
+                "sbatch {} failed: {}",
+                file.display(),
+                String::from_utf8_lossy(&submitted.stderr).trim()
+            ),
+        });
+    }
+    let id = String::from_utf8_lossy(&submitted.stdout)
+        .trim()
+        .to_string();
+    Ok((id, file))
 }
 
 /// How each SLURM array task runs.

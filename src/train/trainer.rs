@@ -23,6 +23,34 @@ use crate::uncertainty::calibration::{at_search_bound, fit_temperature, T_RANGE}
 use std::time::Instant;
 use tch::{Kind, Tensor};
 
+/// `umtune train`'s arguments.
+#[derive(clap::Args, Debug)]
+pub struct TrainArgs {
+    /// TOML experiment config (see configs/).
+    pub config: std::path::PathBuf,
+    #[command(flatten)]
+    pub overrides: crate::config::OverrideArgs,
+    /// Continue from a checkpoint: `auto` (the run's newest good checkpoint, a fresh start if it
+    /// has none, nothing to do if it finished), a checkpoint directory, or a run directory (its
+    /// newest good checkpoint).
+    #[arg(long, value_name = "auto|PATH")]
+    pub resume: Option<String>,
+}
+
+impl TrainArgs {
+    pub fn config_args(&self) -> crate::config::ConfigArgs {
+        crate::config::ConfigArgs {
+            config: Some(self.config.clone()),
+            overrides: self.overrides.clone(),
+            model: None,
+        }
+    }
+
+    pub fn resume(&self) -> Resume {
+        self.resume.as_deref().map_or(Resume::No, Resume::parse)
+    }
+}
+
 /// Trains as `cfg` says and writes the run directory.
 pub fn train(cfg: &Config, ctx: &RunContext) -> Result<Summary> {
     train_model(cfg, ctx).map(|(summary, _)| summary)
@@ -276,7 +304,7 @@ pub fn train_resuming(
                 let ev = evaluate(
                     &model,
                     &data.validation,
-                    t.batch_size * 2,
+                    t.eval_batch_size(),
                     &data.label_names,
                 )?;
                 progress.suspend(|| {
@@ -314,7 +342,7 @@ pub fn train_resuming(
             snapshot(&run, total, &ls, &sampler, &opt, None)?;
         }
         // Post-hoc temperature scaling, fitted on the validation split and kept with the run.
-        let bs = t.batch_size * 2;
+        let bs = t.eval_batch_size();
         let val_out = outputs(&model, &data.validation, bs)?;
         let (val_logits, val_gold) = super::eval::calibration_units(&val_out, &data.label_names);
         let temperature = fit_temperature(&val_logits, &val_gold);
@@ -355,22 +383,19 @@ pub fn train_resuming(
         run.save_weights(&model, total)?;
         let trainable_params = model.trainable_params();
         let summary = Summary {
-            run_dir: run.path().to_path_buf(),
-            model: cfg.model.source.clone(),
-            dataset: cfg.data.dataset.clone(),
-            method: cfg.peft.method.name().to_string(),
-            label_names: data.label_names,
-            trainable_params,
-            backbone_params,
-            trainable_share: trainable_params as f64 / backbone_params.max(1) as f64,
             steps: total,
             skipped_steps: ls.skipped,
             train_tokens_per_s: ls.tokens as f64 / ls.train_secs.max(1e-9),
             seconds: start.elapsed().as_secs_f64(),
             validation,
             test,
-            overrides: cfg.overrides.0.clone(),
-            hyper: super::report::hyper_parameters(cfg),
+            ..Summary::of(
+                cfg,
+                run.path(),
+                data.label_names,
+                trainable_params,
+                backbone_params,
+            )
         };
         if !summary.is_finite() {
             tracing::warn!(run_dir = %run.path().display(), "the run finished with non-finite metrics");
