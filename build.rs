@@ -5,7 +5,7 @@
 //! with `--no-as-needed`, and bake an rpath to `torch/lib` so the binaries and tests find libtorch
 //! without LD_LIBRARY_PATH.
 //!
-//! It also compiles the c10d shim (src/dist/shim): libtorch's own TCPStore and ProcessGroupNCCL
+//! It also compiles the c10d shim (src/ffi/shim): libtorch's own TCPStore and ProcessGroupNCCL
 //! behind a C ABI, built with the `cc` crate against the wheel's headers and the flags torch-sys
 //! compiles libtch with. The NCCL half needs the CUDA runtime headers the wheel lacks; `make venv`
 //! installs them from pip into `$VIRTUAL_ENV/cuda-headers`. Without them the NCCL entries are
@@ -84,7 +84,7 @@ fn cuda_header_dirs(site_packages: &std::path::Path) -> Option<Vec<PathBuf>> {
 
 fn compile_shim(lib: &std::path::Path) {
     for f in ["shim.h", "store.cpp", "nccl.cpp", "random.cpp"] {
-        println!("cargo:rerun-if-changed=src/dist/shim/{f}");
+        println!("cargo:rerun-if-changed=src/ffi/shim/{f}");
     }
     println!("cargo:rerun-if-env-changed=UMTUNE_CUDA_HEADERS");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
@@ -99,13 +99,13 @@ fn compile_shim(lib: &std::path::Path) {
         .warnings(false)
         .include(torch.join("include"))
         .include(torch.join("include/torch/csrc/api/include"))
-        .include("src/dist/shim")
+        .include("src/ffi/shim")
         .flag("-std=c++17")
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
         .define("GLOG_USE_GLOG_EXPORT", None)
-        .file("src/dist/shim/store.cpp")
-        .file("src/dist/shim/nccl.cpp")
-        .file("src/dist/shim/random.cpp");
+        .file("src/ffi/shim/store.cpp")
+        .file("src/ffi/shim/nccl.cpp")
+        .file("src/ffi/shim/random.cpp");
     match cuda_header_dirs(site_packages) {
         Some(dirs) if lib.join("libtorch_cuda.so").exists() => {
             for d in dirs {

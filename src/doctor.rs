@@ -1,6 +1,7 @@
 //! `umtune doctor`: what this machine offers the trainer, one fact per line.
+use crate::config::asset_cache;
 use crate::dist::nccl::{self, NcclStatus};
-use crate::models::resolve::{asset_cache, default_model_path};
+use crate::models::resolve::default_model_path;
 
 pub struct Fact {
     pub name: &'static str,

@@ -7,6 +7,7 @@ pub mod dist;
 pub mod doctor;
 pub mod error;
 pub mod faults;
+pub mod ffi;
 pub mod finite_json;
 pub mod heads;
 pub mod logging;

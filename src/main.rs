@@ -5,12 +5,11 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use umtune::bench;
 use umtune::config::{Config, ConfigArgs};
-use umtune::dist::context::{device_for, setup_process};
+use umtune::dist::context::setup_process;
 use umtune::dist::env::JobEnv;
 use umtune::dist::RunContext;
 use umtune::logging::{self, LogFormat, Stdout};
 use umtune::models::{generate, resolve};
-use umtune::train::checkpoint::Resume;
 use umtune::train::evaluate::{evaluate, EvalArgs};
 use umtune::train::export::{export, ExportArgs};
 use umtune::train::memory_build::{build_in, BuildArgs};
@@ -18,6 +17,7 @@ use umtune::train::predict::{predict_file, PredictArgs};
 use umtune::train::report::{
     collect_runs, results_table, sweep_report, write_results, ReportEntry,
 };
+use umtune::train::resume::Resume;
 use umtune::train::sweep::{self, SweepArgs, SweepPlan};
 use umtune::train::trainer;
 
@@ -211,7 +211,7 @@ fn run(command: Command) -> Result<()> {
         }
         Command::Generate(args) => {
             let cfg = load_config(&args.cfg)?;
-            let device = device_for(&cfg.model.device, 0)?;
+            let device = cfg.model.device.device(0)?;
             let c = generate::complete(&cfg.model.source, cfg.model.dtype.kind(), device, &args)?;
             emit(&format!("{}\n", c.output(args.ids)))?;
         }

@@ -374,7 +374,7 @@ fn a_kill_in_the_final_evaluation_resumes_without_duplicate_lines() -> TestResul
 
 #[test]
 fn a_temperature_is_used_only_with_the_weights_it_was_fitted_on() -> TestResult {
-    use umtune::train::run_dir::{read_calibration, CALIBRATION_FILE};
+    use umtune::train::run_files::{read_calibration, CALIBRATION_FILE};
     let dir = scratch("calibration");
     std::fs::create_dir_all(&dir)?;
     let file = dir.join(CALIBRATION_FILE);

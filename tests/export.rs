@@ -60,7 +60,7 @@ fn short_lora_run(
     extra: &[&str],
 ) -> Result<
     (
-        umtune::train::report::Summary,
+        umtune::train::run_files::Summary,
         umtune::train::restore::LoadedRun,
     ),
     Box<dyn std::error::Error>,

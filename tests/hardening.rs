@@ -5,9 +5,10 @@ mod common;
 use common::*;
 use std::path::{Path, PathBuf};
 use umtune::config::{Config, PeftMethod};
-use umtune::train::report::{collect_runs, results_csv, results_table, Summary};
+use umtune::train::report::{collect_runs, results_csv, results_table};
 use umtune::train::restore::load_run;
-use umtune::train::run_dir::{read_record, RunState};
+use umtune::train::run_files::Summary;
+use umtune::train::run_files::{read_record, RunState};
 
 fn scratch(tag: &str) -> Result<PathBuf, Box<dyn std::error::Error>> {
     let dir = std::env::temp_dir().join(format!("umtune-hard-{tag}-{}", std::process::id()));
@@ -467,7 +468,7 @@ fn two_files_for_a_split_are_refused() -> TestResult {
 #[test]
 fn a_corrupt_parquet_page_names_its_row_group() -> TestResult {
     use umtune::data::readers::{read_split, Columns, Task};
-    let src = umtune::models::resolve::asset_cache()
+    let src = umtune::config::asset_cache()
         .join("data")
         .join("uci-sentiment")
         .join("train.parquet");

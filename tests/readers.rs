@@ -1,8 +1,8 @@
 //! Dataset readers on the real converted datasets and on small hand-written files, including
 //! the errors that name file, row and column.
 use std::path::PathBuf;
+use umtune::config::asset_cache;
 use umtune::data::readers::{read_split, Columns, Example, Task};
-use umtune::models::resolve::asset_cache;
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 

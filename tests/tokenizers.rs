@@ -3,8 +3,8 @@
 //! Meta's LLaMA-3 tokenizer.model) on text with unicode, whitespace runs, numbers and specials.
 mod common;
 use common::*;
+use umtune::config::asset_cache;
 use umtune::data::TextTokenizer;
-use umtune::models::resolve::asset_cache;
 
 fn check(tok: &TextTokenizer, encodings: serde_json::Value) -> TestResult {
     let cases = encodings.as_object().ok_or("encodings.json")?;

@@ -145,7 +145,7 @@ fn lora_targets_that_match_nothing_are_an_error() -> TestResult {
 
 #[test]
 fn autocast_computes_in_bf16_and_restores_the_state() -> TestResult {
-    use umtune::train::autocast::autocast;
+    use umtune::ffi::autocast::autocast;
     let a = tch::Tensor::randn([4, 8], (Kind::Float, Device::Cpu));
     let b = tch::Tensor::randn([8, 3], (Kind::Float, Device::Cpu));
     let inside = autocast(Device::Cpu, Kind::BFloat16, || a.matmul(&b));

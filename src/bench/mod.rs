@@ -3,7 +3,6 @@
 //! command line prints them, one line each).
 use crate::config::Config;
 use crate::data::dataset::ids;
-use crate::dist::context::device_for;
 use crate::dist::RunContext;
 use crate::error::{Error, Result};
 use crate::models::{resolve, NoHook};
@@ -194,7 +193,7 @@ pub fn checkpoint(cfg: &Config, timing: &Timing, out: &Path) -> Result<Value> {
 
 /// Forward passes of the backbone and its LM head (tokens/s).
 pub fn forward(cfg: &Config, timing: &Timing) -> Result<Value> {
-    let device = device_for(&cfg.model.device, 0)?;
+    let device = cfg.model.device.device(0)?;
     let loaded = resolve::load(&cfg.model.source, cfg.model.dtype.kind(), device)?;
     tracing::info!(model = %cfg.model.source, parameters = loaded.backbone.num_parameters(), "loaded");
     let vocab = loaded.backbone.arch().vocab_size() as i64;
@@ -219,7 +218,7 @@ pub fn forward(cfg: &Config, timing: &Timing) -> Result<Value> {
 pub fn collective(args: &CollectiveArgs) -> Result<Vec<Value>> {
     let job = crate::dist::env::JobEnv::from_process()?;
     let mut cfg = Config::default();
-    cfg.model.device = "cpu".into();
+    cfg.model.device = crate::config::DeviceSpec::Cpu;
     cfg.run.threads = 1;
     let ctx = RunContext::for_job(&cfg, &job)?;
     let lines = ring_all_reduces(&ctx, args)?;

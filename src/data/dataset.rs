@@ -4,9 +4,9 @@ use super::batching::{encode, Encoded};
 use super::corrupt::Corruption;
 use super::readers::{read_split, Columns, Example, Split, Task};
 use super::TextTokenizer;
+use crate::config::asset_cache;
 use crate::config::{Config, TaskKind};
 use crate::error::{Error, Result};
-use crate::models::resolve::asset_cache;
 use std::path::{Path, PathBuf};
 
 const SPLIT_EXTENSIONS: &[&str] = &["parquet", "jsonl", "csv", "tsv", "conll"];

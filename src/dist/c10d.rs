@@ -1,109 +1,15 @@
 //! libtorch's own distributed engine, c10d, from Rust: the rendezvous store (`c10d::TCPStore`
 //! under a `c10d::PrefixStore`) and the NCCL process group (`c10d::ProcessGroupNCCL`), reached
-//! through the C shim in `shim/` that build.rs compiles against the torch wheel's headers.
+//! through the C shim in `ffi/shim/` (declared in `crate::ffi`) that build.rs compiles against the torch wheel's headers.
 //! c10d gives what a hand-written NCCL binding would not: collectives ordered on libtorch's
 //! current CUDA stream, the timeout watchdog, communicator abort on a dead peer, and error
 //! messages PyTorch users know. The store interoperates with Python's
 //! `torch.distributed.TCPStore` and with torchrun's agent store.
 use crate::error::{Error, Result};
-use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use crate::ffi::*;
+use std::ffi::{c_char, c_int, c_void, CString};
 use std::time::Duration;
 use tch::Tensor;
-
-#[repr(C)]
-struct RawStore {
-    _p: [u8; 0],
-}
-#[repr(C)]
-struct RawGroup {
-    _p: [u8; 0],
-}
-
-extern "C" {
-    fn umt_free(p: *mut c_void);
-    fn umt_store_new(
-        host: *const c_char,
-        port: c_int,
-        is_server: c_int,
-        world: c_int,
-        timeout_ms: c_int,
-        prefix: *const c_char,
-        listen_fd: c_int,
-        err: *mut *mut c_char,
-    ) -> *mut RawStore;
-    fn umt_store_port(s: *mut RawStore) -> c_int;
-    fn umt_store_set(
-        s: *mut RawStore,
-        key: *const c_char,
-        value: *const u8,
-        len: usize,
-        err: *mut *mut c_char,
-    ) -> c_int;
-    fn umt_store_get(
-        s: *mut RawStore,
-        key: *const c_char,
-        timeout_ms: c_int,
-        out: *mut *mut u8,
-        len: *mut usize,
-        err: *mut *mut c_char,
-    ) -> c_int;
-    fn umt_store_add(
-        s: *mut RawStore,
-        key: *const c_char,
-        delta: i64,
-        out: *mut i64,
-        err: *mut *mut c_char,
-    ) -> c_int;
-    fn umt_store_check(
-        s: *mut RawStore,
-        key: *const c_char,
-        out: *mut c_int,
-        err: *mut *mut c_char,
-    ) -> c_int;
-    fn umt_store_free(s: *mut RawStore);
-    fn umt_nccl_compiled() -> c_int;
-    fn umt_pg_nccl_new(
-        s: *mut RawStore,
-        prefix: *const c_char,
-        rank: c_int,
-        world: c_int,
-        device: c_int,
-        timeout_ms: c_int,
-        err: *mut *mut c_char,
-    ) -> *mut RawGroup;
-    fn umt_pg_allreduce(
-        p: *mut RawGroup,
-        t: *mut torch_sys::C_tensor,
-        op: c_int,
-        err: *mut *mut c_char,
-    ) -> c_int;
-    fn umt_pg_broadcast(
-        p: *mut RawGroup,
-        t: *mut torch_sys::C_tensor,
-        root: c_int,
-        err: *mut *mut c_char,
-    ) -> c_int;
-    fn umt_pg_allgather(
-        p: *mut RawGroup,
-        out: *mut torch_sys::C_tensor,
-        input: *mut torch_sys::C_tensor,
-        err: *mut *mut c_char,
-    ) -> c_int;
-    fn umt_pg_free(p: *mut RawGroup);
-}
-
-/// The message of a failed shim call, freed.
-fn take_error(err: *mut c_char) -> String {
-    if err.is_null() {
-        return "unknown c10d error".into();
-    }
-    // SAFETY: the shim hands back a strdup'ed, NUL-terminated string and we own it.
-    let msg = unsafe { CStr::from_ptr(err) }
-        .to_string_lossy()
-        .into_owned();
-    unsafe { umt_free(err.cast()) };
-    msg.lines().next().unwrap_or_default().to_string()
-}
 
 /// A listening socket on `host:port` for the store's server, or None to let c10d listen on
 /// every interface (`host` unspecified, or not this machine's: said in a warning).

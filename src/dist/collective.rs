@@ -134,6 +134,22 @@ pub fn rank_zero_string(group: &dyn Collective, value: &str) -> Result<String> {
     Ok(all_gather_strings(group, value)?.swap_remove(0))
 }
 
+/// Rank 0's decision on every rank: rank 0 passes `Some(value)`, the others `None`; the value
+/// travels as JSON.
+pub fn broadcast_json<T: serde::Serialize + serde::de::DeserializeOwned>(
+    group: &dyn Collective,
+    value: Option<&T>,
+) -> Result<T> {
+    let internal =
+        |e: serde_json::Error| Error::Internal(format!("rank 0's decision as JSON: {e}"));
+    let json = value
+        .map(serde_json::to_string)
+        .transpose()
+        .map_err(internal)?;
+    let chosen = rank_zero_string(group, json.as_deref().unwrap_or(""))?;
+    serde_json::from_str(&chosen).map_err(internal)
+}
+
 /// One process, nothing to exchange.
 pub struct SingleProcess;
 

@@ -6,7 +6,7 @@ use super::c10d::{NcclGroup, Store};
 use super::env::JobEnv;
 use super::ring::RingGroup;
 use super::{Collective, SingleProcess};
-use crate::config::{parse_device, Backend, Config};
+use crate::config::{Backend, Config};
 use crate::error::{Error, Result};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -35,7 +35,7 @@ impl RunContext {
             rank: 0,
             local_rank: 0,
             world_size: 1,
-            device: device_for(&cfg.model.device, 0)?,
+            device: cfg.model.device.device(0)?,
             is_writer: true,
             stop: StopFlag::default(),
             store: None,
@@ -51,12 +51,12 @@ impl RunContext {
         // c10d, the GPU check of the NCCL path on a one-GPU machine).
         if job.world_size == 1 && cfg.dist.backend != Backend::Nccl {
             let mut ctx = RunContext::single(cfg)?;
-            ctx.device = device_for(&cfg.model.device, job.local_rank)?;
+            ctx.device = cfg.model.device.device(job.local_rank)?;
             ctx.local_rank = job.local_rank;
             return Ok(ctx);
         }
         setup_process(cfg);
-        let device = device_for(&cfg.model.device, job.local_rank)?;
+        let device = cfg.model.device.device(job.local_rank)?;
         let timeout = std::time::Duration::from_secs(cfg.dist.timeout_s);
         tracing::info!(
             rank = job.rank, world_size = job.world_size, local_rank = job.local_rank,
@@ -188,30 +188,6 @@ pub fn setup_process(cfg: &Config) {
         tch::set_num_threads(cfg.run.threads as i32);
     }
     tch::manual_seed(cfg.run.seed as i64);
-}
-
-/// The device for `spec` (`model.device`) on the process with `local_rank`: `auto` is
-/// `cuda:LOCAL_RANK` when CUDA is there, else the CPU. Asking for CUDA where there is none (or for
-/// a device index past the last) is a config error, not a libtorch backtrace.
-pub fn device_for(spec: &str, local_rank: usize) -> Result<Device> {
-    let device = match parse_device(spec)? {
-        Device::Cuda(0) if spec == "auto" => Device::Cuda(local_rank),
-        d => d,
-    };
-    if let Device::Cuda(i) = device {
-        let count = tch::Cuda::device_count() as usize;
-        if i >= count {
-            let have = if count == 0 {
-                "this machine has no CUDA device (or libtorch was loaded without CUDA)".to_string()
-            } else {
-                format!("this machine has CUDA devices 0 to {}", count - 1)
-            };
-            return Err(Error::Config(format!(
-                "model.device = `{spec}` asks for cuda:{i}, but {have}: use `cpu` or `auto`"
-            )));
-        }
-    }
-    Ok(device)
 }
 
 /// A request to stop, left by a signal handler (SIGINT, SIGTERM) or by a caller: the number of

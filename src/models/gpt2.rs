@@ -1,19 +1,19 @@
 //! GPT-2 (Radford et al. 2019), as Hugging Face `GPT2LMHeadModel` computes it: learned positions,
 //! pre-LayerNorm blocks, fused `c_attn` Conv1D projections (weights stored `(in, out)`), tanh GELU.
 //! Parameter paths equal the `transformers` safetensors keys (`transformer.h.0.attn.c_attn.weight`).
+use super::adapt::{AdapterSource, LinearAdapter};
 use super::attention::{append_cache, sdpa, BatchMask};
 use super::hf_config::{ArchConfig, Gpt2Config};
 use super::weights::frozen_param as param;
 use super::{Backbone, KvCache, LayerHook, WeightSource};
 use crate::error::Result;
-use crate::peft::{Adapter, Injector};
 use tch::{nn, Kind, Tensor};
 
 /// Hugging Face's Conv1D: `x @ W + b` with `W (in, out)`.
 struct Conv1d {
     weight: Tensor,
     bias: Tensor,
-    adapter: Option<Adapter>,
+    adapter: Option<Box<dyn LinearAdapter>>,
 }
 
 impl Conv1d {
@@ -23,7 +23,7 @@ impl Conv1d {
         kind: Kind,
         n_in: i64,
         n_out: i64,
-        inj: &Injector,
+        inj: &dyn AdapterSource,
     ) -> Result<Self> {
         Ok(Conv1d {
             weight: param(p, w, kind, "weight", &[n_in, n_out])?,
@@ -33,7 +33,7 @@ impl Conv1d {
     }
     fn forward(&self, x: &Tensor) -> Tensor {
         match &self.adapter {
-            Some(adapter) => adapter.forward(x, |x| self.base(x)),
+            Some(adapter) => adapter.forward(x, &|x| self.base(x)),
             None => self.base(x),
         }
     }
@@ -63,7 +63,7 @@ impl LayerNorm {
         kind: Kind,
         d: i64,
         eps: f64,
-        inj: &Injector,
+        inj: &dyn AdapterSource,
     ) -> Result<Self> {
         Ok(LayerNorm {
             weight: param(p, w, kind, "weight", &[d])?,
@@ -103,7 +103,7 @@ impl Block {
         w: &mut dyn WeightSource,
         kind: Kind,
         c: &Gpt2Config,
-        inj: &Injector,
+        inj: &dyn AdapterSource,
     ) -> Result<Self> {
         let (d, inner, eps) = (c.n_embd as i64, c.inner() as i64, c.layer_norm_epsilon);
         let attn = p / "attn";
@@ -164,7 +164,7 @@ impl Gpt2 {
         c: Gpt2Config,
         w: &mut dyn WeightSource,
         kind: Kind,
-        inj: &Injector,
+        inj: &dyn AdapterSource,
     ) -> Result<Self> {
         let root = vs.root();
         let t = &root / "transformer";

@@ -1,12 +1,12 @@
 //! LLaMA-3 (Grattafiori et al. 2024) as Hugging Face `LlamaForCausalLM` computes it: RMSNorm,
 //! rotary positions with the `llama3` frequency rule, grouped-query attention, SwiGLU MLP, tied or
 //! untied embeddings. Parameter paths equal the `transformers` safetensors keys.
+use super::adapt::{AdapterSource, LinearAdapter};
 use super::attention::{append_cache, sdpa, BatchMask};
 use super::hf_config::{ArchConfig, LlamaConfig};
 use super::weights::frozen_param as param;
 use super::{Backbone, KvCache, LayerHook, WeightSource};
 use crate::error::Result;
-use crate::peft::{Adapter, Injector};
 use std::f64::consts::PI;
 use tch::{nn, Kind, Tensor};
 
@@ -38,7 +38,7 @@ impl RmsNorm {
 struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
-    adapter: Option<Adapter>,
+    adapter: Option<Box<dyn LinearAdapter>>,
 }
 
 impl Linear {
@@ -49,7 +49,7 @@ impl Linear {
         n_in: i64,
         n_out: i64,
         bias: bool,
-        inj: &Injector,
+        inj: &dyn AdapterSource,
     ) -> Result<Self> {
         Ok(Linear {
             adapter: inj.linear(&p.components().collect::<Vec<_>>().join("."), n_in, n_out),
@@ -63,7 +63,7 @@ impl Linear {
     }
     fn forward(&self, x: &Tensor) -> Tensor {
         match &self.adapter {
-            Some(adapter) => adapter.forward(x, |x| x.linear(&self.weight, self.bias.as_ref())),
+            Some(adapter) => adapter.forward(x, &|x| x.linear(&self.weight, self.bias.as_ref())),
             None => x.linear(&self.weight, self.bias.as_ref()),
         }
     }
@@ -128,7 +128,7 @@ impl Block {
         w: &mut dyn WeightSource,
         kind: Kind,
         c: &LlamaConfig,
-        inj: &Injector,
+        inj: &dyn AdapterSource,
     ) -> Result<Self> {
         let d = c.hidden_size as i64;
         let (h, kvh, hd) = (
@@ -214,7 +214,7 @@ impl Llama {
         c: LlamaConfig,
         w: &mut dyn WeightSource,
         kind: Kind,
-        inj: &Injector,
+        inj: &dyn AdapterSource,
     ) -> Result<Self> {
         let root = vs.root();
         let m = &root / "model";

@@ -2,6 +2,7 @@
 //!
 //! A backbone never knows its rank or reads the environment; it sees token ids, an attention
 //! mask and a [`LayerHook`] through which the plug-in modules of METHOD.md sit between blocks.
+pub mod adapt;
 pub mod attention;
 pub mod generate;
 pub mod gguf;
@@ -106,7 +107,7 @@ pub fn build(
     weights: &mut dyn WeightSource,
     kind: Kind,
     device: Device,
-    inj: &crate::peft::Injector,
+    inj: &dyn adapt::AdapterSource,
 ) -> crate::Result<Box<dyn Backbone>> {
     let vs = nn::VarStore::new(device);
     let model: Box<dyn Backbone> = match arch {

@@ -4,12 +4,12 @@
 //! directory in the Hugging Face layout, a `.gguf` file, `preset:NAME` (random weights in a named
 //! shape, for benchmarks), or a hub id such as `openai-community/gpt2`, looked up in the local
 //! Hugging Face cache and downloaded with hf-hub when the hub is reachable.
+use super::adapt::{AdapterSource, NoAdapters};
 use super::gguf::{GgufFile, GgufSource};
 use super::weights::{RandomSource, SafetensorsSource};
 use super::{build, ArchConfig, Backbone};
 use crate::data::TextTokenizer;
 use crate::error::{Error, Result};
-use crate::peft::Injector;
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind};
 
@@ -23,16 +23,7 @@ pub enum ModelFiles {
     Preset(String),
 }
 
-/// Where `make assets` puts models and tokenizers: `$UMTUNE_CACHE` or `~/.cache/umtune`.
-pub fn asset_cache() -> PathBuf {
-    if let Some(dir) = std::env::var_os("UMTUNE_CACHE") {
-        return PathBuf::from(dir);
-    }
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("."));
-    home.join(".cache").join("umtune")
-}
+use crate::config::asset_cache;
 
 pub fn default_model_path() -> PathBuf {
     asset_cache().join("models").join(DEFAULT_GGUF)
@@ -114,7 +105,7 @@ fn hub_snapshot(repo: &str) -> Result<PathBuf> {
         msg: format!("{file} is not in the local Hugging Face cache (looked in {}) and downloading it failed: {why}", looked.display()),
     }
     };
-    let offline = std::env::var_os("HF_HUB_OFFLINE").is_some_and(|v| v == "1");
+    let offline = crate::config::hub_offline();
     if offline {
         return Err(not_found("config.json", "HF_HUB_OFFLINE=1".into()));
     }
@@ -179,7 +170,7 @@ pub fn load_tokenizer(reference: &str) -> Result<Option<TextTokenizer>> {
 
 /// Loads a plain frozen backbone.
 pub fn load(reference: &str, kind: Kind, device: Device) -> Result<LoadedModel> {
-    load_with(reference, kind, device, &Injector::none())
+    load_with(reference, kind, device, &NoAdapters)
 }
 
 /// Loads a backbone whose linear layers get the adapters `inj` hands out.
@@ -187,7 +178,7 @@ pub fn load_with(
     reference: &str,
     kind: Kind,
     device: Device,
-    inj: &Injector,
+    inj: &dyn AdapterSource,
 ) -> Result<LoadedModel> {
     let files = resolve(reference)?;
     let (backbone, tokenizer) = match &files {

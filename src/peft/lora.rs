@@ -65,7 +65,7 @@ impl LoraLinear {
         let h = x.to_kind(Kind::Float);
         let h = if self.dropout > 0.0 && self.training.get() {
             // Inverted dropout with a per-example mask (dimension 0 runs over the examples).
-            let keep = crate::task::noise::rand(&h.size(), 0, &h).ge(self.dropout);
+            let keep = crate::ffi::streams::rand(&h.size(), 0, &h).ge(self.dropout);
             h * keep.to_kind(Kind::Float) / (1.0 - self.dropout)
         } else {
             h

@@ -15,6 +15,7 @@ pub use ia3::Ia3Scale;
 pub use lora::{LoraLinear, LoraSpec};
 pub use prefix::PrefixKv;
 
+use crate::models::adapt::{AdapterSource, LinearAdapter};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -66,8 +67,8 @@ pub enum Adapter {
     Bottleneck(Bottleneck),
 }
 
-impl Adapter {
-    pub fn forward(&self, x: &Tensor, base: impl Fn(&Tensor) -> Tensor) -> Tensor {
+impl LinearAdapter for Adapter {
+    fn forward(&self, x: &Tensor, base: &dyn Fn(&Tensor) -> Tensor) -> Tensor {
         match self {
             Adapter::Lora(lora) => base(x) + lora.delta(x),
             Adapter::Ia3(ia3) => ia3.forward(x, base),
@@ -120,13 +121,15 @@ impl<'a> Injector<'a> {
     fn path<'v>(vs: &'v nn::VarStore, module: &str) -> nn::Path<'v> {
         module.split('.').fold(vs.root(), |p, c| p.sub(c))
     }
+}
 
+impl AdapterSource for Injector<'_> {
     /// The adapter for the linear layer at `module` (its HF path, e.g.
     /// `model.layers.0.self_attn.q_proj`), if it gets one.
-    pub fn linear(&self, module: &str, n_in: i64, n_out: i64) -> Option<Adapter> {
+    fn linear(&self, module: &str, n_in: i64, n_out: i64) -> Option<Box<dyn LinearAdapter>> {
         let (vs, spec) = (self.trainable?, self.spec.as_ref()?);
         let path = Self::path(vs, module);
-        match spec {
+        let adapter = match spec {
             AdapterSpec::Lora(lora) => matches_target(module, &lora.targets).then(|| {
                 Adapter::Lora(LoraLinear::new(
                     &path,
@@ -144,13 +147,14 @@ impl<'a> Injector<'a> {
                 targets,
             } => matches_target(module, targets)
                 .then(|| Adapter::Bottleneck(Bottleneck::new(&path, n_out, *bottleneck))),
-        }
+        };
+        adapter.map(|a| Box::new(a) as Box<dyn LinearAdapter>)
     }
 
     /// A trainable shift for the bias of the norm at `module` (BitFit on LayerNorm).
-    pub fn norm_bias(&self, module: &str, d: i64) -> Option<Tensor> {
+    fn norm_bias(&self, module: &str, d: i64) -> Option<Tensor> {
         let (vs, spec) = (self.trainable?, self.spec.as_ref()?);
-        (*spec == AdapterSpec::BitFit).then(|| bitfit::bias_delta(&Self::path(vs, module), d))
+        (*spec == AdapterSpec::BitFit).then(|| bitfit::bias_delta(&Injector::path(vs, module), d))
     }
 }
 

@@ -1,9 +1,19 @@
 //! The training loss: cross-entropy over labelled positions (the example, or each word's first
 //! sub-token for NER), averaged over the heteroscedastic samples when uncertainty modeling draws
 //! them (METHOD.md section 1.4), plus the regularizers the forward pass returned.
-use super::model::Forward;
 use crate::data::batching::IGNORE;
 use tch::{Reduction, Tensor};
+
+/// What a forward pass gives the loss.
+pub struct Forward {
+    /// `(b, C)` or `(b, t, C)` f32: what evaluation and prediction use.
+    pub logits: Tensor,
+    /// `(n_mc, …)` heteroscedastic samples (training with uncertainty modeling).
+    pub samples: Option<Tensor>,
+    /// `lambda_var * mean(p)` (uncertainty modeling; p averaged over each example's real tokens,
+    /// then over examples) plus the memory's InfoNCE term.
+    pub regularizer: Option<Tensor>,
+}
 
 /// Cross-entropy over labelled positions of `logits (…, C)` against `labels (…)`.
 pub fn cross_entropy(logits: &Tensor, labels: &Tensor, reduction: Reduction) -> Tensor {

@@ -1,6 +1,6 @@
 //! The task model (backbone + PEFT + head + uncertainty modeling + memory) and its loss.
 pub mod loss;
 pub mod model;
-pub mod noise;
 
-pub use model::{Forward, TaskModel};
+pub use loss::Forward;
+pub use model::TaskModel;

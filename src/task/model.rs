@@ -1,10 +1,12 @@
 //! The task model: a backbone with its PEFT adapters, the task head, uncertainty modeling and
 //! the external memory assembled (METHOD.md sections 1 and 2); its forward pass, the predictive
 //! logits evaluation and prediction score, memory recording, and the registry of trained tensors.
+use super::loss::Forward;
 use crate::config::{Config, PeftMethod, TaskKind};
 use crate::data::TextTokenizer;
 use crate::dist::RunContext;
 use crate::error::{Error, Result};
+use crate::ffi::autocast::autocast;
 use crate::heads::{head_name, Head, SequenceClassifier, TokenClassifier};
 use crate::memory::fusion::FusionMode;
 use crate::memory::MemoryFusion;
@@ -13,7 +15,6 @@ use crate::models::{ArchConfig, Backbone, NoHook};
 use crate::peft::targets::{no_match, resolve_targets};
 use crate::peft::{AdapterSpec, Injector, LoraSpec, PrefixKv, TrainingFlag};
 use crate::probe::Probe;
-use crate::train::autocast::autocast;
 use crate::uncertainty::{plugin_layers, UncertainHead, Uncertainty};
 use std::collections::HashMap;
 use std::path::Path;
@@ -74,17 +75,6 @@ enum Pass {
     McSample,
     /// Building a memory: record the entries.
     Record,
-}
-
-/// What a forward pass gives the loss.
-pub struct Forward {
-    /// `(b, C)` or `(b, t, C)` f32: what evaluation and prediction use.
-    pub logits: Tensor,
-    /// `(n_mc, …)` heteroscedastic samples (training with uncertainty modeling).
-    pub samples: Option<Tensor>,
-    /// `lambda_var * mean(p)` (uncertainty modeling; p averaged over each example's real tokens,
-    /// then over examples) plus the memory's InfoNCE term.
-    pub regularizer: Option<Tensor>,
 }
 
 /// Everything that takes part in a forward pass.

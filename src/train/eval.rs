@@ -9,8 +9,10 @@ use crate::task::loss::cross_entropy;
 use crate::task::TaskModel;
 use crate::uncertainty::calibration::calibrated;
 use crate::uncertainty::metrics::argmax;
+use crate::uncertainty::plots::{write_calibration_plots, CalibrationView};
 use crate::uncertainty::{calibration_scores, CalibrationScores};
 use serde::{Deserialize, Serialize};
+use std::path::Path;
 use tch::{Device, Reduction};
 
 /// Loss and metrics on one split. Classification: accuracy and macro-F1 over examples. NER:
@@ -314,5 +316,37 @@ pub fn scores(
         calibration: (!gold.is_empty()).then(|| at(1.0)),
         temperature,
         calibrated: temperature.filter(|_| !gold.is_empty()).map(at),
+    }
+}
+
+/// The reliability diagram and risk-coverage plot in `dir`, of the test split's outputs or,
+/// without a test split, the validation split's. A failure (no font on the machine, say) is a
+/// warning: pictures never fail a run.
+pub fn write_plots(
+    dir: &Path,
+    validation: &Outputs,
+    test: Option<&Outputs>,
+    label_names: &[String],
+    temperature: Option<f64>,
+) {
+    let (split, out) = match test {
+        Some(t) => ("test", t),
+        None => ("validation", validation),
+    };
+    let (logits, labels) = calibration_units(out, label_names);
+    if labels.is_empty() {
+        return;
+    }
+    let raw = calibrated(&logits, 1.0);
+    let scaled = temperature.map(|t| (t, calibrated(&logits, t)));
+    let view = CalibrationView {
+        split,
+        raw: &raw,
+        calibrated: scaled.as_ref().map(|(t, p)| (*t, p.as_slice())),
+        labels: &labels,
+    };
+    match write_calibration_plots(dir, &view) {
+        Ok(paths) => tracing::info!(?paths, "calibration plots"),
+        Err(e) => tracing::warn!("calibration plots skipped: {e}"),
     }
 }

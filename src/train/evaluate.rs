@@ -1,9 +1,10 @@
 //! `umtune eval`: a saved run scored on its validation and test splits (or on another dataset,
 //! under a robustness protocol, with MC sampling), as one row of the results table.
+use super::eval::write_plots;
 use super::eval::{outputs, scores};
-use super::report::{write_plots, ReportEntry, Summary};
+use super::report::ReportEntry;
 use super::restore::{load_run, LoadedRun};
-use super::run_dir::read_summary;
+use super::run_files::{read_summary, Summary};
 use crate::data::corrupt::Corruption;
 use crate::data::dataset::load_data;
 use crate::error::{Error, Result};

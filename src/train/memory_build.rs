@@ -8,7 +8,8 @@
 //! (see [`crate::memory::files`]); the result equals one process's.
 use super::eval::for_each_batch;
 use super::restore::load_run_in;
-use super::run_dir::{RunDir, MEMORY_INDEX};
+use super::run_dir::RunDir;
+use super::run_files::MEMORY_INDEX;
 use crate::config::Config;
 use crate::data::dataset::{ids, load_data};
 use crate::dist::env::JobEnv;

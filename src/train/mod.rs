@@ -1,7 +1,6 @@
 //! Training: the loop, the optimizer, the learning-rate schedule, evaluation (the one inference
 //! path), the run directory (the only writer of run files), restoring, exporting and predicting
 //! from a run, reports and metrics.
-pub mod autocast;
 pub mod checkpoint;
 pub mod diagnostics;
 pub mod eval;
@@ -14,7 +13,9 @@ pub mod predict;
 pub mod progress;
 pub mod report;
 pub mod restore;
+pub mod resume;
 pub mod run_dir;
+pub mod run_files;
 pub mod schedule;
 pub mod seqeval;
 pub mod sweep;

@@ -2,7 +2,8 @@
 //! run's resolved config, its labels, and the model with its saved weights, checked against the
 //! digests in `run.json` and for non-finite values. An unfinished run (interrupted, diverged,
 //! killed) loads its last saved weights with a warning; one that saved none is refused.
-use super::run_dir::{RunDir, RunState, CONFIG_FILE, TRAINABLE_FILE};
+use super::run_dir::RunDir;
+use super::run_files::{read_calibration, RunState, CONFIG_FILE, TRAINABLE_FILE};
 use crate::config::Config;
 use crate::dist::env::JobEnv;
 use crate::dist::RunContext;
@@ -90,7 +91,7 @@ pub fn load_run_in(dir: &Path, overrides: &[String], job: &JobEnv) -> Result<Loa
         m.load(&path, false)?;
         check_finite(&m.tensors()?, &path)?;
     }
-    model.temperature = super::run_dir::read_calibration(dir, record.weights_step)?;
+    model.temperature = read_calibration(dir, record.weights_step)?;
     Ok(LoadedRun {
         dir: dir.to_path_buf(),
         config,

@@ -12,118 +12,17 @@
 //! into place. A kill before the commit leaves the previous weights and their record; a kill after
 //! it leaves staged files that match the record, which the next opening of the run moves into
 //! place. Either way the weights `run.json` names are there and check.
-use super::report::Summary;
+use super::run_files::*;
 use crate::atomic_file::{check_digest, write_atomic};
-pub use crate::atomic_file::{digest, FileDigest};
 use crate::config::Config;
 use crate::dist::RunContext;
 use crate::error::{Error, Result};
 use crate::memory::MemoryFusion;
 use crate::models::weights::write_safetensors_atomic;
 use crate::task::TaskModel;
-use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-
-pub const CONFIG_FILE: &str = "config.toml";
-pub const RUN_FILE: &str = "run.json";
-pub const METRICS_FILE: &str = "metrics.jsonl";
-pub const SUMMARY_FILE: &str = "summary.json";
-pub const TRAINABLE_FILE: &str = "trainable.safetensors";
-/// The memory's index (its shards are `memory.gN-0000R-of-0000W.safetensors` beside it).
-pub const MEMORY_INDEX: &str = "memory.index.json";
-/// The whole memory in one file, as runs from before memory shards saved it (still read).
-pub const MEMORY_FILE: &str = "memory.safetensors";
-pub const CALIBRATION_FILE: &str = "calibration.json";
-/// Held (flock) by the process that writes the run; names its host and pid.
-pub const LOCK_FILE: &str = "lock";
-
-/// Where a run stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum RunState {
-    /// Training (or killed without a chance to say so: kill -9, a node failure).
-    Running,
-    Finished,
-    /// Stopped by SIGINT/SIGTERM after saving.
-    Interrupted,
-    /// Stopped after too many consecutive non-finite losses.
-    Diverged,
-    /// Stopped by an error (a full disk, a lost rank); the message says which.
-    Failed,
-}
-
-impl RunState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RunState::Running => "running",
-            RunState::Finished => "finished",
-            RunState::Interrupted => "interrupted",
-            RunState::Diverged => "diverged",
-            RunState::Failed => "failed",
-        }
-    }
-}
-
-/// `run.json`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct RunRecord {
-    pub label_names: Vec<String>,
-    pub state: RunState,
-    /// Optimizer steps done.
-    pub step: usize,
-    pub total_steps: usize,
-    /// The step the saved weights are from (None: no weights saved yet).
-    #[serde(default)]
-    pub weights_step: Option<usize>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub message: Option<String>,
-    /// The weight files, by name.
-    #[serde(default)]
-    pub files: BTreeMap<String, FileDigest>,
-}
-
-/// `calibration.json`: the post-hoc temperature and the weights it belongs to.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Calibration {
-    pub temperature: f64,
-    pub fitted_on: String,
-    /// The step of the weights whose outputs it was fitted on (absent in runs from before it
-    /// was recorded).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub weights_step: Option<usize>,
-}
-
-/// `calibration.json` of run `dir`, if there is one and it belongs to the weights of
-/// `weights_step` (a save cut off after the temperature was fitted leaves older weights beside
-/// it: that temperature is not theirs, and is not used).
-pub fn read_calibration(dir: &Path, weights_step: Option<usize>) -> Result<Option<f64>> {
-    let path = dir.join(CALIBRATION_FILE);
-    let text = match std::fs::read_to_string(&path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(Error::io(&path, e)),
-    };
-    let c: Calibration =
-        serde_json::from_str(&text).map_err(|e| Error::format(&path, e.to_string()))?;
-    if !(c.temperature.is_finite() && c.temperature > 0.0) {
-        return Err(Error::format(
-            &path,
-            "`temperature` must be a positive number",
-        ));
-    }
-    if c.weights_step.is_some() && c.weights_step != weights_step {
-        tracing::warn!(
-            file = %path.display(),
-            "the temperature was fitted on the weights of step {}, the saved weights are of step {}: not used (outputs uncalibrated)",
-            c.weights_step.unwrap_or_default(),
-            weights_step.map_or("none".into(), |s| s.to_string())
-        );
-        return Ok(None);
-    }
-    Ok(Some(c.temperature))
-}
 
 /// A run directory: written through on the writer rank, read anywhere.
 pub struct RunDir {
@@ -513,7 +412,7 @@ impl RunDir {
         write_atomic(&self.path.join(CALIBRATION_FILE), &json)
     }
 
-    /// The calibration pictures of the final outputs (see [`super::report::write_plots`]).
+    /// The calibration pictures of the final outputs (see [`super::eval::write_plots`]).
     pub fn write_plots(
         &self,
         validation: &super::eval::Outputs,
@@ -522,7 +421,7 @@ impl RunDir {
         temperature: Option<f64>,
     ) {
         if self.writer {
-            super::report::write_plots(&self.path, validation, test, label_names, temperature);
+            super::eval::write_plots(&self.path, validation, test, label_names, temperature);
         }
     }
 
@@ -550,39 +449,6 @@ fn run_name(cfg: &Config) -> String {
         .and_then(|n| n.to_str())
         .unwrap_or("data");
     format!("{dataset}-{}-s{}", cfg.peft.method.name(), cfg.run.seed)
-}
-
-/// `run.json` of `dir`; a run from before it existed has its labels in `summary.json` and is
-/// finished.
-pub fn read_record(dir: &Path) -> Result<RunRecord> {
-    let run = dir.join(RUN_FILE);
-    if run.is_file() {
-        let text = std::fs::read_to_string(&run).map_err(|e| Error::io(&run, e))?;
-        return serde_json::from_str(&text).map_err(|e| Error::format(&run, e.to_string()));
-    }
-    let summary = read_summary(dir)?;
-    Ok(RunRecord {
-        label_names: summary.label_names,
-        state: RunState::Finished,
-        step: summary.steps,
-        total_steps: summary.steps,
-        weights_step: Some(summary.steps),
-        message: None,
-        files: BTreeMap::new(),
-    })
-}
-
-/// `summary.json` of a finished run.
-pub fn read_summary(dir: &Path) -> Result<Summary> {
-    let path = dir.join(SUMMARY_FILE);
-    if !path.is_file() {
-        return Err(Error::run(
-            dir,
-            format!("no {SUMMARY_FILE} and no {RUN_FILE}: not a run directory, or one that never started"),
-        ));
-    }
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-    serde_json::from_str(&text).map_err(|e| Error::format(&path, e.to_string()))
 }
 
 /// Appends JSON lines to `metrics.jsonl`, flushed line by line so a crash loses at most one.

@@ -3,13 +3,14 @@
 //! synchronization at exactly one point ([`sync_gradients`]), clipping, AdamW, memory commits,
 //! logging and periodic evaluation; then temperature fitting, final evaluation and the summary.
 //! Data, model, evaluation, reports and files live in their own modules.
-use super::checkpoint::{self, LoopState, Resume, Start};
+use super::checkpoint::{self, LoopState};
 use super::diagnostics::part_of;
 use super::eval::{evaluate, outputs, scores};
 use super::optimizer::AdamW;
 use super::progress::Progress;
-use super::report::Summary;
-use super::run_dir::{RunDir, RunState};
+use super::resume::{self, Resume, Start};
+use super::run_dir::RunDir;
+use super::run_files::{read_summary, RunState, Summary};
 use super::schedule::learning_rate;
 use crate::config::Config;
 use crate::data::batching::{collate_to, padded, shard, Encoded, Sampler, IGNORE};
@@ -17,8 +18,9 @@ use crate::data::dataset::load_data;
 use crate::dist::context::signal_name;
 use crate::dist::{Collective, ReduceOp, RunContext};
 use crate::error::{Error, Result};
+use crate::ffi::streams as noise;
 use crate::models::resolve::load_tokenizer;
-use crate::task::{noise, TaskModel};
+use crate::task::TaskModel;
 use crate::uncertainty::calibration::{at_search_bound, fit_temperature, T_RANGE};
 use std::time::Instant;
 use tch::{Kind, Tensor};
@@ -87,11 +89,11 @@ pub fn train_resuming(
 
     let t = &cfg.train;
     let mut opt = AdamW::new(model.named_trainable(), t.weight_decay).with_eps(t.adam_eps);
-    let start_at = checkpoint::locate(cfg, ctx, resume)?;
+    let start_at = resume::locate(cfg, ctx, resume)?;
     // Global batches of batch_size per rank; each rank trains on its share (`shard`). A resumed
     // run keeps its checkpoint's global batch at any world size, so the data order continues.
     if let Start::Finished(run) = &start_at {
-        return Ok((super::run_dir::read_summary(run)?, model));
+        return Ok((read_summary(run)?, model));
     }
     let global_batch = match &start_at {
         Start::From { manifest, .. } => manifest.global_batch,

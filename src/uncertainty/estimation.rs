@@ -135,7 +135,7 @@ impl LayerHook for UncertaintyHook<'_> {
                 self.probe
                     .record("um.noise_to_feature_max", || rel.max().double_value(&[]));
             }
-            let noise = std * crate::task::noise::randn(&p.size(), 0, &p);
+            let noise = std * crate::ffi::streams::randn(&p.size(), 0, &p);
             hidden + noise.to_kind(kind)
         } else {
             hidden

@@ -93,7 +93,7 @@ impl UncertainHead {
         let mut shape = vec![n];
         shape.extend(out.logits.size());
         // Dimension 1 runs over the batch's examples.
-        let eps = crate::task::noise::randn(&shape, 1, &out.logits);
+        let eps = crate::ffi::streams::randn(&shape, 1, &out.logits);
         Some(out.logits.unsqueeze(0) + s2.sqrt().unsqueeze(0) * eps)
     }
 }

@@ -161,14 +161,15 @@ pub fn build_model(
 /// Trains `cfg` in one process; the summary and the trained model.
 pub fn train_model(
     cfg: &umtune::config::Config,
-) -> Result<(umtune::train::report::Summary, umtune::task::TaskModel), Box<dyn std::error::Error>> {
+) -> Result<(umtune::train::run_files::Summary, umtune::task::TaskModel), Box<dyn std::error::Error>>
+{
     Ok(umtune::train::trainer::train_model(cfg, &ctx(cfg)?)?)
 }
 
 /// Trains `cfg` in one process.
 pub fn train(
     cfg: &umtune::config::Config,
-) -> Result<umtune::train::report::Summary, Box<dyn std::error::Error>> {
+) -> Result<umtune::train::run_files::Summary, Box<dyn std::error::Error>> {
     Ok(train_model(cfg)?.0)
 }
 

@@ -6,21 +6,10 @@
 //! it: W data-parallel ranks at batch b reproduce one process at batch W*b with dropout and noise
 //! on. Outside [`with_streams`] (evaluation's MC sampling, tests) draws use libtorch's global
 //! generator as before.
+use super::{take_error, umt_fill_rows_seeded};
 use std::cell::RefCell;
 use std::ffi::c_char;
 use tch::{Kind, Tensor};
-
-extern "C" {
-    fn umt_fill_rows_seeded(
-        t: *mut torch_sys::C_tensor,
-        dim: i64,
-        seeds: *const u64,
-        n: i64,
-        normal: i32,
-        err: *mut *mut c_char,
-    ) -> i32;
-    fn umt_free(p: *mut std::ffi::c_void);
-}
 
 struct Streams {
     /// One key per local example (row of the batch).
@@ -114,11 +103,7 @@ fn draw(shape: &[i64], batch_dim: usize, like: &Tensor, normal: bool) -> Tensor 
         )
     };
     if rc != 0 {
-        // SAFETY: the shim's NUL-terminated message, freed once.
-        let msg = unsafe { std::ffi::CStr::from_ptr(err) }
-            .to_string_lossy()
-            .into_owned();
-        unsafe { umt_free(err.cast()) };
+        let msg = take_error(err);
         tracing::warn!("per-example draw failed ({msg}); using the global generator");
         return if normal {
             Tensor::randn(shape, options)
