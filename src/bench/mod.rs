@@ -9,6 +9,7 @@ use crate::models::{resolve, NoHook};
 use crate::task::TaskModel;
 use crate::train::checkpoint;
 use crate::train::optimizer::AdamW;
+use crate::train::setup::build_model;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -117,7 +118,7 @@ fn fill_memory(task: &TaskModel, cfg: &Config, ctx: &RunContext) -> Result<()> {
 pub fn train(cfg: &Config, timing: &Timing) -> Result<Value> {
     let ctx = RunContext::single(cfg)?;
     let device = ctx.device;
-    let task = TaskModel::build(cfg, 2, &ctx)?;
+    let task = build_model(cfg, &ctx, 2)?;
     let mut opt = AdamW::new(task.named_trainable(), cfg.train.weight_decay);
     let vocab = task.backbone.arch().vocab_size() as i64;
     let (b_sz, seq_len) = (timing.batch, timing.seq_len);
@@ -149,7 +150,7 @@ pub fn train(cfg: &Config, timing: &Timing) -> Result<Value> {
 /// Saving and loading a checkpoint (model, AdamW state, a full memory) into `out`.
 pub fn checkpoint(cfg: &Config, timing: &Timing, out: &Path) -> Result<Value> {
     let ctx = RunContext::single(cfg)?;
-    let task = TaskModel::build(cfg, 2, &ctx)?;
+    let task = build_model(cfg, &ctx, 2)?;
     fill_memory(&task, cfg, &ctx)?;
     let mut opt = AdamW::new(task.named_trainable(), cfg.train.weight_decay);
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;

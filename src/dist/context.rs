@@ -181,13 +181,12 @@ fn join_store(job: &JobEnv, timeout: std::time::Duration) -> Result<Store> {
     })
 }
 
-/// libtorch's intra-op threads (`run.threads`, 0 keeps its default) and the global seed: the one
-/// place a process is set up from its config.
+/// libtorch's intra-op threads (`run.threads`, 0 keeps its default): the one place a process is
+/// set up from its config. (The seed is set where the model is built, `TaskModel::build_from`.)
 pub fn setup_process(cfg: &Config) {
     if cfg.run.threads > 0 {
         tch::set_num_threads(cfg.run.threads as i32);
     }
-    tch::manual_seed(cfg.run.seed as i64);
 }
 
 /// A request to stop, left by a signal handler (SIGINT, SIGTERM) or by a caller: the number of

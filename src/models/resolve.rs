@@ -157,15 +157,79 @@ pub struct LoadedModel {
     pub files: ModelFiles,
 }
 
+/// A model reference resolved once: its files, its architecture and its tokenizer (presets have
+/// none), read before any weight is; [`ModelRef::load`] then builds the backbone from it.
+pub struct ModelRef {
+    pub reference: String,
+    pub files: ModelFiles,
+    pub arch: ArchConfig,
+    pub tokenizer: Option<TextTokenizer>,
+    /// The opened GGUF file (its header parsed once, its tensors read at load).
+    gguf: Option<GgufFile>,
+}
+
+impl ModelRef {
+    pub fn resolve(reference: &str) -> Result<ModelRef> {
+        let files = resolve(reference)?;
+        let (arch, tokenizer, gguf) = match &files {
+            ModelFiles::Preset(name) => (ArchConfig::preset(name)?, None, None),
+            ModelFiles::Dir(dir) => (
+                ArchConfig::from_file(&dir.join("config.json"))?,
+                TextTokenizer::from_dir(dir)?,
+                None,
+            ),
+            ModelFiles::Gguf(path) => {
+                let file = GgufFile::open(path)?;
+                let tokenizer = TextTokenizer::from_gguf_vocab(&file.vocab()?, path)?;
+                (file.arch_config()?, Some(tokenizer), Some(file))
+            }
+        };
+        Ok(ModelRef {
+            reference: reference.to_string(),
+            files,
+            arch,
+            tokenizer,
+            gguf,
+        })
+    }
+
+    /// The tokenizer, or an error saying that this model (a preset) has none.
+    pub fn tokenizer(&self) -> Result<&TextTokenizer> {
+        self.tokenizer.as_ref().ok_or_else(|| {
+            Error::Config(format!(
+                "model.source `{}` has no tokenizer (a `preset:` has random weights and no vocabulary): use a pretrained model",
+                self.reference
+            ))
+        })
+    }
+
+    /// Builds the backbone, its linear layers getting the adapters `inj` hands out.
+    pub fn load(self, kind: Kind, device: Device, inj: &dyn AdapterSource) -> Result<LoadedModel> {
+        let arch = &self.arch;
+        let backbone = match (&self.files, self.gguf) {
+            (ModelFiles::Dir(dir), _) => {
+                let mut source = SafetensorsSource::open_dir(dir)?;
+                if arch.tie_word_embeddings() {
+                    source.allow_unused("lm_head.weight");
+                }
+                build(arch, &mut source, kind, device, inj)?
+            }
+            (ModelFiles::Gguf(_), Some(file)) => {
+                build(arch, &mut GgufSource::new(file)?, kind, device, inj)?
+            }
+            _ => build(arch, &mut RandomSource, kind, device, inj)?,
+        };
+        Ok(LoadedModel {
+            backbone,
+            tokenizer: self.tokenizer,
+            files: self.files,
+        })
+    }
+}
+
 /// The tokenizer that comes with a model reference (none for presets), without its weights.
 pub fn load_tokenizer(reference: &str) -> Result<Option<TextTokenizer>> {
-    match resolve(reference)? {
-        ModelFiles::Preset(_) => Ok(None),
-        ModelFiles::Dir(dir) => TextTokenizer::from_dir(&dir),
-        ModelFiles::Gguf(path) => {
-            TextTokenizer::from_gguf_vocab(&GgufFile::open(&path)?.vocab()?, &path).map(Some)
-        }
-    }
+    Ok(ModelRef::resolve(reference)?.tokenizer)
 }
 
 /// Loads a plain frozen backbone.
@@ -180,35 +244,5 @@ pub fn load_with(
     device: Device,
     inj: &dyn AdapterSource,
 ) -> Result<LoadedModel> {
-    let files = resolve(reference)?;
-    let (backbone, tokenizer) = match &files {
-        ModelFiles::Preset(name) => {
-            let arch = ArchConfig::preset(name)?;
-            (build(&arch, &mut RandomSource, kind, device, inj)?, None)
-        }
-        ModelFiles::Dir(dir) => {
-            let arch = ArchConfig::from_file(&dir.join("config.json"))?;
-            let mut source = SafetensorsSource::open_dir(dir)?;
-            if arch.tie_word_embeddings() {
-                source.allow_unused("lm_head.weight");
-            }
-            let backbone = build(&arch, &mut source, kind, device, inj)?;
-            (backbone, TextTokenizer::from_dir(dir)?)
-        }
-        ModelFiles::Gguf(path) => {
-            let file = GgufFile::open(path)?;
-            let arch = file.arch_config()?;
-            let tokenizer = TextTokenizer::from_gguf_vocab(&file.vocab()?, path)?;
-            let mut source = GgufSource::new(file)?;
-            (
-                build(&arch, &mut source, kind, device, inj)?,
-                Some(tokenizer),
-            )
-        }
-    };
-    Ok(LoadedModel {
-        backbone,
-        tokenizer,
-        files,
-    })
+    ModelRef::resolve(reference)?.load(kind, device, inj)
 }

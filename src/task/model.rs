@@ -10,7 +10,7 @@ use crate::ffi::autocast::autocast;
 use crate::heads::{head_name, Head, SequenceClassifier, TokenClassifier};
 use crate::memory::fusion::FusionMode;
 use crate::memory::MemoryFusion;
-use crate::models::resolve::load_with;
+use crate::models::resolve::ModelRef;
 use crate::models::{ArchConfig, Backbone, NoHook};
 use crate::peft::targets::{no_match, resolve_targets};
 use crate::peft::{AdapterSpec, Injector, LoraSpec, PrefixKv, TrainingFlag};
@@ -108,18 +108,23 @@ pub struct TaskModel {
 impl TaskModel {
     /// Builds the model `cfg` describes on `ctx.device`, its memory sharded over `ctx.group`.
     pub fn build(cfg: &Config, num_labels: usize, ctx: &RunContext) -> Result<TaskModel> {
+        Self::build_from(cfg, ModelRef::resolve(&cfg.model.source)?, num_labels, ctx)
+    }
+
+    /// [`Self::build`] from the model reference already resolved. The random initialization
+    /// starts from `run.seed` whatever ran before: this is the one place the seed is set.
+    pub fn build_from(
+        cfg: &Config,
+        model: ModelRef,
+        num_labels: usize,
+        ctx: &RunContext,
+    ) -> Result<TaskModel> {
+        tch::manual_seed(cfg.run.seed as i64);
         let device = ctx.device;
         let trainable = nn::VarStore::new(device);
         let training = TrainingFlag::default();
         let kind = cfg.model.dtype.kind();
-        let files = crate::models::resolve(&cfg.model.source)?;
-        let arch = match &files {
-            crate::models::ModelFiles::Preset(name) => ArchConfig::preset(name)?,
-            crate::models::ModelFiles::Dir(dir) => ArchConfig::from_file(&dir.join("config.json"))?,
-            crate::models::ModelFiles::Gguf(path) => {
-                crate::models::gguf::GgufFile::open(path)?.arch_config()?
-            }
-        };
+        let arch = model.arch.clone();
         if let ArchConfig::Gpt2(c) = &arch {
             let virtual_tokens = if cfg.peft.method == PeftMethod::Prefix {
                 cfg.peft.num_virtual_tokens as usize
@@ -156,7 +161,7 @@ impl TaskModel {
             Some(spec) => Injector::new(&trainable, spec, training.clone()),
             None => Injector::none(),
         };
-        let loaded = load_with(&cfg.model.source, kind, device, &inj)?;
+        let loaded = model.load(kind, device, &inj)?;
         // A target list that matches nothing would silently train the head alone.
         if inj.has_spec() && trainable.variables().is_empty() {
             return Err(no_match(&targets, &cfg.model.source, &arch));

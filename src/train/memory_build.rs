@@ -10,14 +10,13 @@ use super::eval::for_each_batch;
 use super::restore::load_run_in;
 use super::run_dir::RunDir;
 use super::run_files::MEMORY_INDEX;
+use super::setup::Setup;
 use crate::config::Config;
 use crate::data::dataset::{ids, load_data};
 use crate::dist::env::JobEnv;
 use crate::dist::RunContext;
 use crate::error::{Error, Result};
 use crate::memory::files::index_path;
-use crate::models::resolve::load_tokenizer;
-use crate::task::TaskModel;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -123,17 +122,9 @@ pub fn build_in(req: &BuildRequest, job: &JobEnv) -> Result<BuildReport> {
             1 => RunContext::single(&cfg)?,
             _ => RunContext::for_job(&cfg, job)?,
         };
-        let tok = load_tokenizer(&cfg.model.source)?.ok_or_else(|| {
-            Error::Config(format!(
-                "model.source `{}` has no tokenizer",
-                cfg.model.source
-            ))
-        })?;
-        let data = load_data(&cfg, &tok)?;
         // W_k is saved with the entries, so a run that starts from them queries the same keys
         // whatever its own initialization (or head size).
-        tch::manual_seed(cfg.run.seed as i64);
-        let model = TaskModel::build(&cfg, data.label_names.len(), &ctx)?;
+        let Setup { data, model } = Setup::new(&cfg, &ctx)?;
         (model, cfg, data, Some(out.to_path_buf()), foreign, ctx)
     } else {
         return Err(Error::Config(format!(

@@ -18,5 +18,6 @@ pub mod run_dir;
 pub mod run_files;
 pub mod schedule;
 pub mod seqeval;
+pub mod setup;
 pub mod sweep;
 pub mod trainer;

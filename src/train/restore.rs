@@ -4,6 +4,7 @@
 //! killed) loads its last saved weights with a warning; one that saved none is refused.
 use super::run_dir::RunDir;
 use super::run_files::{read_calibration, RunState, CONFIG_FILE, TRAINABLE_FILE};
+use super::setup::build_model;
 use crate::config::Config;
 use crate::dist::env::JobEnv;
 use crate::dist::RunContext;
@@ -76,7 +77,7 @@ pub fn load_run_in(dir: &Path, overrides: &[String], job: &JobEnv) -> Result<Loa
         1 => RunContext::single(&config)?,
         _ => RunContext::for_job(&config, job)?,
     };
-    let mut model = TaskModel::build(&config, record.label_names.len(), &ctx)?;
+    let mut model = build_model(&config, &ctx, record.label_names.len())?;
     let trainable = dir.join(TRAINABLE_FILE);
     load_named(
         model.trained_vars(),

@@ -12,14 +12,13 @@ use super::resume::{self, Resume, Start};
 use super::run_dir::RunDir;
 use super::run_files::{read_summary, RunState, Summary};
 use super::schedule::learning_rate;
+use super::setup::Setup;
 use crate::config::Config;
 use crate::data::batching::{collate_to, padded, shard, Encoded, Sampler, IGNORE};
-use crate::data::dataset::load_data;
 use crate::dist::context::signal_name;
 use crate::dist::{Collective, ReduceOp, RunContext};
 use crate::error::{Error, Result};
 use crate::ffi::streams as noise;
-use crate::models::resolve::load_tokenizer;
 use crate::task::TaskModel;
 use crate::uncertainty::calibration::{at_search_bound, fit_temperature, T_RANGE};
 use std::time::Instant;
@@ -72,17 +71,8 @@ pub fn train_resuming(
     resume: &Resume,
 ) -> Result<(Summary, TaskModel)> {
     let start = Instant::now();
-    // The head's size is the label count, so the data comes first.
-    let tok = load_tokenizer(&cfg.model.source)?.ok_or_else(|| {
-        Error::Config(format!(
-            "model.source `{}` has no tokenizer to train with",
-            cfg.model.source
-        ))
-    })?;
-    let data = load_data(cfg, &tok)?;
+    let Setup { data, mut model } = Setup::new(cfg, ctx)?;
     let num_labels = data.label_names.len();
-    tch::manual_seed(cfg.run.seed as i64);
-    let mut model = TaskModel::build(cfg, num_labels, ctx)?;
     let device = ctx.device;
     let world = ctx.world_size;
     model.broadcast_trainable()?;
@@ -131,7 +121,7 @@ pub fn train_resuming(
         }
     }
     let warmup = (t.warmup_ratio * total as f64).round() as usize;
-    let pad = tok.padding_id();
+    let pad = model.tokenizer()?.padding_id();
     let backbone_params = model.backbone.num_parameters();
     let (mut run, mut log, first_step, mut ls) = match &start_at {
         Start::Fresh(at) => {
