@@ -9,7 +9,7 @@ use umtune::dist::context::setup_process;
 use umtune::dist::env::JobEnv;
 use umtune::dist::RunContext;
 use umtune::logging::{self, LogFormat, Stdout};
-use umtune::models::{generate, resolve};
+use umtune::models::generate;
 use umtune::train::evaluate::{evaluate, EvalArgs};
 use umtune::train::export::{export, ExportArgs};
 use umtune::train::memory_build::{build_in, BuildArgs};
@@ -113,8 +113,6 @@ fn load_config(args: &ConfigArgs) -> Result<Config> {
 fn train_job(cfg: &Config, resume: &Resume) -> Result<()> {
     let job = JobEnv::from_process()?;
     let ctx = RunContext::for_job(cfg, &job)?.with_signal_handling()?;
-    // Downloads (hub models) happen once per node.
-    ctx.local_rank_zero_first(|| resolve::resolve(&cfg.model.source).map(|_| ()))?;
     let (summary, _) = trainer::train_resuming(cfg, &ctx, resume)?;
     ctx.finish()?;
     if ctx.is_writer {

@@ -356,7 +356,18 @@ fn skipped_steps_and_nan_keys_never_reach_the_memory() -> TestResult {
     model.commit_memory()?;
     assert_eq!(fusion.store()?.len(), 2);
     // A NaN key (written directly, past the commit's filter) scores last, not first.
-    let mut memory = ShardedKvMemory::new(4, 2, 1, 1.0, 0, 1, Device::Cpu);
+    let mut memory = ShardedKvMemory::new(
+        &umtune::config::MemoryConfig {
+            capacity: 4,
+            key_size: 2,
+            tau: 1.0,
+            ..Default::default()
+        },
+        1,
+        0,
+        1,
+        Device::Cpu,
+    );
     let keys = Tensor::from_slice(&[f32::NAN, f32::NAN, 1.0, 0.0, 0.0, 1.0]).view([3, 2]);
     let values = Tensor::zeros([3, 1], (Kind::Float, Device::Cpu));
     memory.write(

@@ -14,6 +14,17 @@ type Hit = (f32, i64, i64, Vec<f32>);
 const D_K: i64 = 4;
 const D_V: i64 = 3;
 
+/// Rank `rank`'s shard of a memory of `capacity` entries (D_K keys, D_V values) over `world` ranks.
+fn memory_shard(capacity: usize, tau: f64, rank: usize, world: usize) -> ShardedKvMemory {
+    let cfg = umtune::config::MemoryConfig {
+        capacity,
+        key_size: D_K,
+        tau,
+        ..Default::default()
+    };
+    ShardedKvMemory::new(&cfg, D_V, rank, world, Device::Cpu)
+}
+
 /// Entry `i`: a key from a small lattice (so that scores tie), a value that identifies it, and
 /// example id `i / 2` (two entries per example).
 fn entry(i: usize) -> (Vec<f32>, Vec<f32>, i64) {
@@ -102,7 +113,7 @@ fn rows(r: &Retrieved) -> Result<Vec<Vec<Hit>>, Box<dyn std::error::Error>> {
 #[test]
 fn ring_top_k_and_self_exclusion_match_brute_force() -> TestResult {
     let (capacity, tau, k) = (8, 0.5, 5);
-    let mut mem = ShardedKvMemory::new(capacity, D_K, D_V, tau, 0, 1, Device::Cpu);
+    let mut mem = memory_shard(capacity, tau, 0, 1);
     // 13 entries in three writes: the ring wraps and keeps the newest 8.
     for range in [0..5, 5..6, 6..13] {
         let (k_, v, ids) = tensors(range);
@@ -147,7 +158,7 @@ fn sharded_reads(
     ring: bool,
 ) -> Result<Vec<Vec<Vec<Hit>>>, String> {
     on_ranks(world, ring, move |group, rank| {
-        let mut mem = ShardedKvMemory::new(capacity, D_K, D_V, 0.5, rank, world, Device::Cpu);
+        let mut mem = memory_shard(capacity, 0.5, rank, world);
         write_pieces(group, &mut mem, world, written)?;
         read_rows(group, &mem, rank, k)
     })
@@ -272,7 +283,7 @@ fn save_sharded(
 ) -> TestResult {
     let index = index.to_path_buf();
     on_ranks(world, false, move |group, rank| {
-        let mut mem = ShardedKvMemory::new(capacity, D_K, D_V, 0.5, rank, world, Device::Cpu);
+        let mut mem = memory_shard(capacity, 0.5, rank, world);
         write_pieces(group, &mut mem, world, written)?;
         let w_k = Tensor::ones([2, 2], (Kind::Float, Device::Cpu));
         use umtune::memory::files::{save, Commit, Contents};
@@ -299,7 +310,7 @@ fn load_and_read(
 ) -> Result<Vec<Vec<Vec<Hit>>>, String> {
     let index = index.to_path_buf();
     on_ranks(world, false, move |group, rank| {
-        let mut mem = ShardedKvMemory::new(capacity, D_K, D_V, 0.5, rank, world, Device::Cpu);
+        let mut mem = memory_shard(capacity, 0.5, rank, world);
         let saved = umtune::memory::files::load(&index, rank, world).map_err(|e| e.to_string())?;
         mem.restore(&saved, &index).map_err(|e| e.to_string())?;
         read_rows(group, &mem, rank, k)
@@ -349,9 +360,7 @@ fn memory_files_are_shards_that_load_at_any_world_size() -> TestResult {
     );
     // Another capacity is refused naming the file; a flipped byte or a missing shard names it.
     let e = umtune::memory::files::load(&index, 0, 1)
-        .and_then(|saved| {
-            ShardedKvMemory::new(12, D_K, D_V, 0.5, 0, 1, Device::Cpu).restore(&saved, &index)
-        })
+        .and_then(|saved| memory_shard(12, 0.5, 0, 1).restore(&saved, &index))
         .err()
         .ok_or("capacity 12 accepted a memory of 10")?
         .to_string();
@@ -376,7 +385,7 @@ fn memory_files_are_shards_that_load_at_any_world_size() -> TestResult {
         // Read while it is checked (what a resume does): the check's failure is the result,
         // though the restore itself went through.
         let e = umtune::memory::files::load_with(&index, rank, world, |saved| {
-            ShardedKvMemory::new(10, D_K, D_V, 0.5, rank, world, Device::Cpu).restore(saved, &index)
+            memory_shard(10, 0.5, rank, world).restore(saved, &index)
         })
         .err()
         .ok_or("a corrupt shard was restored")?

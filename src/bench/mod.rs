@@ -277,7 +277,18 @@ pub fn memory(args: &MemoryArgs) -> Result<Value> {
     let (n, d) = keys.size2()?;
     let q = queries.size()[0];
     // Values do not take part in the search; one column keeps the memory small.
-    let mut memory = ShardedKvMemory::new(n as usize, d, 1, 1.0, 0, 1, cpu);
+    let mut memory = ShardedKvMemory::new(
+        &crate::config::MemoryConfig {
+            capacity: n as usize,
+            key_size: d,
+            tau: 1.0,
+            ..Default::default()
+        },
+        1,
+        0,
+        1,
+        cpu,
+    );
     let chunk = 65536;
     for start in (0..n).step_by(chunk as usize) {
         let len = chunk.min(n - start);

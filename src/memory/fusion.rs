@@ -99,15 +99,7 @@ impl MemoryFusion {
             bias: false,
             ..Default::default()
         };
-        let memory = ShardedKvMemory::new(
-            cfg.capacity,
-            cfg.key_size,
-            d,
-            cfg.tau,
-            group.rank(),
-            group.world_size(),
-            p.device(),
-        );
+        let memory = ShardedKvMemory::new(cfg, d, group.rank(), group.world_size(), p.device());
         MemoryFusion {
             layer,
             w_k: nn::linear(&p / "w_k", d, cfg.key_size, no_bias),

@@ -6,6 +6,7 @@
 //! unsharded memory with the same entries returns, values and order. Written by hand because no
 //! crate does exact, deterministic top-k over libtorch tensors across ranks; faiss is the
 //! reference the benchmark compares against.
+use crate::config::MemoryConfig;
 use crate::dist::Collective;
 use crate::error::{Error, Result};
 use tch::{Device, Kind, Tensor};
@@ -54,14 +55,13 @@ const NO_SLOT: i64 = i64::MAX;
 impl ShardedKvMemory {
     /// This rank's shard of a memory of `capacity` entries.
     pub fn new(
-        capacity: usize,
-        d_key: i64,
+        cfg: &MemoryConfig,
         d_value: i64,
-        tau: f64,
         rank: usize,
         world_size: usize,
         device: Device,
     ) -> Self {
+        let (capacity, d_key, tau) = (cfg.capacity, cfg.key_size, cfg.tau);
         let local = Self::local_capacity(capacity, rank, world_size) as i64;
         ShardedKvMemory {
             capacity,

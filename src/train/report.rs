@@ -215,6 +215,14 @@ struct Group<'a> {
     runs: Vec<&'a Summary>,
 }
 
+impl Group<'_> {
+    /// The mean accuracy of the group's runs on their scored split (what `best` is chosen by).
+    fn mean_accuracy(&self) -> f64 {
+        let acc: Vec<f64> = self.runs.iter().map(|s| scored(s).accuracy).collect();
+        spread(&acc).0
+    }
+}
+
 fn group_runs<'a>(
     dir: &Path,
     entries: &'a [ReportEntry],
@@ -353,15 +361,13 @@ pub fn sweep_report(dir: &Path, entries: &[ReportEntry]) -> Result<String> {
     }
     let best = groups
         .iter()
-        .zip(&rows)
-        .max_by(|a, b| {
-            let m = |r: &Vec<String>| r[2].parse::<f64>().unwrap_or(f64::NEG_INFINITY);
-            m(a.1).total_cmp(&m(b.1))
-        })
-        .map(|(g, r)| {
+        .max_by(|a, b| a.mean_accuracy().total_cmp(&b.mean_accuracy()))
+        .map(|g| {
             format!(
-                "\nbest: {} (accuracy {} over {} seeds)\n",
-                g.name, r[2], r[1]
+                "\nbest: {} (accuracy {:.4} over {} seeds)\n",
+                g.name,
+                g.mean_accuracy(),
+                g.runs.len()
             )
         });
     md.push_str(&best.unwrap_or_default());

@@ -86,8 +86,18 @@ pub fn whole_ring(index: &Path) -> HashMap<String, Tensor> {
     let saved = umtune::memory::files::load(index, 0, 1).unwrap();
     let first = &saved.shards[0].tensors;
     let (d_k, d_v) = (first["keys"].size()[1], first["values"].size()[1]);
-    let mut ring =
-        umtune::memory::ShardedKvMemory::new(saved.capacity, d_k, d_v, 1.0, 0, 1, tch::Device::Cpu);
+    let mut ring = umtune::memory::ShardedKvMemory::new(
+        &umtune::config::MemoryConfig {
+            capacity: saved.capacity,
+            key_size: d_k,
+            tau: 1.0,
+            ..Default::default()
+        },
+        d_v,
+        0,
+        1,
+        tch::Device::Cpu,
+    );
     ring.restore(&saved, index).unwrap();
     ring.tensors()
         .into_iter()
