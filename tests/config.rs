@@ -161,3 +161,31 @@ fn overrides_take_toml_literals() -> TestResult {
     );
     Ok(())
 }
+
+#[test]
+fn dtype_auto_and_activation_checkpointing_values() -> TestResult {
+    let _env = env_lock();
+    // `auto` is resolved at load: f32 where the model runs on the CPU.
+    let cfg = Config::load(
+        None,
+        &["model.dtype=auto".into(), "model.device=cpu".into()],
+    )?;
+    assert_eq!(cfg.model.dtype, Dtype::F32);
+    for (given, every) in [
+        ("false", None),
+        ("true", Some(1)),
+        ("3", Some(3)),
+        ("0", None),
+    ] {
+        let cfg = Config::load(None, &[format!("train.activation_checkpointing={given}")])?;
+        assert_eq!(cfg.train.activation_checkpointing.every(), every, "{given}");
+        // Written back and read again, the same.
+        let round = write("ckpt.toml", &cfg.to_toml()?)?;
+        assert_eq!(Config::load(Some(&round), &[])?, cfg);
+    }
+    let e = load_err(None, &["train.activation_checkpointing=-2"]);
+    assert!(e.contains("train.activation_checkpointing"), "{e}");
+    let e = load_err(None, &["model.dtype=f64"]);
+    assert!(e.contains("`f32`, `bf16`, `f16`, `auto`"), "{e}");
+    Ok(())
+}

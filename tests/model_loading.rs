@@ -144,3 +144,20 @@ fn hub_ids_use_the_local_cache_and_explain_misses() -> TestResult {
     );
     Ok(())
 }
+
+/// A task model leaves an untied LM head unread (classification and NER never use it), and loads
+/// every other tensor as the plain backbone does; a tied head is the embedding either way.
+#[test]
+fn a_task_model_leaves_the_untied_lm_head_unread() -> TestResult {
+    for (name, untied) in [("llama-tiny-untied", true), ("llama-tiny-tied", false)] {
+        let dir = fixture(name)?;
+        let plain = load(dir.to_str().ok_or("path")?, Kind::Float, Device::Cpu)?;
+        let cfg = tiny_config_on(name, umtune::config::PeftMethod::Lora, &dir)?;
+        let (task, _) = build_model(&cfg, 2)?;
+        let arch = plain.backbone.arch();
+        let head = (arch.vocab_size() * arch.hidden_size()) as i64;
+        let saved = plain.backbone.num_parameters() - task.backbone.num_parameters();
+        assert_eq!(saved, if untied { head } else { 0 }, "{name}");
+    }
+    Ok(())
+}

@@ -5,6 +5,7 @@ use crate::config::Config;
 use crate::data::dataset::ids;
 use crate::dist::RunContext;
 use crate::error::{Error, Result};
+use crate::ffi::streams;
 use crate::models::{resolve, NoHook};
 use crate::task::TaskModel;
 use crate::train::checkpoint;
@@ -132,10 +133,15 @@ pub fn train(cfg: &Config, timing: &Timing) -> Result<Value> {
     let mut next_id = 0;
     let secs = timing.median_secs(device, || {
         let example_ids = Tensor::arange_start(next_id, next_id + b_sz, (Kind::Int64, device));
+        // The trainer's per-example random streams (activation checkpointing replays them).
+        let keys = (0..b_sz as usize)
+            .map(|i| streams::example_key(cfg.run.seed, next_id as usize, 0, i))
+            .collect();
         next_id += b_sz;
         opt.zero_grad();
-        let fwd = task.forward(&tokens, &mask, Some(&example_ids))?;
-        task.loss(&fwd, &labels).backward();
+        streams::with_streams(keys, || {
+            task.forward_backward(&tokens, &mask, Some(&example_ids), &labels, None, 1.0)
+        })?;
         opt.step(cfg.train.lr);
         task.commit_memory()?;
         Ok(())
@@ -144,6 +150,7 @@ pub fn train(cfg: &Config, timing: &Timing) -> Result<Value> {
         "model": cfg.model.source, "dtype": cfg.model.dtype.as_str(), "batch": b_sz,
         "seq_len": seq_len, "threads": tch::get_num_threads(),
         "trainable": task.trainable_params(), "secs_per_step": secs,
+        "activation_checkpointing": cfg.train.activation_checkpointing.0,
     }))
 }
 

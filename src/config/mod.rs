@@ -118,6 +118,7 @@ impl Config {
             .try_deserialize()
             .map_err(|e| Error::Config(e.to_string()))?;
         cfg.data.dataset = absolute_dataset(&cfg.data.dataset)?;
+        cfg.model.dtype = cfg.model.dtype.resolve(cfg.model.device);
         cfg.overrides = Overrides(overrides.to_vec());
         cfg.validate()?;
         Ok(cfg)

@@ -31,12 +31,29 @@ pub enum Dtype {
     F32,
     Bf16,
     F16,
+    /// bf16 on CUDA, f32 on the CPU: replaced by one of them when the config is loaded.
+    Auto,
 }
 
 impl Dtype {
+    /// `auto` made concrete for `device`: bf16 where it will run on CUDA, else f32.
+    pub fn resolve(self, device: DeviceSpec) -> Dtype {
+        let cuda = match device {
+            DeviceSpec::Cpu => false,
+            DeviceSpec::Cuda(_) => true,
+            DeviceSpec::Auto => tch::Cuda::is_available(),
+        };
+        match self {
+            Dtype::Auto if cuda => Dtype::Bf16,
+            Dtype::Auto => Dtype::F32,
+            d => d,
+        }
+    }
+
     pub fn kind(self) -> tch::Kind {
         match self {
-            Dtype::F32 => tch::Kind::Float,
+            // (`auto` is resolved at load; f32 if it ever is not.)
+            Dtype::F32 | Dtype::Auto => tch::Kind::Float,
             Dtype::Bf16 => tch::Kind::BFloat16,
             Dtype::F16 => tch::Kind::Half,
         }
@@ -50,8 +67,9 @@ impl TryFrom<String> for Dtype {
             "f32" => Ok(Dtype::F32),
             "bf16" => Ok(Dtype::Bf16),
             "f16" => Ok(Dtype::F16),
+            "auto" => Ok(Dtype::Auto),
             other => Err(format!(
-                "dtype `{other}` is not one of `f32`, `bf16`, `f16`"
+                "dtype `{other}` is not one of `f32`, `bf16`, `f16`, `auto`"
             )),
         }
     }
@@ -69,6 +87,7 @@ impl Dtype {
             Dtype::F32 => "f32",
             Dtype::Bf16 => "bf16",
             Dtype::F16 => "f16",
+            Dtype::Auto => "auto",
         }
     }
 }
@@ -257,6 +276,10 @@ pub struct TrainConfig {
     /// Mixed precision for forward passes: "off", "bf16" or "f16" (matmuls in that dtype on
     /// f32 weights, as torch.autocast; meant for CUDA, slow on most CPUs).
     pub autocast: Autocast,
+    /// Activation checkpointing: `false`, `true` (every block), or N (every N-th block, as
+    /// torchtune's `ac_option`): those blocks, below the first one carrying uncertainty modeling
+    /// or the memory, keep only their inputs and are recomputed in the backward pass.
+    pub activation_checkpointing: Checkpointing,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -302,6 +325,7 @@ impl Default for TrainConfig {
             log_every: 10,
             max_bad_steps: 10,
             autocast: Autocast::Off,
+            activation_checkpointing: Checkpointing::OFF,
         }
     }
 }
@@ -532,4 +556,65 @@ pub enum BestMetric {
     MacroF1,
     #[serde(rename = "loss")]
     Loss,
+}
+
+/// `train.activation_checkpointing`: 0 (`false`) off, else N: every N-th block is recomputed
+/// (`true` is 1). Written back as `false`, `true` or N.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Checkpointing(pub usize);
+
+impl Checkpointing {
+    pub const OFF: Checkpointing = Checkpointing(0);
+    /// N (every N-th block is recomputed), if on.
+    pub fn every(self) -> Option<usize> {
+        (self.0 > 0).then_some(self.0)
+    }
+}
+
+impl Serialize for Checkpointing {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self.0 {
+            0 => s.serialize_bool(false),
+            1 => s.serialize_bool(true),
+            n => s.serialize_u64(n as u64),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Checkpointing {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        type R<E> = std::result::Result<Checkpointing, E>;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Checkpointing;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("true, false, or a number of blocks per checkpoint")
+            }
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> R<E> {
+                Ok(Checkpointing(usize::from(v)))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> R<E> {
+                usize::try_from(v).map(Checkpointing).map_err(|_| {
+                    E::custom(format!(
+                        "train.activation_checkpointing = {v}: use true, false or a number of blocks"
+                    ))
+                })
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> R<E> {
+                Ok(Checkpointing(v as usize))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> R<E> {
+                match v {
+                    "true" => Ok(Checkpointing(1)),
+                    "false" => Ok(Checkpointing(0)),
+                    n => n.parse().map(Checkpointing).map_err(|_| {
+                        E::custom(format!(
+                            "train.activation_checkpointing = `{n}`: use true, false or a number of blocks"
+                        ))
+                    }),
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
 }

@@ -44,6 +44,21 @@ pub fn with_streams<T>(rows: Vec<u64>, f: impl FnOnce() -> T) -> T {
     out
 }
 
+/// How many draws this micro-batch's forward has made (None outside [`with_streams`]).
+pub fn draws() -> Option<u64> {
+    STREAMS.with(|s| s.borrow().as_ref().map(|s| s.draws))
+}
+
+/// Sets the draw counter back to `n` (from [`draws`]), so that recomputing a block replays its
+/// draws: the same dropout masks and noise as its first forward (activation checkpointing).
+pub fn set_draws(n: u64) {
+    STREAMS.with(|s| {
+        if let Some(s) = s.borrow_mut().as_mut() {
+            s.draws = n;
+        }
+    })
+}
+
 /// Standard normal draws of `shape`, whose dimension `batch_dim` runs over the batch's examples.
 pub fn randn(shape: &[i64], batch_dim: usize, like: &Tensor) -> Tensor {
     draw(shape, batch_dim, like, true)

@@ -30,11 +30,13 @@ impl BatchMask {
         let past_mask = cache
             .as_ref()
             .and_then(|c| c.mask.as_ref().map(|m| m.shallow_clone()));
-        // A mask without padding on a fresh sequence is plain causal attention, which the fused
-        // kernels run faster (transformers makes the same check).
-        let attention_mask = attention_mask.filter(|m| {
-            past > 0 || past_mask.is_some() || Tensor::eq(m, 0).any().int64_value(&[]) != 0
-        });
+        // A fresh sequence without padding, or padded on the right only (every real token before
+        // every pad), is plain causal attention for its real tokens, which the fused (flash)
+        // kernels run without a materialized (b, 1, t, s) mask. A padding query then attends to
+        // the real tokens and the pads before it; its output is never used (the classifier pools
+        // the last real token, token labels and UM's regularizer skip padding).
+        let attention_mask =
+            attention_mask.filter(|m| past > 0 || past_mask.is_some() || !is_right_padded(m));
         let padded = attention_mask.is_some() || past_mask.is_some();
         let full = padded.then(|| {
             let new = match attention_mask {
@@ -82,6 +84,19 @@ impl BatchMask {
             positions,
         }
     }
+}
+
+/// Whether every row of `mask (b, t)` is ones then zeros (right padding, or none).
+fn is_right_padded(mask: &Tensor) -> bool {
+    let t = mask.size()[1];
+    if t < 2 {
+        return true;
+    }
+    let m = mask.ne(0);
+    // No real token right after a pad.
+    let later = m.narrow(1, 1, t - 1);
+    let earlier = m.narrow(1, 0, t - 1);
+    !bool::try_from(later.logical_and(&earlier.logical_not()).any()).unwrap_or(true)
 }
 
 /// `q (b, h, t, d)`, `k`/`v` `(b, h_kv, s, d)` → `(b, h, t, d)`; grouped-query when `h_kv < h`.

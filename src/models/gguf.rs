@@ -531,6 +531,12 @@ impl WeightSource for GgufSource {
             .is_some_and(|(g, _)| self.file.tensors.contains_key(&g))
     }
 
+    fn skip(&mut self, name: &str) {
+        if let Some((g, _)) = self.gguf_name(name) {
+            self.taken.insert(g);
+        }
+    }
+
     fn finish(&mut self) -> Result<()> {
         match self.file.tensors.keys().find(|k| !self.taken.contains(*k)) {
             Some(k) => Err(Error::tensor(

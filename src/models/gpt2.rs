@@ -154,7 +154,8 @@ pub struct Gpt2 {
     wpe: Tensor,
     blocks: Vec<Block>,
     ln_f: LayerNorm,
-    lm_head: Tensor,
+    /// None when built without it (a task model: classification and NER never use it).
+    lm_head: Option<Tensor>,
     kind: Kind,
 }
 
@@ -165,6 +166,7 @@ impl Gpt2 {
         w: &mut dyn WeightSource,
         kind: Kind,
         inj: &dyn AdapterSource,
+        with_lm_head: bool,
     ) -> Result<Self> {
         let root = vs.root();
         let t = &root / "transformer";
@@ -176,15 +178,13 @@ impl Gpt2 {
             .collect::<Result<Vec<_>>>()?;
         let ln_f = LayerNorm::new(&(&t / "ln_f"), w, kind, d, c.layer_norm_epsilon, inj)?;
         let lm_head = if c.tie_word_embeddings {
-            wte.shallow_clone()
+            Some(wte.shallow_clone())
+        } else if with_lm_head {
+            let shape = [c.vocab_size as i64, d];
+            Some(param(&(&root / "lm_head"), w, kind, "weight", &shape)?)
         } else {
-            param(
-                &(&root / "lm_head"),
-                w,
-                kind,
-                "weight",
-                &[c.vocab_size as i64, d],
-            )?
+            w.skip("lm_head.weight");
+            None
         };
         Ok(Gpt2 {
             arch: ArchConfig::Gpt2(c),
@@ -220,8 +220,32 @@ impl Backbone for Gpt2 {
         self.ln_f.forward(&x)
     }
 
+    fn embed(&self, input_ids: &Tensor, batch: &BatchMask) -> Tensor {
+        Tensor::embedding(&self.wte, input_ids, -1, false, false)
+            + Tensor::embedding(&self.wpe, &batch.positions, -1, false, false)
+    }
+
+    fn blocks(
+        &self,
+        mut x: Tensor,
+        batch: &BatchMask,
+        range: std::ops::Range<usize>,
+        hook: &mut dyn LayerHook,
+    ) -> Tensor {
+        for i in range {
+            x = hook.after_block(i, self.blocks[i].forward(&x, batch, None, i));
+        }
+        x
+    }
+
+    fn final_norm(&self, x: &Tensor) -> Tensor {
+        self.ln_f.forward(x)
+    }
+
     fn lm_head(&self) -> &Tensor {
-        &self.lm_head
+        self.lm_head
+            .as_ref()
+            .expect("this backbone was built without its LM head (a task model); load it with the head to generate")
     }
 
     fn var_store(&self) -> &nn::VarStore {

@@ -203,7 +203,8 @@ pub struct Llama {
     embed_tokens: Tensor,
     blocks: Vec<Block>,
     norm: RmsNorm,
-    lm_head: Tensor,
+    /// None when built without it (a task model: classification and NER never use it).
+    lm_head: Option<Tensor>,
     inv_freq: Tensor,
     kind: Kind,
 }
@@ -215,6 +216,7 @@ impl Llama {
         w: &mut dyn WeightSource,
         kind: Kind,
         inj: &dyn AdapterSource,
+        with_lm_head: bool,
     ) -> Result<Self> {
         let root = vs.root();
         let m = &root / "model";
@@ -225,9 +227,12 @@ impl Llama {
             .collect::<Result<Vec<_>>>()?;
         let norm = RmsNorm::new(&(&m / "norm"), w, kind, d, c.rms_norm_eps)?;
         let lm_head = if c.tie_word_embeddings {
-            embed_tokens.shallow_clone()
+            Some(embed_tokens.shallow_clone())
+        } else if with_lm_head {
+            Some(param(&(&root / "lm_head"), w, kind, "weight", &[vocab, d])?)
         } else {
-            param(&(&root / "lm_head"), w, kind, "weight", &[vocab, d])?
+            w.skip("lm_head.weight");
+            None
         };
         let inv_freq = Tensor::from_slice(&inv_freq(&c)).to_device(vs.device());
         Ok(Llama {
@@ -274,8 +279,32 @@ impl Backbone for Llama {
         self.norm.forward(&x)
     }
 
+    fn embed(&self, input_ids: &Tensor, _batch: &BatchMask) -> Tensor {
+        Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false)
+    }
+
+    fn blocks(
+        &self,
+        mut x: Tensor,
+        batch: &BatchMask,
+        range: std::ops::Range<usize>,
+        hook: &mut dyn LayerHook,
+    ) -> Tensor {
+        let cos_sin = self.rotary(&batch.positions);
+        for i in range {
+            x = hook.after_block(i, self.blocks[i].forward(&x, &cos_sin, batch, None, i));
+        }
+        x
+    }
+
+    fn final_norm(&self, x: &Tensor) -> Tensor {
+        self.norm.forward(x)
+    }
+
     fn lm_head(&self) -> &Tensor {
-        &self.lm_head
+        self.lm_head
+            .as_ref()
+            .expect("this backbone was built without its LM head (a task model); load it with the head to generate")
     }
 
     fn var_store(&self) -> &nn::VarStore {

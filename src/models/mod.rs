@@ -80,6 +80,21 @@ pub trait Backbone: Send {
         cache: Option<&mut KvCache>,
         hook: &mut dyn LayerHook,
     ) -> Tensor;
+    /// The stack one piece at a time (activation checkpointing): [`Self::embed`], then
+    /// [`Self::blocks`] over consecutive ranges, then [`Self::final_norm`] compute what
+    /// [`Self::forward`] does without a cache. `batch` is [`attention::BatchMask::new`] of the
+    /// input without a cache.
+    fn embed(&self, input_ids: &Tensor, batch: &attention::BatchMask) -> Tensor;
+    /// Blocks `range` on `x`, the input of block `range.start`, each output through `hook`.
+    fn blocks(
+        &self,
+        x: Tensor,
+        batch: &attention::BatchMask,
+        range: std::ops::Range<usize>,
+        hook: &mut dyn LayerHook,
+    ) -> Tensor;
+    /// The norm after the last block.
+    fn final_norm(&self, x: &Tensor) -> Tensor;
     /// The output embedding `(vocab, d)` (the input embedding when tied).
     fn lm_head(&self) -> &Tensor;
     /// Language-model logits `(b, t, vocab)` for hidden states `(b, t, d)`.
@@ -101,18 +116,20 @@ pub trait Backbone: Send {
 }
 
 /// Builds the backbone that `arch` describes, taking every tensor from `weights` and adapters
-/// from `inj`.
+/// from `inj`; without `lm_head`, an untied output embedding is left unread.
 pub fn build(
     arch: &ArchConfig,
     weights: &mut dyn WeightSource,
     kind: Kind,
     device: Device,
     inj: &dyn adapt::AdapterSource,
+    lm_head: bool,
 ) -> crate::Result<Box<dyn Backbone>> {
     let vs = nn::VarStore::new(device);
+    let (w, i) = (&mut *weights, inj);
     let model: Box<dyn Backbone> = match arch {
-        ArchConfig::Gpt2(c) => Box::new(gpt2::Gpt2::new(vs, c.clone(), weights, kind, inj)?),
-        ArchConfig::Llama(c) => Box::new(llama::Llama::new(vs, c.clone(), weights, kind, inj)?),
+        ArchConfig::Gpt2(c) => Box::new(gpt2::Gpt2::new(vs, c.clone(), w, kind, i, lm_head)?),
+        ArchConfig::Llama(c) => Box::new(llama::Llama::new(vs, c.clone(), w, kind, i, lm_head)?),
     };
     weights.finish()?;
     Ok(model)

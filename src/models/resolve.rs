@@ -164,6 +164,8 @@ pub struct ModelRef {
     pub files: ModelFiles,
     pub arch: ArchConfig,
     pub tokenizer: Option<TextTokenizer>,
+    /// Whether [`Self::load`] reads the LM head (an untied one; a tied head is the embedding).
+    pub lm_head: bool,
     /// The opened GGUF file (its header parsed once, its tensors read at load).
     gguf: Option<GgufFile>,
 }
@@ -189,8 +191,18 @@ impl ModelRef {
             files,
             arch,
             tokenizer,
+            lm_head: true,
             gguf,
         })
+    }
+
+    /// Loads without the LM head: a task model (classification, NER) never uses it, and an
+    /// untied one is 1 GiB of LLaMA-3-8B in bf16.
+    pub fn without_lm_head(self) -> Self {
+        ModelRef {
+            lm_head: false,
+            ..self
+        }
     }
 
     /// The tokenizer, or an error saying that this model (a preset) has none.
@@ -205,19 +217,19 @@ impl ModelRef {
 
     /// Builds the backbone, its linear layers getting the adapters `inj` hands out.
     pub fn load(self, kind: Kind, device: Device, inj: &dyn AdapterSource) -> Result<LoadedModel> {
-        let arch = &self.arch;
+        let (arch, head) = (&self.arch, self.lm_head);
         let backbone = match (&self.files, self.gguf) {
             (ModelFiles::Dir(dir), _) => {
                 let mut source = SafetensorsSource::open_dir(dir)?;
                 if arch.tie_word_embeddings() {
                     source.allow_unused("lm_head.weight");
                 }
-                build(arch, &mut source, kind, device, inj)?
+                build(arch, &mut source, kind, device, inj, head)?
             }
             (ModelFiles::Gguf(_), Some(file)) => {
-                build(arch, &mut GgufSource::new(file)?, kind, device, inj)?
+                build(arch, &mut GgufSource::new(file)?, kind, device, inj, head)?
             }
-            _ => build(arch, &mut RandomSource, kind, device, inj)?,
+            _ => build(arch, &mut RandomSource, kind, device, inj, head)?,
         };
         Ok(LoadedModel {
             backbone,

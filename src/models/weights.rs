@@ -13,6 +13,9 @@ pub trait WeightSource {
     fn take(&mut self, name: &str, shape: &[i64], kind: Kind, device: Device) -> Result<Tensor>;
     /// Whether `name` is present (for optional tensors such as an untied `lm_head.weight`).
     fn contains(&self, name: &str) -> bool;
+    /// Leaves `name` unread on purpose (a tensor the task does not use): not an error at
+    /// [`Self::finish`].
+    fn skip(&mut self, name: &str);
     /// Fails if tensors were left that no model parameter took.
     fn finish(&mut self) -> Result<()>;
 }
@@ -446,6 +449,11 @@ impl WeightSource for SafetensorsSource {
         self.key_for(name).is_some()
     }
 
+    fn skip(&mut self, name: &str) {
+        let key = self.key_for(name).unwrap_or_else(|| name.to_string());
+        self.optional.insert(key);
+    }
+
     fn finish(&mut self) -> Result<()> {
         let left: Vec<&String> = self
             .entries
@@ -487,6 +495,7 @@ impl WeightSource for RandomSource {
     fn contains(&self, _name: &str) -> bool {
         true
     }
+    fn skip(&mut self, _name: &str) {}
     fn finish(&mut self) -> Result<()> {
         Ok(())
     }

@@ -1,9 +1,9 @@
 //! LoRA (Hu et al. 2021, <https://arxiv.org/abs/2106.09685>) as Hugging Face PEFT implements it:
 //! `y = W x + (B A dropout(x)) * scale`, A kaiming-uniform (a = sqrt 5), B zero, scale alpha / r
 //! (or alpha / sqrt r with rsLoRA, Kalajdzievski 2023). Adapters are kept in f32 whatever the
-//! backbone's dtype.
+//! backbone's dtype and computed in the backbone's dtype.
 use super::TrainingFlag;
-use tch::{nn, Kind, Tensor};
+use tch::{nn, Tensor};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoraSpec {
@@ -60,19 +60,21 @@ impl LoraLinear {
         }
     }
 
-    /// The low-rank update for input `x (..., n_in)`, in `x`'s dtype.
+    /// The low-rank update for input `x (..., n_in)`, computed in `x`'s dtype with the f32
+    /// weights cast at use (as PEFT under autocast): no f32 copy of the activation is made or kept
+    /// for the backward (in bf16 the dropped input and its mask are bf16, the mask's draw a
+    /// transient).
     pub fn delta(&self, x: &Tensor) -> Tensor {
-        let h = x.to_kind(Kind::Float);
+        let kind = x.kind();
         let h = if self.dropout > 0.0 && self.training.get() {
             // Inverted dropout with a per-example mask (dimension 0 runs over the examples).
-            let keep = crate::ffi::streams::rand(&h.size(), 0, &h).ge(self.dropout);
-            h * keep.to_kind(Kind::Float) / (1.0 - self.dropout)
+            let keep = crate::ffi::streams::rand(&x.size(), 0, x).ge(self.dropout);
+            x * keep.to_kind(kind) / (1.0 - self.dropout)
         } else {
-            h
+            x.shallow_clone()
         };
-        (h.linear::<&Tensor>(&self.a, None)
-            .linear::<&Tensor>(&self.b, None)
-            * self.scale)
-            .to_kind(x.kind())
+        h.linear::<&Tensor>(&self.a.to_kind(kind), None)
+            .linear::<&Tensor>(&self.b.to_kind(kind), None)
+            * self.scale
     }
 }

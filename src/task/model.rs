@@ -7,9 +7,11 @@ use crate::data::TextTokenizer;
 use crate::dist::RunContext;
 use crate::error::{Error, Result};
 use crate::ffi::autocast::autocast;
+use crate::ffi::streams;
 use crate::heads::{head_name, Head, SequenceClassifier, TokenClassifier};
 use crate::memory::fusion::FusionMode;
 use crate::memory::MemoryFusion;
+use crate::models::attention::BatchMask;
 use crate::models::resolve::ModelRef;
 use crate::models::{ArchConfig, Backbone, NoHook};
 use crate::peft::targets::{no_match, resolve_targets};
@@ -103,6 +105,24 @@ pub struct TaskModel {
     pub probe: Probe,
     /// The ranks evaluation is sharded over (the run context's collective).
     pub group: std::sync::Arc<dyn crate::dist::Collective>,
+    /// Activation checkpointing: blocks per recomputed segment (see [`Self::forward_backward`]).
+    pub checkpoint_every: Option<usize>,
+}
+
+/// One block of the checkpointed part of a forward: its input, its output when its graph is kept
+/// (None: recomputed in the backward), and the random-draw counter before it.
+struct Piece {
+    block: usize,
+    input: Tensor,
+    output: Option<Tensor>,
+    draws: Option<u64>,
+}
+
+/// The hidden states entering block `layer`, computed by the caller (the checkpointed path).
+struct Entry<'a> {
+    hidden: &'a Tensor,
+    layer: usize,
+    batch: &'a BatchMask,
 }
 
 impl TaskModel {
@@ -161,7 +181,7 @@ impl TaskModel {
             Some(spec) => Injector::new(&trainable, spec, training.clone()),
             None => Injector::none(),
         };
-        let loaded = model.load(kind, device, &inj)?;
+        let loaded = model.without_lm_head().load(kind, device, &inj)?;
         // A target list that matches nothing would silently train the head alone.
         if inj.has_spec() && trainable.variables().is_empty() {
             return Err(no_match(&targets, &cfg.model.source, &arch));
@@ -170,6 +190,12 @@ impl TaskModel {
             for (_, var) in loaded.backbone.var_store().variables() {
                 let _ = var.set_requires_grad(true);
             }
+        }
+        let checkpoint_every = cfg.train.activation_checkpointing.every();
+        if checkpoint_every.is_some() && cfg.peft.method == PeftMethod::Prefix {
+            return Err(Error::Config(
+                "train.activation_checkpointing does not work with peft.method = \"prefix\" (its virtual keys ride in the KV cache, which the recomputed blocks do not take): turn one off".into(),
+            ));
         }
         let prefix = (cfg.peft.method == PeftMethod::Prefix).then(|| {
             let (layers, kv_heads, head_dim) = arch.kv_shape();
@@ -267,6 +293,7 @@ impl TaskModel {
             mc_samples: cfg.uncertainty.mc_predict,
             probe: Probe::default(),
             group: ctx.group.clone(),
+            checkpoint_every,
         })
     }
 
@@ -318,7 +345,7 @@ impl TaskModel {
         }
         let probs = (0..self.mc_samples)
             .map(|_| {
-                let f = self.forward_with(input_ids, mask, example_ids, Pass::McSample)?;
+                let f = self.forward_with(input_ids, mask, example_ids, Pass::McSample, None)?;
                 Ok(f.logits.softmax(-1, tch::Kind::Float))
             })
             .collect::<Result<Vec<Tensor>>>()?;
@@ -336,7 +363,7 @@ impl TaskModel {
         mask: &Tensor,
         example_ids: Option<&Tensor>,
     ) -> Result<Forward> {
-        self.forward_with(input_ids, mask, example_ids, Pass::Plain)
+        self.forward_with(input_ids, mask, example_ids, Pass::Plain, None)
     }
 
     /// A pass without training that records every unit's memory entry and commits them: the
@@ -347,8 +374,158 @@ impl TaskModel {
         mask: &Tensor,
         example_ids: &Tensor,
     ) -> Result<()> {
-        self.forward_with(input_ids, mask, Some(example_ids), Pass::Record)?;
+        self.forward_with(input_ids, mask, Some(example_ids), Pass::Record, None)?;
         self.commit_memory()
+    }
+
+    /// The backbone's final hidden states: the whole stack, or from `entry` on.
+    fn backbone_forward(
+        &self,
+        input_ids: &Tensor,
+        mask: &Tensor,
+        cache: Option<&mut crate::models::KvCache>,
+        hook: &mut dyn crate::models::LayerHook,
+        entry: Option<&Entry>,
+    ) -> Tensor {
+        match entry {
+            None => self.backbone.forward(input_ids, Some(mask), cache, hook),
+            Some(e) => {
+                let n = self.backbone.arch().num_layers();
+                let x = self
+                    .backbone
+                    .blocks(e.hidden.shallow_clone(), e.batch, e.layer..n, hook);
+                self.backbone.final_norm(&x)
+            }
+        }
+    }
+
+    /// The first block whose output a plug-in (UM's estimators, the memory) changes; the blocks
+    /// below it are the backbone's alone.
+    fn first_plugged_layer(&self) -> usize {
+        let um = self.um.as_ref().and_then(|um| um.features.first_layer());
+        let memory = self.memory.as_ref().map(|m| m.layer);
+        [um, memory]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or_else(|| self.backbone.arch().num_layers())
+    }
+
+    /// A training micro-batch's forward and backward: the loss over `units` (see
+    /// [`super::loss::loss_over`]) divided by `accumulation`, its gradients accumulated into the
+    /// trainable tensors; returns the loss. With activation checkpointing every N-th block below
+    /// the first plugged one (N = 1: all of them) runs twice: forward without autograd keeping
+    /// only its input, then — after the rest of the model's forward and backward — recomputed,
+    /// from the top down, each block backpropagating the gradient of its output
+    /// (`(y * g).sum()`) and handing its input's gradient down (the other blocks keep their graph
+    /// from a leaf input and do the same without recomputing). The per-example random streams'
+    /// draw counter is set back before each recompute, so dropout and noise replay exactly.
+    pub fn forward_backward(
+        &self,
+        input_ids: &Tensor,
+        mask: &Tensor,
+        example_ids: Option<&Tensor>,
+        labels: &Tensor,
+        units: Option<f64>,
+        accumulation: f64,
+    ) -> Result<f64> {
+        let every = self.checkpoint_every.filter(|_| self.training.get());
+        let Some(every) = every.filter(|_| self.first_plugged_layer() > 0) else {
+            let fwd = self.forward(input_ids, mask, example_ids)?;
+            let loss = self.loss_over(&fwd, labels, units) / accumulation;
+            let value = loss.double_value(&[]);
+            loss.backward();
+            return Ok(value);
+        };
+        if streams::draws().is_none() {
+            return Err(Error::Internal(
+                "a checkpointed forward must run inside ffi::streams::with_streams, so that the recomputed blocks replay their draws".into(),
+            ));
+        }
+        let in_kind = |f: &mut dyn FnMut() -> Tensor| match self.autocast {
+            Some(kind) => autocast(self.backbone.device(), kind, f),
+            None => f(),
+        };
+        let batch = BatchMask::new(input_ids, Some(mask), None);
+        let plugged = self.first_plugged_layer();
+        // (blocks, their input, the draw counter before them)
+        // Block i of the first `plugged` is recomputed when i % every == 0 (only its input is
+        // kept); any other keeps its graph from a leaf input, as torchtune's "every N-th layer".
+        let mut pieces: Vec<Piece> = Vec::with_capacity(plugged);
+        let mut top = tch::no_grad(|| in_kind(&mut || self.backbone.embed(input_ids, &batch)));
+        for block in 0..plugged {
+            let draws = streams::draws();
+            let run = |x: &Tensor| {
+                in_kind(&mut || {
+                    let r = block..block + 1;
+                    self.backbone
+                        .blocks(x.shallow_clone(), &batch, r, &mut NoHook)
+                })
+            };
+            if block % every == 0 {
+                let y = tch::no_grad(|| run(&top));
+                pieces.push(Piece {
+                    block,
+                    input: std::mem::replace(&mut top, y),
+                    output: None,
+                    draws,
+                });
+            } else {
+                let input = top.detach().set_requires_grad(true);
+                let y = run(&input);
+                top = y.detach();
+                pieces.push(Piece {
+                    block,
+                    input,
+                    output: Some(y),
+                    draws,
+                });
+            }
+        }
+        let entry_hidden = top.detach().set_requires_grad(true);
+        let entry = Entry {
+            hidden: &entry_hidden,
+            layer: plugged,
+            batch: &batch,
+        };
+        let fwd = self.forward_with(input_ids, mask, example_ids, Pass::Plain, Some(&entry))?;
+        let loss = self.loss_over(&fwd, labels, units) / accumulation;
+        let value = loss.double_value(&[]);
+        loss.backward();
+        let after = streams::draws();
+        let mut grad = entry_hidden.grad();
+        for piece in pieces.into_iter().rev() {
+            let (x, y) = match piece.output {
+                Some(y) => (piece.input, y),
+                None => {
+                    if let Some(n) = piece.draws {
+                        streams::set_draws(n);
+                    }
+                    let x = piece.input.detach().set_requires_grad(true);
+                    let r = piece.block..piece.block + 1;
+                    let y = in_kind(&mut || {
+                        self.backbone
+                            .blocks(x.shallow_clone(), &batch, r.clone(), &mut NoHook)
+                    });
+                    (x, y)
+                }
+            };
+            (y.to_kind(tch::Kind::Float) * grad.to_kind(tch::Kind::Float))
+                .sum(tch::Kind::Float)
+                .backward();
+            grad = x.grad();
+        }
+        // Full fine-tuning trains the embeddings too.
+        if self.full {
+            let e = in_kind(&mut || self.backbone.embed(input_ids, &batch));
+            (e.to_kind(tch::Kind::Float) * grad.to_kind(tch::Kind::Float))
+                .sum(tch::Kind::Float)
+                .backward();
+        }
+        if let Some(n) = after {
+            streams::set_draws(n);
+        }
+        Ok(value)
     }
 
     fn forward_with(
@@ -357,18 +534,19 @@ impl TaskModel {
         mask: &Tensor,
         example_ids: Option<&Tensor>,
         pass: Pass,
+        entry: Option<&Entry>,
     ) -> Result<Forward> {
         match self.autocast {
             Some(kind) => {
                 let f = autocast(self.backbone.device(), kind, || {
-                    self.forward_in_kind(input_ids, mask, example_ids, pass)
+                    self.forward_in_kind(input_ids, mask, example_ids, pass, entry)
                 })?;
                 Ok(Forward {
                     logits: f.logits.to_kind(tch::Kind::Float),
                     ..f
                 })
             }
-            None => self.forward_in_kind(input_ids, mask, example_ids, pass),
+            None => self.forward_in_kind(input_ids, mask, example_ids, pass, entry),
         }
     }
 
@@ -378,6 +556,7 @@ impl TaskModel {
         mask: &Tensor,
         example_ids: Option<&Tensor>,
         pass: Pass,
+        entry: Option<&Entry>,
     ) -> Result<Forward> {
         let sample = pass == Pass::McSample;
         let mut cache = self
@@ -385,9 +564,7 @@ impl TaskModel {
             .as_ref()
             .map(|p| p.cache(input_ids.size()[0], self.backbone.kind()));
         if self.um.is_none() && self.memory.is_none() {
-            let hidden = self
-                .backbone
-                .forward(input_ids, Some(mask), cache.as_mut(), &mut NoHook);
+            let hidden = self.backbone_forward(input_ids, mask, cache.as_mut(), &mut NoHook, entry);
             return Ok(Forward {
                 logits: self.head.forward(&hidden, mask),
                 samples: None,
@@ -418,9 +595,7 @@ impl TaskModel {
             error: None,
             probe: &self.probe,
         };
-        let hidden = self
-            .backbone
-            .forward(input_ids, Some(mask), cache.as_mut(), &mut hook);
+        let hidden = self.backbone_forward(input_ids, mask, cache.as_mut(), &mut hook, entry);
         if let Some(e) = hook.error.take() {
             return Err(e);
         }

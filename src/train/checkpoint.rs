@@ -61,6 +61,8 @@ pub const SAFE_ON_RESUME: &[&str] = &[
     "train.log_every",
     "train.eval_every",
     "train.max_steps",
+    // Recomputation changes what is kept, not what is computed.
+    "train.activation_checkpointing",
     "train.batch_size",
     "run.threads",
     "run.output_dir",

@@ -205,21 +205,22 @@ pub fn train_resuming(
                 let keys = (first..first + idx.len())
                     .map(|position| noise::example_key(cfg.run.seed, step, micro, position))
                     .collect();
-                let fwd = noise::with_streams(keys, || {
-                    model.forward(
-                        &batch.input_ids,
-                        &batch.attention_mask,
-                        Some(&batch.example_ids),
-                    )
-                })?;
                 // Normalized by the global batch's labelled units, so N ranks step as one process
                 // at N times the batch (rank gradients are averaged, hence the division by N).
                 let units = (world > 1).then(|| {
                     labelled_units(&padded(&global, world), &data.train) as f64 / world as f64
                 });
-                let loss = model.loss_over(&fwd, &batch.labels, units) / t.grad_accum as f64;
-                loss_value += loss.double_value(&[]);
-                loss.backward();
+                // The backward runs inside the streams too: checkpointed blocks replay their draws.
+                loss_value += noise::with_streams(keys, || {
+                    model.forward_backward(
+                        &batch.input_ids,
+                        &batch.attention_mask,
+                        Some(&batch.example_ids),
+                        &batch.labels,
+                        units,
+                        t.grad_accum as f64,
+                    )
+                })?;
             }
             // The global loss (mean over ranks: NaN on any rank makes it NaN), so every rank skips,
             // or none does, and rank 0 logs the job's loss.

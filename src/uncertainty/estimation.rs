@@ -30,6 +30,11 @@ pub struct FeatureUncertainty {
 }
 
 impl FeatureUncertainty {
+    /// The first block with an estimator.
+    pub fn first_layer(&self) -> Option<usize> {
+        self.blocks.first().map(|b| b.layer)
+    }
+
     /// `layers` are the blocks in S (sorted, distinct); `d` the hidden size.
     pub fn new(p: &nn::Path, layers: &[usize], d: i64, cfg: &UncertaintyConfig) -> Self {
         let blocks = layers

@@ -1,0 +1,67 @@
+"""Activation checkpointing on CPU: LoRA training-step time and peak resident memory of
+`umtune bench-train`, checkpointing off, on every block (`true`) and on every 2nd block (`2`), LoRA
+on every linear layer with dropout, on a LLaMA-shaped preset with random weights. Prints one line
+per run and the ratios against the plain run measured in the same round (target: step time
+<= 1.4x; peak memory down).
+
+    .venv/bin/python bench/checkpointing.py [--preset smollm2-135m] [--batch 4] [--seq-len 256] [--rounds 3]
+
+Peak memory is the process's VmHWM (resident high-water mark), read from /proc while it runs.
+"""
+import argparse
+import json
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = ROOT / "target/release/umtune"
+
+
+def run(preset, batch, seq_len, iters, checkpointing, dropout):
+    cmd = [str(BIN), "bench-train", "--set", f"model.source=preset:{preset}", "--set", "model.device=cpu",
+           "--set", f"train.activation_checkpointing={checkpointing}", "--set", f"peft.dropout={dropout}",
+           "--set", 'peft.targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]',
+           "--batch", str(batch), "--seq-len", str(seq_len), "--iters", str(iters), "--warmup", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    peak = 0
+    while proc.poll() is None:
+        try:
+            for line in open(f"/proc/{proc.pid}/status"):
+                if line.startswith("VmHWM:"):
+                    peak = max(peak, int(line.split()[1]) * 1024)
+        except FileNotFoundError:
+            pass
+        time.sleep(0.05)
+    out = proc.stdout.read()
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode})")
+    result = json.loads(out.strip().splitlines()[-1])
+    result["peak_bytes"] = peak
+    return result
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="smollm2-135m")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--dropout", type=float, default=0.05)
+    args = ap.parse_args()
+    ratios = {"true": [], "2": []}
+    for _ in range(args.rounds):
+        plain = run(args.preset, args.batch, args.seq_len, args.iters, "false", args.dropout)
+        print(f"plain: {plain['secs_per_step']:.3f} s/step, peak {plain['peak_bytes'] / 2**30:.2f} GiB", flush=True)
+        for mode in ratios:
+            ckpt = run(args.preset, args.batch, args.seq_len, args.iters, mode, args.dropout)
+            ratios[mode].append((ckpt["secs_per_step"] / plain["secs_per_step"], ckpt["peak_bytes"] / plain["peak_bytes"]))
+            print(f"activation_checkpointing={mode}: {ckpt['secs_per_step']:.3f} s/step, peak {ckpt['peak_bytes'] / 2**30:.2f} GiB", flush=True)
+    for mode, rs in ratios.items():
+        print(f"activation_checkpointing={mode}: step time / plain, median of {args.rounds}: "
+              f"{statistics.median(r[0] for r in rs):.2f} (target <= 1.4); peak memory / plain: {statistics.median(r[1] for r in rs):.2f}")
+
+if __name__ == "__main__":
+    main()
