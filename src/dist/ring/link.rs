@@ -150,8 +150,9 @@ mod tests {
     use std::net::TcpListener;
 
     /// A panic while the sender thread still writes from the caller's buffer must not unwind
-    /// past the write: the peer starts reading only after a delay, and the buffer is larger than
-    /// the sockets hold, so the write ends no earlier than that delay.
+    /// past the write: the peer starts reading only `delay` after it accepts the connection, and
+    /// the buffer is larger than the sockets hold, so the write ends no earlier than `delay`
+    /// after the connection (the clock starts before it).
     #[test]
     fn a_panic_in_the_receive_closure_waits_for_the_write() {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -164,10 +165,11 @@ mod tests {
             s.read_to_end(&mut all).unwrap();
             all
         });
+        let out: Vec<u8> = (0..32 << 20).map(|i| (i % 251) as u8).collect();
+        // The reader's delay starts after it accepts, so after this instant.
+        let start = Instant::now();
         let stream = TcpStream::connect(addr).unwrap();
         let sender = Sender::spawn(stream).unwrap();
-        let out: Vec<u8> = (0..32 << 20).map(|i| (i % 251) as u8).collect();
-        let start = Instant::now();
         let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             sender.send_while(&out, || panic!("receive failed"))
         }));
