@@ -70,6 +70,10 @@ enum Command {
     Config(ConfigArgs),
     /// Greedy generation with a KV cache, to see that a pretrained model loaded right.
     Generate(generate::GenerateArgs),
+    /// What a training run will need per rank (weights, trainable state, the memory bank,
+    /// activations with and without checkpointing) and its FLOPs per token, from the config and
+    /// the model's shapes (no weights read); `--gpu-memory 80GB` suggests a micro batch.
+    Plan(umtune::train::plan::PlanArgs),
     /// Time LoRA training steps (forward, backward, AdamW) on random tokens with a 2-class head,
     /// median seconds per step as one JSON line for bench/ scripts. With `memory.enabled` the
     /// ring is filled to capacity first, so reads cost what they cost in a long run.
@@ -212,6 +216,10 @@ fn run(command: Command) -> Result<()> {
             let device = cfg.model.device.device(0)?;
             let c = generate::complete(&cfg.model.source, cfg.model.dtype.kind(), device, &args)?;
             emit(&format!("{}\n", c.output(args.ids)))?;
+        }
+        Command::Plan(args) => {
+            let cfg = load_config(&args.config_args())?;
+            emit(&umtune::train::plan::report(&cfg, &args)?)?
         }
         Command::BenchTrain(a) => json_line(bench::train(&load_config(&a.cfg)?, &a.timing)?)?,
         Command::BenchCheckpoint { bench: a, out } => {

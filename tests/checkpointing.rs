@@ -11,11 +11,11 @@
 mod common;
 
 use common::fixture;
-use common::process::{check, umtune_bin};
+use common::process::{assert_tensors_close, check, umtune_bin};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 const TOL: f64 = 1e-6;
 
@@ -61,32 +61,6 @@ fn tensors(path: &Path) -> HashMap<String, Tensor> {
         .collect()
 }
 
-/// Every tensor of `b` within [`TOL`] of `a`'s, relative to the tensor's norm (or a thousandth
-/// of the whole's, for a tensor that small); returns the largest difference.
-fn assert_close(what: &str, a: &HashMap<String, Tensor>, b: &HashMap<String, Tensor>) -> f64 {
-    assert_eq!(
-        a.keys().collect::<std::collections::BTreeSet<_>>(),
-        b.keys().collect(),
-        "{what}: the same tensors"
-    );
-    let norm = |t: &Tensor| t.to_kind(Kind::Double).norm().double_value(&[]);
-    // A tensor that is zero at step 1 (LoRA's A while B is zero, the memory's gate reading an
-    // empty memory) must stay zero: judged against a thousandth of the whole's norm.
-    let global = a.values().map(|t| norm(t).powi(2)).sum::<f64>().sqrt();
-    assert!(global > 0.0, "{what}: all zero");
-    let mut worst = 0.0f64;
-    for (name, x) in a {
-        let scale = norm(x).max(1e-3 * global);
-        let d = norm(&(x.to_kind(Kind::Double) - b[name].to_kind(Kind::Double))) / scale;
-        assert!(
-            d <= TOL,
-            "{what}: {name} differs by {d:e} of its norm (> {TOL:e})"
-        );
-        worst = worst.max(d);
-    }
-    worst
-}
-
 #[test]
 fn checkpointed_training_matches_plain_training() {
     let out = std::env::temp_dir().join(format!("umtune-checkpointing-{}", std::process::id()));
@@ -124,15 +98,17 @@ fn checkpointed_training_matches_plain_training() {
             let setting = format!("train.activation_checkpointing={mode}");
             let (ckpt, ckpt_grads) = train(&out, &name, model, 5, &with(sets, targets, &setting));
             let step1 = "step_000001.safetensors";
-            let g = assert_close(
+            let (g, _) = assert_tensors_close(
                 &format!("{name} step-1 gradients"),
                 &tensors(&plain_grads.join(step1)),
                 &tensors(&ckpt_grads.join(step1)),
+                TOL,
             );
-            let w = assert_close(
+            let (w, _) = assert_tensors_close(
                 &format!("{name} weights after 5 steps"),
                 &tensors(&plain.join("trainable.safetensors")),
                 &tensors(&ckpt.join("trainable.safetensors")),
+                TOL,
             );
             eprintln!("{name}: gradients within {g:e}, weights within {w:e}");
         }

@@ -10,10 +10,12 @@ mod corruption;
 mod paths;
 mod sections;
 mod validate;
+mod values;
 
 pub use corruption::Corruption;
 pub use paths::{asset_cache, hub_offline};
 pub use sections::*;
+pub use values::{BestMetric, Checkpointing, DeviceSpec};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -48,6 +50,15 @@ pub struct ConfigArgs {
 }
 
 impl ConfigArgs {
+    /// The config file `config` with `overrides`.
+    pub fn file(config: &Path, overrides: &OverrideArgs) -> ConfigArgs {
+        ConfigArgs {
+            config: Some(config.to_path_buf()),
+            overrides: overrides.clone(),
+            model: None,
+        }
+    }
+
     pub fn load(&self) -> Result<Config> {
         let mut overrides = self.overrides.set.clone();
         overrides.extend(self.model.iter().map(|m| format!("model.source={m}")));

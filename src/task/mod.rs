@@ -1,4 +1,5 @@
 //! The task model (backbone + PEFT + head + uncertainty modeling + memory) and its loss.
+pub mod checkpointing;
 pub mod loss;
 pub mod model;
 

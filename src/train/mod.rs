@@ -9,6 +9,7 @@ pub mod export;
 pub mod memory_build;
 pub mod metrics;
 pub mod optimizer;
+pub mod plan;
 pub mod predict;
 pub mod progress;
 pub mod report;

@@ -40,11 +40,7 @@ pub struct TrainArgs {
 
 impl TrainArgs {
     pub fn config_args(&self) -> crate::config::ConfigArgs {
-        crate::config::ConfigArgs {
-            config: Some(self.config.clone()),
-            overrides: self.overrides.clone(),
-            model: None,
-        }
+        crate::config::ConfigArgs::file(&self.config, &self.overrides)
     }
 
     pub fn resume(&self) -> Resume {

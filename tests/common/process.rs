@@ -230,31 +230,41 @@ pub fn assert_same_gradients(single: &Path, multi: &Path, step: usize) {
             .collect()
     };
     let (a, b) = (read(single), read(multi));
+    for (name, g) in &a {
+        let scale = g.to_kind(Kind::Double).norm().double_value(&[]);
+        assert!(scale > 0.0, "{name}: no gradient in one process");
+    }
+    let (worst, name) = assert_tensors_close(&format!("step {step} gradient"), &a, &b, PARITY_TOL);
+    eprintln!("step {step}: largest gradient difference {worst:e} ({name})");
+}
+
+/// The same tensors in `a` and `b`, each within `tol` of its norm (or of a thousandth of the
+/// whole's norm, for a tensor that small: its elements are cancellations, or it is zero, as a
+/// zero-initialized adapter's gradient at step 1); returns the largest difference and where.
+pub fn assert_tensors_close(
+    what: &str,
+    a: &HashMap<String, Tensor>,
+    b: &HashMap<String, Tensor>,
+    tol: f64,
+) -> (f64, String) {
     assert_eq!(
         a.keys().collect::<std::collections::BTreeSet<_>>(),
         b.keys().collect(),
-        "the same trainable tensors have gradients"
+        "{what}: the same tensors"
     );
     let norm = |t: &Tensor| t.to_kind(Kind::Double).norm().double_value(&[]);
     let global = a.values().map(|t| norm(t).powi(2)).sum::<f64>().sqrt();
-    let mut worst = (0.0f64, "");
-    for (name, g) in &a {
-        let scale = norm(g);
-        assert!(scale > 0.0, "{name}: no gradient in one process");
-        let diff = norm(&(g.to_kind(Kind::Double) - b[name].to_kind(Kind::Double)));
-        let d = diff / scale.max(1e-3 * global);
+    assert!(global > 0.0, "{what}: all zero");
+    let mut worst = (0.0f64, String::new());
+    for (name, x) in a {
+        let diff = norm(&(x.to_kind(Kind::Double) - b[name].to_kind(Kind::Double)));
+        let d = diff / norm(x).max(1e-3 * global);
+        assert!(d <= tol, "{what} of {name}: |diff| / |t| {d:e} > {tol:e}");
         if d > worst.0 {
-            worst = (d, name);
+            worst = (d, name.clone());
         }
-        assert!(
-            d <= PARITY_TOL,
-            "step {step} gradient of {name}: |diff| / |g| {d:e} > {PARITY_TOL:e}"
-        );
     }
-    eprintln!(
-        "step {step}: largest gradient difference {:e} ({})",
-        worst.0, worst.1
-    );
+    worst
 }
 
 /// Copies the directory `from` to `to` (a run, to resume it twice).

@@ -1,0 +1,150 @@
+//! The config values that are more than a number or a word: `model.device` ([`DeviceSpec`]),
+//! `checkpoint.best` ([`BestMetric`]) and `train.activation_checkpointing` ([`Checkpointing`]).
+use crate::error::{Error, Result};
+use serde::{Deserialize, Serialize};
+
+/// `model.device`: `auto` (CUDA if present, `cuda:LOCAL_RANK` under a launcher), `cpu`, `cuda`
+/// (device 0) or `cuda:N`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum DeviceSpec {
+    Auto,
+    Cpu,
+    /// `cuda` (None: device 0) or `cuda:N`.
+    Cuda(Option<usize>),
+}
+
+impl std::fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeviceSpec::Auto => f.write_str("auto"),
+            DeviceSpec::Cpu => f.write_str("cpu"),
+            DeviceSpec::Cuda(None) => f.write_str("cuda"),
+            DeviceSpec::Cuda(Some(i)) => write!(f, "cuda:{i}"),
+        }
+    }
+}
+
+impl TryFrom<String> for DeviceSpec {
+    type Error = String;
+    fn try_from(spec: String) -> std::result::Result<Self, String> {
+        match spec.as_str() {
+            "auto" => Ok(DeviceSpec::Auto),
+            "cpu" => Ok(DeviceSpec::Cpu),
+            "cuda" => Ok(DeviceSpec::Cuda(None)),
+            s => s
+                .strip_prefix("cuda:")
+                .and_then(|i| i.parse().ok())
+                .map(|i| DeviceSpec::Cuda(Some(i)))
+                .ok_or_else(|| {
+                    format!("model.device = `{spec}` is not one of `auto`, `cpu`, `cuda`, `cuda:N`")
+                }),
+        }
+    }
+}
+
+impl From<DeviceSpec> for String {
+    fn from(d: DeviceSpec) -> String {
+        d.to_string()
+    }
+}
+
+impl DeviceSpec {
+    /// The device of the process with `local_rank`. Asking for CUDA where there is none (or for
+    /// a device index past the last) is a config error, not a libtorch backtrace.
+    pub fn device(self, local_rank: usize) -> Result<tch::Device> {
+        let index = match self {
+            DeviceSpec::Cpu => return Ok(tch::Device::Cpu),
+            DeviceSpec::Auto if !tch::Cuda::is_available() => return Ok(tch::Device::Cpu),
+            DeviceSpec::Auto => local_rank,
+            DeviceSpec::Cuda(i) => i.unwrap_or(0),
+        };
+        let count = tch::Cuda::device_count() as usize;
+        if index >= count {
+            let have = if count == 0 {
+                "this machine has no CUDA device (or libtorch was loaded without CUDA)".to_string()
+            } else {
+                format!("this machine has CUDA devices 0 to {}", count - 1)
+            };
+            return Err(Error::Config(format!(
+                "model.device = `{self}` asks for cuda:{index}, but {have}: use `cpu` or `auto`"
+            )));
+        }
+        Ok(tch::Device::Cuda(index))
+    }
+}
+
+/// `checkpoint.best`: the validation score the best checkpoint is kept by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BestMetric {
+    /// `""`: keep no best checkpoint besides the newest.
+    #[serde(rename = "")]
+    None,
+    #[serde(rename = "accuracy")]
+    Accuracy,
+    #[serde(rename = "macro_f1")]
+    MacroF1,
+    #[serde(rename = "loss")]
+    Loss,
+}
+
+/// `train.activation_checkpointing`: 0 (`false`) off, else N: every N-th block is recomputed
+/// (`true` is 1). Written back as `false`, `true` or N.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Checkpointing(pub usize);
+
+impl Checkpointing {
+    pub const OFF: Checkpointing = Checkpointing(0);
+    /// N (every N-th block is recomputed), if on.
+    pub fn every(self) -> Option<usize> {
+        (self.0 > 0).then_some(self.0)
+    }
+}
+
+impl Serialize for Checkpointing {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self.0 {
+            0 => s.serialize_bool(false),
+            1 => s.serialize_bool(true),
+            n => s.serialize_u64(n as u64),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Checkpointing {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        type R<E> = std::result::Result<Checkpointing, E>;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Checkpointing;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("true, false, or a number of blocks per checkpoint")
+            }
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> R<E> {
+                Ok(Checkpointing(usize::from(v)))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> R<E> {
+                usize::try_from(v).map(Checkpointing).map_err(|_| {
+                    E::custom(format!(
+                        "train.activation_checkpointing = {v}: use true, false or a number of blocks"
+                    ))
+                })
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> R<E> {
+                Ok(Checkpointing(v as usize))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> R<E> {
+                match v {
+                    "true" => Ok(Checkpointing(1)),
+                    "false" => Ok(Checkpointing(0)),
+                    n => n.parse().map(Checkpointing).map_err(|_| {
+                        E::custom(format!(
+                            "train.activation_checkpointing = `{n}`: use true, false or a number of blocks"
+                        ))
+                    }),
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
