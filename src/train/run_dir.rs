@@ -1,8 +1,10 @@
 //! The run directory, and the only writer of its files: `config.toml` (the resolved config),
 //! `run.json` (labels, state, step, the step the saved weights are from, and the size and
 //! sha256 of every weight file), `metrics.jsonl`, `trainable.safetensors`, `memory.index.json` and its shards,
-//! `calibration.json`, `summary.json` and the calibration plots. Every file is written
-//! atomically (see [`crate::atomic_file`]), and only by the writer rank. `run.json` exists from
+//! `calibration.json`, `summary.json`, the calibration plots, and the checkpoints under
+//! `checkpoints/` (through [`RunDir::save_checkpoint`]; their layout is `checkpoint.rs`'s). Every
+//! file is written atomically (see [`crate::atomic_file`]), and only by the writer rank (each
+//! rank its own memory shard). `run.json` exists from
 //! the first step on, so a run that was killed, interrupted or diverged can still be evaluated
 //! (its last saved weights) and reported (as unfinished).
 //!
@@ -337,6 +339,19 @@ impl RunDir {
             self.publish(MEMORY_INDEX, true)?;
         }
         Ok(())
+    }
+
+    /// A checkpoint of the run at `snap.step` in `RUN/checkpoints/` (see [`super::checkpoint`]:
+    /// every rank writes its memory shard, the writer the rest; pruned to `checkpoint.keep`).
+    pub fn save_checkpoint(
+        &self,
+        cfg: &Config,
+        ctx: &RunContext,
+        model: &TaskModel,
+        opt: &super::optimizer::AdamW,
+        snap: &super::checkpoint::Snapshot,
+    ) -> Result<PathBuf> {
+        super::checkpoint::save(&self.path, cfg, ctx, model, opt, snap)
     }
 
     /// The memory's entries (one shard per rank and `memory.index.json`; collective), and the

@@ -160,8 +160,7 @@ pub fn train_resuming(
                         sampler: &Sampler,
                         opt: &AdamW,
                         validation: Option<&super::eval::EvalResult>| {
-            checkpoint::save(
-                run.path(),
+            run.save_checkpoint(
                 cfg,
                 ctx,
                 &model,
