@@ -67,24 +67,34 @@ pub struct Timing {
 impl Timing {
     /// Runs `f` `warmup` times, then `iters` timed times (synchronizing CUDA after each), and
     /// returns the median seconds, as the bench/ scripts take it for the reference.
-    pub fn median_secs(&self, device: Device, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-        if self.iters == 0 {
-            return Err(Error::Config("--iters must be at least 1".into()));
-        }
-        let mut timed = || -> Result<f64> {
-            let start = Instant::now();
-            f()?;
-            if device.is_cuda() {
-                tch::Cuda::synchronize(0);
-            }
-            Ok(start.elapsed().as_secs_f64())
-        };
-        for _ in 0..self.warmup {
-            timed()?;
-        }
-        let times: Vec<f64> = (0..self.iters).map(|_| timed()).collect::<Result<_>>()?;
-        Ok(median(times))
+    pub fn median_secs(&self, device: Device, f: impl FnMut() -> Result<()>) -> Result<f64> {
+        median_secs(device, self.iters, self.warmup, f)
     }
+}
+
+/// Runs `f` `warmup` times, then `iters` timed times (synchronizing CUDA after each); the median.
+fn median_secs(
+    device: Device,
+    iters: usize,
+    warmup: usize,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<f64> {
+    if iters == 0 {
+        return Err(Error::Config("--iters must be at least 1".into()));
+    }
+    let mut timed = || -> Result<f64> {
+        let start = Instant::now();
+        f()?;
+        if device.is_cuda() {
+            tch::Cuda::synchronize(0);
+        }
+        Ok(start.elapsed().as_secs_f64())
+    };
+    for _ in 0..warmup {
+        timed()?;
+    }
+    let times: Vec<f64> = (0..iters).map(|_| timed()).collect::<Result<_>>()?;
+    Ok(median(times))
 }
 
 fn median(mut times: Vec<f64>) -> f64 {
@@ -311,13 +321,7 @@ pub fn memory(args: &MemoryArgs) -> Result<Value> {
     let query_ids = Tensor::full([q], ids::NONE, (Kind::Int64, cpu));
     let _guard = tch::no_grad_guard();
     let mut found = None;
-    let secs = Timing {
-        batch: q,
-        seq_len: 0,
-        iters: args.iters,
-        warmup: 1,
-    }
-    .median_secs(cpu, || {
+    let secs = median_secs(cpu, args.iters, 1, || {
         found = Some(memory.search_local(&queries, &query_ids, k)?.slots);
         Ok(())
     })?;

@@ -229,7 +229,13 @@ impl ModelRef {
             (ModelFiles::Gguf(_), Some(file)) => {
                 build(arch, &mut GgufSource::new(file)?, kind, device, inj, head)?
             }
-            _ => build(arch, &mut RandomSource, kind, device, inj, head)?,
+            (ModelFiles::Gguf(path), None) => {
+                return Err(Error::Internal(format!(
+                    "{}: resolved without its GGUF header",
+                    path.display()
+                )))
+            }
+            (ModelFiles::Preset(_), _) => build(arch, &mut RandomSource, kind, device, inj, head)?,
         };
         Ok(LoadedModel {
             backbone,

@@ -48,8 +48,9 @@ impl TaskModel {
         units: Option<f64>,
         accumulation: f64,
     ) -> Result<f64> {
+        let plugged = self.first_plugged_layer();
         let every = self.checkpoint_every.filter(|_| self.training.get());
-        let Some(every) = every.filter(|_| self.first_plugged_layer() > 0) else {
+        let Some(every) = every.filter(|_| plugged > 0) else {
             let fwd = self.forward(input_ids, mask, example_ids)?;
             let loss = self.loss_over(&fwd, labels, units) / accumulation;
             let value = loss.double_value(&[]);
@@ -66,8 +67,6 @@ impl TaskModel {
             None => f(),
         };
         let batch = BatchMask::new(input_ids, Some(mask), None);
-        let plugged = self.first_plugged_layer();
-        // (blocks, their input, the draw counter before them)
         // Block i of the first `plugged` is recomputed when i % every == 0 (only its input is
         // kept); any other keeps its graph from a leaf input, as torchtune's "every N-th layer".
         let mut pieces: Vec<Piece> = Vec::with_capacity(plugged);
