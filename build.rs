@@ -83,7 +83,14 @@ fn cuda_header_dirs(site_packages: &std::path::Path) -> Option<Vec<PathBuf>> {
 }
 
 fn compile_shim(lib: &std::path::Path) {
-    for f in ["shim.h", "store.cpp", "nccl.cpp", "random.cpp"] {
+    for f in [
+        "shim.h",
+        "store.cpp",
+        "nccl.cpp",
+        "random.cpp",
+        "quant.cpp",
+        "cuda_memory.cpp",
+    ] {
         println!("cargo:rerun-if-changed=src/ffi/shim/{f}");
     }
     println!("cargo:rerun-if-env-changed=UMTUNE_CUDA_HEADERS");
@@ -105,7 +112,9 @@ fn compile_shim(lib: &std::path::Path) {
         .define("GLOG_USE_GLOG_EXPORT", None)
         .file("src/ffi/shim/store.cpp")
         .file("src/ffi/shim/nccl.cpp")
-        .file("src/ffi/shim/random.cpp");
+        .file("src/ffi/shim/random.cpp")
+        .file("src/ffi/shim/quant.cpp")
+        .file("src/ffi/shim/cuda_memory.cpp");
     match cuda_header_dirs(site_packages) {
         Some(dirs) if lib.join("libtorch_cuda.so").exists() => {
             for d in dirs {

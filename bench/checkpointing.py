@@ -12,11 +12,11 @@ process's runtime and allocator overhead).
 """
 import argparse
 import json
-import os
 import statistics
 import subprocess
-import time
 from pathlib import Path
+
+from peak import measure
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = ROOT / "target/release/umtune"
@@ -33,24 +33,7 @@ def run(preset, batch, seq_len, iters, checkpointing, dropout, memory=True):
            "--set", f"train.activation_checkpointing={checkpointing}", "--set", f"peft.dropout={dropout}",
            "--set", 'peft.targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]',
            "--batch", str(batch), "--seq-len", str(seq_len), "--iters", str(iters), "--warmup", "1"]
-    # A fixed mmap threshold: glibc then returns freed large blocks, so the high-water mark follows
-    # the live tensors rather than the allocator's caching.
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536") if memory else dict(os.environ)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
-    peak = 0
-    while proc.poll() is None:
-        try:
-            for line in open(f"/proc/{proc.pid}/status"):
-                if line.startswith("VmHWM:"):
-                    peak = max(peak, int(line.split()[1]) * 1024)
-        except FileNotFoundError:
-            pass
-        time.sleep(0.05)
-    out = proc.stdout.read()
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode})")
-    result = json.loads(out.strip().splitlines()[-1])
-    result["peak_bytes"] = peak
+    result = measure(cmd, fixed_mmap_threshold=memory)
     if memory:
         result["secs_per_step"] = timed["secs_per_step"]
     return result

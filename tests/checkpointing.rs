@@ -1,7 +1,7 @@
 //! Activation checkpointing computes what the plain run computes: the same gradients at the first
-//! step and the same weights after five, on GPT-2 and LLaMA test models, with LoRA dropout, UM's
-//! feature noise and heteroscedastic samples, and the memory on (the recomputed blocks replay
-//! their random draws).
+//! step and the same weights after five, on GPT-2 and LLaMA test models, with LoRA dropout (q and v
+//! sharing theirs), UM's feature noise and heteroscedastic samples, and the memory on (the
+//! recomputed blocks replay their random draws), and over a quantized (q4) base.
 //!
 //! Tolerance: the recompute runs the same operations on the same inputs in the same order, so the
 //! results are expected to be bitwise equal; 1e-6 of a tensor's norm (what the issue asks) allows
@@ -71,9 +71,12 @@ fn checkpointed_training_matches_plain_training() {
     // blocks are, one segment each (`true`) or together (2).
     let plugged: &[&str] = &["uncertainty.layers=[1]", "memory.layer=1"];
     let bare: &[&str] = &["uncertainty.enabled=false", "memory.enabled=false"];
-    let cases: [(&str, &Path, &[&str], &[&str]); 3] = [
+    let q4: &[&str] = &[bare[0], bare[1], "model.quantize=q4"];
+    let cases: [(&str, &Path, &[&str], &[&str]); 4] = [
         ("llama-um-memory", &llama, plugged, &["true"]),
         ("llama-lora", &llama, bare, &["true", "2"]),
+        // The quantized base dequantizes again in the recompute.
+        ("llama-q4", &llama, q4, &["true"]),
         ("gpt2-um-memory", &gpt2, plugged, &["true"]),
     ];
     for (label, model, sets, modes) in cases {

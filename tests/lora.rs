@@ -3,9 +3,11 @@
 //! gradients reach the adapters and nothing else.
 mod common;
 use common::*;
-use tch::{nn, Device, Kind};
+use tch::{nn, Device, Kind, Tensor};
 use umtune::models::resolve::{load, load_with};
-use umtune::peft::{load_peft_adapter, Injector, LoraSpec, TrainingFlag};
+use umtune::peft::{
+    load_peft_adapter, Injector, LoraLinear, LoraSpec, SharedDropout, TrainingFlag,
+};
 
 fn spec_from(dir: &std::path::Path) -> Result<LoraSpec, Box<dyn std::error::Error>> {
     let cfg = read_json(dir.join("adapter_config.json"))?;
@@ -178,4 +180,52 @@ fn bf16_lora_is_as_close_to_peft_as_the_bf16_backbone() -> TestResult {
         );
     }
     Ok(())
+}
+
+#[test]
+fn adapters_reading_one_input_share_its_dropout() {
+    let spec = LoraSpec {
+        r: 4,
+        alpha: 8.0,
+        dropout: 0.5,
+        rslora: false,
+        targets: vec![],
+    };
+    let vs = nn::VarStore::new(Device::Cpu);
+    let training = TrainingFlag::default();
+    training.set(true);
+    let shared = std::sync::Arc::new(SharedDropout::default());
+    let adapter = |name: &str, shared: std::sync::Arc<SharedDropout>| {
+        let lora = LoraLinear::new(
+            &(vs.root() / name),
+            &spec,
+            (16, 8),
+            shared,
+            training.clone(),
+        );
+        // Equal non-zero weights everywhere, so equal deltas mean equal masks.
+        tch::no_grad(|| {
+            let _ = lora.a.shallow_clone().fill_(0.1);
+            let _ = lora.b.shallow_clone().fill_(0.1);
+        });
+        lora
+    };
+    let (q, k) = (adapter("q", shared.clone()), adapter("k", shared));
+    let alone = adapter("o", std::sync::Arc::new(SharedDropout::default()));
+    // A per-token input, so a different mask shows as a different delta.
+    let x = Tensor::randn([3, 5, 16], (Kind::Float, Device::Cpu));
+    let (dq, dk, d_alone) = (q.delta(&x), k.delta(&x), alone.delta(&x));
+    assert!(dq.equal(&dk), "q and k read one input: one mask");
+    assert!(
+        !dq.equal(&d_alone),
+        "an adapter on another input draws its own mask"
+    );
+    // Both readers took it, so it is let go: the next forward draws afresh.
+    let again = q.delta(&x);
+    assert!(
+        !again.equal(&dq),
+        "the shared dropout outlived its forward pass"
+    );
+    // An equal input in another tensor is not the held one: k draws its own mask for it.
+    assert!(!k.delta(&x.copy()).equal(&again));
 }

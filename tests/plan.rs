@@ -1,6 +1,7 @@
 //! `umtune plan` counts what the trainer builds: the frozen parameters a task model loads and the
 //! trainable parameters (LoRA, the head, UM's estimators and head, the memory's projections and
-//! gate) are exactly the built model's, on GPT-2 and LLaMA test models with every part on.
+//! gate) are exactly the built model's, on GPT-2 and LLaMA test models with every part on; so are
+//! the frozen weights' bytes, dense and quantized.
 mod common;
 
 use common::{build_model, fixture, tiny_config_on};
@@ -60,6 +61,20 @@ fn the_plan_counts_the_parameters_the_trainer_builds() -> Result<(), Box<dyn std
                 task.trainable_params(),
                 "{name} {parts:?}: trainable parameters"
             );
+        }
+        // The frozen weights' bytes, dense and quantized: exact where every layer is quantized at
+        // load; an upper bound where a GGUF file's Q4_0 blocks (no mins) are taken as they are.
+        for quantize in ["none", "int8", "q4"] {
+            let cfg = with(&base, &[&format!("model.quantize={quantize}")]);
+            let (task, _) = build_model(&cfg, 3)?;
+            let (planned, built) = (plan(&cfg, 1, 3)?.frozen_bytes, task.backbone.weight_bytes());
+            match (name, quantize) {
+                ("llama", "q4") => assert!(
+                    built < planned && planned - built < planned / 20,
+                    "{name} {quantize}: planned {planned} bytes, built {built}"
+                ),
+                _ => assert_eq!(planned, built, "{name} {quantize}: frozen bytes"),
+            }
         }
     }
     Ok(())

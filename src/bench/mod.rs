@@ -156,11 +156,17 @@ pub fn train(cfg: &Config, timing: &Timing) -> Result<Value> {
         task.commit_memory()?;
         Ok(())
     })?;
+    // On a GPU, the allocator's peak over the whole run (weights included), as PyTorch reports it.
+    let cuda_peak = match device {
+        tch::Device::Cuda(i) => Some(crate::ffi::cuda_peak_allocated(i).map_err(Error::Internal)?),
+        _ => None,
+    };
     Ok(json!({
         "model": cfg.model.source, "dtype": cfg.model.dtype.as_str(), "batch": b_sz,
         "seq_len": seq_len, "threads": tch::get_num_threads(),
         "trainable": task.trainable_params(), "secs_per_step": secs,
         "activation_checkpointing": cfg.train.activation_checkpointing.0,
+        "quantize": cfg.model.quantize.as_str(), "cuda_peak_allocated": cuda_peak,
     }))
 }
 

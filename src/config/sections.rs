@@ -1,6 +1,6 @@
 //! The sections of the experiment config (`[model]`, `[data]`, ...), their defaults, and the
 //! enums their string values parse into.
-use super::values::{BestMetric, Checkpointing, DeviceSpec};
+use super::values::{BestMetric, Checkpointing, DeviceSpec, Quantize};
 use super::Corruption;
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -14,6 +14,8 @@ pub struct ModelConfig {
     pub source: String,
     pub dtype: Dtype,
     pub device: DeviceSpec,
+    /// The frozen base's linear layers held as int8 or 4-bit blocks (QLoRA-like), or dense.
+    pub quantize: Quantize,
 }
 
 impl Default for ModelConfig {
@@ -22,6 +24,7 @@ impl Default for ModelConfig {
             source: "default".into(),
             dtype: Dtype::F32,
             device: DeviceSpec::Auto,
+            quantize: Quantize::None,
         }
     }
 }

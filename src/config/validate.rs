@@ -1,6 +1,6 @@
 //! `Config::validate`: the checks serde's types cannot express, run before any tensor exists,
 //! with messages that say what to change. Ranges are one table checked in one loop.
-use super::{Config, Dtype, PeftMethod};
+use super::{Config, Dtype, PeftMethod, Quantize};
 use crate::error::{Error, Result};
 use std::path::Path;
 
@@ -68,6 +68,12 @@ impl Config {
             return fail(format!(
                 "peft.method = \"full\" updates the backbone in place and keeps no f32 master copy: set model.dtype = \"f32\" (it is {:?})",
                 self.model.dtype
+            ));
+        }
+        if p.method == PeftMethod::Full && self.model.quantize != Quantize::None {
+            return fail(format!(
+                "model.quantize = \"{}\" holds the base frozen as quantized blocks, and peft.method = \"full\" trains every weight: use an adapter method or model.quantize = \"none\"",
+                self.model.quantize.as_str()
             ));
         }
         if u.mc_predict > 0 && !u.enabled {

@@ -88,6 +88,39 @@ pub enum BestMetric {
     Loss,
 }
 
+/// `model.quantize`: how the frozen base's linear layers are held. `int8` and `q4` keep them as
+/// blocks of 32 values with f16 scales (ggml's Q8_0 and Q4_1 layouts; a GGUF file's Q8_0, Q4_0 and
+/// Q4_1 tensors are taken as they are) and dequantize one layer at a time at use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum Quantize {
+    #[default]
+    #[serde(rename = "none")]
+    None,
+    #[serde(rename = "int8")]
+    Int8,
+    #[serde(rename = "q4")]
+    Q4,
+}
+
+impl Quantize {
+    /// Bits per stored value (None: dense).
+    pub fn bits(self) -> Option<i64> {
+        match self {
+            Quantize::None => None,
+            Quantize::Int8 => Some(8),
+            Quantize::Q4 => Some(4),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Quantize::None => "none",
+            Quantize::Int8 => "int8",
+            Quantize::Q4 => "q4",
+        }
+    }
+}
+
 /// `train.activation_checkpointing`: 0 (`false`) off, else N: every N-th block is recomputed
 /// (`true` is 1). Written back as `false`, `true` or N.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

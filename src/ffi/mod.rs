@@ -1,11 +1,14 @@
 //! Every foreign call umtune makes, in one place: the C shim in `shim/` that build.rs compiles
 //! against the torch wheel's headers (c10d's TCPStore and ProcessGroupNCCL, per-example seeded
-//! random fills, since tch has no Generator API), libtorch's autocast state (`autocast`, bound by
-//! its C++ symbols), and the per-example random streams built on the shim (`streams`). The
-//! layers above call the safe wrappers: `dist::c10d`, `ffi::streams`, `ffi::autocast`.
+//! random fills, since tch has no Generator API; the quantized base's linear layer, since tch binds
+//! no custom autograd Function; the CUDA allocator's peak), libtorch's autocast state
+//! (`autocast`, bound by its C++ symbols), and the per-example random streams built on the shim
+//! (`streams`). The layers above call the safe wrappers: `dist::c10d`, `ffi::streams`,
+//! `ffi::quant`, `ffi::autocast`, [`cuda_peak_allocated`].
 use std::ffi::{c_char, c_int, c_void, CStr};
 
 pub mod autocast;
+pub mod quant;
 pub mod streams;
 
 #[repr(C)]
@@ -98,6 +101,42 @@ extern "C" {
         normal: i32,
         err: *mut *mut c_char,
     ) -> i32;
+    // The quantized frozen base's linear layer (shim/quant.cpp).
+    pub(crate) fn umt_quant_linear(
+        x: *const torch_sys::C_tensor,
+        q: *const torch_sys::C_tensor,
+        scale: *const torch_sys::C_tensor,
+        min: *const torch_sys::C_tensor,
+        bits: i64,
+        out: *mut *mut torch_sys::C_tensor,
+        err: *mut *mut c_char,
+    ) -> c_int;
+    // The CUDA allocator's statistics (shim/cuda_memory.cpp).
+    pub(crate) fn umt_cuda_peak_allocated(
+        device: c_int,
+        out: *mut i64,
+        err: *mut *mut c_char,
+    ) -> c_int;
+    pub(crate) fn umt_dequantize(
+        q: *const torch_sys::C_tensor,
+        scale: *const torch_sys::C_tensor,
+        min: *const torch_sys::C_tensor,
+        bits: i64,
+        like: *const torch_sys::C_tensor,
+        out: *mut *mut torch_sys::C_tensor,
+        err: *mut *mut c_char,
+    ) -> c_int;
+}
+
+/// The CUDA caching allocator's peak of allocated bytes on `device` since the process started
+/// (PyTorch's `torch.cuda.max_memory_allocated`).
+pub fn cuda_peak_allocated(device: usize) -> Result<u64, String> {
+    let (mut out, mut err) = (0i64, std::ptr::null_mut());
+    // SAFETY: plain out-pointers for the call; the shim allocates `err` only on failure.
+    match unsafe { umt_cuda_peak_allocated(device as c_int, &mut out, &mut err) } {
+        0 => Ok(out as u64),
+        _ => Err(take_error(err)),
+    }
 }
 
 /// The message of a failed shim call (its first line), freed.

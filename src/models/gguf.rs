@@ -1,19 +1,20 @@
 //! GGUF (llama.cpp's format, <https://github.com/ggml-org/ggml/blob/master/docs/gguf.md>):
 //! header, metadata, tensor directory, and dequantization of F32, F16, BF16, Q8_0, Q4_0 and Q4_1
-//! to the working dtype, for the `llama` architecture.
+//! to the working dtype (or the blocks as stored, for a quantized base), for the `llama`
+//! architecture. The weight source over it is `gguf_source.rs`.
 //!
 //! Written by hand: the crates that read GGUF come inside whole frameworks (candle, llama.cpp
 //! bindings) whose tensor types we do not use; the format and these block layouts are small.
 use crate::data::tokenizer::GgufVocab;
 use crate::error::{Error, Result};
 use crate::models::hf_config::{ArchConfig, LlamaConfig};
-use crate::models::WeightSource;
+use crate::models::quant::QuantWeight;
 use half::{bf16, f16};
 use memmap2::Mmap;
 use rayon::prelude::*;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Value {
@@ -296,6 +297,40 @@ impl GgufFile {
         Ok(Tensor::from_slice(&values).reshape(&info.shape))
     }
 
+    /// A 2-d tensor's blocks as stored, when its type is the layout of `bits` (8: Q8_0; 4: Q4_0 or
+    /// Q4_1), on the CPU; None for any other type (it is then dequantized and quantized at load).
+    pub fn blocks(&self, name: &str, bits: i64) -> Result<Option<QuantWeight>> {
+        let info = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| Error::tensor(&self.path, name, "missing from the GGUF file"))?;
+        let (header, values) = match (info.dtype, bits) {
+            (GgmlType::Q8_0, 8) => (2, 32),
+            (GgmlType::Q4_0, 4) => (2, 16),
+            (GgmlType::Q4_1, 4) => (4, 16),
+            _ => return Ok(None),
+        };
+        let &[n, k] = info.shape.as_slice() else {
+            return Ok(None);
+        };
+        let nb = k / 32;
+        let bytes = &self.mmap[info.offset..info.offset + info.n_bytes];
+        // (blocks, bytes per block): an f16 scale, Q4_1's f16 min, then the values (little-endian).
+        let raw = Tensor::from_slice(bytes).view([n * nb, header + values]);
+        let half = |start| {
+            (raw.narrow(1, start, 2).contiguous())
+                .view_dtype(Kind::Half)
+                .view([n, nb])
+        };
+        let q = raw.narrow(1, header, values).contiguous();
+        let q = match bits {
+            8 => q.view_dtype(Kind::Int8).view([n, k]),
+            _ => q.view([n, k / 2]),
+        };
+        let min = (header == 4).then(|| half(2));
+        Ok(Some(QuantWeight::from_blocks(q, half(0), min, bits)))
+    }
+
     /// LLaMA hyper-parameters from `llama.*` metadata.
     pub fn arch_config(&self) -> Result<ArchConfig> {
         let arch = self
@@ -435,116 +470,4 @@ pub fn dequantize(dtype: GgmlType, bytes: &[u8]) -> Vec<f32> {
             }
         });
     out
-}
-
-/// Serves Hugging Face LLaMA parameter names from a GGUF file.
-pub struct GgufSource {
-    file: GgufFile,
-    n_head: i64,
-    n_kv_head: i64,
-    taken: BTreeSet<String>,
-}
-
-impl GgufSource {
-    pub fn new(file: GgufFile) -> Result<Self> {
-        let ArchConfig::Llama(c) = file.arch_config()? else {
-            return Err(Error::format(
-                &file.path,
-                "only llama GGUF files are supported",
-            ));
-        };
-        Ok(GgufSource {
-            n_head: c.num_attention_heads as i64,
-            n_kv_head: c.num_key_value_heads as i64,
-            file,
-            taken: BTreeSet::new(),
-        })
-    }
-
-    /// The GGUF name for a Hugging Face LLaMA parameter, and the head count to un-permute with.
-    fn gguf_name(&self, hf: &str) -> Option<(String, Option<i64>)> {
-        let simple = [
-            ("model.embed_tokens.weight", "token_embd.weight"),
-            ("model.norm.weight", "output_norm.weight"),
-            ("lm_head.weight", "output.weight"),
-        ];
-        if let Some((_, g)) = simple.iter().find(|(h, _)| *h == hf) {
-            return Some((g.to_string(), None));
-        }
-        let rest = hf.strip_prefix("model.layers.")?;
-        let (layer, rest) = rest.split_once('.')?;
-        let (module, suffix) = rest.rsplit_once('.')?;
-        let (name, heads) = match module {
-            "input_layernorm" => ("attn_norm", None),
-            "post_attention_layernorm" => ("ffn_norm", None),
-            "self_attn.q_proj" => ("attn_q", Some(self.n_head)),
-            "self_attn.k_proj" => ("attn_k", Some(self.n_kv_head)),
-            "self_attn.v_proj" => ("attn_v", None),
-            "self_attn.o_proj" => ("attn_output", None),
-            "mlp.gate_proj" => ("ffn_gate", None),
-            "mlp.up_proj" => ("ffn_up", None),
-            "mlp.down_proj" => ("ffn_down", None),
-            _ => return None,
-        };
-        Some((format!("blk.{layer}.{name}.{suffix}"), heads))
-    }
-}
-
-impl WeightSource for GgufSource {
-    fn take(&mut self, name: &str, shape: &[i64], kind: Kind, device: Device) -> Result<Tensor> {
-        let (gname, heads) = self
-            .gguf_name(name)
-            .ok_or_else(|| Error::tensor(&self.file.path, name, "has no GGUF counterpart"))?;
-        let info = self.file.tensors.get(&gname).ok_or_else(|| {
-            Error::tensor(
-                &self.file.path,
-                &gname,
-                format!("missing (needed for `{name}`)"),
-            )
-        })?;
-        if info.shape != shape {
-            return Err(Error::tensor(
-                &self.file.path,
-                &gname,
-                format!(
-                    "has shape {:?}, the model expects {:?} for `{name}`",
-                    info.shape, shape
-                ),
-            ));
-        }
-        let mut t = self.file.dequantize(&gname)?;
-        // llama.cpp interleaves the rotary halves of q/k rows; undo it (transformers'
-        // `_reverse_permute_weights`).
-        if let Some(n) = heads {
-            let dim = shape[0] / n / 2;
-            let rest: Vec<i64> = shape[1..].to_vec();
-            let mut split = vec![n, dim, 2];
-            split.extend(&rest);
-            t = t.reshape(&split).transpose(1, 2).reshape(shape);
-        }
-        self.taken.insert(gname);
-        Ok(t.to_kind(kind).to_device(device))
-    }
-
-    fn contains(&self, name: &str) -> bool {
-        self.gguf_name(name)
-            .is_some_and(|(g, _)| self.file.tensors.contains_key(&g))
-    }
-
-    fn skip(&mut self, name: &str) {
-        if let Some((g, _)) = self.gguf_name(name) {
-            self.taken.insert(g);
-        }
-    }
-
-    fn finish(&mut self) -> Result<()> {
-        match self.file.tensors.keys().find(|k| !self.taken.contains(*k)) {
-            Some(k) => Err(Error::tensor(
-                &self.file.path,
-                k,
-                "is unexpected: the model has no such parameter",
-            )),
-            None => Ok(()),
-        }
-    }
 }

@@ -1,34 +1,29 @@
 //! GPT-2 (Radford et al. 2019), as Hugging Face `GPT2LMHeadModel` computes it: learned positions,
 //! pre-LayerNorm blocks, fused `c_attn` Conv1D projections (weights stored `(in, out)`), tanh GELU.
 //! Parameter paths equal the `transformers` safetensors keys (`transformer.h.0.attn.c_attn.weight`).
-use super::adapt::{AdapterSource, LinearAdapter};
+use super::adapt::LinearAdapter;
 use super::attention::{append_cache, sdpa, BatchMask};
 use super::hf_config::{ArchConfig, Gpt2Config};
-use super::weights::frozen_param as param;
-use super::{Backbone, KvCache, LayerHook, WeightSource};
+use super::quant::{FrozenWeight, Quantized};
+use super::weights::Loader;
+use super::{Backbone, KvCache, LayerHook};
 use crate::error::Result;
 use tch::{nn, Kind, Tensor};
 
-/// Hugging Face's Conv1D: `x @ W + b` with `W (in, out)`.
+/// Hugging Face's Conv1D: `x @ W + b` with `W (in, out)` (quantized: held `(out, in)`).
 struct Conv1d {
-    weight: Tensor,
+    weight: FrozenWeight,
     bias: Tensor,
     adapter: Option<Box<dyn LinearAdapter>>,
 }
 
 impl Conv1d {
-    fn new(
-        p: &nn::Path,
-        w: &mut dyn WeightSource,
-        kind: Kind,
-        n_in: i64,
-        n_out: i64,
-        inj: &dyn AdapterSource,
-    ) -> Result<Self> {
+    /// The layer at `p` reading the output of the module `input` (see [`super::adapt::LinearSite`]).
+    fn new(p: &nn::Path, l: &mut Loader, input: &str, (n_in, n_out): (i64, i64)) -> Result<Self> {
         Ok(Conv1d {
-            weight: param(p, w, kind, "weight", &[n_in, n_out])?,
-            bias: param(p, w, kind, "bias", &[n_out])?,
-            adapter: inj.linear(&p.components().collect::<Vec<_>>().join("."), n_in, n_out),
+            weight: l.linear_weight(p, n_in, n_out, true)?,
+            bias: l.param(p, "bias", &[n_out])?,
+            adapter: l.adapter(p, input, n_in, n_out),
         })
     }
     fn forward(&self, x: &Tensor) -> Tensor {
@@ -38,12 +33,15 @@ impl Conv1d {
         }
     }
     fn base(&self, x: &Tensor) -> Tensor {
+        let FrozenWeight::Dense(weight) = &self.weight else {
+            return self.weight.linear(x, Some(&self.bias));
+        };
         let mut out_shape = x.size();
         let n_in = out_shape.pop().unwrap_or_default();
-        out_shape.push(self.weight.size()[1]);
+        out_shape.push(weight.size()[1]);
         // One fused addmm over all rows, as transformers' Conv1D does.
         self.bias
-            .addmm(&x.reshape([-1, n_in]), &self.weight)
+            .addmm(&x.reshape([-1, n_in]), weight)
             .view(out_shape.as_slice())
     }
 }
@@ -57,18 +55,13 @@ struct LayerNorm {
 }
 
 impl LayerNorm {
-    fn new(
-        p: &nn::Path,
-        w: &mut dyn WeightSource,
-        kind: Kind,
-        d: i64,
-        eps: f64,
-        inj: &dyn AdapterSource,
-    ) -> Result<Self> {
+    fn new(p: &nn::Path, l: &mut Loader, d: i64, eps: f64) -> Result<Self> {
         Ok(LayerNorm {
-            weight: param(p, w, kind, "weight", &[d])?,
-            bias: param(p, w, kind, "bias", &[d])?,
-            bias_delta: inj.norm_bias(&p.components().collect::<Vec<_>>().join("."), d),
+            weight: l.param(p, "weight", &[d])?,
+            bias: l.param(p, "bias", &[d])?,
+            bias_delta: l
+                .adapters
+                .norm_bias(&p.components().collect::<Vec<_>>().join("."), d),
             eps,
         })
     }
@@ -98,23 +91,19 @@ struct Block {
 }
 
 impl Block {
-    fn new(
-        p: &nn::Path,
-        w: &mut dyn WeightSource,
-        kind: Kind,
-        c: &Gpt2Config,
-        inj: &dyn AdapterSource,
-    ) -> Result<Self> {
+    fn new(p: &nn::Path, l: &mut Loader, c: &Gpt2Config) -> Result<Self> {
         let (d, inner, eps) = (c.n_embd as i64, c.inner() as i64, c.layer_norm_epsilon);
         let attn = p / "attn";
         let mlp = p / "mlp";
+        let block = p.components().collect::<Vec<_>>().join(".");
+        let input = |module: &str| format!("{block}.{module}");
         Ok(Block {
-            ln_1: LayerNorm::new(&(p / "ln_1"), w, kind, d, eps, inj)?,
-            c_attn: Conv1d::new(&(&attn / "c_attn"), w, kind, d, 3 * d, inj)?,
-            attn_proj: Conv1d::new(&(&attn / "c_proj"), w, kind, d, d, inj)?,
-            ln_2: LayerNorm::new(&(p / "ln_2"), w, kind, d, eps, inj)?,
-            c_fc: Conv1d::new(&(&mlp / "c_fc"), w, kind, d, inner, inj)?,
-            mlp_proj: Conv1d::new(&(&mlp / "c_proj"), w, kind, inner, d, inj)?,
+            ln_1: LayerNorm::new(&(p / "ln_1"), l, d, eps)?,
+            c_attn: Conv1d::new(&(&attn / "c_attn"), l, &input("ln_1"), (d, 3 * d))?,
+            attn_proj: Conv1d::new(&(&attn / "c_proj"), l, &input("attn"), (d, d))?,
+            ln_2: LayerNorm::new(&(p / "ln_2"), l, d, eps)?,
+            c_fc: Conv1d::new(&(&mlp / "c_fc"), l, &input("ln_2"), (d, inner))?,
+            mlp_proj: Conv1d::new(&(&mlp / "c_proj"), l, &input("mlp.act"), (inner, d))?,
             n_head: c.n_head as i64,
         })
     }
@@ -157,33 +146,32 @@ pub struct Gpt2 {
     /// None when built without it (a task model: classification and NER never use it).
     lm_head: Option<Tensor>,
     kind: Kind,
+    quantized: Quantized,
 }
 
 impl Gpt2 {
     pub fn new(
         vs: nn::VarStore,
         c: Gpt2Config,
-        w: &mut dyn WeightSource,
-        kind: Kind,
-        inj: &dyn AdapterSource,
+        l: &mut Loader,
         with_lm_head: bool,
     ) -> Result<Self> {
         let root = vs.root();
         let t = &root / "transformer";
         let d = c.n_embd as i64;
-        let wte = param(&(&t / "wte"), w, kind, "weight", &[c.vocab_size as i64, d])?;
-        let wpe = param(&(&t / "wpe"), w, kind, "weight", &[c.n_positions as i64, d])?;
+        let wte = l.param(&(&t / "wte"), "weight", &[c.vocab_size as i64, d])?;
+        let wpe = l.param(&(&t / "wpe"), "weight", &[c.n_positions as i64, d])?;
         let blocks = (0..c.n_layer)
-            .map(|i| Block::new(&(&t / "h" / i), w, kind, &c, inj))
+            .map(|i| Block::new(&(&t / "h" / i), l, &c))
             .collect::<Result<Vec<_>>>()?;
-        let ln_f = LayerNorm::new(&(&t / "ln_f"), w, kind, d, c.layer_norm_epsilon, inj)?;
+        let ln_f = LayerNorm::new(&(&t / "ln_f"), l, d, c.layer_norm_epsilon)?;
         let lm_head = if c.tie_word_embeddings {
             Some(wte.shallow_clone())
         } else if with_lm_head {
             let shape = [c.vocab_size as i64, d];
-            Some(param(&(&root / "lm_head"), w, kind, "weight", &shape)?)
+            Some(l.param(&(&root / "lm_head"), "weight", &shape)?)
         } else {
-            w.skip("lm_head.weight");
+            l.weights.skip("lm_head.weight");
             None
         };
         Ok(Gpt2 {
@@ -194,7 +182,8 @@ impl Gpt2 {
             blocks,
             ln_f,
             lm_head,
-            kind,
+            kind: l.kind,
+            quantized: l.quantized,
         })
     }
 }
@@ -254,5 +243,9 @@ impl Backbone for Gpt2 {
 
     fn kind(&self) -> Kind {
         self.kind
+    }
+
+    fn quantized(&self) -> Quantized {
+        self.quantized
     }
 }

@@ -1,11 +1,12 @@
 //! LLaMA-3 (Grattafiori et al. 2024) as Hugging Face `LlamaForCausalLM` computes it: RMSNorm,
 //! rotary positions with the `llama3` frequency rule, grouped-query attention, SwiGLU MLP, tied or
 //! untied embeddings. Parameter paths equal the `transformers` safetensors keys.
-use super::adapt::{AdapterSource, LinearAdapter};
+use super::adapt::LinearAdapter;
 use super::attention::{append_cache, sdpa, BatchMask};
 use super::hf_config::{ArchConfig, LlamaConfig};
-use super::weights::frozen_param as param;
-use super::{Backbone, KvCache, LayerHook, WeightSource};
+use super::quant::{FrozenWeight, Quantized};
+use super::weights::Loader;
+use super::{Backbone, KvCache, LayerHook};
 use crate::error::Result;
 use std::f64::consts::PI;
 use tch::{nn, Kind, Tensor};
@@ -16,9 +17,9 @@ struct RmsNorm {
 }
 
 impl RmsNorm {
-    fn new(p: &nn::Path, w: &mut dyn WeightSource, kind: Kind, d: i64, eps: f64) -> Result<Self> {
+    fn new(p: &nn::Path, l: &mut Loader, d: i64, eps: f64) -> Result<Self> {
         Ok(RmsNorm {
-            weight: param(p, w, kind, "weight", &[d])?,
+            weight: l.param(p, "weight", &[d])?,
             eps,
         })
     }
@@ -36,35 +37,35 @@ impl RmsNorm {
 }
 
 struct Linear {
-    weight: Tensor,
+    weight: FrozenWeight,
     bias: Option<Tensor>,
     adapter: Option<Box<dyn LinearAdapter>>,
 }
 
 impl Linear {
+    /// The layer at `p` reading the output of the module `input` (see [`super::adapt::LinearSite`]).
     fn new(
         p: &nn::Path,
-        w: &mut dyn WeightSource,
-        kind: Kind,
-        n_in: i64,
-        n_out: i64,
+        l: &mut Loader,
+        input: &str,
+        (n_in, n_out): (i64, i64),
         bias: bool,
-        inj: &dyn AdapterSource,
     ) -> Result<Self> {
         Ok(Linear {
-            adapter: inj.linear(&p.components().collect::<Vec<_>>().join("."), n_in, n_out),
-            weight: param(p, w, kind, "weight", &[n_out, n_in])?,
+            adapter: l.adapter(p, input, n_in, n_out),
+            weight: l.linear_weight(p, n_in, n_out, false)?,
             bias: if bias {
-                Some(param(p, w, kind, "bias", &[n_out])?)
+                Some(l.param(p, "bias", &[n_out])?)
             } else {
                 None
             },
         })
     }
     fn forward(&self, x: &Tensor) -> Tensor {
+        let base = |x: &Tensor| self.weight.linear(x, self.bias.as_ref());
         match &self.adapter {
-            Some(adapter) => adapter.forward(x, &|x| x.linear(&self.weight, self.bias.as_ref())),
-            None => x.linear(&self.weight, self.bias.as_ref()),
+            Some(adapter) => adapter.forward(x, &base),
+            None => base(x),
         }
     }
 }
@@ -123,13 +124,7 @@ struct Block {
 }
 
 impl Block {
-    fn new(
-        p: &nn::Path,
-        w: &mut dyn WeightSource,
-        kind: Kind,
-        c: &LlamaConfig,
-        inj: &dyn AdapterSource,
-    ) -> Result<Self> {
+    fn new(p: &nn::Path, l: &mut Loader, c: &LlamaConfig) -> Result<Self> {
         let d = c.hidden_size as i64;
         let (h, kvh, hd) = (
             c.num_attention_heads as i64,
@@ -140,22 +135,27 @@ impl Block {
         let a = p / "self_attn";
         let m = p / "mlp";
         let ab = c.attention_bias;
+        let block = p.components().collect::<Vec<_>>().join(".");
+        let (attn_in, mlp_in) = (
+            format!("{block}.input_layernorm"),
+            format!("{block}.post_attention_layernorm"),
+        );
+        let (attn_out, act) = (format!("{block}.self_attn"), format!("{block}.mlp.act_fn"));
         Ok(Block {
-            input_layernorm: RmsNorm::new(&(p / "input_layernorm"), w, kind, d, c.rms_norm_eps)?,
-            q_proj: Linear::new(&(&a / "q_proj"), w, kind, d, h * hd, ab, inj)?,
-            k_proj: Linear::new(&(&a / "k_proj"), w, kind, d, kvh * hd, ab, inj)?,
-            v_proj: Linear::new(&(&a / "v_proj"), w, kind, d, kvh * hd, ab, inj)?,
-            o_proj: Linear::new(&(&a / "o_proj"), w, kind, h * hd, d, ab, inj)?,
+            input_layernorm: RmsNorm::new(&(p / "input_layernorm"), l, d, c.rms_norm_eps)?,
+            q_proj: Linear::new(&(&a / "q_proj"), l, &attn_in, (d, h * hd), ab)?,
+            k_proj: Linear::new(&(&a / "k_proj"), l, &attn_in, (d, kvh * hd), ab)?,
+            v_proj: Linear::new(&(&a / "v_proj"), l, &attn_in, (d, kvh * hd), ab)?,
+            o_proj: Linear::new(&(&a / "o_proj"), l, &attn_out, (h * hd, d), ab)?,
             post_attention_layernorm: RmsNorm::new(
                 &(p / "post_attention_layernorm"),
-                w,
-                kind,
+                l,
                 d,
                 c.rms_norm_eps,
             )?,
-            gate_proj: Linear::new(&(&m / "gate_proj"), w, kind, d, inter, c.mlp_bias, inj)?,
-            up_proj: Linear::new(&(&m / "up_proj"), w, kind, d, inter, c.mlp_bias, inj)?,
-            down_proj: Linear::new(&(&m / "down_proj"), w, kind, inter, d, c.mlp_bias, inj)?,
+            gate_proj: Linear::new(&(&m / "gate_proj"), l, &mlp_in, (d, inter), c.mlp_bias)?,
+            up_proj: Linear::new(&(&m / "up_proj"), l, &mlp_in, (d, inter), c.mlp_bias)?,
+            down_proj: Linear::new(&(&m / "down_proj"), l, &act, (inter, d), c.mlp_bias)?,
             n_head: h,
             n_kv_head: kvh,
             head_dim: hd,
@@ -207,31 +207,30 @@ pub struct Llama {
     lm_head: Option<Tensor>,
     inv_freq: Tensor,
     kind: Kind,
+    quantized: Quantized,
 }
 
 impl Llama {
     pub fn new(
         vs: nn::VarStore,
         c: LlamaConfig,
-        w: &mut dyn WeightSource,
-        kind: Kind,
-        inj: &dyn AdapterSource,
+        l: &mut Loader,
         with_lm_head: bool,
     ) -> Result<Self> {
         let root = vs.root();
         let m = &root / "model";
         let (vocab, d) = (c.vocab_size as i64, c.hidden_size as i64);
-        let embed_tokens = param(&(&m / "embed_tokens"), w, kind, "weight", &[vocab, d])?;
+        let embed_tokens = l.param(&(&m / "embed_tokens"), "weight", &[vocab, d])?;
         let blocks = (0..c.num_hidden_layers)
-            .map(|i| Block::new(&(&m / "layers" / i), w, kind, &c, inj))
+            .map(|i| Block::new(&(&m / "layers" / i), l, &c))
             .collect::<Result<Vec<_>>>()?;
-        let norm = RmsNorm::new(&(&m / "norm"), w, kind, d, c.rms_norm_eps)?;
+        let norm = RmsNorm::new(&(&m / "norm"), l, d, c.rms_norm_eps)?;
         let lm_head = if c.tie_word_embeddings {
             Some(embed_tokens.shallow_clone())
         } else if with_lm_head {
-            Some(param(&(&root / "lm_head"), w, kind, "weight", &[vocab, d])?)
+            Some(l.param(&(&root / "lm_head"), "weight", &[vocab, d])?)
         } else {
-            w.skip("lm_head.weight");
+            l.weights.skip("lm_head.weight");
             None
         };
         let inv_freq = Tensor::from_slice(&inv_freq(&c)).to_device(vs.device());
@@ -243,7 +242,8 @@ impl Llama {
             norm,
             lm_head,
             inv_freq,
-            kind,
+            kind: l.kind,
+            quantized: l.quantized,
         })
     }
 
@@ -313,5 +313,9 @@ impl Backbone for Llama {
 
     fn kind(&self) -> Kind {
         self.kind
+    }
+
+    fn quantized(&self) -> Quantized {
+        self.quantized
     }
 }

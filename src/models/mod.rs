@@ -6,9 +6,11 @@ pub mod adapt;
 pub mod attention;
 pub mod generate;
 pub mod gguf;
+pub mod gguf_source;
 pub mod gpt2;
 pub mod hf_config;
 pub mod llama;
+pub mod quant;
 pub mod resolve;
 pub mod weights;
 
@@ -106,31 +108,37 @@ pub trait Backbone: Send {
         self.var_store().device()
     }
     fn kind(&self) -> Kind;
+    /// The weights held as quantized blocks (`model.quantize`), outside the VarStore.
+    fn quantized(&self) -> quant::Quantized;
     fn num_parameters(&self) -> i64 {
-        self.var_store()
-            .variables()
-            .values()
+        let dense: i64 = (self.var_store().variables().values())
             .map(|t| t.numel() as i64)
-            .sum()
+            .sum();
+        dense + self.quantized().params
+    }
+    /// Bytes the frozen weights hold: the VarStore's tensors and the quantized blocks.
+    fn weight_bytes(&self) -> u64 {
+        let dense: usize = (self.var_store().variables().values())
+            .map(|t| t.numel() * t.kind().elt_size_in_bytes())
+            .sum();
+        dense as u64 + self.quantized().bytes
     }
 }
 
-/// Builds the backbone that `arch` describes, taking every tensor from `weights` and adapters
-/// from `inj`; without `lm_head`, an untied output embedding is left unread.
+/// Builds the backbone that `arch` describes on `device`, taking every tensor through `loader`;
+/// without `lm_head`, an untied output embedding is left unread.
 pub fn build(
     arch: &ArchConfig,
-    weights: &mut dyn WeightSource,
-    kind: Kind,
+    loader: &mut weights::Loader,
     device: Device,
-    inj: &dyn adapt::AdapterSource,
     lm_head: bool,
 ) -> crate::Result<Box<dyn Backbone>> {
     let vs = nn::VarStore::new(device);
-    let (w, i) = (&mut *weights, inj);
+    let l = &mut *loader;
     let model: Box<dyn Backbone> = match arch {
-        ArchConfig::Gpt2(c) => Box::new(gpt2::Gpt2::new(vs, c.clone(), w, kind, i, lm_head)?),
-        ArchConfig::Llama(c) => Box::new(llama::Llama::new(vs, c.clone(), w, kind, i, lm_head)?),
+        ArchConfig::Gpt2(c) => Box::new(gpt2::Gpt2::new(vs, c.clone(), l, lm_head)?),
+        ArchConfig::Llama(c) => Box::new(llama::Llama::new(vs, c.clone(), l, lm_head)?),
     };
-    weights.finish()?;
+    loader.weights.finish()?;
     Ok(model)
 }

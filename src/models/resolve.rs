@@ -5,9 +5,11 @@
 //! shape, for benchmarks), or a hub id such as `openai-community/gpt2`, looked up in the local
 //! Hugging Face cache and downloaded with hf-hub when the hub is reachable.
 use super::adapt::{AdapterSource, NoAdapters};
-use super::gguf::{GgufFile, GgufSource};
-use super::weights::{RandomSource, SafetensorsSource};
+use super::gguf::GgufFile;
+use super::gguf_source::GgufSource;
+use super::weights::{Loader, RandomSource, SafetensorsSource, WeightSource};
 use super::{build, ArchConfig, Backbone};
+use crate::config::Quantize;
 use crate::data::TextTokenizer;
 use crate::error::{Error, Result};
 use std::path::{Path, PathBuf};
@@ -166,6 +168,8 @@ pub struct ModelRef {
     pub tokenizer: Option<TextTokenizer>,
     /// Whether [`Self::load`] reads the LM head (an untied one; a tied head is the embedding).
     pub lm_head: bool,
+    /// How [`Self::load`] holds the linear layers (`model.quantize`).
+    pub quantize: Quantize,
     /// The opened GGUF file (its header parsed once, its tensors read at load).
     gguf: Option<GgufFile>,
 }
@@ -192,6 +196,7 @@ impl ModelRef {
             arch,
             tokenizer,
             lm_head: true,
+            quantize: Quantize::None,
             gguf,
         })
     }
@@ -203,6 +208,11 @@ impl ModelRef {
             lm_head: false,
             ..self
         }
+    }
+
+    /// Loads the linear layers as `quantize` says (`model.quantize`).
+    pub fn quantized(self, quantize: Quantize) -> Self {
+        ModelRef { quantize, ..self }
     }
 
     /// The tokenizer, or an error saying that this model (a preset) has none.
@@ -218,25 +228,31 @@ impl ModelRef {
     /// Builds the backbone, its linear layers getting the adapters `inj` hands out.
     pub fn load(self, kind: Kind, device: Device, inj: &dyn AdapterSource) -> Result<LoadedModel> {
         let (arch, head) = (&self.arch, self.lm_head);
-        let backbone = match (&self.files, self.gguf) {
+        let mut source: Box<dyn WeightSource> = match (&self.files, self.gguf) {
             (ModelFiles::Dir(dir), _) => {
                 let mut source = SafetensorsSource::open_dir(dir)?;
                 if arch.tie_word_embeddings() {
                     source.allow_unused("lm_head.weight");
                 }
-                build(arch, &mut source, kind, device, inj, head)?
+                Box::new(source)
             }
-            (ModelFiles::Gguf(_), Some(file)) => {
-                build(arch, &mut GgufSource::new(file)?, kind, device, inj, head)?
-            }
+            (ModelFiles::Gguf(_), Some(file)) => Box::new(GgufSource::new(file)?),
             (ModelFiles::Gguf(path), None) => {
                 return Err(Error::Internal(format!(
                     "{}: resolved without its GGUF header",
                     path.display()
                 )))
             }
-            (ModelFiles::Preset(_), _) => build(arch, &mut RandomSource, kind, device, inj, head)?,
+            (ModelFiles::Preset(_), _) => Box::new(RandomSource),
         };
+        let mut loader = Loader {
+            weights: source.as_mut(),
+            kind,
+            quantize: self.quantize,
+            adapters: inj,
+            quantized: Default::default(),
+        };
+        let backbone = build(arch, &mut loader, device, head)?;
         Ok(LoadedModel {
             backbone,
             tokenizer: self.tokenizer,

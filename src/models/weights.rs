@@ -1,6 +1,9 @@
 //! Where backbone tensors come from: memory-mapped safetensors (one file or sharded with
 //! `model.safetensors.index.json`), GGUF (see `gguf.rs`), or seeded random init for benchmarks.
 //! Every tensor a model asks for is checked for presence and shape; tensors left over are errors.
+use super::adapt::{AdapterSource, LinearAdapter, LinearSite};
+use super::quant::{FrozenWeight, QuantWeight, Quantized, BLOCK};
+use crate::config::Quantize;
 use crate::error::{Error, Result};
 use memmap2::Mmap;
 use std::collections::{BTreeSet, HashMap};
@@ -18,6 +21,97 @@ pub trait WeightSource {
     fn skip(&mut self, name: &str);
     /// Fails if tensors were left that no model parameter took.
     fn finish(&mut self) -> Result<()>;
+    /// The weight `name (n_out, n_in)` as `bits`-quantized blocks on `device` when the source
+    /// stores it in that layout already (a GGUF file's Q8_0, Q4_0, Q4_1 tensors), taking it;
+    /// None: take it dense and quantize it.
+    fn take_quantized(
+        &mut self,
+        _name: &str,
+        _shape: &[i64],
+        _bits: i64,
+        _device: Device,
+    ) -> Result<Option<QuantWeight>> {
+        Ok(None)
+    }
+}
+
+/// What a backbone's constructors read through: the weight source, the working dtype, how the
+/// linear layers are held (`model.quantize`) and the adapters a fine-tuning method hands out.
+pub struct Loader<'a> {
+    pub weights: &'a mut dyn WeightSource,
+    pub kind: Kind,
+    pub quantize: Quantize,
+    pub adapters: &'a dyn AdapterSource,
+    /// The weights held quantized so far (they live outside the VarStore).
+    pub quantized: Quantized,
+}
+
+impl Loader<'_> {
+    /// The frozen tensor `name` under `p` (see [`frozen_param`]).
+    pub fn param(&mut self, p: &nn::Path, name: &str, shape: &[i64]) -> Result<Tensor> {
+        frozen_param(p, self.weights, self.kind, name, shape)
+    }
+
+    /// The adapter the fine-tuning method gives the linear layer at `p`, which reads the output
+    /// of the module `input` (see [`LinearSite`]).
+    pub fn adapter(
+        &self,
+        p: &nn::Path,
+        input: &str,
+        n_in: i64,
+        n_out: i64,
+    ) -> Option<Box<dyn LinearAdapter>> {
+        let module = p.components().collect::<Vec<_>>().join(".");
+        self.adapters.linear(&LinearSite {
+            module: &module,
+            input,
+            n_in,
+            n_out,
+        })
+    }
+
+    /// The weight of the linear layer at `p`, `(n_out, n_in)`, or `(n_in, n_out)` when the
+    /// checkpoint stores it `transposed` (GPT-2's Conv1D; a dense weight stays as stored).
+    pub fn linear_weight(
+        &mut self,
+        p: &nn::Path,
+        n_in: i64,
+        n_out: i64,
+        transposed: bool,
+    ) -> Result<FrozenWeight> {
+        let shape = if transposed {
+            [n_in, n_out]
+        } else {
+            [n_out, n_in]
+        };
+        let Some(bits) = self.quantize.bits() else {
+            return Ok(FrozenWeight::Dense(self.param(p, "weight", &shape)?));
+        };
+        let name = p.path("weight");
+        if n_in % BLOCK != 0 {
+            return Err(Error::Config(format!(
+                "model.quantize = \"{}\": `{name}` has {n_in} inputs, not a multiple of the block size {BLOCK}; use model.quantize = \"none\"",
+                self.quantize.as_str()
+            )));
+        }
+        let device = p.device();
+        let stored = match transposed {
+            false => self.weights.take_quantized(&name, &shape, bits, device)?,
+            true => None,
+        };
+        let q = match stored {
+            Some(q) => q,
+            None => {
+                // In f32, so a bf16 run quantizes the checkpoint's values, not their bf16 rounding.
+                let w = self.weights.take(&name, &shape, Kind::Float, device)?;
+                let w = if transposed { w.tr() } else { w };
+                QuantWeight::quantize(&w, bits)
+            }
+        };
+        self.quantized.params += n_in * n_out;
+        self.quantized.bytes += q.bytes();
+        Ok(FrozenWeight::Quantized(q))
+    }
 }
 
 /// Takes `name` under `p` from `w` and registers it in `p`'s VarStore as a frozen variable, so

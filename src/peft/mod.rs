@@ -12,10 +12,11 @@ pub mod targets;
 
 pub use houlsby::Bottleneck;
 pub use ia3::Ia3Scale;
-pub use lora::{LoraLinear, LoraSpec};
+pub use lora::{LoraLinear, LoraSpec, SharedDropout};
 pub use prefix::PrefixKv;
 
-use crate::models::adapt::{AdapterSource, LinearAdapter};
+use crate::models::adapt::{AdapterSource, LinearAdapter, LinearSite};
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -87,6 +88,8 @@ pub struct Injector<'a> {
     trainable: Option<&'a nn::VarStore>,
     spec: Option<AdapterSpec>,
     pub training: TrainingFlag,
+    /// LoRA's dropouts by the input they drop (see [`SharedDropout`]).
+    dropouts: RefCell<HashMap<String, Arc<SharedDropout>>>,
 }
 
 impl<'a> Injector<'a> {
@@ -96,6 +99,7 @@ impl<'a> Injector<'a> {
             trainable: None,
             spec: None,
             training: TrainingFlag::default(),
+            dropouts: RefCell::default(),
         }
     }
 
@@ -105,6 +109,7 @@ impl<'a> Injector<'a> {
             trainable: Some(trainable),
             spec: Some(spec),
             training,
+            dropouts: RefCell::default(),
         }
     }
 
@@ -124,18 +129,21 @@ impl<'a> Injector<'a> {
 }
 
 impl AdapterSource for Injector<'_> {
-    /// The adapter for the linear layer at `module` (its HF path, e.g.
+    /// The adapter for the linear layer at `site` (its HF path, e.g.
     /// `model.layers.0.self_attn.q_proj`), if it gets one.
-    fn linear(&self, module: &str, n_in: i64, n_out: i64) -> Option<Box<dyn LinearAdapter>> {
+    fn linear(&self, site: &LinearSite) -> Option<Box<dyn LinearAdapter>> {
         let (vs, spec) = (self.trainable?, self.spec.as_ref()?);
+        let (module, n_in, n_out) = (site.module, site.n_in, site.n_out);
         let path = Self::path(vs, module);
         let adapter = match spec {
             AdapterSpec::Lora(lora) => matches_target(module, &lora.targets).then(|| {
+                let mut dropouts = self.dropouts.borrow_mut();
+                let shared = dropouts.entry(site.input.to_string()).or_default();
                 Adapter::Lora(LoraLinear::new(
                     &path,
                     lora,
-                    n_in,
-                    n_out,
+                    (n_in, n_out),
+                    shared.clone(),
                     self.training.clone(),
                 ))
             }),

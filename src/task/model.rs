@@ -171,7 +171,9 @@ impl TaskModel {
             Some(spec) => Injector::new(&trainable, spec, training.clone()),
             None => Injector::none(),
         };
-        let loaded = model.without_lm_head().load(kind, device, &inj)?;
+        let loaded = (model.without_lm_head())
+            .quantized(cfg.model.quantize)
+            .load(kind, device, &inj)?;
         // A target list that matches nothing would silently train the head alone.
         if inj.has_spec() && trainable.variables().is_empty() {
             return Err(no_match(&targets, &cfg.model.source, &arch));

@@ -1,19 +1,22 @@
 //! `umtune plan`: what a training run will need on each rank, said before it starts, from the
 //! same config and the same resolved model reference as `train` (shapes only: no weight is read).
 //!
-//! The bill: frozen weights (by dtype; an untied LM head is not loaded by a task model), the
+//! The bill: frozen weights (by dtype, or the linear layers by `model.quantize`, with 4 bits
+//! counted as Q4_1's 0.625 bytes per weight; an untied LM head is not loaded by a task model), the
 //! trainable tensors with their gradients and AdamW's two moments (f32), the memory bank (this
 //! rank's shard), and the activations autograd keeps for one micro-batch, with and without
-//! activation checkpointing, plus the largest transient (the backward of one block). FLOPs per
-//! token follow the convention of NeMo's tables: 4N for a frozen base (forward 2N, backward 2N
-//! for the input gradients), 6N for full fine-tuning.
+//! activation checkpointing, plus the largest transient (the backward of one block, and a
+//! quantized base's dequantized layer). FLOPs per token follow the convention of NeMo's tables:
+//! 4N for a frozen base (forward 2N, backward 2N for the input gradients), 6N for full
+//! fine-tuning.
 //!
 //! The activation count per block is from the operations' saved tensors: for LLaMA, the two norms'
 //! inputs and outputs, q/k after RoPE, SDPA's q, k, v and output (fused kernels keep no t x t
-//! matrix), o_proj's input, the MLP's gate, up, SiLU and product; for each LoRA adapter its
-//! dropout mask and dropped input (when dropout is on) and its rank-r intermediate; UM and the
-//! memory keep f32 tensors at their blocks. It is an estimate: the allocator's caching and
-//! libtorch's workspaces come on top (`bench/checkpointing.py` compares it with measured peaks).
+//! matrix), o_proj's input, the MLP's gate, up, SiLU and product; for each LoRA adapter its rank-r
+//! intermediate, and with dropout one bool mask and one dropped copy per input (adapters reading
+//! the same input share them); UM and the memory keep f32 tensors at their blocks. It is an
+//! estimate: the allocator's caching and libtorch's workspaces come on top
+//! (`bench/checkpointing.py` compares it with measured peaks).
 use crate::config::{Config, OverrideArgs};
 use crate::error::{Error, Result};
 use crate::models::resolve::ModelRef;
@@ -50,9 +53,11 @@ impl PlanArgs {
     }
 }
 
-/// One linear layer of a block: its module path, input and output widths.
+/// One linear layer of a block: its module path, what it reads (layers reading the same tensor
+/// share LoRA's dropout of it), input and output widths.
 struct Linear {
     module: String,
+    input: &'static str,
     n_in: u64,
     n_out: u64,
 }
@@ -78,19 +83,20 @@ fn shapes(arch: &ArchConfig) -> Shapes {
             let kv = (c.num_key_value_heads * c.head_dim) as u64;
             let linears = (0..c.num_hidden_layers)
                 .map(|l| {
-                    let m = |name: &str, n_in, n_out| Linear {
+                    let m = |name: &str, input, n_in, n_out| Linear {
                         module: format!("model.layers.{l}.{name}"),
+                        input,
                         n_in,
                         n_out,
                     };
                     vec![
-                        m("self_attn.q_proj", d, q),
-                        m("self_attn.k_proj", d, kv),
-                        m("self_attn.v_proj", d, kv),
-                        m("self_attn.o_proj", q, d),
-                        m("mlp.gate_proj", d, i),
-                        m("mlp.up_proj", d, i),
-                        m("mlp.down_proj", i, d),
+                        m("self_attn.q_proj", "attn norm", d, q),
+                        m("self_attn.k_proj", "attn norm", d, kv),
+                        m("self_attn.v_proj", "attn norm", d, kv),
+                        m("self_attn.o_proj", "attention", q, d),
+                        m("mlp.gate_proj", "mlp norm", d, i),
+                        m("mlp.up_proj", "mlp norm", d, i),
+                        m("mlp.down_proj", "act", i, d),
                     ]
                 })
                 .collect();
@@ -111,16 +117,17 @@ fn shapes(arch: &ArchConfig) -> Shapes {
             let (d, i) = (c.n_embd as u64, c.inner() as u64);
             let linears = (0..c.n_layer)
                 .map(|l| {
-                    let m = |name: &str, n_in, n_out| Linear {
+                    let m = |name: &str, input, n_in, n_out| Linear {
                         module: format!("transformer.h.{l}.{name}"),
+                        input,
                         n_in,
                         n_out,
                     };
                     vec![
-                        m("attn.c_attn", d, 3 * d),
-                        m("attn.c_proj", d, d),
-                        m("mlp.c_fc", d, i),
-                        m("mlp.c_proj", i, d),
+                        m("attn.c_attn", "ln_1", d, 3 * d),
+                        m("attn.c_proj", "attention", d, d),
+                        m("mlp.c_fc", "ln_2", d, i),
+                        m("mlp.c_proj", "act", i, d),
                     ]
                 })
                 .collect();
@@ -141,6 +148,8 @@ fn shapes(arch: &ArchConfig) -> Shapes {
 /// What the run needs per rank.
 pub struct Plan {
     pub frozen_params: u64,
+    /// Bytes of the frozen weights (the first entries of `fixed`).
+    pub frozen_bytes: u64,
     pub trainable_params: u64,
     /// (what, bytes), the fixed part.
     pub fixed: Vec<(String, u64)>,
@@ -180,13 +189,8 @@ pub fn plan(cfg: &Config, world_size: usize, num_labels: usize) -> Result<Plan> 
     };
     let (b, t) = (cfg.train.batch_size as u64, cfg.data.max_length as u64);
     let tokens = b * t;
-    let frozen_params = s.outside
-        + s.layers * s.other_per_block
-        + s.linears
-            .iter()
-            .flatten()
-            .map(|l| l.n_in * l.n_out)
-            .sum::<u64>();
+    let linear_params: u64 = s.linears.iter().flatten().map(|l| l.n_in * l.n_out).sum();
+    let frozen_params = s.outside + s.layers * s.other_per_block + linear_params;
     // Trainable: the adapters (LoRA counted here; other methods by their layout), the head, UM.
     let targets = resolve_targets(&cfg.peft.targets, cfg.peft.method, arch);
     let r = cfg.peft.r as u64;
@@ -248,37 +252,62 @@ pub fn plan(cfg: &Config, world_size: usize, num_labels: usize) -> Result<Plan> 
         true => (m.capacity as u64).div_ceil(world_size.max(1) as u64),
         false => 0,
     };
-    let mut fixed = vec![
-        (
+    let bits = cfg.model.quantize.bits();
+    let mut fixed = match bits {
+        None => vec![(
             format!("frozen weights ({} params, {e} bytes each)", frozen_params),
             frozen_params * e,
-        ),
+        )],
+        Some(bits) => {
+            let per = crate::models::quant::bytes_per_param(bits);
+            vec![
+                (
+                    format!(
+                        "frozen linear layers ({linear_params} params, {}, {per} bytes each)",
+                        cfg.model.quantize.as_str()
+                    ),
+                    (linear_params as f64 * per).ceil() as u64,
+                ),
+                (
+                    format!(
+                        "other frozen weights ({} params, {e} bytes each)",
+                        frozen_params - linear_params
+                    ),
+                    (frozen_params - linear_params) * e,
+                ),
+            ]
+        }
+    };
+    let frozen_bytes = fixed.iter().map(|(_, b)| b).sum();
+    fixed.extend([
         (
             format!("trainable tensors ({trainable_params} params, f32)"),
             trainable_params * 4,
         ),
         ("their gradients (f32)".to_string(), trainable_params * 4),
         ("AdamW moments (2 x f32)".to_string(), trainable_params * 8),
-    ];
+    ]);
     if m.enabled {
         fixed.push((
             format!("memory bank ({local_entries} entries on this rank, f32 keys and values)"),
             local_entries * ((key + d) * 4 + 8),
         ));
     }
-    // Activations per block, per token (elements).
+    // LoRA's saved bytes per token of a block: each adapter's rank-r intermediate and, with
+    // dropout, one bool mask and one dropped copy per input its adapters read (shared).
     let dropout = cfg.peft.dropout > 0.0;
     let lora_saved = |block: &[Linear]| -> u64 {
-        block
-            .iter()
-            .filter(|l| adapted(l))
-            .map(|l| r + if dropout { 2 * l.n_in } else { 0 })
-            .sum()
+        let adapters = block.iter().filter(|l| adapted(l));
+        let mut inputs: Vec<(&str, u64)> = adapters.clone().map(|l| (l.input, l.n_in)).collect();
+        inputs.sort();
+        inputs.dedup();
+        let dropped: u64 = inputs.iter().map(|(_, n_in)| n_in * (e + 1)).sum();
+        adapters.count() as u64 * r * e + if dropout { dropped } else { 0 }
     };
     let per_block: Vec<u64> = s
         .linears
         .iter()
-        .map(|block| (s.saved_per_token + lora_saved(block)) * e * tokens)
+        .map(|block| (s.saved_per_token * e + lora_saved(block)) * tokens)
         .collect();
     // UM keeps ~7 f32 (b, t, d) tensors at each of its blocks; the memory ~6 at its block.
     let plug = tokens * d * 4 * (7 * um_layers + if m.enabled { 6 } else { 0 });
@@ -306,7 +335,15 @@ pub fn plan(cfg: &Config, world_size: usize, num_labels: usize) -> Result<Plan> 
         })
         .sum::<u64>()
         + plug;
-    let largest_transient = per_block.iter().copied().max().unwrap_or(0);
+    // A quantized layer's dequantization at use: its values in f32, then in the working dtype.
+    let dequantized = match bits {
+        Some(_) => (s.linears.iter().flatten())
+            .map(|l| l.n_in * l.n_out * (4 + e))
+            .max()
+            .unwrap_or(0),
+        None => 0,
+    };
+    let largest_transient = per_block.iter().copied().max().unwrap_or(0) + dequantized;
     let n = frozen_params as f64;
     let flops_per_token = match cfg.peft.method {
         crate::config::PeftMethod::Full => 6.0 * n,
@@ -314,6 +351,7 @@ pub fn plan(cfg: &Config, world_size: usize, num_labels: usize) -> Result<Plan> 
     };
     Ok(Plan {
         frozen_params,
+        frozen_bytes,
         trainable_params,
         fixed,
         activations_plain,
@@ -363,7 +401,8 @@ pub fn report(cfg: &Config, args: &PlanArgs) -> Result<String> {
         return Ok(format!(
             "{}\n",
             serde_json::json!({
-                "frozen_params": p.frozen_params, "trainable_params": p.trainable_params,
+                "frozen_params": p.frozen_params, "frozen_bytes": p.frozen_bytes,
+                "trainable_params": p.trainable_params,
                 "fixed": fixed, "activations_plain": p.activations_plain,
                 "activations_checkpointed": p.activations_checkpointed,
                 "checkpointing_every": p.checkpointing_every,
@@ -379,9 +418,13 @@ pub fn report(cfg: &Config, args: &PlanArgs) -> Result<String> {
     };
     let _ = writeln!(
         out,
-        "{} ({}), {} x {} tokens per micro-batch, {} rank(s): per rank",
+        "{} ({}{}), {} x {} tokens per micro-batch, {} rank(s): per rank",
         cfg.model.source,
         cfg.model.dtype.as_str(),
+        match cfg.model.quantize.bits() {
+            Some(_) => format!(", linear layers {}", cfg.model.quantize.as_str()),
+            None => String::new(),
+        },
         cfg.train.batch_size,
         cfg.data.max_length,
         args.world_size
