@@ -84,7 +84,6 @@ def main():
     ap.add_argument("--8b-quantize", dest="eight_b_quantize", default="int8")
     ap.add_argument("--skip-small", action="store_true")
     args = ap.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
     kernels()
     if not args.skip_small:
         base = None
