@@ -152,6 +152,84 @@ fn conformance(backend: &'static str, world: usize) {
     for t in out {
         assert_eq!(Vec::<i64>::try_from(t.reshape([-1])).unwrap(), want);
     }
+    all_to_all_conformance(backend, world);
+}
+
+/// What rank `from` sends rank `to` in the all-to-all cases: `rows(from, to)` rows of `cols`
+/// values that name both ends (zero rows for some pairs, the rank itself included).
+fn block(from: usize, to: usize, cols: i64, kind: Kind, big: bool) -> Tensor {
+    let rows = if big {
+        40_000 + 7 * from as i64
+    } else {
+        ((from * 3 + to * 5) % 4) as i64
+    };
+    (Tensor::arange(rows * cols, (Kind::Double, tch::Device::Cpu)).view([rows, cols])
+        + (1000 * from + 10 * to) as f64)
+        .to_kind(kind)
+}
+
+fn all_to_all_conformance(backend: &'static str, world: usize) {
+    // f32 / i64 / bf16, rows varied (zero included), a block larger than the ring's inline
+    // limit, receive counts unknown and known.
+    for (cols, kind, big, known) in [
+        (3, Kind::Float, false, false),
+        (1, Kind::Int64, false, true),
+        (2, Kind::BFloat16, false, false),
+        (5, Kind::Float, true, true),
+    ] {
+        let out = on_ranks(backend, world, move |g| {
+            let (r, w) = (g.rank(), g.world_size());
+            let send: Vec<Tensor> = (0..w).map(|to| block(r, to, cols, kind, big)).collect();
+            let rows: Vec<i64> = (0..w)
+                .map(|from| block(from, r, cols, kind, big).size()[0])
+                .collect();
+            let before = g.traffic();
+            let got = g
+                .all_to_all(&send, known.then_some(rows.as_slice()))
+                .unwrap();
+            let moved = g
+                .traffic()
+                .zip(before)
+                .map(|(a, b)| a.received - b.received);
+            (got, moved)
+        });
+        for (r, (got, moved)) in out.iter().enumerate() {
+            assert_eq!(got.len(), world);
+            let mut incoming = 0;
+            for (from, t) in got.iter().enumerate() {
+                let want = block(from, r, cols, kind, big);
+                assert!(
+                    t.kind() == kind && t.equal(&want),
+                    "{backend} W={world} {kind:?}: rank {r}'s block from {from} is {:?}, want {:?}",
+                    t.size(),
+                    want.size()
+                );
+                if from != r {
+                    incoming += 16 + want.numel() * kind.elt_size_in_bytes();
+                }
+            }
+            // The ring counts its bytes: exactly what is addressed here plus a header per peer.
+            if let Some(moved) = moved {
+                assert_eq!(
+                    *moved, incoming as u64,
+                    "{backend} W={world}: rank {r}'s traffic"
+                );
+            }
+        }
+    }
+    // A mismatch names the rank: the wrong number of tensors.
+    let out = on_ranks(backend, world, |g| {
+        g.all_to_all(&[Tensor::zeros([1], (Kind::Float, tch::Device::Cpu))], None)
+            .err()
+            .map(|e| e.to_string())
+    });
+    for (r, e) in out.iter().enumerate() {
+        let e = e.as_deref().unwrap_or("");
+        assert!(
+            e.contains(&format!("rank {r}")) && e.contains("one tensor"),
+            "{e}"
+        );
+    }
 }
 
 #[test]

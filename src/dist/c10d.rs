@@ -273,6 +273,33 @@ impl NcclGroup {
         }
     }
 
+    /// c10d's `alltoall_base` of `input` into `out` (both contiguous on this device) with rows
+    /// per rank `out_splits` / `in_splits` (empty: equal splits).
+    fn alltoall(
+        &self,
+        out: &Tensor,
+        input: &Tensor,
+        out_splits: &[i64],
+        in_splits: &[i64],
+    ) -> Result<()> {
+        let (mut out, mut input) = (out.shallow_clone(), input.shallow_clone());
+        let mut err = std::ptr::null_mut();
+        // SAFETY: live contiguous device tensors; the split arrays hold `n` counts each, n being
+        // the world size or 0, and outlive the call (the shim copies them).
+        let rc = unsafe {
+            umt_pg_alltoall(
+                self.raw,
+                out.as_mut_ptr(),
+                input.as_mut_ptr(),
+                out_splits.as_ptr(),
+                in_splits.as_ptr(),
+                out_splits.len() as c_int,
+                &mut err,
+            )
+        };
+        self.check("all-to-all", rc, err)
+    }
+
     /// Runs an in-place collective on `t`, staged through the device when it lives elsewhere.
     fn in_place(&self, t: &mut Tensor, op: impl FnOnce(&mut Tensor) -> Result<()>) -> Result<()> {
         let mut work = self.staged(t);
@@ -333,5 +360,36 @@ impl super::Collective for NcclGroup {
             unsafe { umt_pg_allgather(self.raw, out.as_mut_ptr(), input.as_mut_ptr(), &mut err) };
         self.check("all-gather", rc, err)?;
         Ok(out.to_device(t.device()))
+    }
+
+    fn all_to_all(&self, send: &[Tensor], recv_rows: Option<&[i64]>) -> Result<Vec<Tensor>> {
+        super::collective::check_all_to_all(self.rank, self.world_size, send, recv_rows)?;
+        let home = send[0].device();
+        let in_splits: Vec<i64> = send.iter().map(|t| t.size()[0]).collect();
+        let out_splits = match recv_rows {
+            Some(rows) => rows.to_vec(),
+            None => {
+                // The counts first: an equal-split all-to-all of one count per rank.
+                let counts = Tensor::from_slice(&in_splits).to_device(self.device);
+                let got = Tensor::empty([self.world_size as i64], (tch::Kind::Int64, self.device));
+                self.alltoall(&got, &counts, &[], &[])?;
+                Vec::<i64>::try_from(&got.to_device(tch::Device::Cpu))?
+            }
+        };
+        let input = self.staged(&Tensor::cat(send, 0));
+        let mut shape = send[0].size();
+        shape[0] = out_splits.iter().sum();
+        let out = Tensor::empty(shape.as_slice(), (input.kind(), self.device));
+        self.alltoall(&out, &input, &out_splits, &in_splits)?;
+        let out = out.to_device(home);
+        let mut offset = 0;
+        Ok(out_splits
+            .iter()
+            .map(|&n| {
+                let part = out.narrow(0, offset, n);
+                offset += n;
+                part
+            })
+            .collect())
     }
 }

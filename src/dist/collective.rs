@@ -22,6 +22,47 @@ pub(crate) fn stack_rows(parts: &[Tensor]) -> Tensor {
     Tensor::cat(&parts.iter().map(as_rows).collect::<Vec<_>>(), 0)
 }
 
+/// Bytes a backend has written to and read from its connections since it started, headers
+/// included (what [`Collective::traffic`] reports).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Traffic {
+    pub sent: u64,
+    pub received: u64,
+}
+
+/// Checks the arguments of an all-to-all on `rank` of `world`: one tensor per rank, at least one
+/// dimension, one dtype and trailing shape; `recv_rows`, if given, one count per rank.
+pub fn check_all_to_all(
+    rank: usize,
+    world: usize,
+    send: &[Tensor],
+    recv_rows: Option<&[i64]>,
+) -> Result<()> {
+    let fail = |msg: String| Err(Error::Collective { rank, msg });
+    if send.len() != world || recv_rows.is_some_and(|r| r.len() != world) {
+        return fail(format!(
+            "an all-to-all needs one tensor and one receive count per rank: {} tensors, {:?} \
+             counts for {world} ranks",
+            send.len(),
+            recv_rows.map(|r| r.len())
+        ));
+    }
+    let first = &send[0];
+    for (j, t) in send.iter().enumerate() {
+        if t.dim() == 0 || t.kind() != first.kind() || t.size()[1..] != first.size()[1..] {
+            return fail(format!(
+                "an all-to-all's tensors share one dtype and trailing shape and have a first \
+                 dimension: the one for rank {j} is {:?} {:?}, for rank 0 {:?} {:?}",
+                t.kind(),
+                t.size(),
+                first.kind(),
+                first.size()
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// How [`Collective::all_reduce`] combines the ranks' tensors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReduceOp {
@@ -100,6 +141,37 @@ pub trait Collective: Send + Sync {
         let gathered = self.all_gather(t)?;
         tch::no_grad(|| t.copy_(&gathered[root]));
         Ok(())
+    }
+    /// `send[j]` goes to rank j; returns what every rank sent to this one, in rank order. The
+    /// tensors share one dtype and trailing shape on every rank; first dimensions may differ.
+    /// `recv_rows`, when the caller knows them, are the first dimensions of what arrives (a
+    /// backend that must size its buffers beforehand then skips exchanging them). This default
+    /// gathers everything (traffic grows with the world size); backends override it with a
+    /// direct exchange.
+    fn all_to_all(&self, send: &[Tensor], recv_rows: Option<&[i64]>) -> Result<Vec<Tensor>> {
+        let (rank, w) = (self.rank(), self.world_size());
+        check_all_to_all(rank, w, send, recv_rows)?;
+        if w == 1 {
+            return Ok(vec![send[0].shallow_clone()]);
+        }
+        let device = send[0].device();
+        let rows: Vec<i64> = send.iter().map(|t| t.size()[0]).collect();
+        let counts = self.all_gather_same(&Tensor::from_slice(&rows).to_device(device))?;
+        let counts = Vec::<i64>::try_from(&counts.to_device(tch::Device::Cpu))?; // (w * w)
+        let parts = self.all_gather(&Tensor::cat(send, 0))?;
+        Ok(parts
+            .iter()
+            .enumerate()
+            .map(|(j, part)| {
+                let row = &counts[j * w..(j + 1) * w];
+                let offset: i64 = row[..rank].iter().sum();
+                part.narrow(0, offset, row[rank])
+            })
+            .collect())
+    }
+    /// Bytes this rank's backend has moved, when it counts them (the CPU ring does).
+    fn traffic(&self) -> Option<Traffic> {
+        None
     }
     /// Returns once every rank has called it.
     fn barrier(&self) -> Result<()> {

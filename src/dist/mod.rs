@@ -8,5 +8,5 @@ pub mod env;
 pub mod nccl;
 pub mod ring;
 
-pub use collective::{Collective, InProcessGroup, ReduceOp, SingleProcess};
+pub use collective::{Collective, InProcessGroup, ReduceOp, SingleProcess, Traffic};
 pub use context::{RunContext, StopFlag};

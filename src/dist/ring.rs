@@ -5,7 +5,9 @@
 //! reach ships headers of the gloo commit torch 2.11 bundles), and vendoring gloo is not an option.
 //! The rendezvous is still c10d's: peers publish their addresses in the job's TCPStore.
 //!
-//! Design: every rank holds two connections, one to the next rank and one from the previous.
+//! Design: every rank holds a connection to and one from every other rank (see `rendezvous`);
+//! the ring collectives use those to the next rank and from the previous one, the all-to-all
+//! (a pairwise exchange, W-1 steps) uses them all.
 //! All-reduce is the bandwidth-optimal ring (reduce-scatter, then all-gather: each rank sends
 //! 2(W-1)/W of the buffer), with the send of one chunk overlapping the receive-and-reduce of the
 //! next in segments, so the reduction hides behind the transfer. Broadcast forwards segments
@@ -20,11 +22,13 @@ mod element;
 mod link;
 
 use element::{as_bytes, as_bytes_mut, disjoint, slice_of, Element};
-use link::{configure, hello, local_ip_towards, Greeting, Sender, HELLO_DEADLINE};
+mod rendezvous;
+use link::Sender;
 use std::io::{ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tch::{Device, Kind, Tensor};
 
 /// Bytes a receive reduces at a time (the pipelining grain).
@@ -33,22 +37,46 @@ const SEGMENT: usize = 1 << 18;
 /// the kernel's socket buffers hold, so two ranks writing to each other cannot block).
 const INLINE: usize = 16 << 10;
 
+/// The connections of one rank (see [`rendezvous::Mesh`]), and per outgoing connection a
+/// sender thread that writes to it (a clone of its socket) while the caller reads elsewhere.
 struct Links {
-    next: TcpStream,
-    prev: TcpStream,
-    /// Writes to `next` (a clone of its socket) while the caller reads from `prev`.
-    sender: Sender,
+    out: Vec<Option<TcpStream>>,
+    inc: Vec<Option<TcpStream>>,
+    senders: Vec<Option<Sender>>,
+}
+
+/// One step's connections: to `to`, its sender, and from `from`.
+struct Pair<'a> {
+    to: &'a mut TcpStream,
+    sender: &'a Sender,
+    from: &'a mut TcpStream,
+}
+
+impl Links {
+    fn pair(&mut self, to: usize, from: usize) -> Pair<'_> {
+        let Links { out, inc, senders } = self;
+        Pair {
+            to: out[to].as_mut().expect("a connection to every other rank"),
+            sender: senders[to].as_ref().expect("a sender to every other rank"),
+            from: inc[from]
+                .as_mut()
+                .expect("a connection from every other rank"),
+        }
+    }
 }
 
 pub struct RingGroup {
     rank: usize,
     world_size: usize,
     links: Mutex<Links>,
+    /// Bytes this rank wrote to and read from its connections (headers included).
+    sent: AtomicU64,
+    received: AtomicU64,
 }
 
 impl RingGroup {
-    /// Connects `rank` to its ring neighbours, found through `store` (every rank calls this).
-    /// `master` is the store's address, used to pick the interface the peers can reach.
+    /// Connects `rank` to every other rank of the job, found through `store` (every rank calls
+    /// this). `master` is the store's address, used to pick the interface the peers can reach.
     pub fn connect(
         store: &Store,
         rank: usize,
@@ -57,118 +85,29 @@ impl RingGroup {
         timeout: Duration,
     ) -> Result<RingGroup> {
         let fail = |msg: String| Error::Collective { rank, msg };
-        let nonce: [u8; 16] = if rank == 0 {
-            let n: [u8; 16] = rand::random();
-            store.set("ring/nonce", &n)?;
-            n
-        } else {
-            store
-                .get("ring/nonce")
-                .map_err(|e| {
-                    fail(format!(
-                        "rank 0 did not join the job within {:.0} s (dist.timeout_s): {e}",
-                        timeout.as_secs_f64()
-                    ))
-                })?
-                .try_into()
-                .map_err(|_| fail("the job's ring nonce in the store is malformed".into()))?
-        };
-        let ip = local_ip_towards(master);
-        let listener = TcpListener::bind((ip, 0))
-            .map_err(|e| fail(format!("listening for the ring on {ip}: {e}")))?;
-        let addr = listener
-            .local_addr()
-            .map_err(|e| fail(format!("ring listener address: {e}")))?;
-        store.set(&format!("ring/addr/{rank}"), addr.to_string().as_bytes())?;
-        let next_rank = (rank + 1) % world_size;
-        let prev_rank = (rank + world_size - 1) % world_size;
-        let deadline = Instant::now() + timeout;
-
-        let published = store.get(&format!("ring/addr/{next_rank}")).map_err(|e| {
-            fail(format!(
-                "rank {next_rank} did not join the job within {:.0} s (dist.timeout_s): {e}",
-                timeout.as_secs_f64()
-            ))
-        })?;
-        let next_addr: SocketAddr = String::from_utf8_lossy(&published).parse().map_err(|e| {
-            fail(format!(
-                "rank {next_rank} published a bad ring address: {e}"
-            ))
-        })?;
-        let mut next = TcpStream::connect_timeout(&next_addr, timeout).map_err(|e| {
-            fail(format!(
-                "connecting to rank {next_rank} at {next_addr}: {e}"
-            ))
-        })?;
-        configure(&next, timeout).map_err(|e| fail(format!("socket to rank {next_rank}: {e}")))?;
-        next.write_all(&hello(&nonce, rank))
-            .map_err(|e| fail(format!("greeting rank {next_rank}: {e}")))?;
-
-        // Accept until the previous rank shows up with this job's nonce; strangers are dropped.
-        // Greetings are read without blocking, several connections at a time, so a client that
-        // connects and stays silent holds up nothing: it is dropped after HELLO_DEADLINE.
-        listener
-            .set_nonblocking(true)
-            .map_err(|e| fail(format!("ring listener: {e}")))?;
-        let want = hello(&nonce, prev_rank);
-        let mut waiting: Vec<Greeting> = Vec::new();
-        let prev = 'found: loop {
-            match listener.accept() {
-                Ok((s, from)) => match s.set_nonblocking(true) {
-                    Ok(()) => waiting.push(Greeting::new(s, from)),
-                    Err(e) => tracing::warn!(rank, %from, "dropped a ring connection: {e}"),
-                },
-                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
-                Err(e) => return Err(fail(format!("accepting the ring connection: {e}"))),
-            }
-            let mut i = 0;
-            while i < waiting.len() {
-                match waiting[i].poll() {
-                    Some(true) if waiting[i].buf == want => {
-                        break 'found waiting.swap_remove(i).stream;
-                    }
-                    None if waiting[i].since.elapsed() < HELLO_DEADLINE => i += 1,
-                    _ => {
-                        let from = waiting.swap_remove(i).from;
-                        tracing::warn!(rank, %from, "refused a ring connection that did not prove it belongs to this job");
-                    }
-                }
-            }
-            if Instant::now() > deadline {
-                return Err(fail(format!(
-                    "rank {prev_rank} did not connect within {:.0} s",
-                    timeout.as_secs_f64()
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        };
-        let mut prev = prev;
-        prev.set_nonblocking(false)
-            .and_then(|_| configure(&prev, timeout))
-            .map_err(|e| fail(format!("socket from rank {prev_rank}: {e}")))?;
-        // Both directions proven: the acceptor answers with its own greeting.
-        prev.write_all(&hello(&nonce, rank))
-            .map_err(|e| fail(format!("answering rank {prev_rank}: {e}")))?;
-        let mut buf = [0u8; 24];
-        next.read_exact(&mut buf)
-            .map_err(|e| fail(format!("waiting for rank {next_rank}'s answer: {e}")))?;
-        if buf != hello(&nonce, next_rank) {
-            return Err(fail(format!(
-                "the peer at {next_addr} is not rank {next_rank} of this job"
-            )));
-        }
+        let rendezvous::Mesh { out, inc } =
+            rendezvous::connect(store, rank, world_size, master, timeout)?;
+        let senders = out
+            .iter()
+            .enumerate()
+            .map(|(peer, s)| {
+                s.as_ref()
+                    .map(|s| {
+                        let clone = s
+                            .try_clone()
+                            .map_err(|e| fail(format!("socket to rank {peer}: {e}")))?;
+                        Sender::spawn(clone)
+                            .map_err(|e| fail(format!("starting the ring sender thread: {e}")))
+                    })
+                    .transpose()
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(RingGroup {
             rank,
             world_size,
-            links: Mutex::new(Links {
-                sender: Sender::spawn(
-                    next.try_clone()
-                        .map_err(|e| fail(format!("socket to rank {next_rank}: {e}")))?,
-                )
-                .map_err(|e| fail(format!("starting the ring sender thread: {e}")))?,
-                next,
-                prev,
-            }),
+            links: Mutex::new(Links { out, inc, senders }),
+            sent: AtomicU64::new(0),
+            received: AtomicU64::new(0),
         })
     }
 
@@ -177,6 +116,11 @@ impl RingGroup {
     }
     fn prev_rank(&self) -> usize {
         (self.rank + self.world_size - 1) % self.world_size
+    }
+
+    fn count(&self, sent: usize, received: usize) {
+        self.sent.fetch_add(sent as u64, Ordering::Relaxed);
+        self.received.fetch_add(received as u64, Ordering::Relaxed);
     }
 
     fn links(&self) -> Result<std::sync::MutexGuard<'_, Links>> {
@@ -202,7 +146,12 @@ impl RingGroup {
         len: usize,
         mut on_segment: impl FnMut(usize, &[u8]),
     ) -> Result<()> {
-        let Links { next, prev, sender } = links;
+        let Pair {
+            to: next,
+            sender,
+            from: prev,
+        } = links.pair(self.next_rank(), self.prev_rank());
+        self.count(out.len(), len);
         let mut receive = |prev: &mut TcpStream| -> Result<()> {
             let mut buf = vec![0u8; SEGMENT.min(len)];
             let mut offset = 0;
@@ -274,7 +223,9 @@ impl RingGroup {
             out.extend(hdr[0].to_le_bytes());
             out.extend(hdr[1].to_le_bytes());
             out.extend(bytes);
-            let Links { prev, sender, .. } = &mut *links;
+            let Pair {
+                from: prev, sender, ..
+            } = links.pair(self.next_rank(), self.prev_rank());
             // The header first (fixed size: length and two words), then the block.
             let (got, sent) = sender.send_while(&out, || -> std::io::Result<_> {
                 let mut head = [0u8; 24];
@@ -288,6 +239,7 @@ impl RingGroup {
             });
             let received = got.map_err(|e| self.recv_error(e))?;
             sent.map_err(|e| self.send_error(e))?;
+            self.count(out.len(), 24 + received.0.len());
             blocks[recv] = Some(received);
         }
         blocks
@@ -299,14 +251,96 @@ impl RingGroup {
             .collect()
     }
 
+    /// All-to-all over the mesh in W-1 steps: at step s, rank r sends its block for rank r+s
+    /// while it receives rank r-s's block for it (a 16-byte header: rows and element size, then
+    /// the rows). Each block crosses one connection once, so a rank receives exactly what is
+    /// addressed to it plus 16 bytes per peer.
+    fn pairwise_all_to_all(
+        &self,
+        send: &[Tensor],
+        recv_rows: Option<&[i64]>,
+    ) -> Result<Vec<Tensor>> {
+        let (w, rank) = (self.world_size, self.rank);
+        let (kind, device) = (send[0].kind(), send[0].device());
+        let mut shape = send[0].size();
+        let elt = kind.elt_size_in_bytes();
+        let mut recv: Vec<Option<Tensor>> = (0..w).map(|_| None).collect();
+        recv[rank] = Some(send[rank].shallow_clone());
+        let mut links = self.links()?;
+        for s in 1..w {
+            let (to, from) = ((rank + s) % w, (rank + w - s) % w);
+            let work = send[to].to_device(Device::Cpu).contiguous();
+            let len = work.numel() * elt;
+            let mut out = Vec::with_capacity(16 + len);
+            out.extend((work.size()[0] as u64).to_le_bytes());
+            out.extend((elt as u64).to_le_bytes());
+            // SAFETY: contiguous CPU tensor of `len` bytes.
+            out.extend_from_slice(unsafe { slice_of::<u8>(&work, len) });
+            let Pair {
+                to: next,
+                sender,
+                from: prev,
+            } = links.pair(to, from);
+            let receive = |prev: &mut TcpStream| -> std::io::Result<(u64, u64, Vec<u8>)> {
+                let mut head = [0u8; 16];
+                prev.read_exact(&mut head)?;
+                let rows = u64::from_le_bytes(head[..8].try_into().expect("8 bytes"));
+                let size = u64::from_le_bytes(head[8..].try_into().expect("8 bytes"));
+                let row_bytes = (shape[1..].iter().product::<i64>() as u64) * size;
+                let mut body = vec![0u8; (rows * row_bytes) as usize];
+                prev.read_exact(&mut body)?;
+                Ok((rows, size, body))
+            };
+            let peer = |e: std::io::Error, what: &str, who: usize| peer_error(rank, who, what, e);
+            let got = if out.len() <= INLINE {
+                next.write_all(&out)
+                    .map_err(|e| peer(e, "sending to", to))?;
+                receive(prev)
+            } else {
+                let (got, sent) = sender.send_while(&out, || receive(prev));
+                sent.map_err(|e| peer(e, "sending to", to))?;
+                got
+            };
+            let (rows, size, body) = got.map_err(|e| peer(e, "receiving from", from))?;
+            self.count(out.len(), 16 + body.len());
+            let fail = |msg: String| Error::Collective { rank, msg };
+            if size as usize != elt {
+                return Err(fail(format!(
+                    "rank {from} sent an all-to-all block of another dtype ({size}-byte elements, {elt} here)"
+                )));
+            }
+            if let Some(want) = recv_rows.map(|r| r[from]) {
+                if want != rows as i64 {
+                    return Err(fail(format!(
+                        "rank {from} sent {rows} rows to an all-to-all that expected {want}"
+                    )));
+                }
+            }
+            shape[0] = rows as i64;
+            let t = tensor_from_bytes(&body, &shape, kind)
+                .ok_or_else(|| Error::Internal("all-to-all block size".into()))?;
+            recv[from] = Some(t.to_device(device));
+        }
+        Ok(recv
+            .into_iter()
+            .map(|t| t.expect("every block received"))
+            .collect())
+    }
+
     /// Forwards `data` from `root` around the ring, segment by segment.
     fn ring_broadcast(&self, data: &mut [u8], root: usize) -> Result<()> {
         let mut links = self.links()?;
-        let Links { next, prev, .. } = &mut *links;
+        let Pair {
+            to: next,
+            from: prev,
+            ..
+        } = links.pair(self.next_rank(), self.prev_rank());
         let forward = self.next_rank() != root;
         if self.rank == root {
+            self.count(data.len(), 0);
             return next.write_all(data).map_err(|e| self.send_error(e));
         }
+        self.count(if forward { data.len() } else { 0 }, data.len());
         for seg in data.chunks_mut(SEGMENT) {
             prev.read_exact(seg).map_err(|e| self.recv_error(e))?;
             if forward {
@@ -403,19 +437,14 @@ impl Collective for RingGroup {
                     s.push(1);
                 }
                 s[0] = rows as i64;
-                let out = Tensor::empty(s.as_slice(), (kind, Device::Cpu));
-                let want = out.numel() * kind.elt_size_in_bytes();
-                if want != bytes.len() {
-                    return Err(Error::Collective {
-                        rank: self.rank,
-                        msg: format!(
-                            "rank {r} sent {} bytes to an all-gather, its shape needs {want} (ranks disagree on the trailing shape)",
-                            bytes.len()
-                        ),
-                    });
-                }
-                // SAFETY: freshly allocated contiguous tensor of exactly `want` bytes.
-                unsafe { slice_of::<u8>(&out, want) }.copy_from_slice(&bytes);
+                let out = tensor_from_bytes(&bytes, &s, kind).ok_or_else(|| Error::Collective {
+                    rank: self.rank,
+                    msg: format!(
+                        "rank {r} sent {} bytes to an all-gather of {kind:?} rows {:?} (ranks disagree on the trailing shape)",
+                        bytes.len(),
+                        &s[1..]
+                    ),
+                })?;
                 let out = if shape.is_empty() { out.reshape([]) } else { out };
                 Ok(out.to_device(t.device()))
             })
@@ -425,6 +454,30 @@ impl Collective for RingGroup {
     fn all_gather_same(&self, t: &Tensor) -> Result<Tensor> {
         Ok(super::collective::stack_rows(&self.all_gather(t)?))
     }
+
+    fn all_to_all(&self, send: &[Tensor], recv_rows: Option<&[i64]>) -> Result<Vec<Tensor>> {
+        super::collective::check_all_to_all(self.rank, self.world_size, send, recv_rows)?;
+        self.pairwise_all_to_all(send, recv_rows)
+    }
+
+    fn traffic(&self) -> Option<super::Traffic> {
+        Some(super::Traffic {
+            sent: self.sent.load(Ordering::Relaxed),
+            received: self.received.load(Ordering::Relaxed),
+        })
+    }
+}
+
+/// A CPU tensor of `shape` and `kind` holding `bytes`, or None when their lengths differ.
+fn tensor_from_bytes(bytes: &[u8], shape: &[i64], kind: Kind) -> Option<Tensor> {
+    let out = Tensor::empty(shape, (kind, Device::Cpu));
+    let want = out.numel() * kind.elt_size_in_bytes();
+    if want != bytes.len() {
+        return None;
+    }
+    // SAFETY: freshly allocated contiguous tensor of exactly `want` bytes.
+    unsafe { slice_of::<u8>(&out, want) }.copy_from_slice(bytes);
+    Some(out)
 }
 
 fn peer_error(rank: usize, peer: usize, what: &str, e: std::io::Error) -> Error {

@@ -91,6 +91,15 @@ extern "C" {
         input: *mut torch_sys::C_tensor,
         err: *mut *mut c_char,
     ) -> c_int;
+    pub(crate) fn umt_pg_alltoall(
+        p: *mut RawGroup,
+        out: *mut torch_sys::C_tensor,
+        input: *mut torch_sys::C_tensor,
+        out_splits: *const i64,
+        in_splits: *const i64,
+        n: c_int,
+        err: *mut *mut c_char,
+    ) -> c_int;
     pub(crate) fn umt_pg_free(p: *mut RawGroup);
     // Per-example random draws (shim/random.cpp).
     pub(crate) fn umt_fill_rows_seeded(

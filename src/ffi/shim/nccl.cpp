@@ -75,6 +75,16 @@ int umt_pg_allgather(umt_pg* p, at::Tensor* out, at::Tensor* in, char** err) {
   NCCL_ENTRY({ p->pg->_allgather_base(*out, *in)->wait(); });
 }
 
+// out: (sum of out_splits, ...), in: (sum of in_splits, ...), both contiguous; the splits are
+// rows per rank (n of each, n = world). n == 0: equal splits.
+int umt_pg_alltoall(umt_pg* p, at::Tensor* out, at::Tensor* in, const int64_t* out_splits,
+                    const int64_t* in_splits, int n, char** err) {
+  NCCL_ENTRY({
+    std::vector<int64_t> o(out_splits, out_splits + n), i(in_splits, in_splits + n);
+    p->pg->alltoall_base(*out, *in, o, i)->wait();
+  });
+}
+
 void umt_pg_free(umt_pg* p) {
 #ifndef UMTUNE_NO_NCCL
   try {
