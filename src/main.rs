@@ -95,6 +95,10 @@ enum Command {
     /// Time exact top-k reads of the external memory: keys and queries from a safetensors file
     /// (`keys (n, d)`, `queries (q, d)`); prints JSON with queries/s; `--out` saves the slots found.
     BenchMemory(bench::MemoryArgs),
+    /// Time the sharded memory's read (two-stage, and the all-gathering one it replaced) on
+    /// one rank of a job a launcher started; rank 0 prints one JSON line: the slowest rank's
+    /// median seconds and the bytes rank 0 received per read (bench/memory_read.py).
+    BenchMemoryRead(bench::MemoryReadArgs),
 }
 
 #[derive(Subcommand)]
@@ -232,6 +236,12 @@ fn run(command: Command) -> Result<()> {
             }
         }
         Command::BenchMemory(args) => json_line(bench::memory(&args)?)?,
+        Command::BenchMemoryRead(args) => {
+            let line = bench::memory_read(&args)?;
+            if line["rank"] == 0 {
+                json_line(line)?;
+            }
+        }
     }
     Ok(())
 }

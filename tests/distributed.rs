@@ -412,6 +412,31 @@ fn step_gradients_on_two_and_three_ranks_match_one_process() -> TestResult {
     Ok(())
 }
 
+/// NER reads the memory once per token (B x T queries through the two-stage read): 2 ranks at
+/// batch 4 train the same weights and memory as one process at batch 8.
+#[test]
+fn ner_with_the_memory_on_two_ranks_matches_one_process() -> TestResult {
+    let out = std::env::temp_dir().join(format!("umtune-ner-dp-{}", std::process::id()));
+    let ner = [
+        "data.dataset=conll2003",
+        "data.task=ner",
+        "memory.enabled=true",
+    ];
+    let one = Command::new(umtune_bin())
+        .args(parity_args(&out, "w1-b8", 8, 8, &ner))
+        .output()?;
+    check(&one, "one process");
+    let two = Command::new(launcher_bin())
+        .args(["--nproc-per-node", "2", "--"])
+        .arg(umtune_bin())
+        .args(parity_args(&out, "w2-b4", 4, 8, &ner))
+        .output()?;
+    check(&two, "umtune-launch");
+    assert_same_run(&out.join("w1-b8"), &out.join("w2-b4"), PARITY_TOL);
+    let _ = std::fs::remove_dir_all(&out);
+    Ok(())
+}
+
 #[test]
 fn torchrun_two_ranks_match_one_process() -> TestResult {
     let mut torchrun = Command::new(venv_bin("torchrun"));

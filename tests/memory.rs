@@ -246,12 +246,20 @@ fn read_rows(
 
 #[test]
 fn sharded_reads_equal_the_unsharded_memory() -> TestResult {
-    // (capacity, entries written, k): wrapped ring with ties; and a memory so small that some
-    // shards hold fewer than k entries (or none).
-    for (capacity, written, k) in [(24, 40, 6), (10, 5, 8)] {
+    // (capacity, entries written, k): wrapped ring with ties (and two entries per example id,
+    // so that the exclusion removes several); a memory so small that some
+    // shards holding fewer than k entries (or none: 2 entries over 3 or 4 ranks).
+    for (capacity, written, k) in [(24, 40, 6), (10, 5, 8), (10, 2, 3)] {
         let single = sharded_reads(1, capacity, written, k, false)?;
         // In-process ranks, and ranks over the CPU ring's sockets.
-        for (world, ring) in [(2, false), (3, false), (4, false), (2, true), (4, true)] {
+        for (world, ring) in [
+            (2, false),
+            (3, false),
+            (4, false),
+            (2, true),
+            (3, true),
+            (4, true),
+        ] {
             let sharded = sharded_reads(world, capacity, written, k, ring)?;
             assert_brute_force(
                 &sharded,
@@ -680,5 +688,175 @@ fn memory_build_prebuilds_from_a_run_or_a_config() -> TestResult {
     .ok_or("built without a memory")?
     .to_string();
     assert!(e.contains("memory.enabled"), "{e}");
+    Ok(())
+}
+
+/// Writes `n` random entries of `d_v`-wide values per rank (rank r: ids `1000 r ..`, and ids
+/// shared with the queries so that some are excluded), then reads `b_r = r + 1 + extra`
+/// queries per rank with both the two-stage read and the gathering one: the same result, and
+/// the bytes the ring counted equal the module's formula.
+fn traffic_case(world: usize, k: usize, d_v: i64, extra: usize) -> TestResult {
+    let cfg = umtune::config::MemoryConfig {
+        capacity: 64,
+        key_size: D_K,
+        tau: 0.5,
+        ..Default::default()
+    };
+    let out = on_ranks(world, true, move |group, rank| {
+        let e = |x: tch::TchError| x.to_string();
+        let mut mem = ShardedKvMemory::new(&cfg, d_v, rank, world, Device::Cpu);
+        tch::manual_seed(rank as i64);
+        for _ in 0..3 {
+            let n = 7 + rank as i64;
+            let keys = Tensor::randn([n, D_K], (Kind::Float, Device::Cpu));
+            let values = Tensor::randn([n, d_v], (Kind::Float, Device::Cpu));
+            let ids = Tensor::arange(n, (Kind::Int64, Device::Cpu)).remainder(5) + 10 * rank as i64;
+            mem.write(group, &keys, &values, &ids)
+                .map_err(|x| x.to_string())?;
+        }
+        let b = (rank + 1 + extra) as i64;
+        let q = Tensor::randn([b, D_K], (Kind::Float, Device::Cpu));
+        let qids = Tensor::arange(b, (Kind::Int64, Device::Cpu)).remainder(3) + 10 * rank as i64;
+        let before = group
+            .traffic()
+            .ok_or_else(|| "the ring counts its bytes".to_string())?;
+        let new = mem.read(group, &q, &qids, k).map_err(|x| x.to_string())?;
+        let after = group
+            .traffic()
+            .ok_or_else(|| "the ring counts its bytes".to_string())?;
+        let old = mem
+            .read_gathering(group, &q, &qids, k)
+            .map_err(|x| x.to_string())?;
+        let gathered = group
+            .traffic()
+            .ok_or_else(|| "the ring counts its bytes".to_string())?;
+        let slots = Vec::<i64>::try_from(new.slots.reshape([-1])).map_err(e)?;
+        let same = [
+            (&new.scores, &old.scores),
+            (&new.keys, &old.keys),
+            (&new.values, &old.values),
+            (&new.ids, &old.ids),
+            (&new.slots, &old.slots),
+        ]
+        .iter()
+        .all(|(a, b)| a.equal(b));
+        Ok((
+            b,
+            slots,
+            after.received - before.received,
+            gathered.received - after.received,
+            same,
+        ))
+    })?;
+    let w = world as u64;
+    let (k, d_k, d_v) = (k as u64, D_K as u64, d_v as u64);
+    // Winners of rank o's queries held by rank r (valid slots only).
+    let held = |o: usize, r: usize| -> u64 {
+        out[o]
+            .1
+            .iter()
+            .filter(|&&s| s != i64::MAX && s as u64 % w == r as u64)
+            .count() as u64
+    };
+    for (r, (b, _, moved, gathering, same)) in out.iter().enumerate() {
+        assert!(
+            same,
+            "W={world}: rank {r}'s two-stage read differs from the gathering one"
+        );
+        let b = *b as u64;
+        let others = (0..world).filter(|&s| s != r);
+        let queries: u64 = others
+            .clone()
+            .map(|s| 24 + out[s].0 as u64 * (4 * d_k + 8))
+            .sum();
+        let candidates = (w - 1) * (16 + 8 * b * k);
+        let requests: u64 = others.clone().map(|o| 16 + 8 * held(o, r)).sum();
+        let rows: u64 = others.map(|s| 16 + 4 * (d_k + d_v + 2) * held(r, s)).sum();
+        let want = queries + candidates + requests + rows;
+        assert_eq!(
+            *moved, want,
+            "W={world} k={k} d_v={d_v}: rank {r} received {moved} bytes, the formula says {want}"
+        );
+        eprintln!(
+            "W={world} k={k} d_v={d_v} rank {r}: two-stage {moved} B, gathering {gathering} B"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn sharded_read_traffic_matches_the_formula() -> TestResult {
+    for (world, k, d_v, extra) in [(2, 3, 3, 0), (3, 5, 17, 2), (4, 4, 40, 1), (4, 9, 8, 0)] {
+        traffic_case(world, k, d_v, extra)?;
+    }
+    Ok(())
+}
+
+/// Forwards to an in-process rank, counting the collectives called on it.
+struct Counting {
+    inner: InProcessGroup,
+    gathers: std::sync::atomic::AtomicUsize,
+    all_to_alls: std::sync::atomic::AtomicUsize,
+}
+
+impl Collective for Counting {
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+    fn world_size(&self) -> usize {
+        self.inner.world_size()
+    }
+    fn all_gather_same(&self, t: &Tensor) -> umtune::error::Result<Tensor> {
+        self.gathers
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.inner.all_gather_same(t)
+    }
+    fn all_gather(&self, t: &Tensor) -> umtune::error::Result<Vec<Tensor>> {
+        self.gathers
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.inner.all_gather(t)
+    }
+    fn all_to_all(
+        &self,
+        send: &[Tensor],
+        recv_rows: Option<&[i64]>,
+    ) -> umtune::error::Result<Vec<Tensor>> {
+        self.all_to_alls
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.inner.all_to_all(send, recv_rows)
+    }
+}
+
+#[test]
+fn a_sharded_read_is_one_gather_and_three_all_to_alls_and_a_write_one_of_each() -> TestResult {
+    let handles: Vec<_> = InProcessGroup::new(3)
+        .into_iter()
+        .map(|inner| {
+            std::thread::spawn(move || {
+                let g = Counting {
+                    inner,
+                    gathers: Default::default(),
+                    all_to_alls: Default::default(),
+                };
+                let rank = g.rank();
+                let mut mem = memory_shard(24, 0.5, rank, 3);
+                let (k_, v, ids) = tensors(rank * 5..rank * 5 + 5);
+                mem.write(&g, &k_, &v, &ids).unwrap();
+                let wrote = (
+                    g.gathers.swap(0, std::sync::atomic::Ordering::Relaxed),
+                    g.all_to_alls.swap(0, std::sync::atomic::Ordering::Relaxed),
+                );
+                let (q, qids) = queries(rank + 2, rank);
+                mem.read(&g, &q, &qids, 4).unwrap();
+                let read = (g.gathers.into_inner(), g.all_to_alls.into_inner());
+                (wrote, read)
+            })
+        })
+        .collect();
+    for h in handles {
+        let (wrote, read) = h.join().map_err(|_| "rank panicked")?;
+        assert_eq!(wrote, (1, 1), "a write: (gathers, all-to-alls)");
+        assert_eq!(read, (1, 3), "a read: (gathers, all-to-alls)");
+    }
     Ok(())
 }

@@ -1,6 +1,9 @@
 //! The `umtune bench-*` commands: each times one thing the way the `bench/` scripts compare
 //! against their reference, and returns the figures as one JSON object per measurement (the
 //! command line prints them, one line each).
+mod memory_read;
+pub use memory_read::{memory_read, MemoryReadArgs};
+
 use crate::config::Config;
 use crate::data::dataset::ids;
 use crate::dist::RunContext;

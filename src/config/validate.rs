@@ -44,7 +44,7 @@ impl Config {
             ("train.warmup_ratio", t.warmup_ratio.to_string(), (0.0..=1.0).contains(&t.warmup_ratio), "0 to 1"),
             ("train.max_grad_norm", t.max_grad_norm.to_string(), t.max_grad_norm >= 0.0, "0 (off) or more"),
             ("train.log_every", t.log_every.to_string(), t.log_every >= 1, one_or_more),
-            ("memory.capacity", m.capacity.to_string(), m.capacity >= 1, one_or_more),
+            ("memory.capacity", m.capacity.to_string(), m.capacity >= 1 && m.capacity < 1 << 31, "1 to 2^31 - 1"),
             ("memory.key_size", m.key_size.to_string(), m.key_size >= 1, one_or_more),
             ("memory.k", m.k.to_string(), m.k >= 1, one_or_more),
             ("memory.tau", m.tau.to_string(), m.tau > 0.0, positive),

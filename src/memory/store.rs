@@ -3,7 +3,7 @@
 //! entries, sharded over the ranks of a [`Collective`] — rank i holds ring slots i, i+W, i+2W, ...
 //! Reads are exact top-k by `q . k / tau`, with entries of the query's own example masked out;
 //! ties are broken by ring slot (oldest slot first), so a sharded read returns exactly what an
-//! unsharded memory with the same entries returns, values and order. Written by hand because no
+//! unsharded memory with the same entries returns, values and order (the reads: `read.rs`). Written by hand because no
 //! crate does exact, deterministic top-k over libtorch tensors across ranks; faiss is the
 //! reference the benchmark compares against.
 use crate::config::MemoryConfig;
@@ -11,38 +11,16 @@ use crate::dist::Collective;
 use crate::error::{Error, Result};
 use tch::{Device, Kind, Tensor};
 
-/// Entries of one read: `scores (q, k)` (already divided by tau; -inf where fewer than k entries
-/// qualified), `values (q, k, d_v)`, `keys (q, k, d_k)`, `ids (q, k)` (-1 for none), `slots
-/// (q, k)` (ring slots).
-pub struct Retrieved {
-    pub scores: Tensor,
-    pub values: Tensor,
-    pub keys: Tensor,
-    pub ids: Tensor,
-    pub slots: Tensor,
-}
-
-impl Retrieved {
-    /// `r = sum_j softmax(scores)_j v_j`, `(q, d_v)`; zero for a query with no entry.
-    pub fn weighted_values(&self) -> Tensor {
-        let valid = self.ids.ge(0); // (q, k)
-        let any = valid.any_dim(1, true); // (q, 1)
-        let safe = self.scores.where_self(&any, &self.scores.zeros_like());
-        let w = safe.softmax(-1, Kind::Float) * valid.to_kind(Kind::Float); // (q, k)
-        (w.unsqueeze(-1) * &self.values).sum_dim_intlist(1, false, Kind::Float)
-    }
-}
-
 pub struct ShardedKvMemory {
     capacity: usize,
     rank: usize,
     world_size: usize,
-    tau: f64,
+    pub(super) tau: f64,
     /// `(local capacity, d_k)`, `(local capacity, d_v)` f32.
-    keys: Tensor,
-    values: Tensor,
+    pub(super) keys: Tensor,
+    pub(super) values: Tensor,
     /// `(local capacity,)` i64: the example id of each entry, -1 when empty.
-    ids: Tensor,
+    pub(super) ids: Tensor,
     /// Entries written so far, all ranks together (the ring position of the next write).
     written: u64,
     /// Local rows of each example id, so that self-exclusion touches only those rows (an id has
@@ -50,7 +28,8 @@ pub struct ShardedKvMemory {
     rows_of_id: std::collections::HashMap<i64, smallvec::SmallVec<[i64; 1]>>,
 }
 
-const NO_SLOT: i64 = i64::MAX;
+/// The slot of a read's padding (no entry).
+pub(super) const NO_SLOT: i64 = i64::MAX;
 
 impl ShardedKvMemory {
     /// This rank's shard of a memory of `capacity` entries.
@@ -111,13 +90,19 @@ impl ShardedKvMemory {
             .sum()
     }
 
-    /// The ring slot of local row `j`.
-    fn slot_of(&self, local: &Tensor) -> Tensor {
-        local * self.world_size as i64 + self.rank as i64
+    /// The ring slots of local `rows`.
+    pub(super) fn slot_of(&self, rows: &Tensor) -> Tensor {
+        rows * self.world_size as i64 + self.rank as i64
     }
 
-    /// Appends every rank's `keys (n, d_k)`, `values (n, d_v)`, `ids (n,)` (gathered in rank
-    /// order) to the ring; each rank stores the slots it owns. Collective: all ranks call it.
+    /// The local rows of this shard's ring `slots`.
+    pub(super) fn row_of(&self, slots: &Tensor) -> Tensor {
+        slots.divide_scalar_mode(self.world_size as i64, "floor")
+    }
+
+    /// Appends every rank's `keys (n, d_k)`, `values (n, d_v)`, `ids (n,)` to the ring, in rank
+    /// order; each rank sends each of its entries to the rank owning its slot (one all-to-all:
+    /// a rank receives the entries it stores, not everyone's). Collective: all ranks call it.
     pub fn write(
         &mut self,
         group: &dyn Collective,
@@ -125,51 +110,74 @@ impl ShardedKvMemory {
         values: &Tensor,
         ids: &Tensor,
     ) -> Result<()> {
-        let gather = |t: &Tensor| -> Result<Tensor> { Ok(Tensor::cat(&group.all_gather(t)?, 0)) };
-        let device = self.keys.device();
-        let (mut k, mut v, mut i) = (
-            gather(&keys.detach().to_kind(Kind::Float))?.to_device(device),
-            gather(&values.detach().to_kind(Kind::Float))?.to_device(device),
-            gather(&ids.to_kind(Kind::Int64))?.to_device(device),
-        );
-        let mut n = k.size()[0];
-        if k.size()[1] != self.keys.size()[1] || v.size()[1] != self.values.size()[1] {
-            return Err(Error::Collective {
-                rank: self.rank,
-                msg: format!(
-                    "memory write of keys {:?} / values {:?}: the memory holds {:?} / {:?}",
-                    k.size(),
-                    v.size(),
-                    self.keys.size(),
-                    self.values.size()
-                ),
-            });
+        let (w, device) = (self.world_size as i64, self.keys.device());
+        let (d_k, d_v) = self.dims();
+        let n = keys.size()[0];
+        // Every rank's count and widths, so that all fail alike on a bad write.
+        let shape = [n, keys.size()[1], values.size()[1], ids.size()[0]];
+        let shapes = Vec::<i64>::try_from(
+            group
+                .all_gather_same(&Tensor::from_slice(&shape).to_device(device))?
+                .to_device(Device::Cpu),
+        )?;
+        for (r, s) in shapes.chunks(4).enumerate() {
+            if s[1] != d_k || s[2] != d_v || s[3] != s[0] {
+                return Err(Error::Collective {
+                    rank: self.rank,
+                    msg: format!(
+                        "memory write on rank {r} of {} keys of width {}, values of width {} and {} ids: the memory holds keys of {d_k} and values of {d_v}",
+                        s[0], s[1], s[2], s[3]
+                    ),
+                });
+            }
         }
+        let counts: Vec<i64> = shapes.chunks(4).map(|s| s[0]).collect();
+        let total: i64 = counts.iter().sum();
+        let before: i64 = counts[..self.rank].iter().sum();
         let cap = self.capacity as i64;
-        let mut start = self.written as i64;
-        if n > cap {
-            // Only the last `capacity` entries survive a write this large.
-            let skip = n - cap;
-            (k, v, i) = (
-                k.narrow(0, skip, cap),
-                v.narrow(0, skip, cap),
-                i.narrow(0, skip, cap),
-            );
-            start += skip;
-            n = cap;
+        // Only the last `capacity` entries of a write this large survive.
+        let skip = (total - cap).max(0);
+        let index = Tensor::arange_start(before, before + n, (Kind::Int64, device));
+        let kept = index.ge(skip).nonzero().squeeze_dim(1);
+        let slots = (index.index_select(0, &kept) + self.written as i64).remainder(cap);
+        let owner = slots.remainder(w);
+        let order = owner.argsort_stable(true, 0, false);
+        let (slots, owner, kept) = (
+            slots.index_select(0, &order),
+            owner.index_select(0, &order),
+            kept.index_select(0, &order),
+        );
+        let pick = |t: &Tensor, kind: Kind| {
+            t.detach()
+                .to_device(device)
+                .to_kind(kind)
+                .index_select(0, &kept)
+        };
+        let payload = Tensor::cat(
+            &[
+                pick(keys, Kind::Float),
+                pick(values, Kind::Float),
+                i64_as_columns(&slots.divide_scalar_mode(w, "floor")),
+                i64_as_columns(&pick(ids, Kind::Int64)),
+            ],
+            1,
+        );
+        let per_owner =
+            Vec::<i64>::try_from(owner.bincount(None::<Tensor>, w).to_device(Device::Cpu))?;
+        let mut send = Vec::with_capacity(w as usize);
+        let mut offset = 0;
+        for &m in &per_owner {
+            send.push(payload.narrow(0, offset, m));
+            offset += m;
         }
-        let slots = (Tensor::arange(n, (Kind::Int64, device)) + start).remainder(cap);
-        let mine = slots.remainder(self.world_size as i64).eq(self.rank as i64);
-        let rows = mine.nonzero().squeeze_dim(1);
-        if rows.numel() > 0 {
-            let local = slots
-                .index_select(0, &rows)
-                .divide_scalar_mode(self.world_size as i64, "floor");
-            let _ = self.keys.index_copy_(0, &local, &k.index_select(0, &rows));
-            let _ = self
-                .values
-                .index_copy_(0, &local, &v.index_select(0, &rows));
-            let new_ids = i.index_select(0, &rows);
+        let got = Tensor::cat(&group.all_to_all(&send, None)?, 0).to_device(device);
+        if got.size()[0] > 0 {
+            let (local, new_ids) = (
+                i64_from_columns(&got, d_k + d_v),
+                i64_from_columns(&got, d_k + d_v + 2),
+            );
+            let _ = self.keys.index_copy_(0, &local, &got.narrow(1, 0, d_k));
+            let _ = self.values.index_copy_(0, &local, &got.narrow(1, d_k, d_v));
             let rows_list = Vec::<i64>::try_from(local.to_device(Device::Cpu))?;
             let old =
                 Vec::<i64>::try_from(self.ids.index_select(0, &local).to_device(Device::Cpu))?;
@@ -185,42 +193,13 @@ impl ShardedKvMemory {
             }
             let _ = self.ids.index_copy_(0, &local, &new_ids);
         }
-        self.written = (start + n) as u64;
+        self.written += total as u64;
         Ok(())
     }
 
-    /// Rows of this shard that hold an entry (the ring fills local rows in order).
-    fn filled_rows(&self) -> i64 {
-        let held = (self.written as usize).min(self.capacity);
-        Self::local_capacity(held, self.rank, self.world_size) as i64
-    }
-
-    /// Top-`k` of this shard for `queries (q, d_k)`, excluding entries whose id equals the
-    /// query's; ties broken by ring slot.
-    pub fn search_local(
-        &self,
-        queries: &Tensor,
-        query_ids: &Tensor,
-        k: usize,
-    ) -> Result<Retrieved> {
-        let q = queries.size()[0];
-        let filled = self.filled_rows();
-        let device = self.keys.device();
-        let k = k as i64;
-        if filled == 0 || q == 0 {
-            return Ok(empty(
-                q,
-                k,
-                self.values.size()[1],
-                self.keys.size()[1],
-                device,
-            ));
-        }
-        let keys = self.keys.narrow(0, 0, filled);
-        let scores = (queries.to_kind(Kind::Float) / self.tau).matmul(&keys.tr()); // (q, n)
-                                                                                   // A NaN score would sort first in top-k: it ranks last instead.
-        let mut scores = scores.masked_fill(&scores.isnan(), f64::NEG_INFINITY);
-        // Self-exclusion: only the rows of the queries' own examples.
+    /// `(query index, local row)` of every filled row holding the example of one of
+    /// `query_ids` (what a read excludes).
+    pub(super) fn own_rows(&self, query_ids: &Tensor, filled: i64) -> Result<(Vec<i64>, Vec<i64>)> {
         let qids = Vec::<i64>::try_from(query_ids.to_device(Device::Cpu))?;
         let (mut qi, mut rows) = (Vec::new(), Vec::new());
         for (i, id) in qids.iter().enumerate() {
@@ -231,119 +210,13 @@ impl ShardedKvMemory {
                 }
             }
         }
-        if !qi.is_empty() {
-            let index = [
-                Some(Tensor::from_slice(&qi).to_device(device)),
-                Some(Tensor::from_slice(&rows).to_device(device)),
-            ];
-            let _ = scores.index_put_(
-                &index,
-                &Tensor::from(f64::NEG_INFINITY)
-                    .to_kind(Kind::Float)
-                    .to_device(device),
-                false,
-            );
-        }
-        let kk = k.min(filled);
-        // Fast path: the (k+1)-th score is below the k-th in every row, so topk's set is exact.
-        let (top, top_cols) = scores.topk((kk + 1).min(filled), 1, true, true);
-        let boundary_tie = kk < filled
-            && top
-                .narrow(1, kk - 1, 1)
-                .eq_tensor(&top.narrow(1, kk, 1))
-                .logical_and(&top.narrow(1, kk - 1, 1).isfinite())
-                .any()
-                .int64_value(&[])
-                != 0;
-        let cols = if !boundary_tie {
-            top_cols.narrow(1, 0, kk).contiguous()
-        } else {
-            let kth = top.narrow(1, kk - 1, 1); // (q, 1)
-                                                // Everything above the k-th score, then the oldest slots among those equal to it.
-            let above = scores.gt_tensor(&kth);
-            let equal = scores.eq_tensor(&kth);
-            let room = -above.sum_dim_intlist(1, true, Kind::Int64) + kk; // (q, 1)
-            let take = above
-                .logical_or(&equal.logical_and(&equal.cumsum(1, Kind::Int64).le_tensor(&room))); // exactly kk per row, in slot order
-            take.nonzero().select(1, 1).view([q, kk])
-        };
-        let picked = scores.gather(1, &cols, false);
-        let slots = self.slot_of(&cols);
-        let ids = self.ids.index_select(0, &cols.reshape([-1])).view([q, kk]);
-        let values = self
-            .values
-            .index_select(0, &cols.reshape([-1]))
-            .view([q, kk, -1]);
-        let keys = self
-            .keys
-            .index_select(0, &cols.reshape([-1]))
-            .view([q, kk, -1]);
-        let found = Retrieved {
-            scores: picked,
-            values,
-            keys,
-            ids,
-            slots,
-        };
-        let found = sort_by_score_then_slot(mark_invalid(found));
-        Ok(pad_to(found, k))
+        Ok((qi, rows))
     }
 
-    /// The global top-`k` for this rank's `queries (q, d_k)` and their example ids `(q,)`.
-    /// Collective when sharded: every rank calls it with its own queries.
-    pub fn read(
-        &self,
-        group: &dyn Collective,
-        queries: &Tensor,
-        query_ids: &Tensor,
-        k: usize,
-    ) -> Result<Retrieved> {
-        if group.world_size() == 1 {
-            return self.search_local(queries, query_ids, k);
-        }
-        let device = self.keys.device();
-        let all_q = group.all_gather(&queries.detach().to_kind(Kind::Float))?;
-        let all_ids = Tensor::cat(&group.all_gather(&query_ids.to_kind(Kind::Int64))?, 0);
-        let counts: Vec<i64> = all_q.iter().map(|t| t.size()[0]).collect();
-        let offset: i64 = counts[..group.rank()].iter().sum();
-        let mine = counts[group.rank()];
-        let local = self.search_local(
-            &Tensor::cat(&all_q, 0).to_device(device),
-            &all_ids.to_device(device),
-            k,
-        )?;
-        let gather = |t: &Tensor| -> Result<Vec<Tensor>> {
-            Ok(group
-                .all_gather(t)?
-                .into_iter()
-                .map(|x| x.narrow(0, offset, mine).to_device(device))
-                .collect())
-        };
-        let merged = Retrieved {
-            scores: Tensor::cat(&gather(&local.scores)?, 1),
-            values: Tensor::cat(&gather(&local.values)?, 1),
-            keys: Tensor::cat(&gather(&local.keys)?, 1),
-            ids: Tensor::cat(&gather(&local.ids)?, 1),
-            slots: Tensor::cat(&gather(&local.slots)?, 1),
-        };
-        let sorted = sort_by_score_then_slot(merged);
-        let k = k as i64;
-        let keys = sorted.keys.narrow(1, 0, k);
-        // The scores again from this rank's queries (the gathered ones were detached), so the
-        // read's gradient reaches the query projection as in one process: q . k / tau of the
-        // chosen keys, -inf where none was found.
-        let found = sorted.scores.narrow(1, 0, k).isfinite();
-        let rescored = (queries.to_kind(Kind::Float) / self.tau)
-            .unsqueeze(1)
-            .matmul(&keys.transpose(1, 2))
-            .squeeze_dim(1);
-        Ok(Retrieved {
-            scores: rescored.where_self(&found, &sorted.scores.narrow(1, 0, k)),
-            values: sorted.values.narrow(1, 0, k),
-            keys,
-            ids: sorted.ids.narrow(1, 0, k),
-            slots: sorted.slots.narrow(1, 0, k),
-        })
+    /// Rows of this shard that hold an entry (the ring fills local rows in order).
+    pub(super) fn filled_rows(&self) -> i64 {
+        let held = (self.written as usize).min(self.capacity);
+        Self::local_capacity(held, self.rank, self.world_size) as i64
     }
 
     /// This shard's tensors (for saving with a run).
@@ -503,69 +376,15 @@ impl ShardedKvMemory {
     }
 }
 
-fn empty(q: i64, k: i64, d_value: i64, d_key: i64, device: Device) -> Retrieved {
-    Retrieved {
-        scores: Tensor::full([q, k], f64::NEG_INFINITY, (Kind::Float, device)),
-        values: Tensor::zeros([q, k, d_value], (Kind::Float, device)),
-        keys: Tensor::zeros([q, k, d_key], (Kind::Float, device)),
-        ids: Tensor::full([q, k], -1, (Kind::Int64, device)),
-        slots: Tensor::full([q, k], NO_SLOT, (Kind::Int64, device)),
-    }
+/// `(n,)` i64 as two f32 columns `(n, 2)` holding its bits (to travel with f32 rows).
+pub(super) fn i64_as_columns(t: &Tensor) -> Tensor {
+    t.reshape([-1, 1]).contiguous().view_dtype(Kind::Float)
 }
 
-/// Entries with a -inf score become padding: id -1, zero value, no slot.
-fn mark_invalid(r: Retrieved) -> Retrieved {
-    let invalid = r.scores.isinf(); // scores are never +inf for normalized keys
-    Retrieved {
-        ids: r.ids.masked_fill(&invalid, -1),
-        slots: r.slots.masked_fill(&invalid, NO_SLOT),
-        values: r.values.masked_fill(&invalid.unsqueeze(-1), 0.0),
-        keys: r.keys.masked_fill(&invalid.unsqueeze(-1), 0.0),
-        scores: r.scores,
-    }
-}
-
-/// Rows sorted by score (high first), equal scores by slot (low first): two stable sorts.
-fn sort_by_score_then_slot(r: Retrieved) -> Retrieved {
-    let by_slot = r.slots.sort_stable(true, 1, false).1;
-    let apply = |t: &Tensor, order: &Tensor| -> Tensor {
-        if t.dim() == 3 {
-            let d = t.size()[2];
-            t.gather(1, &order.unsqueeze(-1).expand([-1, -1, d], false), false)
-        } else {
-            t.gather(1, order, false)
-        }
-    };
-    let r = Retrieved {
-        scores: apply(&r.scores, &by_slot),
-        values: apply(&r.values, &by_slot),
-        keys: apply(&r.keys, &by_slot),
-        ids: apply(&r.ids, &by_slot),
-        slots: apply(&r.slots, &by_slot),
-    };
-    let by_score = r.scores.sort_stable(true, 1, true).1;
-    Retrieved {
-        scores: apply(&r.scores, &by_score),
-        values: apply(&r.values, &by_score),
-        keys: apply(&r.keys, &by_score),
-        ids: apply(&r.ids, &by_score),
-        slots: apply(&r.slots, &by_score),
-    }
-}
-
-/// Pads a read of fewer than `k` columns (a shard smaller than k) with empty entries.
-fn pad_to(r: Retrieved, k: i64) -> Retrieved {
-    let have = r.scores.size()[1];
-    if have >= k {
-        return r;
-    }
-    let (q, d, dk) = (r.scores.size()[0], r.values.size()[2], r.keys.size()[2]);
-    let pad = empty(q, k - have, d, dk, r.scores.device());
-    Retrieved {
-        scores: Tensor::cat(&[r.scores, pad.scores], 1),
-        values: Tensor::cat(&[r.values, pad.values], 1),
-        keys: Tensor::cat(&[r.keys, pad.keys], 1),
-        ids: Tensor::cat(&[r.ids, pad.ids], 1),
-        slots: Tensor::cat(&[r.slots, pad.slots], 1),
-    }
+/// The `(n,)` i64 whose bits [`i64_as_columns`] put in columns `at`, `at + 1` of `t (n, m)`.
+pub(super) fn i64_from_columns(t: &Tensor, at: i64) -> Tensor {
+    // Into a fresh compact tensor: an i64 view needs an even f32 offset and row stride.
+    let mut out = Tensor::empty([t.size()[0], 2], (Kind::Float, t.device()));
+    out.copy_(&t.narrow(1, at, 2));
+    out.view_dtype(Kind::Int64).reshape([-1])
 }
