@@ -15,7 +15,7 @@ mod values;
 pub use corruption::Corruption;
 pub use paths::{asset_cache, hub_offline};
 pub use sections::*;
-pub use values::{BestMetric, Checkpointing, DeviceSpec, Quantize};
+pub use values::{BestMetric, Checkpointing, DeviceSpec, KeyDtype, Quantize};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]

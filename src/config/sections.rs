@@ -411,6 +411,8 @@ pub struct MemoryConfig {
     /// Scale-free fusion: the gate sees RMS-normalized `h` and `r` and `log(p) / 10`, and `W_o`
     /// reads the RMS-normalized `r` (false: METHOD.md's raw formulas).
     pub normalize: bool,
+    /// The bank's key dtype: `f32` or `bf16` (values stay f32).
+    pub key_dtype: super::KeyDtype,
 }
 
 impl Default for MemoryConfig {
@@ -425,6 +427,7 @@ impl Default for MemoryConfig {
             lambda_mem: 0.1,
             prebuilt: String::new(),
             normalize: true,
+            key_dtype: Default::default(),
         }
     }
 }

@@ -88,6 +88,41 @@ pub enum BestMetric {
     Loss,
 }
 
+/// `memory.key_dtype`: how the memory bank holds its keys (values stay f32). `bf16` halves the
+/// keys' bytes; scores are then computed from the bf16 keys (a query against its own exact key
+/// still scores highest, but near-ties round together more often: the tie rule orders them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum KeyDtype {
+    #[default]
+    #[serde(rename = "f32")]
+    F32,
+    #[serde(rename = "bf16")]
+    Bf16,
+}
+
+impl KeyDtype {
+    pub fn kind(self) -> tch::Kind {
+        match self {
+            KeyDtype::F32 => tch::Kind::Float,
+            KeyDtype::Bf16 => tch::Kind::BFloat16,
+        }
+    }
+
+    pub fn kind_name(self) -> &'static str {
+        match self {
+            KeyDtype::F32 => "f32",
+            KeyDtype::Bf16 => "bf16",
+        }
+    }
+
+    pub fn bytes(self) -> u64 {
+        match self {
+            KeyDtype::F32 => 4,
+            KeyDtype::Bf16 => 2,
+        }
+    }
+}
+
 /// `model.quantize`: how the frozen base's linear layers are held. `int8` and `q4` keep them as
 /// blocks of 32 values with f16 scales (ggml's Q8_0 and Q4_1 layouts; a GGUF file's Q8_0, Q4_0 and
 /// Q4_1 tensors are taken as they are) and dequantize one layer at a time at use.

@@ -83,7 +83,9 @@ impl ShardedKvMemory {
                 slots: Tensor::full([q, k], NO_SLOT, (Kind::Int64, device)),
             });
         }
-        let keys = self.keys.narrow(0, 0, filled);
+        // Scored in f32 whatever the bank holds (bf16 keys: a transient f32 copy of the shard's
+        // keys), so that the rescored read at W > 1 equals the one-process read.
+        let keys = self.keys.narrow(0, 0, filled).to_kind(Kind::Float);
         let scores = (queries.to_kind(Kind::Float) / self.tau).matmul(&keys.tr()); // (q, n)
                                                                                    // A NaN score would sort first in top-k: it ranks last instead.
         let mut scores = scores.masked_fill(&scores.isnan(), f64::NEG_INFINITY);
@@ -151,7 +153,10 @@ impl ShardedKvMemory {
             let pick = |t: &Tensor| t.index_select(0, &rows);
             let no = invalid.unsqueeze(-1);
             (
-                pick(&self.keys).view([q, k, -1]).masked_fill(&no, 0.0),
+                pick(&self.keys)
+                    .to_kind(Kind::Float)
+                    .view([q, k, -1])
+                    .masked_fill(&no, 0.0),
                 pick(&self.values).view([q, k, -1]).masked_fill(&no, 0.0),
                 pick(&self.ids).view([q, k]).masked_fill(&invalid, -1),
             )
@@ -277,7 +282,7 @@ impl ShardedKvMemory {
         let ids = self.ids.index_select(0, &rows).reshape([-1, 1]);
         Tensor::cat(
             &[
-                self.keys.index_select(0, &rows),
+                self.keys.index_select(0, &rows).to_kind(Kind::Float),
                 self.values.index_select(0, &rows),
                 i64_as_columns(&ids),
             ],

@@ -16,7 +16,7 @@ pub struct ShardedKvMemory {
     rank: usize,
     world_size: usize,
     pub(super) tau: f64,
-    /// `(local capacity, d_k)`, `(local capacity, d_v)` f32.
+    /// `(local capacity, d_k)` in `memory.key_dtype`, `(local capacity, d_v)` f32.
     pub(super) keys: Tensor,
     pub(super) values: Tensor,
     /// `(local capacity,)` i64: the example id of each entry, -1 when empty.
@@ -47,7 +47,7 @@ impl ShardedKvMemory {
             rank,
             world_size,
             tau,
-            keys: Tensor::zeros([local, d_key], (Kind::Float, device)),
+            keys: Tensor::zeros([local, d_key], (cfg.key_dtype.kind(), device)),
             values: Tensor::zeros([local, d_value], (Kind::Float, device)),
             ids: Tensor::full([local], -1, (Kind::Int64, device)),
             written: 0,
@@ -176,7 +176,8 @@ impl ShardedKvMemory {
                 i64_from_columns(&got, d_k + d_v),
                 i64_from_columns(&got, d_k + d_v + 2),
             );
-            let _ = self.keys.index_copy_(0, &local, &got.narrow(1, 0, d_k));
+            let new_keys = got.narrow(1, 0, d_k).to_kind(self.keys.kind());
+            let _ = self.keys.index_copy_(0, &local, &new_keys);
             let _ = self.values.index_copy_(0, &local, &got.narrow(1, d_k, d_v));
             let rows_list = Vec::<i64>::try_from(local.to_device(Device::Cpu))?;
             let old =

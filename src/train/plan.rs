@@ -289,8 +289,11 @@ pub fn plan(cfg: &Config, world_size: usize, num_labels: usize) -> Result<Plan> 
     ]);
     if m.enabled {
         fixed.push((
-            format!("memory bank ({local_entries} entries on this rank, f32 keys and values)"),
-            local_entries * ((key + d) * 4 + 8),
+            format!(
+                "memory bank ({local_entries} entries on this rank, {} keys, f32 values)",
+                m.key_dtype.kind_name()
+            ),
+            local_entries * (key * m.key_dtype.bytes() + d * 4 + 8),
         ));
     }
     // LoRA's saved bytes per token of a block: each adapter's rank-r intermediate and, with
