@@ -218,21 +218,24 @@ impl ShardedKvMemory {
         );
         // Stage 2: the winners' rows from the shards that hold them.
         let (keys, values, ids) = self.fetch(group, &slots)?;
-        // The scores again from this rank's queries (the gathered ones were detached), so the
-        // read's gradient reaches the query projection as in one process: q . k / tau of the
-        // chosen keys, -inf where none was found.
-        let found = scores.isfinite();
-        let rescored = (queries.to_kind(Kind::Float) / self.tau)
-            .unsqueeze(1)
-            .matmul(&keys.transpose(1, 2))
-            .squeeze_dim(1);
         Ok(Retrieved {
-            scores: rescored.where_self(&found, &scores),
+            scores: self.rescored(queries, &keys, &scores),
             values,
             keys,
             ids,
             slots,
         })
+    }
+
+    /// The scores of a sharded read again from this rank's `queries` (the gathered ones were
+    /// detached), so that its gradient reaches the query projection as in one process:
+    /// q . k / tau of the chosen `keys`, -inf where `scores` found none.
+    fn rescored(&self, queries: &Tensor, keys: &Tensor, scores: &Tensor) -> Tensor {
+        let again = (queries.to_kind(Kind::Float) / self.tau)
+            .unsqueeze(1)
+            .matmul(&keys.transpose(1, 2))
+            .squeeze_dim(1);
+        again.where_self(&scores.isfinite(), scores)
     }
 
     /// Keys `(b, k, d_k)`, values `(b, k, d_v)` and ids `(b, k)` of the ring `slots (b, k)`
@@ -292,7 +295,7 @@ impl ShardedKvMemory {
 
     /// The read as it was before the two-stage one: every shard searches every query and all five
     /// result tensors are all-gathered (each rank receives `W B k (4 (d_k + d_v) + 20)` bytes).
-    /// Kept as the baseline of `umtune bench-memory` and as a cross-check in tests.
+    /// Kept as the baseline of `umtune bench-memory-read` and as a cross-check in tests.
     pub fn read_gathering(
         &self,
         group: &dyn Collective,
@@ -330,13 +333,8 @@ impl ShardedKvMemory {
         );
         let order = score_then_slot_order(&scores, &slots).narrow(1, 0, k as i64);
         let (scores, keys) = (take(&scores, &order), take(&keys, &order));
-        let found = scores.isfinite();
-        let rescored = (queries.to_kind(Kind::Float) / self.tau)
-            .unsqueeze(1)
-            .matmul(&keys.transpose(1, 2))
-            .squeeze_dim(1);
         Ok(Retrieved {
-            scores: rescored.where_self(&found, &scores),
+            scores: self.rescored(queries, &keys, &scores),
             values: take(&values, &order),
             keys,
             ids: take(&ids, &order),
