@@ -361,6 +361,152 @@ fn a_run_with_uncertainty_modeling_trains_and_reports_calibration() -> TestResul
             "{name} never trained"
         );
     }
+    // The relative noise acts (METHOD.md section 1: 0.3% of the feature RMS before it was
+    // relative): the summary reports the last logged step's ratio and each block's variance.
+    let ratio = summary
+        .um
+        .get("um.noise_to_feature")
+        .copied()
+        .unwrap_or(0.0);
+    assert!((0.01..=0.3).contains(&ratio), "noise / feature RMS {ratio}");
+    for layer in blocks {
+        assert!(
+            summary.um.contains_key(&format!("um.p_mean.{layer}")),
+            "{:?}",
+            summary.um
+        );
+        assert!(summary
+            .um
+            .contains_key(&format!("um.moved_from_prior.{layer}")));
+    }
+    // A run from before the relative noise and the KL (its config.toml without those keys)
+    // loads as it was trained: absolute noise, the l1 regularizer.
+    use umtune::train::restore::run_config;
+    let fresh = run_config(&summary.run_dir, &[])?;
+    assert!(fresh.uncertainty.relative);
+    let file = summary.run_dir.join("config.toml");
+    let text = std::fs::read_to_string(&file)?;
+    let older: String = text
+        .lines()
+        .filter(|l| !l.starts_with("relative =") && !l.starts_with("regularizer ="))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_eq!(text.lines().count(), older.lines().count() + 2, "{text}");
+    std::fs::write(&file, older)?;
+    let old = run_config(&summary.run_dir, &[])?;
+    assert!(!old.uncertainty.relative);
+    assert_eq!(
+        old.uncertainty.regularizer,
+        umtune::config::VarRegularizer::L1
+    );
+    Ok(())
+}
+
+/// METHOD.md section 1's relative noise, `h + s sqrt(p) rms(h) eps` (rms per token, detached):
+/// replaying the hook's per-example draw gives eps, and the noise equals the formula at feature
+/// scales 1 (GPT-2's residual stream) and 60 (SmolLM2's), with the same p at both (the estimator
+/// reads LayerNorm(h)): the noise-to-feature ratio is `s sqrt(p)` whatever the scale.
+#[test]
+fn relative_noise_is_s_sqrt_p_of_the_feature_rms_at_any_scale() -> TestResult {
+    use tch::{nn, Device, Kind, Tensor};
+    use umtune::ffi::streams;
+    use umtune::models::LayerHook;
+    let (d, s) = (64, 0.7);
+    let cfg = umtune::config::UncertaintyConfig {
+        enabled: true,
+        noise_scale: s,
+        ..Default::default()
+    };
+    assert!(cfg.relative, "relative noise is the default");
+    let vs = nn::VarStore::new(Device::Cpu);
+    let um = umtune::uncertainty::FeatureUncertainty::new(&vs.root(), &[0], d, &cfg);
+    tch::manual_seed(3);
+    // Estimators off their constant start, so that p varies over features and tokens.
+    tch::no_grad(|| {
+        for (name, mut t) in vs.variables() {
+            if name.ends_with("up.weight") {
+                t.copy_(&(Tensor::randn_like(&t) * 0.5));
+            }
+        }
+    });
+    // Tokens of different scales within each sequence.
+    let token_scale = (Tensor::arange(5, (Kind::Float, Device::Cpu)) + 1.0).view([1, 5, 1]);
+    let base = Tensor::randn([2, 5, d], (Kind::Float, Device::Cpu)) * token_scale;
+    let probe = umtune::probe::Probe::default();
+    let mut ps = Vec::new();
+    for scale in [1.0, 60.0] {
+        let h = &base * scale;
+        let (out, p, eps) = streams::with_streams(vec![11, 12], || {
+            let mut hook = um.hook(true, &probe);
+            let out = hook.after_block(0, h.shallow_clone());
+            let p = hook.p[0].shallow_clone();
+            streams::set_draws(0);
+            let eps = streams::randn(&p.size(), 0, &p);
+            (out, p, eps)
+        });
+        let rms = h
+            .pow_tensor_scalar(2)
+            .mean_dim(-1, true, Kind::Float)
+            .sqrt();
+        let want = p.sqrt() * s * rms * eps;
+        // `out - h` rounds `h + noise` once and subtracts exactly (Sterbenz does not apply, but
+        // the subtraction's error is at most one ulp of its operands): within 2 ulp of
+        // |h| + |noise| element by element.
+        let bound = (h.abs() + want.abs()) * (2.0 * f64::from(f32::EPSILON));
+        let excess = ((&out - &h) - &want).abs() - bound;
+        let worst = excess.max().double_value(&[]);
+        assert!(
+            worst <= 0.0,
+            "scale {scale}: noise off the formula by {worst} beyond rounding"
+        );
+        ps.push(p);
+    }
+    // LayerNorm's eps (1e-5 against a variance of ~1 and ~3600) is all that differs.
+    let dp = (&ps[0] - &ps[1]).abs().max().double_value(&[]);
+    let p_max = ps[0].abs().max().double_value(&[]);
+    assert!(
+        dp <= 1e-4 * p_max,
+        "p depends on the feature scale: {dp} of {p_max}"
+    );
+    Ok(())
+}
+
+/// The KL regularizer `0.5 (p / p0 - log(p / p0) - 1)` is zero at the prior and its gradient
+/// pushes p toward it from both sides; `l1` is p itself.
+#[test]
+fn the_kl_regularizer_is_zero_at_the_prior_and_pulls_toward_it() -> TestResult {
+    use tch::{nn, Device, Kind, Tensor};
+    let mut cfg = umtune::config::UncertaintyConfig {
+        enabled: true,
+        prior_var: 0.01,
+        ..Default::default()
+    };
+    let vs = nn::VarStore::new(Device::Cpu);
+    let um = umtune::uncertainty::Uncertainty::new(&vs.root(), &cfg, &[0], 8);
+    let at =
+        |v: f64| Tensor::full([1, 3, 8], v, (Kind::Float, Device::Cpu)).set_requires_grad(true);
+    let prior = at(0.01);
+    assert_eq!(
+        um.per_token_penalty(&prior).abs().max().double_value(&[]),
+        0.0
+    );
+    for (v, direction) in [(0.04, 1.0), (0.0025, -1.0)] {
+        let p = at(v);
+        let penalty = um.per_token_penalty(&p);
+        // 0.5 (r - ln r - 1) with r = v / p0.
+        let r = v / 0.01;
+        let want = 0.5 * (r - r.ln() - 1.0);
+        assert!((penalty.double_value(&[0, 0]) - want).abs() <= 1e-6 * want);
+        penalty.sum(Kind::Float).backward();
+        // Gradient descent moves p against the gradient: down from above, up from below.
+        let g = p.grad().mean(Kind::Float).double_value(&[]);
+        assert!(g * direction > 0.0, "p = {v}: gradient {g}");
+    }
+    cfg.regularizer = umtune::config::VarRegularizer::L1;
+    let other = nn::VarStore::new(Device::Cpu);
+    let l1 = umtune::uncertainty::Uncertainty::new(&other.root(), &cfg, &[0], 8);
+    // p itself, up to f32 rounding of 0.04.
+    assert!((l1.per_token_penalty(&at(0.04)).double_value(&[0, 0]) - 0.04).abs() <= 0.04 * 1e-6);
     Ok(())
 }
 

@@ -15,7 +15,7 @@ mod values;
 pub use corruption::Corruption;
 pub use paths::{asset_cache, hub_offline};
 pub use sections::*;
-pub use values::{BestMetric, Checkpointing, DeviceSpec, KeyDtype, Quantize};
+pub use values::{BestMetric, Checkpointing, DeviceSpec, KeyDtype, Quantize, VarRegularizer};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]

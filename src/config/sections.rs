@@ -446,14 +446,21 @@ pub struct UncertaintyConfig {
     /// Training-time reparameterized noise on the hidden states.
     pub noise: bool,
     pub noise_scale: f64,
+    /// The noise relative to each token's feature RMS (`s sqrt(p) rms(h) eps`, rms detached), so
+    /// p is a relative variance; false: the older absolute `s sqrt(p) eps`.
+    pub relative: bool,
     /// Damping of the pooled representation where uncertain.
     pub suppression: bool,
     /// Heteroscedastic logits with the sampled-softmax loss.
     pub heteroscedastic: bool,
     /// Samples of the sampled-softmax loss.
     pub n_mc: i64,
-    /// Weight of the variance regularizer mean(p).
+    /// Weight of the variance regularizer.
     pub lambda_var: f64,
+    /// The variance regularizer: `kl` to `prior_var`, or the older `l1` (mean(p)).
+    pub regularizer: super::VarRegularizer,
+    /// The prior relative variance p0 of the `kl` regularizer (0.01: noise of 10% of the RMS).
+    pub prior_var: f64,
     /// Uncertainty-conditioned temperature T(x) in training and evaluation.
     pub conditioned_temperature: bool,
     /// MC samples at evaluation and prediction (feature noise and heteroscedastic logits drawn
@@ -470,10 +477,13 @@ impl Default for UncertaintyConfig {
             propagation: true,
             noise: true,
             noise_scale: 1.0,
+            relative: true,
             suppression: true,
             heteroscedastic: true,
             n_mc: 8,
             lambda_var: 1e-3,
+            regularizer: Default::default(),
+            prior_var: 0.01,
             conditioned_temperature: true,
             mc_predict: 0,
         }

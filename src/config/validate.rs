@@ -55,6 +55,7 @@ impl Config {
             ("uncertainty.mc_predict", u.mc_predict.to_string(), u.mc_predict >= 0, "0 (deterministic) or more"),
             ("uncertainty.noise_scale", u.noise_scale.to_string(), u.noise_scale >= 0.0, zero_or_more),
             ("uncertainty.lambda_var", u.lambda_var.to_string(), u.lambda_var >= 0.0, zero_or_more),
+            ("uncertainty.prior_var", u.prior_var.to_string(), u.prior_var > 0.0 && u.prior_var.is_finite(), positive),
             ("run.threads", self.run.threads.to_string(), self.run.threads <= 1024, "0 (libtorch default) to 1024"),
         ];
         for (key, value, ok, want) in ranges {

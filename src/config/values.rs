@@ -88,6 +88,19 @@ pub enum BestMetric {
     Loss,
 }
 
+/// `uncertainty.regularizer`: what keeps the feature variance p in check. `kl` (METHOD.md
+/// section 1): `0.5 (p / p0 - log(p / p0) - 1)` to the prior relative variance `p0 =
+/// uncertainty.prior_var`, zero at the prior and rising on both sides, so p neither grows nor
+/// collapses unless the task pays for it; `l1`: the older `mean(p)`, which only pushes p down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum VarRegularizer {
+    #[default]
+    #[serde(rename = "kl")]
+    Kl,
+    #[serde(rename = "l1")]
+    L1,
+}
+
 /// `memory.key_dtype`: how the memory bank holds its keys (values stay f32). `bf16` halves the
 /// keys' bytes; scores are then computed from the bf16 keys (a query against its own exact key
 /// still scores highest, but near-ties round together more often: the tie rule orders them).

@@ -10,8 +10,9 @@ pub struct Forward {
     pub logits: Tensor,
     /// `(n_mc, …)` heteroscedastic samples (training with uncertainty modeling).
     pub samples: Option<Tensor>,
-    /// `lambda_var * mean(p)` (uncertainty modeling; p averaged over each example's real tokens,
-    /// then over examples) plus the memory's InfoNCE term.
+    /// `lambda_var` times the variance penalty (uncertainty modeling: the KL to the prior or p,
+    /// averaged over each example's real tokens, then over examples) plus the memory's InfoNCE
+    /// term.
     pub regularizer: Option<Tensor>,
 }
 

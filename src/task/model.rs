@@ -497,7 +497,8 @@ impl TaskModel {
             }
         }
         if !um_hook.p.is_empty() {
-            // mean(p) over the real tokens of each example, then over the examples: padding
+            // The penalty (KL to the prior, or p) over the real tokens of each example, then over
+            // the examples: padding
             // is not regularized, and the value does not depend on how a batch is padded or
             // split over data-parallel ranks.
             let real = mask.to_kind(tch::Kind::Float); // (b, t)
@@ -508,11 +509,7 @@ impl TaskModel {
                 .p
                 .iter()
                 .map(|p| {
-                    let per_token = if p.dim() == 3 {
-                        p.mean_dim(-1, false, tch::Kind::Float)
-                    } else {
-                        p.to_kind(tch::Kind::Float)
-                    };
+                    let per_token = um.per_token_penalty(p);
                     ((per_token * &real).sum_dim_intlist(1, false, tch::Kind::Float) / &tokens)
                         .mean(tch::Kind::Float)
                 })

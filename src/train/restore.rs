@@ -34,11 +34,31 @@ pub fn run_config(dir: &Path, overrides: &[String]) -> Result<Config> {
 fn config_of(run: &RunDir, overrides: &[String]) -> Result<Config> {
     let dir = run.path();
     // The run's own memory file supersedes the prebuilt one it may have started from.
-    let mut overrides = overrides.to_vec();
+    let file = dir.join(CONFIG_FILE);
+    let mut overrides = [older_defaults(&file)?, overrides.to_vec()].concat();
     overrides.push("memory.prebuilt=".into());
-    let mut config = Config::load(Some(&dir.join(CONFIG_FILE)), &overrides)?;
+    let mut config = Config::load(Some(&file), &overrides)?;
     config.data.label_names = run.record().label_names.clone();
     Ok(config)
+}
+
+/// Keys whose default changed what a run computes, with what runs did before them: a run whose
+/// `config.toml` lacks one was trained that way and loads that way.
+const CHANGED_DEFAULTS: &[(&str, &str, &str)] = &[
+    ("uncertainty", "relative", "false"),
+    ("uncertainty", "regularizer", "l1"),
+];
+
+/// `--set` overrides that give an older run's `config.toml` the [`CHANGED_DEFAULTS`] it lacks.
+fn older_defaults(file: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(file).map_err(|e| Error::io(file, e))?;
+    let value: toml::Value =
+        toml::from_str(&text).map_err(|e| Error::format(file, e.to_string()))?;
+    Ok(CHANGED_DEFAULTS
+        .iter()
+        .filter(|(section, key, _)| value.get(section).and_then(|s| s.get(key)).is_none())
+        .map(|(section, key, old)| format!("{section}.{key}={old}"))
+        .collect())
 }
 
 /// The run in `dir` (see the module doc), in this process alone.

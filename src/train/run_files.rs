@@ -167,6 +167,11 @@ pub struct Summary {
     /// The resolved hyper-parameters reports group by (see [`hyper_parameters`]).
     #[serde(default)]
     pub hyper: BTreeMap<String, serde_json::Value>,
+    /// Uncertainty modeling at the last logged step: the noise-to-feature ratio, and per block
+    /// the mean relative variance and the share of tokens whose variance moved from the prior
+    /// (the `um.*` probes of metrics.jsonl; empty without UM).
+    #[serde(default)]
+    pub um: BTreeMap<String, f64>,
 }
 
 impl Summary {
@@ -196,6 +201,7 @@ impl Summary {
             test: None,
             overrides: cfg.overrides.0.clone(),
             hyper: hyper_parameters(cfg),
+            um: BTreeMap::new(),
         }
     }
 }

@@ -154,6 +154,8 @@ pub fn train_resuming(
     // divergence record themselves), so the run does not stay `running` forever.
     let outcome = (|| -> Result<Summary> {
         let progress = Progress::new(total, ctx.is_writer);
+        // The UM probes of the last logged step, for the summary.
+        let mut last_um = std::collections::BTreeMap::new();
         let snapshot = |run: &RunDir,
                         step: usize,
                         ls: &LoopState,
@@ -278,9 +280,15 @@ pub fn train_resuming(
                             "train"
                         );
                     }
+                    let probe = model.probe.take();
+                    last_um = probe
+                        .iter()
+                        .filter(|(k, _)| k.starts_with("um.") && !k.starts_with("um.logvar"))
+                        .map(|(k, v)| (k.clone(), *v))
+                        .collect();
                     log.write(serde_json::json!({
                         "step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
-                        "tokens_per_s": tps, "grad_norms": part_norms, "probe": model.probe.take(),
+                        "tokens_per_s": tps, "grad_norms": part_norms, "probe": probe,
                         "grad_sync_share": ls.sync_secs / ls.train_secs.max(1e-9),
                     }))?;
                 }
@@ -377,6 +385,7 @@ pub fn train_resuming(
             seconds: start.elapsed().as_secs_f64(),
             validation,
             test,
+            um: last_um,
             ..Summary::of(
                 cfg,
                 run.path(),

@@ -2,8 +2,10 @@
 //! (METHOD.md section 1), as a [`LayerHook`] between backbone blocks. At each block l in S:
 //! `logvar_l = clamp(B_l(LN(h_l)) + c_l p_{l-1}, -10, 10)`, `p_l = rho_l p_{l-1} + (1 - rho_l)
 //! exp(logvar_l)` with `rho_l = sigmoid(theta_l)`, and in training (or MC sampling at prediction)
-//! `h_l += s sqrt(p_l) eps`
-//! (the reparameterization of Kendall & Gal 2017, <https://arxiv.org/abs/1703.04977>). Parameters
+//! `h_l += s sqrt(p_l) rms(h_l) eps` with each token's feature RMS detached (`uncertainty.relative`,
+//! the default: p is a variance relative to the feature scale; otherwise the older absolute
+//! `s sqrt(p_l) eps`; the reparameterization of Kendall & Gal 2017,
+//! <https://arxiv.org/abs/1703.04977>). Parameters
 //! are f32 under `uncertainty.blocks.{l}`; the estimate starts at exp(-4) everywhere (B's last
 //! layer is zero with bias -4), so a fresh estimator changes nothing but the noise it adds.
 use crate::config::UncertaintyConfig;
@@ -27,6 +29,9 @@ pub struct FeatureUncertainty {
     blocks: Vec<BlockEstimator>,
     propagation: bool,
     noise_scale: f64,
+    relative: bool,
+    /// The regularizer's prior relative variance (the probes count the tokens away from it).
+    prior_var: f64,
 }
 
 impl FeatureUncertainty {
@@ -61,6 +66,8 @@ impl FeatureUncertainty {
             blocks,
             propagation: cfg.propagation,
             noise_scale: if cfg.noise { cfg.noise_scale } else { 0.0 },
+            relative: cfg.relative,
+            prior_var: cfg.prior_var,
         }
     }
 
@@ -124,16 +131,43 @@ impl LayerHook for UncertaintyHook<'_> {
             _ => (1.0 - &rho) * &v,
         };
         self.probe.range("um.p", &p);
+        if self.probe.is_on() {
+            // Per block: the mean relative variance, and the share of tokens whose mean p moved
+            // from the prior by more than a factor of 2 either way.
+            let per_token = p.detach().mean_dim(-1, false, Kind::Float);
+            let moved = (per_token / self.module.prior_var)
+                .log()
+                .abs()
+                .gt(2f64.ln());
+            self.probe.record(&format!("um.p_mean.{layer}"), || {
+                p.mean(Kind::Float).double_value(&[])
+            });
+            self.probe
+                .record(&format!("um.moved_from_prior.{layer}"), || {
+                    moved
+                        .to_kind(Kind::Float)
+                        .mean(Kind::Float)
+                        .double_value(&[])
+                });
+        }
         let out = if self.module.noise_scale > 0.0 && self.noisy {
             let kind = hidden.kind();
-            let std = p.sqrt() * self.module.noise_scale;
-            if self.probe.is_on() {
-                // The noise's standard deviation against each token's feature scale (RMS).
-                let rms = h
+            // Each token's feature RMS, detached: the scale the relative noise is measured in.
+            let rms = || {
+                h.detach()
                     .pow_tensor_scalar(2)
                     .mean_dim(-1, true, Kind::Float)
-                    .sqrt();
-                let rel = (&std / rms.clamp_min(1e-12)).detach();
+                    .sqrt()
+            };
+            let std = p.sqrt() * self.module.noise_scale;
+            let std = if self.module.relative {
+                std * rms()
+            } else {
+                std
+            };
+            if self.probe.is_on() {
+                // The noise's standard deviation against each token's feature scale (RMS).
+                let rel = (&std / rms().clamp_min(1e-12)).detach();
                 self.probe.record("um.noise_to_feature", || {
                     rel.mean(Kind::Float).double_value(&[])
                 });

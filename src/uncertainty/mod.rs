@@ -32,6 +32,8 @@ pub struct Uncertainty {
     pub features: FeatureUncertainty,
     pub head: UncertainHead,
     pub lambda_var: f64,
+    pub regularizer: crate::config::VarRegularizer,
+    pub prior_var: f64,
 }
 
 impl Uncertainty {
@@ -41,6 +43,26 @@ impl Uncertainty {
             features: FeatureUncertainty::new(&p, layers, d, cfg),
             head: UncertainHead::new(&p, d, cfg),
             lambda_var: cfg.lambda_var,
+            regularizer: cfg.regularizer,
+            prior_var: cfg.prior_var,
+        }
+    }
+
+    /// The variance regularizer's per-token value of `p (…, d)`: the mean over features of the
+    /// KL term `0.5 (p / p0 - log(p / p0) - 1)` or of p itself (`l1`), f32 `(…)`.
+    pub fn per_token_penalty(&self, p: &tch::Tensor) -> tch::Tensor {
+        let p = p.to_kind(tch::Kind::Float);
+        let per_feature = match self.regularizer {
+            crate::config::VarRegularizer::L1 => p,
+            crate::config::VarRegularizer::Kl => {
+                let ratio = p / self.prior_var;
+                (&ratio - ratio.log() - 1.0) * 0.5
+            }
+        };
+        if per_feature.dim() == 3 {
+            per_feature.mean_dim(-1, false, tch::Kind::Float)
+        } else {
+            per_feature
         }
     }
 }
