@@ -35,7 +35,7 @@ fn umtune(args: &[String], env: &[(&str, &str)]) -> std::io::Result<std::process
 }
 
 fn out_dir(tag: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("umtune-ckpt-{tag}-{}", std::process::id()))
+    common::fresh_dir(&format!("ckpt-{tag}"))
 }
 
 fn checkpoints(run: &Path) -> Vec<String> {

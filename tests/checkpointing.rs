@@ -63,7 +63,7 @@ fn tensors(path: &Path) -> HashMap<String, Tensor> {
 
 #[test]
 fn checkpointed_training_matches_plain_training() {
-    let out = std::env::temp_dir().join(format!("umtune-checkpointing-{}", std::process::id()));
+    let out = common::fresh_dir("checkpointing");
     let _ = std::fs::remove_dir_all(&out);
     let llama = fixture("llama-tiny-gguf").unwrap().join("tiny.gguf");
     let gpt2 = fixture("gpt2-tiny").unwrap();

@@ -1,4 +1,5 @@
 //! The `umtune` binary as a user runs it: logging formats, exit codes and error messages.
+mod common;
 use std::process::Command;
 
 fn umtune(args: &[&str]) -> std::io::Result<std::process::Output> {
@@ -102,7 +103,7 @@ fn bad_input_exits_nonzero_with_one_clear_line() -> Result<(), Box<dyn std::erro
 #[test]
 fn progress_bar_only_on_a_terminal() -> Result<(), Box<dyn std::error::Error>> {
     let dir = env!("CARGO_MANIFEST_DIR");
-    let out_dir = std::env::temp_dir().join(format!("umtune-progress-{}", std::process::id()));
+    let out_dir = common::fresh_dir("progress");
     let args = format!(
         "{bin} train {dir}/configs/default.toml --set model.source={dir}/tests/fixtures/llama-tiny-gguf/tiny.gguf \
          --set data.train_limit=32 --set data.eval_limit=8 --set train.max_steps=3 --set train.log_every=1 \
@@ -143,7 +144,7 @@ fn progress_bar_only_on_a_terminal() -> Result<(), Box<dyn std::error::Error>> {
 fn eval_mc_sampling_is_reproducible_and_plots_on_request() -> Result<(), Box<dyn std::error::Error>>
 {
     let dir = env!("CARGO_MANIFEST_DIR");
-    let out_dir = std::env::temp_dir().join(format!("umtune-mc-{}", std::process::id()));
+    let out_dir = common::fresh_dir("mc");
     let model = format!("model.source={dir}/tests/fixtures/llama-tiny-gguf/tiny.gguf");
     let out = format!("run.output_dir={}", out_dir.display());
     let mut args = vec![
@@ -266,7 +267,7 @@ fn tiny_train_args(out_dir: &std::path::Path, extra: &[&str]) -> Vec<String> {
 fn sigterm_saves_and_the_run_stays_usable() -> Result<(), Box<dyn std::error::Error>> {
     use std::io::{BufRead, BufReader};
     use std::process::Stdio;
-    let out_dir = std::env::temp_dir().join(format!("umtune-sigterm-{}", std::process::id()));
+    let out_dir = common::fresh_dir("sigterm");
     let args = tiny_train_args(&out_dir, &["train.max_steps=100000", "train.log_every=1"]);
     let mut child = Command::new(env!("CARGO_BIN_EXE_umtune"))
         .args(&args)
@@ -332,7 +333,7 @@ fn cuda_without_cuda_is_a_config_error() -> Result<(), Box<dyn std::error::Error
     if tch::Cuda::is_available() {
         return Ok(()); // this machine has CUDA: the request is valid here
     }
-    let out_dir = std::env::temp_dir().join(format!("umtune-nocuda-{}", std::process::id()));
+    let out_dir = common::fresh_dir("nocuda");
     let args = tiny_train_args(&out_dir, &["model.device=cuda"]);
     let out = Command::new(env!("CARGO_BIN_EXE_umtune"))
         .args(&args)
@@ -396,7 +397,7 @@ fn doctor_pipes_and_json_errors() -> Result<(), Box<dyn std::error::Error>> {
 /// A training split with one class trains, with a warning that says so.
 #[test]
 fn a_single_class_dataset_warns() -> Result<(), Box<dyn std::error::Error>> {
-    let out_dir = std::env::temp_dir().join(format!("umtune-oneclass-{}", std::process::id()));
+    let out_dir = common::fresh_dir("oneclass");
     let data = out_dir.join("data");
     std::fs::create_dir_all(&data)?;
     let rows: String = (0..8)

@@ -11,9 +11,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 fn scratch(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("umtune-paths-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
+    common::fresh_dir(&format!("paths-{tag}"))
 }
 
 fn umtune(args: &[String]) -> std::io::Result<Output> {

@@ -1,4 +1,5 @@
 //! Configuration: file, environment and --set layering, and the promised messages for bad input.
+mod common;
 use std::path::PathBuf;
 use umtune::config::{Config, Dtype};
 
@@ -13,7 +14,7 @@ fn env_lock() -> std::sync::MutexGuard<'static, ()> {
 }
 
 fn write(name: &str, text: &str) -> std::io::Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("umtune-config-{}", std::process::id()));
+    let dir = common::fresh_dir("config");
     std::fs::create_dir_all(&dir)?;
     let path = dir.join(name);
     std::fs::write(&path, text)?;

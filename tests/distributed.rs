@@ -326,7 +326,7 @@ fn python_tcpstore_reads_what_umtune_wrote() -> TestResult {
 
 #[test]
 fn launcher_two_and_three_ranks_match_one_process() -> TestResult {
-    let out = std::env::temp_dir().join(format!("umtune-dp-{}", std::process::id()));
+    let out = common::fresh_dir("dp");
     for world in [2usize, 3] {
         let one = Command::new(umtune_bin())
             .args(parity_args(
@@ -374,7 +374,7 @@ fn launcher_two_and_three_ranks_match_one_process() -> TestResult {
 /// projections and gate, the classifier. AdamW as users run it (lr 0.01, eps 1e-8).
 #[test]
 fn step_gradients_on_two_and_three_ranks_match_one_process() -> TestResult {
-    let out = std::env::temp_dir().join(format!("umtune-grads-{}", std::process::id()));
+    let out = common::fresh_dir("grads");
     let sets = ["checkpoint.every=3", "checkpoint.keep=5"];
     check(
         &Command::new(umtune_bin())
@@ -416,7 +416,7 @@ fn step_gradients_on_two_and_three_ranks_match_one_process() -> TestResult {
 /// batch 4 train the same weights and memory as one process at batch 8.
 #[test]
 fn ner_with_the_memory_on_two_ranks_matches_one_process() -> TestResult {
-    let out = std::env::temp_dir().join(format!("umtune-ner-dp-{}", std::process::id()));
+    let out = common::fresh_dir("ner-dp");
     let ner = [
         "data.dataset=conll2003",
         "data.task=ner",
@@ -482,7 +482,7 @@ fn env_of(pid: u32, key: &str) -> Option<String> {
 
 #[test]
 fn a_killed_worker_stops_the_job_naming_its_rank() -> TestResult {
-    let out = std::env::temp_dir().join(format!("umtune-kill-{}", std::process::id()));
+    let out = common::fresh_dir("kill");
     let tag = format!("kill-{}", std::process::id());
     let mut launch = long_job(&out, "killed", &tag)?;
     let launcher = launch.id();
@@ -535,7 +535,7 @@ fn a_killed_worker_stops_the_job_naming_its_rank() -> TestResult {
 
 #[test]
 fn a_rank_that_never_arrives_fails_the_others_within_the_timeout() -> TestResult {
-    let out = std::env::temp_dir().join(format!("umtune-absent-{}", std::process::id()));
+    let out = common::fresh_dir("absent");
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
@@ -581,7 +581,7 @@ fn ranks_agree_on_the_stop_signal_when_it_reaches_them_at_different_times() {
 
 #[test]
 fn sigterm_to_the_launcher_reaches_every_rank_and_the_run_is_saved() -> TestResult {
-    let out = std::env::temp_dir().join(format!("umtune-sigterm-{}", std::process::id()));
+    let out = common::fresh_dir("sigterm");
     let mut launch = long_job(&out, "stopped", "sigterm")?;
     let start = Instant::now();
     while !out.join("stopped/metrics.jsonl").exists() {
@@ -623,7 +623,7 @@ fn sigterm_to_the_launcher_reaches_every_rank_and_the_run_is_saved() -> TestResu
 fn two_launchers_as_two_nodes_match_one_process() -> TestResult {
     // umtune-launch's multi-node path on loopback: node 0 serves the store on a fixed port, node 1
     // only spawns its worker, which joins node 0's store.
-    let out = std::env::temp_dir().join(format!("umtune-nodes-{}", std::process::id()));
+    let out = common::fresh_dir("nodes");
     let one = Command::new(umtune_bin())
         .args(parity_args(&out, "w1", 8, 20, &[]))
         .output()?;
@@ -666,7 +666,7 @@ fn two_launchers_as_two_nodes_match_one_process() -> TestResult {
 
 #[test]
 fn memory_build_on_two_ranks_writes_shards_equal_to_one_process() -> TestResult {
-    let out = std::env::temp_dir().join(format!("umtune-membuild-{}", std::process::id()));
+    let out = common::fresh_dir("membuild");
     std::fs::create_dir_all(&out)?;
     // The tiny model's config, its `--set`s (the train ones, without the run's own).
     let args = train_args(&out, "unused", 4, 1, &["memory.capacity=64"]);
@@ -746,7 +746,7 @@ fn memory_build_on_two_ranks_writes_shards_equal_to_one_process() -> TestResult 
 
 #[test]
 fn a_checkpoint_resumes_on_another_world_size() -> TestResult {
-    let out = std::env::temp_dir().join(format!("umtune-reshard-{}", std::process::id()));
+    let out = common::fresh_dir("reshard");
     // 16 steps of 2 micro-batches; checkpoints every 5 steps; the global batch is 8.
     let sets = ["train.grad_accum=2", "checkpoint.every=5"];
     let args = |name: &str, batch: usize| parity_args(&out, name, batch, 16, &sets);
@@ -809,7 +809,7 @@ fn a_silent_connection_does_not_stall_the_ring_rendezvous() -> TestResult {
 
 #[test]
 fn store_failures_say_who_and_why_in_a_line() -> TestResult {
-    let out = std::env::temp_dir().join(format!("umtune-storefail-{}", std::process::id()));
+    let out = common::fresh_dir("storefail");
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();

@@ -86,7 +86,7 @@ fn short_lora_run(
 fn peft_predictions_equal_umtune_predict() -> TestResult {
     for name in ["gpt2-tiny", "llama-tiny-untied"] {
         let base = fixture(name)?;
-        let out = std::env::temp_dir().join(format!("umtune-export-{name}-{}", std::process::id()));
+        let out = common::fresh_dir(&format!("export-{name}"));
         let (_, run) = short_lora_run(&base, &out, &[])?;
         // Training moved the adapters away from B = 0, so the comparison covers them.
         let b_norm: f64 = run
@@ -143,7 +143,7 @@ fn ner_predictions_per_word_equal_peft_token_classification() -> TestResult {
     .collect();
     for name in ["gpt2-tiny", "llama-tiny-untied"] {
         let base = fixture(name)?;
-        let out = std::env::temp_dir().join(format!("umtune-ner-{name}-{}", std::process::id()));
+        let out = common::fresh_dir(&format!("ner-{name}"));
         let ner = [
             "data.dataset=conll2003",
             "data.task=ner",

@@ -11,10 +11,7 @@ use umtune::train::run_files::Summary;
 use umtune::train::run_files::{read_record, RunState};
 
 fn scratch(tag: &str) -> Result<PathBuf, Box<dyn std::error::Error>> {
-    let dir = std::env::temp_dir().join(format!("umtune-hard-{tag}-{}", std::process::id()));
-    if dir.exists() {
-        std::fs::remove_dir_all(&dir)?;
-    }
+    let dir = common::fresh_dir(&format!("hard-{tag}"));
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
 }

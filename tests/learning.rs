@@ -6,7 +6,7 @@ use umtune::config::Config;
 
 /// configs/default.toml (SmolLM2 + LoRA) with `sets` and a private output directory.
 fn default_config(tag: &str, sets: &[&str]) -> Result<Config, Box<dyn std::error::Error>> {
-    let out = std::env::temp_dir().join(format!("umtune-learning-{tag}-{}", std::process::id()));
+    let out = common::fresh_dir(&format!("learning-{tag}"));
     let mut all: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
     all.push(format!("run.output_dir={}", out.display()));
     let file = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/configs/default.toml"));

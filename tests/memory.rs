@@ -611,7 +611,7 @@ fn memory_build_prebuilds_from_a_run_or_a_config() -> TestResult {
 
     // From a config: --out is required; a run that starts from the file holds its entries and
     // the W_k they were made with.
-    let dir = std::env::temp_dir().join(format!("umtune-mem-build-{}", std::process::id()));
+    let dir = common::fresh_dir("mem-build");
     std::fs::create_dir_all(&dir)?;
     let config = dir.join("config.toml");
     std::fs::write(&config, cfg.to_toml()?)?;

@@ -14,7 +14,7 @@ fn edited_gpt2(
     edit: impl FnOnce(&mut Vec<(String, Tensor)>),
 ) -> Result<PathBuf, Box<dyn std::error::Error>> {
     let src = fixture("gpt2-tiny")?;
-    let dir = std::env::temp_dir().join(format!("umtune-load-{tag}-{}", std::process::id()));
+    let dir = common::fresh_dir(&format!("load-{tag}"));
     std::fs::create_dir_all(&dir)?;
     std::fs::copy(src.join("config.json"), dir.join("config.json"))?;
     let mut tensors = Tensor::read_safetensors(src.join("model.safetensors"))?;
@@ -105,7 +105,7 @@ fn corrupt_files_are_named() -> TestResult {
 /// with the other tests' threads reading the environment.
 #[test]
 fn hub_ids_use_the_local_cache_and_explain_misses() -> TestResult {
-    let home = std::env::temp_dir().join(format!("umtune-hf-{}", std::process::id()));
+    let home = common::fresh_dir("hf");
     let repo = home.join("hub").join("models--tiny-org--gpt2-tiny");
     let snapshot = repo.join("snapshots").join("0123abcd");
     std::fs::create_dir_all(&snapshot)?;

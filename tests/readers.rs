@@ -1,5 +1,6 @@
 //! Dataset readers on the real converted datasets and on small hand-written files, including
 //! the errors that name file, row and column.
+mod common;
 use std::path::PathBuf;
 use umtune::config::asset_cache;
 use umtune::data::readers::{read_split, Columns, Example, Task};
@@ -14,7 +15,7 @@ fn data(name: &str, split: &str) -> PathBuf {
 }
 
 fn temp(name: &str, text: &str) -> std::io::Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("umtune-readers-{}", std::process::id()));
+    let dir = common::fresh_dir("readers");
     std::fs::create_dir_all(&dir)?;
     let path = dir.join(name);
     std::fs::write(&path, text)?;

@@ -276,3 +276,135 @@ fn report_tables_every_run_of_a_group() -> TestResult {
     assert!(!e.status.success());
     Ok(())
 }
+
+/// The test-split accuracy and raw ECE a saved evaluation (`umtune eval --save`) recorded.
+fn saved_scores(
+    run: &std::path::Path,
+    protocol: &str,
+) -> Result<(f64, f64), Box<dyn std::error::Error>> {
+    let v = read_json(run.join("evals").join(format!("{protocol}.json")))?;
+    let test = &v["summary"]["test"];
+    let acc = test["accuracy"].as_f64().ok_or("accuracy")?;
+    let ece = test["calibration"]["ece"].as_f64().ok_or("ece")?;
+    Ok((acc, ece))
+}
+
+/// Mean and sample sd of two numbers.
+fn mean_sd2(a: f64, b: f64) -> (f64, f64) {
+    ((a + b) / 2.0, (a - b).abs() / std::f64::consts::SQRT_2)
+}
+
+/// `umtune report` over runs and their saved evaluations: one row per protocol, config and
+/// severity with the mean and sd over seeds of exactly the saved scores, label-noise runs as the
+/// third protocol (and their own groups), MC against the deterministic pass, and the pictures.
+#[test]
+fn report_draws_the_robustness_study_from_saved_evaluations() -> TestResult {
+    use umtune::train::evaluate::{evaluate, EvalArgs};
+    let base = tiny_config("study", PeftMethod::Lora)?;
+    let root = std::path::PathBuf::from(&base.run.output_dir);
+    let mut clean = Vec::new();
+    let mut noisy = Vec::new();
+    for (noise, seed) in [(0.0, 1), (0.0, 2), (0.25, 1), (0.25, 2)] {
+        let mut c = base.clone();
+        c.uncertainty.enabled = true;
+        c.run.seed = seed;
+        c.run.name = format!("um-s{seed}");
+        c.data.train_corruption.label_noise = noise;
+        c.run.output_dir = root
+            .join(format!("label_noise={noise}"))
+            .display()
+            .to_string();
+        let s = train(&c)?;
+        if noise > 0.0 {
+            noisy.push(s)
+        } else {
+            clean.push(s)
+        }
+    }
+    let save = |run: &std::path::Path, corrupt: Option<&str>, mc: Option<i64>| {
+        evaluate(&EvalArgs {
+            run_dir: run.to_path_buf(),
+            data: None,
+            corrupt: corrupt.map(String::from),
+            mc,
+            plots: None,
+            save: true,
+        })
+    };
+    for s in &clean {
+        save(&s.run_dir, Some("drop=0.5"), None)?;
+        save(&s.run_dir, Some("mask=0.5"), None)?;
+        save(&s.run_dir, None, Some(4))?;
+    }
+    // A noisy run's corrupted evaluation is not a point of the drop curve (its clean point is
+    // not at severity 0).
+    save(&noisy[0].run_dir, Some("drop=0.5"), None)?;
+    let out = Command::new(env!("CARGO_BIN_EXE_umtune"))
+        .args(["report", root.to_str().ok_or("path")?])
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let csv = std::fs::read_to_string(root.join("robustness.csv"))?;
+    let row = |protocol: &str, severity: &str| -> Result<Vec<String>, String> {
+        let prefix = format!("{protocol},uci-sentiment,um,{severity},");
+        let rows: Vec<&str> = csv.lines().filter(|l| l.starts_with(&prefix)).collect();
+        match rows[..] {
+            [r] => Ok(r.split(',').map(String::from).collect()),
+            _ => Err(format!("{} rows {prefix}..:\n{csv}", rows.len())),
+        }
+    };
+    let check = |r: &[String], (a, b): ((f64, f64), (f64, f64))| -> TestResult {
+        assert_eq!(r[4], "2", "seeds: {r:?}");
+        let (acc, acc_sd) = mean_sd2(a.0, b.0);
+        let (ece, ece_sd) = mean_sd2(a.1, b.1);
+        // The cells are printed to 4 decimals; the means and sds are of the same two numbers, so
+        // they agree within the rounding of the print (and a few ulps of the sum).
+        for (cell, want) in [(5, acc), (6, acc_sd), (7, ece), (8, ece_sd)] {
+            let got: f64 = r[cell].parse()?;
+            assert!(
+                (got - want).abs() <= 0.5e-4 + 1e-12,
+                "column {cell} of {r:?}: want {want}"
+            );
+        }
+        Ok(())
+    };
+    let test_scores = |s: &umtune::train::run_files::Summary| -> (f64, f64) {
+        let t = s.test.as_ref().expect("a test split");
+        (t.accuracy, t.calibration.as_ref().expect("calibration").ece)
+    };
+    let clean_pair = (test_scores(&clean[0]), test_scores(&clean[1]));
+    for protocol in ["drop", "mask"] {
+        check(&row(protocol, "0")?, clean_pair)?;
+        let name = format!("{protocol}=0.5");
+        let pair = (
+            saved_scores(&clean[0].run_dir, &name)?,
+            saved_scores(&clean[1].run_dir, &name)?,
+        );
+        check(&row(protocol, "0.5")?, pair)?;
+    }
+    check(&row("label_noise", "0")?, clean_pair)?;
+    check(
+        &row("label_noise", "0.25")?,
+        (test_scores(&noisy[0]), test_scores(&noisy[1])),
+    )?;
+    assert_eq!(csv.lines().count(), 1 + 6, "{csv}");
+    // Word drop at 0.5 of a 3-step model changes its scores: the curve is not flat by construction.
+    assert_ne!(row("drop", "0")?[5..9], row("drop", "0.5")?[5..9]);
+    let md = std::fs::read_to_string(root.join("robustness.md"))?;
+    let mc_row = md
+        .lines()
+        .find(|l| l.starts_with("| uci-sentiment | um | 4 | 2 |"))
+        .ok_or(format!("no MC row:\n{md}"))?;
+    let (det_ece, _) = mean_sd2(clean_pair.0 .1, clean_pair.1 .1);
+    assert!(mc_row.contains(&format!("| {det_ece:.4} ± ")), "{mc_row}");
+    for protocol in ["drop", "mask", "label_noise"] {
+        let png = root.join(format!("robustness-{protocol}-uci-sentiment.png"));
+        assert!(png.is_file(), "{} missing", png.display());
+    }
+    let groups = std::fs::read_to_string(root.join("groups.md"))?;
+    assert!(groups.contains("| um (label_noise=0.25) | 2 |"), "{groups}");
+    Ok(())
+}

@@ -129,7 +129,7 @@ fn srun_two_ranks_match_one_process() -> TestResult {
 #[test]
 fn a_warned_job_checkpoints_requeues_and_finishes_as_if_uninterrupted() -> TestResult {
     let _cluster = Cluster::up();
-    let out = std::env::temp_dir().join(format!("umtune-preempt-{}", std::process::id()));
+    let out = common::fresh_dir("preempt");
     std::fs::create_dir_all(&out)?;
     let sets = [
         "train.grad_accum=2",
@@ -218,7 +218,7 @@ fn a_warned_job_checkpoints_requeues_and_finishes_as_if_uninterrupted() -> TestR
 #[test]
 fn a_slurm_sweep_runs_as_a_job_array_and_report_summarizes_it() -> TestResult {
     let _cluster = Cluster::up();
-    let out = std::env::temp_dir().join(format!("umtune-sweep-{}", std::process::id()));
+    let out = common::fresh_dir("sweep");
     let args = train_args(&out, "unused", 4, 6, &[]);
     let config: PathBuf = args[1].clone().into();
     let mut sweep = vec![

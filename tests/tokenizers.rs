@@ -74,7 +74,7 @@ fn malformed_merges_name_the_file_and_line() -> TestResult {
 }
 
 fn tempdir() -> std::io::Result<std::path::PathBuf> {
-    let dir = std::env::temp_dir().join(format!("umtune-tok-{}", std::process::id()));
+    let dir = common::fresh_dir("tok");
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
 }

@@ -199,7 +199,7 @@ fn autocast_computes_in_bf16_and_restores_the_state() -> TestResult {
 fn poisoned_setup(
     tag: &str,
 ) -> Result<(std::path::PathBuf, std::path::PathBuf), Box<dyn std::error::Error>> {
-    let root = std::env::temp_dir().join(format!("umtune-nan-{tag}-{}", std::process::id()));
+    let root = common::fresh_dir(&format!("nan-{tag}"));
     let (model, data) = (root.join("model"), root.join("data"));
     std::fs::create_dir_all(&model)?;
     std::fs::create_dir_all(&data)?;

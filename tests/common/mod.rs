@@ -79,7 +79,7 @@ pub fn tiny_config_on(
     method: umtune::config::PeftMethod,
     model: &std::path::Path,
 ) -> Result<umtune::config::Config, Box<dyn std::error::Error>> {
-    let out = std::env::temp_dir().join(format!("umtune-train-{tag}-{}", std::process::id()));
+    let out = fresh_dir(&format!("train-{tag}"));
     let sets = [
         format!("model.source={}", model.display()),
         "model.device=cpu".into(),
@@ -200,4 +200,19 @@ pub fn ring_groups(world: usize) -> Vec<Box<dyn umtune::dist::Collective>> {
         })
         .collect();
     handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+/// A private scratch directory under the temp dir, named by `name` and this process's id, with
+/// anything an earlier process of the same id left there removed: pids repeat across boots of a
+/// CI image, and a stale run directory or file would otherwise be read as this test's.
+pub fn fresh_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("umtune-{name}-{}", std::process::id()));
+    if let Err(e) = std::fs::remove_dir_all(&dir) {
+        assert!(
+            e.kind() == std::io::ErrorKind::NotFound,
+            "cannot clear {}: {e}",
+            dir.display()
+        );
+    }
+    dir
 }

@@ -288,7 +288,7 @@ pub fn two_ranks_match_one_process(
     name: &str,
     mut launcher: Command,
 ) -> Result<(), Box<dyn std::error::Error>> {
-    let out = std::env::temp_dir().join(format!("umtune-{name}-{}", std::process::id()));
+    let out = super::fresh_dir(name);
     let one = Command::new(umtune_bin())
         .args(parity_args(&out, "w1", 8, 20, &[]))
         .output()?;
