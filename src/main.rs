@@ -18,6 +18,7 @@ use umtune::train::report::{
     collect_runs, results_table, sweep_report, write_results, ReportEntry,
 };
 use umtune::train::resume::Resume;
+use umtune::train::robustness::robustness_report;
 use umtune::train::sweep::{self, SweepArgs, SweepPlan};
 use umtune::train::trainer;
 
@@ -200,6 +201,7 @@ fn run(command: Command) -> Result<()> {
             let runs = collect_runs(&dir)?;
             emit(&write_results(&dir, &runs)?)?;
             emit(&sweep_report(&dir, &runs)?)?;
+            emit(&robustness_report(&dir, &runs)?)?;
         }
         Command::Config(args) => emit(&load_config(&args)?.to_toml()?)?,
         Command::Train(args) => train_job(&load_config(&args.config_args())?, &args.resume())?,

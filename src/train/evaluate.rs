@@ -28,6 +28,62 @@ pub struct EvalArgs {
     /// validation split without one, into this directory.
     #[arg(long, value_name = "DIR")]
     pub plots: Option<PathBuf>,
+    /// Keep the scores in the run directory as `evals/PROTOCOL.json` (e.g. `evals/drop=0.3.json`,
+    /// `evals/mc=16.json`), where `umtune report` draws the robustness curves from.
+    #[arg(long)]
+    pub save: bool,
+}
+
+/// The directory of a run's saved evaluations (`umtune eval --save`).
+pub const EVALS_DIR: &str = "evals";
+
+/// What a saved evaluation was: the corruption of the evaluated splits, the MC passes, another
+/// dataset; its file name is [`Protocol::name`].
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Protocol {
+    #[serde(default)]
+    pub corruption: Corruption,
+    #[serde(default)]
+    pub mc: Option<i64>,
+    #[serde(default)]
+    pub data: Option<String>,
+}
+
+impl Protocol {
+    /// `drop=0.3`, `mask=0.1,seed=7`, `mc=16`, `data=NAME,drop=0.3`; `clean` for none.
+    pub fn name(&self) -> String {
+        let c = &self.corruption;
+        let mut parts: Vec<String> = self
+            .data
+            .iter()
+            .map(|d| format!("data={}", d.replace(['/', '\\'], "_")))
+            .collect();
+        for (key, v) in [
+            ("drop", c.drop),
+            ("mask", c.mask),
+            ("label_noise", c.label_noise),
+        ] {
+            if v > 0.0 {
+                parts.push(format!("{key}={v}"));
+            }
+        }
+        if !c.is_none() && c.seed != Corruption::default().seed {
+            parts.push(format!("seed={}", c.seed));
+        }
+        parts.extend(self.mc.map(|n| format!("mc={n}")));
+        if parts.is_empty() {
+            "clean".into()
+        } else {
+            parts.join(",")
+        }
+    }
+}
+
+/// One file of `evals/`: the protocol and the run's summary with the scores under it.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct SavedEval {
+    pub protocol: Protocol,
+    pub summary: Summary,
 }
 
 /// What an evaluation found: the table row, and the corruption applied (when asked for one).
@@ -77,6 +133,24 @@ pub fn evaluate(args: &EvalArgs) -> Result<Evaluation> {
             "unfinished run, weights of step {}",
             run.weights_step.unwrap_or(0)
         );
+    }
+    if args.save {
+        let summary = entry
+            .summary
+            .clone()
+            .ok_or_else(|| Error::Internal("no summary".into()))?;
+        let protocol = Protocol {
+            corruption: run.config.data.eval_corruption,
+            mc: args.mc,
+            data: args.data.clone(),
+        };
+        let dir = run.dir.join(EVALS_DIR);
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        let path = dir.join(format!("{}.json", protocol.name()));
+        let saved = SavedEval { protocol, summary };
+        let text = serde_json::to_string_pretty(&saved)
+            .map_err(|e| Error::Internal(format!("saved evaluation: {e}")))?;
+        crate::atomic_file::write_atomic(&path, text.as_bytes())?;
     }
     Ok(Evaluation {
         corruption: args

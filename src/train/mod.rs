@@ -15,6 +15,7 @@ pub mod progress;
 pub mod report;
 pub mod restore;
 pub mod resume;
+pub mod robustness;
 pub mod run_dir;
 pub mod run_files;
 pub mod schedule;

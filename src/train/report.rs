@@ -5,6 +5,7 @@
 use super::eval::EvalResult;
 use super::run_files::{read_record, read_summary, Summary, METRICS_FILE, RUN_FILE, SUMMARY_FILE};
 use crate::error::{Error, Result};
+use crate::uncertainty::plots::{CurvePoint, Curves};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -159,31 +160,39 @@ pub fn write_results(dir: &Path, runs: &[ReportEntry]) -> Result<String> {
 }
 
 pub fn results_table(entries: &[ReportEntry]) -> String {
-    let line = |cells: &[String]| {
-        let cells: Vec<String> = cells.iter().map(|c| c.replace('|', "\\|")).collect();
-        format!("| {} |\n", cells.join(" | "))
-    };
-    let header: Vec<String> = RESULT_COLUMNS.iter().map(|c| c.to_string()).collect();
-    let mut out = line(&header);
-    out.push_str(&format!("|{}\n", "---|".repeat(RESULT_COLUMNS.len())));
-    for row in result_rows(entries) {
-        out.push_str(&line(&row));
-    }
-    out
+    markdown_table(&RESULT_COLUMNS, &result_rows(entries))
 }
 
 /// The same table as CSV (quoted by the `csv` crate where a field needs it).
 pub fn results_csv(entries: &[ReportEntry]) -> Result<String> {
-    let mut w = csv::Writer::from_writer(Vec::new());
-    let internal = |e: csv::Error| Error::Internal(format!("results CSV: {e}"));
-    w.write_record(RESULT_COLUMNS).map_err(internal)?;
-    for row in result_rows(entries) {
-        w.write_record(&row).map_err(internal)?;
-    }
-    let bytes = w
-        .into_inner()
-        .map_err(|e| Error::Internal(format!("results CSV: {e}")))?;
+    let bytes = csv_table("results", &RESULT_COLUMNS, &result_rows(entries))?;
     String::from_utf8(bytes).map_err(|e| Error::Internal(format!("results CSV: {e}")))
+}
+
+/// A markdown table (`|` in a cell escaped).
+pub(super) fn markdown_table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let line = |cells: &mut dyn Iterator<Item = &str>| {
+        let cells: Vec<String> = cells.map(|c| c.replace('|', "\\|")).collect();
+        format!("| {} |\n", cells.join(" | "))
+    };
+    let mut out = line(&mut header.iter().copied());
+    out.push_str(&format!("|{}\n", "---|".repeat(header.len())));
+    for row in rows {
+        out.push_str(&line(&mut row.iter().map(String::as_str)));
+    }
+    out
+}
+
+/// A CSV table (quoted by the `csv` crate where a field needs it); `what` names it in errors.
+pub(super) fn csv_table(what: &str, header: &[&str], rows: &[Vec<String>]) -> Result<Vec<u8>> {
+    let internal = |e: String| Error::Internal(format!("{what} CSV: {e}"));
+    let mut w = csv::Writer::from_writer(Vec::new());
+    w.write_record(header)
+        .map_err(|e| internal(e.to_string()))?;
+    for row in rows {
+        w.write_record(row).map_err(|e| internal(e.to_string()))?;
+    }
+    w.into_inner().map_err(|e| internal(e.to_string()))
 }
 
 /// Every run under `dir` (directories holding a `summary.json` or a `run.json`, searched
@@ -248,13 +257,7 @@ fn group_runs<'a>(
                 ),
                 None => continue,
             },
-            None => {
-                let stem = match name.rsplit_once("-s") {
-                    Some((stem, seed)) if seed.chars().all(|c| c.is_ascii_digit()) => stem,
-                    _ => name.as_str(),
-                };
-                (stem.to_string(), BTreeMap::new())
-            }
+            None => (line_name(&name, s), BTreeMap::new()),
         };
         match groups.iter_mut().find(|g| g.name == key) {
             Some(g) => g.runs.push(s),
@@ -268,8 +271,27 @@ fn group_runs<'a>(
     Ok((groups, plan))
 }
 
+/// A run's name without its `-sSEED` suffix.
+pub(super) fn seedless(name: &str) -> &str {
+    match name.rsplit_once("-s") {
+        Some((stem, seed)) if !seed.is_empty() && seed.chars().all(|c| c.is_ascii_digit()) => stem,
+        _ => name,
+    }
+}
+
+/// The group of a run outside a sweep: its name without the seed, and the training label noise
+/// when there was some (runs of one config under several noise levels share their names).
+fn line_name(name: &str, s: &Summary) -> String {
+    let noise = s.train_label_noise();
+    if noise > 0.0 {
+        format!("{} (label_noise={noise})", seedless(name))
+    } else {
+        seedless(name).to_string()
+    }
+}
+
 /// Mean, sample standard deviation, min and max.
-fn spread(xs: &[f64]) -> (f64, f64, f64, f64) {
+pub(super) fn spread(xs: &[f64]) -> (f64, f64, f64, f64) {
     let n = xs.len() as f64;
     let mean = xs.iter().sum::<f64>() / n;
     let sd = if xs.len() > 1 {
@@ -283,7 +305,7 @@ fn spread(xs: &[f64]) -> (f64, f64, f64, f64) {
 }
 
 /// The split a group is scored on: test when the run has one, else validation.
-fn scored(s: &Summary) -> &EvalResult {
+pub(super) fn scored(s: &Summary) -> &EvalResult {
     s.test.as_ref().unwrap_or(&s.validation)
 }
 
@@ -350,15 +372,9 @@ pub fn sweep_report(dir: &Path, entries: &[ReportEntry]) -> Result<String> {
         return Ok(String::new());
     }
     let rows = group_rows(&groups);
-    let line = |cells: &[String]| format!("| {} |\n", cells.join(" | "));
-    let header: Vec<String> = GROUP_COLUMNS.iter().map(|c| c.to_string()).collect();
     let mut md =
         String::from("\nMean and spread over seeds (test split, or validation without one):\n\n");
-    md.push_str(&line(&header));
-    md.push_str(&format!("|{}\n", "---|".repeat(GROUP_COLUMNS.len())));
-    for row in &rows {
-        md.push_str(&line(row));
-    }
+    md.push_str(&markdown_table(&GROUP_COLUMNS, &rows));
     let best = groups
         .iter()
         .max_by(|a, b| a.mean_accuracy().total_cmp(&b.mean_accuracy()))
@@ -374,21 +390,13 @@ pub fn sweep_report(dir: &Path, entries: &[ReportEntry]) -> Result<String> {
     if let Some(plan) = &plan {
         md.push_str(&missing_runs(plan, entries));
     }
-    let mut w = csv::Writer::from_writer(Vec::new());
-    let internal = |e: csv::Error| Error::Internal(format!("groups CSV: {e}"));
-    w.write_record(GROUP_COLUMNS).map_err(internal)?;
-    for row in &rows {
-        w.write_record(row).map_err(internal)?;
-    }
-    let bytes = w
-        .into_inner()
-        .map_err(|e| Error::Internal(format!("groups CSV: {e}")))?;
+    let bytes = csv_table("groups", &GROUP_COLUMNS, &rows)?;
     crate::atomic_file::write_atomic(&dir.join("groups.csv"), &bytes)?;
     crate::atomic_file::write_atomic(&dir.join("groups.md"), md.as_bytes())?;
     if let Some(plan) = &plan {
         if let Some(series) = sweep_series(plan, &groups) {
             let path = dir.join("sweep.png");
-            match crate::uncertainty::plots::write_sweep_plot(&path, &series) {
+            match crate::uncertainty::plots::write_curves_plot(&path, &series) {
                 Ok(()) => md.push_str(&format!("\nplot: {}\n", path.display())),
                 Err(e) => tracing::warn!("sweep plot skipped: {e}"),
             }
@@ -428,10 +436,7 @@ fn missing_runs(plan: &super::sweep::SweepPlan, entries: &[ReportEntry]) -> Stri
 /// The lines of the sweep plot: x is the first numeric grid axis (`train.lr` if it is one), one
 /// line per combination of the other axes' values, points (x, mean accuracy, mean calibrated
 /// ECE) sorted by x.
-fn sweep_series(
-    plan: &super::sweep::SweepPlan,
-    groups: &[Group],
-) -> Option<crate::uncertainty::plots::SweepSeries> {
+fn sweep_series(plan: &super::sweep::SweepPlan, groups: &[Group]) -> Option<Curves> {
     let numeric = |a: &&super::sweep::Axis| a.values.iter().all(|v| v.parse::<f64>().is_ok());
     let axis = plan
         .grid
@@ -439,7 +444,7 @@ fn sweep_series(
         .filter(numeric)
         .find(|a| a.key == "train.lr")
         .or_else(|| plan.grid.iter().find(numeric))?;
-    let mut lines: BTreeMap<String, Vec<(f64, f64, f64)>> = BTreeMap::new();
+    let mut lines: BTreeMap<String, Vec<CurvePoint>> = BTreeMap::new();
     for g in groups {
         let x = g.point.get(&axis.key)?.parse::<f64>().ok()?;
         let label: Vec<String> = g
@@ -453,23 +458,47 @@ fn sweep_series(
         } else {
             label.join(", ")
         };
-        let mean = |f: &dyn Fn(&EvalResult) -> Option<f64>| {
-            let xs: Vec<f64> = g.runs.iter().filter_map(|s| f(scored(s))).collect();
-            if xs.is_empty() {
-                f64::NAN
-            } else {
-                spread(&xs).0
-            }
-        };
-        let acc = mean(&|e| Some(e.accuracy));
-        let ece = mean(&|e| e.calibrated.as_ref().map(|c| c.ece));
-        lines.entry(label).or_default().push((x, acc, ece));
+        let results: Vec<&EvalResult> = g.runs.iter().map(|s| scored(s)).collect();
+        lines.entry(label).or_default().push(curve_point(
+            x,
+            &results,
+            [
+                |e| Some(e.accuracy),
+                |e| e.calibrated.as_ref().map(|c| c.ece),
+            ],
+        ));
     }
     for pts in lines.values_mut() {
-        pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+        pts.sort_by(|a, b| a.x.total_cmp(&b.x));
     }
-    Some(crate::uncertainty::plots::SweepSeries {
+    Some(Curves {
         x_label: axis.key.clone(),
+        titles: [
+            "accuracy (mean and sd over seeds)".into(),
+            "ECE after temperature (mean and sd over seeds)".into(),
+        ],
         lines: lines.into_iter().collect(),
     })
+}
+
+/// A score of one evaluation (`None` where it was not computed).
+pub(super) type Metric = fn(&EvalResult) -> Option<f64>;
+
+/// The point at `x` of a line over seeds: the mean and sample sd of the two metrics.
+pub(super) fn curve_point(x: f64, results: &[&EvalResult], metrics: [Metric; 2]) -> CurvePoint {
+    let stat = |m: Metric| {
+        let xs: Vec<f64> = results.iter().filter_map(|e| m(e)).collect();
+        if xs.is_empty() {
+            (f64::NAN, 0.0)
+        } else {
+            let (mean, sd, _, _) = spread(&xs);
+            (mean, sd)
+        }
+    };
+    let (a, b) = (stat(metrics[0]), stat(metrics[1]));
+    CurvePoint {
+        x,
+        mean: [a.0, b.0],
+        sd: [a.1, b.1],
+    }
 }

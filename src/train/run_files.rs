@@ -208,6 +208,9 @@ impl Summary {
 
 /// The hyper-parameters of `cfg` a report groups runs by: optimization, the PEFT method, the
 /// seed, and which parts of the method are on.
+/// The hyper-parameter key of the training labels' noise (the robustness protocol's third axis).
+pub const TRAIN_LABEL_NOISE: &str = "data.train_corruption.label_noise";
+
 pub fn hyper_parameters(cfg: &Config) -> BTreeMap<String, serde_json::Value> {
     use serde_json::json;
     let t = &cfg.train;
@@ -224,10 +227,22 @@ pub fn hyper_parameters(cfg: &Config) -> BTreeMap<String, serde_json::Value> {
         ("run.seed".into(), json!(cfg.run.seed)),
         ("uncertainty.enabled".into(), json!(cfg.uncertainty.enabled)),
         ("memory.enabled".into(), json!(cfg.memory.enabled)),
+        (
+            TRAIN_LABEL_NOISE.into(),
+            json!(cfg.data.train_corruption.label_noise),
+        ),
     ])
 }
 
 impl Summary {
+    /// The fraction of training labels flipped (0 for runs older than the key).
+    pub fn train_label_noise(&self) -> f64 {
+        self.hyper
+            .get(TRAIN_LABEL_NOISE)
+            .and_then(serde_json::Value::as_f64)
+            .unwrap_or(0.0)
+    }
+
     /// Whether every metric is a finite number.
     pub fn is_finite(&self) -> bool {
         self.validation.is_finite() && self.test.as_ref().is_none_or(EvalResult::is_finite)

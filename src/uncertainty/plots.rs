@@ -195,34 +195,45 @@ fn draw_risk_coverage(path: &Path, view: &CalibrationView) -> std::result::Resul
     root.present().map_err(|e| e.to_string())
 }
 
-/// One point of a sweep's line: (x, accuracy, calibrated ECE).
-pub type SweepPoint = (f64, f64, f64);
-
-/// The lines of a sweep's plot: `(label, points)`, x ascending.
-pub struct SweepSeries {
-    pub x_label: String,
-    pub lines: Vec<(String, Vec<SweepPoint>)>,
+/// One point of a line: x, and for each of the two panels the mean over seeds and its sample
+/// standard deviation (drawn as a band around the line; 0 draws none).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CurvePoint {
+    pub x: f64,
+    pub mean: [f64; 2],
+    pub sd: [f64; 2],
 }
 
-const PALETTE: [RGBColor; 6] = [
+/// Two panels of lines against one x: `(label, points)`, x ascending.
+pub struct Curves {
+    pub x_label: String,
+    /// The two panels' titles (the metric each shows).
+    pub titles: [String; 2],
+    pub lines: Vec<(String, Vec<CurvePoint>)>,
+}
+
+const PALETTE: [RGBColor; 8] = [
     RAW,
     CALIBRATED,
     RGBColor(44, 160, 44),
     RGBColor(148, 103, 189),
     RGBColor(255, 127, 14),
     RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
 ];
 
-/// `path`: mean accuracy (left) and calibrated ECE (right) against the sweep's axis, log-scaled
-/// when every x is positive, one line per series. Same guards as the calibration plots.
-pub fn write_sweep_plot(path: &Path, series: &SweepSeries) -> Result<()> {
+/// `path`: the two panels of `curves` side by side, x log-scaled when every x is positive (a
+/// learning-rate sweep), one line per series with its seed spread as a band. Same guards as the
+/// calibration plots.
+pub fn write_curves_plot(path: &Path, curves: &Curves) -> Result<()> {
     if !fontconfig_available() {
         return Err(plot_err(path)(
             "libfontconfig.so.1 cannot be loaded (install fontconfig for the PNGs)".into(),
         ));
     }
     let drawn = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        draw_sweep(path, series).map_err(plot_err(path))
+        draw_curves(path, curves).map_err(plot_err(path))
     }));
     let result =
         drawn.unwrap_or_else(|_| Err(plot_err(path)("the drawing library panicked".into())));
@@ -232,20 +243,26 @@ pub fn write_sweep_plot(path: &Path, series: &SweepSeries) -> Result<()> {
     result
 }
 
-fn draw_sweep(path: &Path, s: &SweepSeries) -> std::result::Result<(), String> {
-    let xs: Vec<f64> = s
-        .lines
-        .iter()
-        .flat_map(|(_, p)| p.iter().map(|q| q.0))
-        .collect();
-    let (lo, hi) = xs
-        .iter()
-        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &x| {
-            (a.min(x), b.max(x))
+/// The finite range of `values`, or `fallback` when there is none.
+fn range(values: impl Iterator<Item = f64>, fallback: (f64, f64)) -> (f64, f64) {
+    let (lo, hi) = values
+        .filter(|v| v.is_finite())
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| {
+            (a.min(v), b.max(v))
         });
-    if !lo.is_finite() {
+    if lo.is_finite() {
+        (lo, hi)
+    } else {
+        fallback
+    }
+}
+
+fn draw_curves(path: &Path, s: &Curves) -> std::result::Result<(), String> {
+    let all = || s.lines.iter().flat_map(|(_, p)| p.iter());
+    if all().next().is_none() {
         return Err("no points".into());
     }
+    let (lo, hi) = range(all().map(|p| p.x), (0.0, 1.0));
     let log = lo > 0.0;
     // Log axes are drawn on log10(x), labelled with x.
     let tx = |x: f64| if log { x.log10() } else { x };
@@ -254,31 +271,14 @@ fn draw_sweep(path: &Path, s: &SweepSeries) -> std::result::Result<(), String> {
     let root = BitMapBackend::new(path, (1000, 460)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| e.to_string())?;
     let panels = root.split_evenly((1, 2));
-    type Metric = (&'static str, fn(&SweepPoint) -> f64);
-    let metrics: [Metric; 2] = [
-        ("accuracy (mean over seeds)", |p| p.1),
-        ("ECE after temperature (mean over seeds)", |p| p.2),
-    ];
-    for ((title, pick), area) in metrics.iter().zip(panels.iter()) {
-        let ys: Vec<f64> = s
-            .lines
-            .iter()
-            .flat_map(|(_, p)| p.iter().map(pick))
-            .filter(|y| y.is_finite())
-            .collect();
-        let (ylo, yhi) = ys
-            .iter()
-            .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &y| {
-                (a.min(y), b.max(y))
-            });
-        let (ylo, yhi) = if ylo.is_finite() {
-            (ylo, yhi)
-        } else {
-            (0.0, 1.0)
-        };
+    for (k, area) in panels.iter().enumerate() {
+        let (ylo, yhi) = range(
+            all().flat_map(|p| [p.mean[k] - p.sd[k], p.mean[k] + p.sd[k]]),
+            (0.0, 1.0),
+        );
         let ypad = ((yhi - ylo) * 0.1).max(0.01);
         let mut chart = ChartBuilder::on(area)
-            .caption(*title, ("sans-serif", 17))
+            .caption(&s.titles[k], ("sans-serif", 17))
             .margin(12)
             .x_label_area_size(40)
             .y_label_area_size(55)
@@ -304,20 +304,27 @@ fn draw_sweep(path: &Path, s: &SweepSeries) -> std::result::Result<(), String> {
             .map_err(|e| e.to_string())?;
         for (i, (name, pts)) in s.lines.iter().enumerate() {
             let color = PALETTE[i % PALETTE.len()];
-            let pts: Vec<(f64, f64)> = pts
-                .iter()
-                .map(|p| (tx(p.0), pick(p)))
-                .filter(|p| p.1.is_finite())
-                .collect();
+            let pts: Vec<&CurvePoint> = pts.iter().filter(|p| p.mean[k].is_finite()).collect();
+            if pts.iter().any(|p| p.sd[k] > 0.0) {
+                let upper = pts.iter().map(|p| (tx(p.x), p.mean[k] + p.sd[k]));
+                let lower = pts.iter().rev().map(|p| (tx(p.x), p.mean[k] - p.sd[k]));
+                chart
+                    .draw_series(std::iter::once(Polygon::new(
+                        upper.chain(lower).collect::<Vec<_>>(),
+                        color.mix(0.15).filled(),
+                    )))
+                    .map_err(|e| e.to_string())?;
+            }
+            let line: Vec<(f64, f64)> = pts.iter().map(|p| (tx(p.x), p.mean[k])).collect();
             chart
-                .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
+                .draw_series(LineSeries::new(line.clone(), color.stroke_width(2)))
                 .map_err(|e| e.to_string())?
                 .label(name.clone())
                 .legend(move |(x, y)| {
                     PathElement::new([(x, y), (x + 18, y)], color.stroke_width(2))
                 });
             chart
-                .draw_series(pts.iter().map(|&p| Circle::new(p, 4, color.filled())))
+                .draw_series(line.iter().map(|&p| Circle::new(p, 4, color.filled())))
                 .map_err(|e| e.to_string())?;
         }
         chart
