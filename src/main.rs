@@ -202,6 +202,7 @@ fn run(command: Command) -> Result<()> {
             emit(&write_results(&dir, &runs)?)?;
             emit(&sweep_report(&dir, &runs)?)?;
             emit(&robustness_report(&dir, &runs)?)?;
+            emit(&umtune::train::curves::report_curves(&dir, &runs))?;
         }
         Command::Config(args) => emit(&load_config(&args)?.to_toml()?)?,
         Command::Train(args) => train_job(&load_config(&args.config_args())?, &args.resume())?,

@@ -2,6 +2,7 @@
 //! path), the run directory (the only writer of run files), restoring, exporting and predicting
 //! from a run, reports and metrics.
 pub mod checkpoint;
+pub mod curves;
 pub mod diagnostics;
 pub mod eval;
 pub mod evaluate;

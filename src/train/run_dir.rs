@@ -427,7 +427,8 @@ impl RunDir {
         write_atomic(&self.path.join(CALIBRATION_FILE), &json)
     }
 
-    /// The calibration pictures of the final outputs (see [`super::eval::write_plots`]).
+    /// The calibration pictures of the final outputs (see [`super::eval::write_plots`]) and the
+    /// training curves (`curves.png`, [`super::curves`]).
     pub fn write_plots(
         &self,
         validation: &super::eval::Outputs,
@@ -437,6 +438,9 @@ impl RunDir {
     ) {
         if self.writer {
             super::eval::write_plots(&self.path, validation, test, label_names, temperature);
+            if let Err(e) = super::curves::write_run_curves(&self.path) {
+                tracing::warn!("training curves skipped: {e}");
+            }
         }
     }
 

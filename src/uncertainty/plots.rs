@@ -227,13 +227,19 @@ const PALETTE: [RGBColor; 8] = [
 /// learning-rate sweep), one line per series with its seed spread as a band. Same guards as the
 /// calibration plots.
 pub fn write_curves_plot(path: &Path, curves: &Curves) -> Result<()> {
+    guarded(path, || draw_curves(path, curves))
+}
+
+/// Draws one picture at `path` with the calibration plots' guards: no fontconfig, an error or a
+/// panic of the drawing library are an error naming the file, and no half-drawn file stays.
+fn guarded(path: &Path, draw: impl FnOnce() -> std::result::Result<(), String>) -> Result<()> {
     if !fontconfig_available() {
         return Err(plot_err(path)(
             "libfontconfig.so.1 cannot be loaded (install fontconfig for the PNGs)".into(),
         ));
     }
     let drawn = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        draw_curves(path, curves).map_err(plot_err(path))
+        draw().map_err(plot_err(path))
     }));
     let result =
         drawn.unwrap_or_else(|_| Err(plot_err(path)("the drawing library panicked".into())));
@@ -241,6 +247,101 @@ pub fn write_curves_plot(path: &Path, curves: &Curves) -> Result<()> {
         let _ = std::fs::remove_file(path);
     }
     result
+}
+
+/// One line of a panel; a faint one (raw values under their smoothed line) is drawn thin and light.
+pub struct PanelLine {
+    pub label: String,
+    pub points: Vec<(f64, f64)>,
+    pub faint: bool,
+    /// Index into the palette (lines of one series share it across panels).
+    pub color: usize,
+}
+
+/// One panel of a multi-panel picture against the optimizer step.
+pub struct Panel {
+    pub title: String,
+    pub y_label: String,
+    pub lines: Vec<PanelLine>,
+}
+
+/// `path`: `panels` in a grid of `columns`, each with the step on x; an empty panel says so.
+pub fn write_panels(path: &Path, panels: &[Panel], columns: usize) -> Result<()> {
+    guarded(path, || draw_panels(path, panels, columns.max(1)))
+}
+
+fn draw_panels(path: &Path, panels: &[Panel], columns: usize) -> std::result::Result<(), String> {
+    let rows = panels.len().div_ceil(columns).max(1);
+    let root =
+        BitMapBackend::new(path, (500 * columns as u32, 380 * rows as u32)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| e.to_string())?;
+    let areas = root.split_evenly((rows, columns));
+    for (panel, area) in panels.iter().zip(areas.iter()) {
+        let all = || panel.lines.iter().flat_map(|l| l.points.iter());
+        let (x0, x1) = range(all().map(|p| p.0), (0.0, 1.0));
+        let (y0, y1) = range(all().map(|p| p.1), (0.0, 1.0));
+        let (xpad, ypad) = (((x1 - x0) * 0.03).max(0.5), ((y1 - y0) * 0.08).max(1e-6));
+        let title = if all().next().is_none() {
+            format!("{} (nothing logged)", panel.title)
+        } else {
+            panel.title.clone()
+        };
+        let mut chart = ChartBuilder::on(area)
+            .caption(title, ("sans-serif", 17))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(65)
+            .build_cartesian_2d((x0 - xpad)..(x1 + xpad), (y0 - ypad)..(y1 + ypad))
+            .map_err(|e| e.to_string())?;
+        chart
+            .configure_mesh()
+            .x_desc("optimizer step")
+            .y_desc(panel.y_label.as_str())
+            .y_label_formatter(&|v| {
+                if *v == 0.0 || (1e-2..1e4).contains(&v.abs()) {
+                    format!("{v:.3}")
+                } else {
+                    format!("{v:.1e}")
+                }
+            })
+            .light_line_style(WHITE)
+            .draw()
+            .map_err(|e| e.to_string())?;
+        for line in &panel.lines {
+            let color = PALETTE[line.color % PALETTE.len()];
+            let style = if line.faint {
+                color.mix(0.3).stroke_width(1)
+            } else {
+                color.stroke_width(2)
+            };
+            let drawn = chart
+                .draw_series(LineSeries::new(line.points.iter().copied(), style))
+                .map_err(|e| e.to_string())?;
+            if !line.label.is_empty() {
+                drawn
+                    .label(line.label.clone())
+                    .legend(move |(x, y)| PathElement::new([(x, y), (x + 18, y)], style));
+            }
+            if line.points.len() == 1 {
+                chart
+                    .draw_series(
+                        line.points
+                            .iter()
+                            .map(|&p| Circle::new(p, 4, color.filled())),
+                    )
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+        if panel.lines.iter().any(|l| !l.label.is_empty()) {
+            chart
+                .configure_series_labels()
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK.mix(0.4))
+                .draw()
+                .map_err(|e| e.to_string())?;
+        }
+    }
+    root.present().map_err(|e| e.to_string())
 }
 
 /// The finite range of `values`, or `fallback` when there is none.
