@@ -275,6 +275,8 @@ pub struct TrainConfig {
     /// Evaluate on the validation split every N steps (0: only at the end).
     pub eval_every: usize,
     pub log_every: usize,
+    /// Also log to TensorBoard event files in `RUN/tb/` (rank 0).
+    pub tensorboard: bool,
     /// Stop after this many consecutive steps with a non-finite loss.
     pub max_bad_steps: usize,
     /// Mixed precision for forward passes: "off", "bf16" or "f16" (matmuls in that dtype on
@@ -327,6 +329,7 @@ impl Default for TrainConfig {
             max_grad_norm: 1.0,
             eval_every: 0,
             log_every: 10,
+            tensorboard: true,
             max_bad_steps: 10,
             autocast: Autocast::Off,
             activation_checkpointing: Checkpointing::OFF,

@@ -59,6 +59,7 @@ const MEMORY: &str = "memory.index.json";
 /// batch (the checkpoint's global batch is kept whatever it says).
 pub const SAFE_ON_RESUME: &[&str] = &[
     "train.log_every",
+    "train.tensorboard",
     "train.eval_every",
     "train.max_steps",
     // Recomputation changes what is kept, not what is computed.

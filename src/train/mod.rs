@@ -23,4 +23,5 @@ pub mod schedule;
 pub mod seqeval;
 pub mod setup;
 pub mod sweep;
+pub mod tensorboard;
 pub mod trainer;

@@ -272,7 +272,11 @@ impl RunDir {
     pub fn metrics_from(&self, step: usize, last: bool) -> Result<MetricsLog> {
         let path = self.path.join(METRICS_FILE);
         if !self.writer {
-            return Ok(MetricsLog { file: None, path });
+            return Ok(MetricsLog {
+                file: None,
+                path,
+                tb: None,
+            });
         }
         let text = match std::fs::read_to_string(&path) {
             Ok(t) => t,
@@ -300,6 +304,7 @@ impl RunDir {
         Ok(MetricsLog {
             file: Some(file),
             path,
+            tb: None,
         })
     }
 
@@ -311,7 +316,11 @@ impl RunDir {
         } else {
             None
         };
-        Ok(MetricsLog { file, path })
+        Ok(MetricsLog {
+            file,
+            path,
+            tb: None,
+        })
     }
 
     /// Saves the trained tensors (and the memory) as the weights of `step`, with their digests,
@@ -470,12 +479,21 @@ fn run_name(cfg: &Config) -> String {
     format!("{dataset}-{}-s{}", cfg.peft.method.name(), cfg.run.seed)
 }
 
-/// Appends JSON lines to `metrics.jsonl`, flushed line by line so a crash loses at most one.
+/// Appends JSON lines to `metrics.jsonl`, flushed line by line so a crash loses at most one, and
+/// with `train.tensorboard` the same numbers to TensorBoard event files ([`super::tensorboard`]).
 /// On ranks that do not write, a sink.
 pub struct MetricsLog {
     file: Option<std::fs::File>,
     path: PathBuf,
+    tb: Option<super::tensorboard::EventWriter>,
 }
+
+/// The run's pictures that go to TensorBoard at the end, with their tags.
+const TB_IMAGES: [(&str, &str); 3] = [
+    ("calibration/reliability", "reliability.png"),
+    ("calibration/risk_coverage", "risk_coverage.png"),
+    ("curves", super::curves::CURVES_FILE),
+];
 
 impl MetricsLog {
     pub fn write(&mut self, value: serde_json::Value) -> Result<()> {
@@ -484,6 +502,41 @@ impl MetricsLog {
         };
         writeln!(file, "{value}")
             .and_then(|_| file.flush())
-            .map_err(|e| Error::io(&self.path, e))
+            .map_err(|e| Error::io(&self.path, e))?;
+        self.tensorboard(|tb| tb.metrics_line(&value));
+        Ok(())
+    }
+
+    /// Also writes TensorBoard event files under `run_dir/tb` (a new file; a resumed run's
+    /// `resumed_at` replaces what the earlier ones logged after it).
+    pub fn with_tensorboard(mut self, run_dir: &Path, resumed_at: Option<usize>) -> Result<Self> {
+        if self.file.is_some() {
+            let dir = run_dir.join(super::tensorboard::TB_DIR);
+            self.tb = Some(super::tensorboard::EventWriter::create(&dir, resumed_at)?);
+        }
+        Ok(self)
+    }
+
+    /// The run's pictures (those that were drawn) as TensorBoard images at `step`.
+    pub fn images(&mut self, run_dir: &Path, step: usize) {
+        for (tag, file) in TB_IMAGES {
+            let png = run_dir.join(file);
+            if png.is_file() {
+                self.tensorboard(|tb| tb.image(tag, step, &png));
+            }
+        }
+    }
+
+    /// A failed TensorBoard write is a warning and ends the TensorBoard log, never the run.
+    fn tensorboard(
+        &mut self,
+        write: impl FnOnce(&mut super::tensorboard::EventWriter) -> Result<()>,
+    ) {
+        if let Some(tb) = &mut self.tb {
+            if let Err(e) = write(tb) {
+                tracing::warn!("TensorBoard log stopped: {e}");
+                self.tb = None;
+            }
+        }
     }
 }

@@ -125,7 +125,10 @@ pub fn train_resuming(
                 Some(path) => RunDir::create_at(path, cfg, ctx, &data.label_names, total)?,
                 None => RunDir::create(cfg, ctx, &data.label_names, total)?,
             };
-            let log = run.metrics()?;
+            let mut log = run.metrics()?;
+            if cfg.train.tensorboard {
+                log = log.with_tensorboard(run.path(), None)?;
+            }
             (run, log, 1, LoopState::default())
         }
         Start::Finished(run) => {
@@ -140,7 +143,10 @@ pub fn train_resuming(
             sampler.state = manifest.sampler();
             let mut run = RunDir::resume(run, ctx, total)?;
             run.set_step(manifest.step);
-            let log = run.metrics_from(manifest.step, manifest.step == total)?;
+            let mut log = run.metrics_from(manifest.step, manifest.step == total)?;
+            if cfg.train.tensorboard {
+                log = log.with_tensorboard(run.path(), Some(manifest.step))?;
+            }
             tracing::info!(checkpoint = %dir.display(), step = manifest.step, world_size = manifest.world_size, "resuming");
             (run, log, manifest.step + 1, manifest.loop_state.clone())
         }
@@ -376,6 +382,7 @@ pub fn train_resuming(
             &data.label_names,
             model.temperature,
         );
+        log.images(run.path(), total);
         run.save_weights(&model, total)?;
         let trainable_params = model.trainable_params();
         let summary = Summary {
