@@ -244,8 +244,10 @@ fn report_tables_every_run_of_a_group() -> TestResult {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // The results table, then (two runs with logs) their training curves.
     let md = std::fs::read_to_string(group.join("results.md"))?;
-    assert_eq!(md, String::from_utf8(out.stdout)?);
+    let curves = format!("\nplot: {}\n", group.join("curves.png").display());
+    assert_eq!(md + &curves, String::from_utf8(out.stdout)?);
     let csv = std::fs::read_to_string(group.join("results.csv"))?;
     let lines: Vec<&str> = csv.lines().collect();
     assert_eq!(
