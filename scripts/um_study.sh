@@ -9,6 +9,8 @@
 #          (`umtune eval --corrupt drop=X --save` -> RUN/evals/drop=X.json)
 #   mc     the clean runs of MC_CONFIGS (default: those of CONFIGS with uncertainty modeling)
 #          scored with MC passes (`--mc MC --save` -> RUN/evals/mc=MC.json)
+#   differ each seed's test predictions of every config against LoRA's (`umtune predict`):
+#          how many of the test examples each config labels otherwise -> OUT/differ.md
 # and then `umtune report OUT`: results.md, groups.md (mean and sd over seeds per config, the
 # label-noise runs as their own groups), robustness.md/.csv (accuracy and ECE against severity per
 # protocol, MC against the deterministic pass) and robustness-PROTOCOL-DATASET.png.
@@ -21,7 +23,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/um-study}
-STAGES=${STAGES:-"train noise eval mc"}
+STAGES=${STAGES:-"train noise eval mc differ"}
 CONFIGS=${CONFIGS:-"lora lora-um lora-um-absolute-l1 lora-um-ema"}
 NOISE_CONFIGS=${NOISE_CONFIGS:-$CONFIGS}
 DATASETS=${DATASETS:-"uci-sentiment"}
@@ -75,4 +77,40 @@ runs() {
     done
   fi
 } | xargs -P "$JOBS" -L 1 bash -c 'eval_one "$@"' _
+if has differ; then
+  cache=${UMTUNE_CACHE:-$HOME/.cache/umtune}
+  {
+    echo "| dataset | seed | config | test examples | labelled otherwise than LoRA |"
+    echo "|---|---|---|---|---|"
+    for ds in $DATASETS; do
+      jsonl="$OUT/$ds-test.jsonl"
+      [ -e "$jsonl" ] || .venv/bin/python -c '
+import json, sys, pyarrow.parquet as pq
+with open(sys.argv[2], "w") as f:
+    for row in pq.read_table(sys.argv[1]).to_pylist():
+        f.write(json.dumps({"text": row["text"]}) + "\n")' "$cache/data/$ds/test.parquet" "$jsonl"
+      for seed in $SEEDS; do
+        for cfg in $CONFIGS; do
+          run="$OUT/clean/$cfg-$ds-s$seed"
+          [ -e "$run/summary.json" ] || continue
+          [ -e "$run/test-predictions.jsonl" ] ||
+            $bin predict "$run" --input "$jsonl" --output "$run/test-predictions.jsonl" 2>>"$run/evals.log"
+        done
+        base="$OUT/clean/lora-$ds-s$seed/test-predictions.jsonl"
+        [ -e "$base" ] || continue
+        for cfg in $CONFIGS; do
+          p="$OUT/clean/$cfg-$ds-s$seed/test-predictions.jsonl"
+          [ "$cfg" != lora ] && [ -e "$p" ] || continue
+          .venv/bin/python -c '
+import json, sys
+a = [json.loads(l)["label_id"] for l in open(sys.argv[1])]
+b = [json.loads(l)["label_id"] for l in open(sys.argv[2])]
+print(f"| {sys.argv[3]} | {sys.argv[4]} | {sys.argv[5]} | {len(a)} | {sum(x != y for x, y in zip(a, b))} |")' \
+            "$base" "$p" "$ds" "$seed" "$cfg"
+        done
+      done
+    done
+  } >"$OUT/differ.md"
+  cat "$OUT/differ.md"
+fi
 $bin report "$OUT"
