@@ -204,3 +204,206 @@ fn ner_predictions_per_word_equal_peft_token_classification() -> TestResult {
     }
     Ok(())
 }
+
+/// What transformers alone makes of a merged export: per example the probabilities (per token
+/// with `token`), the tokenizer's ids of each text, and the config's labels and class.
+fn merged_reference(
+    model: &std::path::Path,
+    ids: &[Vec<i64>],
+    texts: &[&str],
+    token: bool,
+) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
+    let python = concat!(env!("CARGO_MANIFEST_DIR"), "/.venv/bin/python");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/merged_reference.py");
+    let mut child = Command::new(python)
+        .arg(script)
+        .arg(model)
+        .args(token.then_some("token"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let request = serde_json::json!({"ids": ids, "texts": texts});
+    child
+        .stdin
+        .take()
+        .ok_or("stdin")?
+        .write_all(request.to_string().as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        return Err(format!(
+            "merged_reference.py failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+        .into());
+    }
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+fn token_ids(
+    run: &umtune::train::restore::LoadedRun,
+    texts: &[&str],
+) -> Result<Vec<Vec<i64>>, Box<dyn std::error::Error>> {
+    texts
+        .iter()
+        .map(|t| {
+            Ok(run
+                .model
+                .tokenizer()?
+                .encode(t)?
+                .into_iter()
+                .map(i64::from)
+                .collect())
+        })
+        .collect()
+}
+
+/// The merged model's probabilities equal `umtune predict`'s within 1e-5: both compute in f32
+/// from the same weights, umtune as `W x + s B (A x)` and transformers as `(W + s B A) x`, which
+/// differ by rounding (a few 1e-7 relative per product) through two tiny blocks — orders of
+/// magnitude under 1e-5 on probabilities.
+const MERGED_TOLERANCE: f64 = 1e-5;
+
+/// `umtune export --format merged` of a classification run on a GPT-2, a LLaMA and a GGUF LLaMA
+/// base: transformers' AutoModelForSequenceClassification loads it without peft and predicts what
+/// `umtune predict` predicts; its tokenizer gives umtune's ids; labels and class are in
+/// config.json; a forced small shard size gives shards and an index that load the same.
+#[test]
+fn merged_export_loads_in_transformers_and_predicts_the_same() -> TestResult {
+    use umtune::train::export_merged::export_merged;
+    let gguf = fixture("llama-tiny-gguf")?.join("tiny.gguf");
+    for (name, base) in [
+        ("gpt2-tiny", fixture("gpt2-tiny")?),
+        ("llama-tiny-untied", fixture("llama-tiny-untied")?),
+        ("llama-tiny-gguf", gguf),
+    ] {
+        let out = common::fresh_dir(&format!("merged-{name}"));
+        let (summary, run) = short_lora_run(&base, &out, &[])?;
+        let texts: Vec<String> = TEXTS.iter().map(|s| s.to_string()).collect();
+        let ours = predict(&run, &texts, 3)?;
+        let ids = token_ids(&run, TEXTS)?;
+        for (shard, dir) in [(5u64 << 30, "merged"), (40 << 10, "sharded")] {
+            let model = out.join(dir);
+            let files = export_merged(&run, &model, false, shard)?;
+            let sharded = files.iter().any(|f| f.ends_with(".index.json"));
+            assert_eq!(sharded, dir == "sharded", "{name}: {files:?}");
+            let theirs = merged_reference(&model, &ids, TEXTS, false)?;
+            let class = theirs["class"].as_str().unwrap_or("");
+            assert!(
+                class.ends_with("ForSequenceClassification"),
+                "{name}: {class}"
+            );
+            for (i, label) in summary.label_names.iter().enumerate() {
+                assert_eq!(theirs["id2label"][i.to_string()], *label, "{name}");
+            }
+            assert_eq!(
+                theirs["tokenized"],
+                serde_json::json!(ids),
+                "{name}: tokenizer"
+            );
+            for ((o, t), text) in ours
+                .iter()
+                .zip(theirs["probabilities"].as_array().ok_or("probs")?)
+                .zip(TEXTS)
+            {
+                let t: Vec<f64> = serde_json::from_value(t.clone())?;
+                for (a, b) in o.probabilities.iter().zip(&t) {
+                    assert!(
+                        (a - b).abs() < MERGED_TOLERANCE,
+                        "{name} {dir} {text:?}: umtune {:?} vs transformers {t:?}",
+                        o.probabilities
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The same for NER: AutoModelForTokenClassification's per-token probabilities at each word's
+/// first token equal `umtune predict`'s per word.
+#[test]
+fn merged_ner_export_loads_as_a_token_classifier() -> TestResult {
+    use umtune::data::batching::{encode, IGNORE};
+    use umtune::data::readers::Example;
+    use umtune::train::export_merged::export_merged;
+    use umtune::train::predict::predict_tags;
+    let sentences: Vec<Vec<String>> = [
+        "EU rejects German call to boycott British lamb .",
+        "Peter Blackburn",
+    ]
+    .iter()
+    .map(|s| s.split(' ').map(String::from).collect())
+    .collect();
+    for name in ["gpt2-tiny", "llama-tiny-untied"] {
+        let base = fixture(name)?;
+        let out = common::fresh_dir(&format!("merged-ner-{name}"));
+        let ner = [
+            "data.dataset=conll2003",
+            "data.task=ner",
+            "data.max_length=48",
+        ];
+        let (_, run) = short_lora_run(&base, &out, &ner)?;
+        let model = out.join("merged");
+        export_merged(&run, &model, false, 5 << 30)?;
+        let ours = predict_tags(&run, &sentences, 2)?;
+        let examples: Vec<Example> = sentences
+            .iter()
+            .map(|w| Example::Tagged {
+                tokens: w.clone(),
+                tags: vec![0; w.len()],
+            })
+            .collect();
+        let encoded = encode(
+            run.model.tokenizer()?,
+            &examples,
+            run.config.data.max_length,
+        )?;
+        let ids: Vec<Vec<i64>> = encoded.iter().map(|e| e.ids.clone()).collect();
+        let theirs = merged_reference(&model, &ids, &[], true)?;
+        assert!(theirs["class"]
+            .as_str()
+            .unwrap_or("")
+            .ends_with("ForTokenClassification"));
+        let probs: Vec<Vec<Vec<f64>>> = serde_json::from_value(theirs["probabilities"].clone())?;
+        for ((o, t), e) in ours.iter().zip(&probs).zip(&encoded) {
+            let first: Vec<&Vec<f64>> = t
+                .iter()
+                .zip(&e.token_labels)
+                .filter(|(_, &l)| l != IGNORE)
+                .map(|(p, _)| p)
+                .collect();
+            assert_eq!(o.len(), first.len(), "{name}: one prediction per word");
+            for (word, (a, b)) in o.iter().zip(first).enumerate() {
+                for (x, y) in a.probabilities.iter().zip(b) {
+                    assert!(
+                        (x - y).abs() < MERGED_TOLERANCE,
+                        "{name} word {word}: {x} vs {y}"
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A run with uncertainty modeling: the merged export is refused, naming what would be lost and
+/// the flag; with `--drop-method-modules` it is written.
+#[test]
+fn merged_export_refuses_what_transformers_cannot_carry() -> TestResult {
+    use umtune::train::export_merged::export_merged;
+    let out = common::fresh_dir("merged-um");
+    let (_, run) = short_lora_run(&fixture("gpt2-tiny")?, &out, &["uncertainty.enabled=true"])?;
+    let e = export_merged(&run, &out.join("m"), false, 5 << 30)
+        .err()
+        .ok_or("not refused")?;
+    let msg = e.to_string();
+    assert!(
+        msg.contains("uncertainty modeling") && msg.contains("--drop-method-modules"),
+        "{msg}"
+    );
+    assert!(!out.join("m").join("model.safetensors").exists());
+    let files = export_merged(&run, &out.join("m"), true, 5 << 30)?;
+    assert!(files.contains(&"model.safetensors".to_string()));
+    Ok(())
+}

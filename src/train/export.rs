@@ -18,6 +18,8 @@ use tch::Tensor;
 pub enum Format {
     /// A Hugging Face PEFT LoRA adapter.
     Peft,
+    /// A Hugging Face model directory with LoRA merged into the base weights.
+    Merged,
 }
 
 /// `umtune export`'s arguments.
@@ -28,15 +30,39 @@ pub struct ExportArgs {
     pub format: Format,
     #[arg(long)]
     pub out: std::path::PathBuf,
+    /// `merged`: export a run with uncertainty modeling or the memory without them.
+    #[arg(long)]
+    pub drop_method_modules: bool,
+    /// `merged`: the largest weight file before the model is sharded (as save_pretrained).
+    #[arg(long, default_value = "5GB")]
+    pub max_shard_size: String,
 }
 
 /// Exports the run `args.run_dir` names in `args.format`; returns what was written, in words.
 pub fn export(args: &ExportArgs) -> Result<String> {
-    let run = super::restore::load_run(&args.run_dir, &[])?;
     match args.format {
-        Format::Peft => export_peft(&run, &args.out)?,
+        Format::Peft => {
+            let run = super::restore::load_run(&args.run_dir, &[])?;
+            export_peft(&run, &args.out)?;
+            Ok(format!("PEFT adapter written to {}", args.out.display()))
+        }
+        Format::Merged => {
+            let max = super::plan::parse_memory(&args.max_shard_size)?;
+            // A quantized base is merged into its dequantized weights.
+            let run = super::restore::load_run(&args.run_dir, &["model.quantize=none".into()])?;
+            let files = super::export_merged::export_merged(
+                &run,
+                &args.out,
+                args.drop_method_modules,
+                max,
+            )?;
+            Ok(format!(
+                "merged model written to {}: {}",
+                args.out.display(),
+                files.join(", ")
+            ))
+        }
     }
-    Ok(format!("PEFT adapter written to {}", args.out.display()))
 }
 
 /// Writes `out/adapter_config.json` and `out/adapter_model.safetensors` for a LoRA run.

@@ -7,6 +7,7 @@ pub mod diagnostics;
 pub mod eval;
 pub mod evaluate;
 pub mod export;
+pub mod export_merged;
 pub mod memory_build;
 pub mod metrics;
 pub mod optimizer;

@@ -379,7 +379,7 @@ pub fn parse_memory(text: &str) -> Result<u64> {
     match (num.trim().parse::<f64>(), scale) {
         (Ok(v), s) if s > 0 && v > 0.0 => Ok((v * s as f64) as u64),
         _ => Err(Error::Config(format!(
-            "--gpu-memory `{text}`: write a size such as 80GB or 141GiB"
+            "size `{text}`: write one such as 80GB, 141GiB or 500MB"
         ))),
     }
 }
