@@ -407,3 +407,42 @@ fn merged_export_refuses_what_transformers_cannot_carry() -> TestResult {
     assert!(files.contains(&"model.safetensors".to_string()));
     Ok(())
 }
+
+/// An (IA)^3 run folds into the weights it scales (rows and bias, or a feed-forward layer's input
+/// columns; Conv1D transposed): transformers predicts what `umtune predict` predicts. (The tiny
+/// GPT-2's biases are zero, as transformers initializes them, so the bias fold is not exercised
+/// here.)
+#[test]
+fn merged_ia3_export_predicts_the_same() -> TestResult {
+    use umtune::train::export_merged::export_merged;
+    for name in ["gpt2-tiny", "llama-tiny-untied"] {
+        let out = common::fresh_dir(&format!("merged-ia3-{name}"));
+        let (_, run) = short_lora_run(&fixture(name)?, &out, &["peft.method=ia3"])?;
+        // Training moved the vectors away from their ones, so the fold is exercised.
+        let moved: f64 = run
+            .model
+            .trainable
+            .variables()
+            .iter()
+            .filter(|(k, _)| k.ends_with("ia3_l"))
+            .map(|(_, t)| (t - 1.0).abs().sum(tch::Kind::Float).double_value(&[]))
+            .sum();
+        assert!(moved > 0.0, "{name}: ia3_l still ones");
+        let model = out.join("merged");
+        export_merged(&run, &model, false, 5 << 30)?;
+        let texts: Vec<String> = TEXTS.iter().map(|s| s.to_string()).collect();
+        let ours = predict(&run, &texts, 3)?;
+        let theirs = merged_reference(&model, &token_ids(&run, TEXTS)?, TEXTS, false)?;
+        let probs: Vec<Vec<f64>> = serde_json::from_value(theirs["probabilities"].clone())?;
+        for (o, t) in ours.iter().zip(&probs) {
+            for (a, b) in o.probabilities.iter().zip(t) {
+                assert!(
+                    (a - b).abs() < MERGED_TOLERANCE,
+                    "{name}: {:?} vs {t:?}",
+                    o.probabilities
+                );
+            }
+        }
+    }
+    Ok(())
+}

@@ -2,7 +2,8 @@
 //! `AutoModelForSequenceClassification` / `AutoModelForTokenClassification` (and servers that read
 //! that layout) load without peft: `config.json` (the architecture, `id2label` / `label2id`,
 //! `pad_token_id`, the dtype), the base weights with the LoRA deltas merged in
-//! (`W + scale B A`; GPT-2's Conv1D stores `W` as (in, out), so `(B A)^T` there), the head under
+//! (`W + scale B A`; GPT-2's Conv1D stores `W` as (in, out), so `(B A)^T` there) or the (IA)^3
+//! vectors folded into the weights they scale, the head under
 //! the name transformers gives it, `model.safetensors` or shards of at most `--max-shard-size` with
 //! `model.safetensors.index.json`, and `tokenizer.json` (with the BOS the model expects) plus
 //! `tokenizer_config.json`. A quantized base is loaded dequantized for the export; a GGUF base's
@@ -84,11 +85,48 @@ fn merged_tensors(run: &LoadedRun) -> Result<Vec<(String, Tensor)>> {
             }
             let merged = (w.to_kind(tch::Kind::Float) + delta).to_kind(w.kind());
             weights.insert(target, merged);
+        } else if let Some(module) = name.strip_suffix(".ia3_l") {
+            merge_ia3(&mut weights, module, a, gpt2).map_err(|e| Error::run(&run.dir, e))?;
         } else if name.starts_with(&head) {
             weights.insert(name.clone(), a.detach().to_kind(backbone_kind(&weights)));
         }
     }
     Ok(weights.into_iter().collect())
+}
+
+/// Folds an (IA)^3 vector into its layer. PEFT's shapes broadcast against a `Linear` weight
+/// `(out, in)` as they are: `(out, 1)` scales the output rows (and the bias, which the output
+/// includes), `(1, in)` of a feed-forward layer the input columns; GPT-2's Conv1D `(in, out)`
+/// takes the transposed vector.
+fn merge_ia3(
+    weights: &mut BTreeMap<String, Tensor>,
+    module: &str,
+    l: &Tensor,
+    gpt2: bool,
+) -> std::result::Result<(), String> {
+    let target = format!("{module}.weight");
+    let w = weights
+        .get(&target)
+        .ok_or_else(|| format!("{target}: no base weight to merge (IA)^3 into"))?;
+    let l = l.to_kind(tch::Kind::Float);
+    let scale = if gpt2 { l.tr() } else { l.shallow_clone() };
+    let merged = (w.to_kind(tch::Kind::Float) * &scale).to_kind(w.kind());
+    if merged.size() != w.size() {
+        return Err(format!(
+            "{target}: (IA)^3 vector {:?} does not fit {:?}",
+            l.size(),
+            w.size()
+        ));
+    }
+    weights.insert(target, merged);
+    if !crate::peft::ia3::is_feedforward(module) {
+        let bias = format!("{module}.bias");
+        if let Some(b) = weights.get(&bias) {
+            let scaled = (b.to_kind(tch::Kind::Float) * l.flatten(0, -1)).to_kind(b.kind());
+            weights.insert(bias, scaled);
+        }
+    }
+    Ok(())
 }
 
 /// The dtype of the backbone's floating-point weights (f32 when it has none).
@@ -244,11 +282,14 @@ pub fn export_merged(
     max_shard_bytes: u64,
 ) -> Result<Vec<String>> {
     let cfg = &run.config;
-    if !matches!(cfg.peft.method, PeftMethod::Lora | PeftMethod::Head) {
+    if !matches!(
+        cfg.peft.method,
+        PeftMethod::Lora | PeftMethod::Ia3 | PeftMethod::Head
+    ) {
         return Err(Error::run(
             &run.dir,
             format!(
-                "peft.method = \"{}\" has no merged form here; a merged export takes a LoRA or head-only run",
+                "peft.method = \"{}\" has no merged form here; a merged export takes a LoRA, (IA)^3 or head-only run",
                 cfg.peft.method.name()
             ),
         ));
