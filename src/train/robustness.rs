@@ -3,7 +3,7 @@
 //! accuracy and ECE against the severity of each protocol — test-time word drop and mask (the
 //! saved evaluations of runs trained on clean labels, severity 0 being the run's own scores) and
 //! training label noise (runs whose `data.train_corruption.label_noise` differs) — one line per
-//! config (the run name without its seed) and dataset, with the mean and sample sd over seeds;
+//! config (the run name without its seed and `-DATASET`) and dataset, with the mean and sample sd over seeds;
 //! and MC prediction against the deterministic pass on the runs that saved an `mc=N` evaluation.
 //! Written as `robustness.md`, `robustness.csv` and one `robustness-PROTOCOL-DATASET.png` each.
 use super::eval::EvalResult;
@@ -80,7 +80,12 @@ fn observations(entries: &[ReportEntry]) -> Result<(Points, McPairs)> {
             .dir
             .file_name()
             .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
-        let line = seedless(&name);
+        // The dataset has its own column: a name's `-DATASET` part (scripts/stability.sh's
+        // CONFIG-DATASET-sSEED) is left out of the config's.
+        let stem = seedless(&name);
+        let line = stem
+            .strip_suffix(&format!("-{}", s.dataset))
+            .unwrap_or(stem);
         let clean = scored(s);
         let noise = s.train_label_noise();
         add(&mut points, ("label_noise", &s.dataset, line), noise, clean);
