@@ -76,7 +76,7 @@ runs() {
       if grep -q '"uncertainty.enabled": true' "$run/summary.json"; then echo "$run mc=$MC --mc $MC"; fi
     done
   fi
-} | xargs -P "$JOBS" -L 1 bash -c 'eval_one "$@"' _
+} | xargs -r -P "$JOBS" -L 1 bash -c 'eval_one "$@"' _
 if has differ; then
   cache=${UMTUNE_CACHE:-$HOME/.cache/umtune}
   {
