@@ -128,9 +128,34 @@ fn peft_predictions_equal_umtune_predict() -> TestResult {
     Ok(())
 }
 
+/// umtune's per-word predictions against a reference's per-token probabilities, read at each
+/// word's first token (the tokens whose label is not IGNORE).
+fn assert_word_probabilities(
+    name: &str,
+    ours: &[Vec<umtune::train::predict::Prediction>],
+    theirs: &[Vec<Vec<f64>>],
+    encoded: &[umtune::data::batching::Encoded],
+    tol: f64,
+) {
+    for ((o, t), e) in ours.iter().zip(theirs).zip(encoded) {
+        let first: Vec<&Vec<f64>> = t
+            .iter()
+            .zip(&e.token_labels)
+            .filter(|(_, &l)| l != umtune::data::batching::IGNORE)
+            .map(|(p, _)| p)
+            .collect();
+        assert_eq!(o.len(), first.len(), "{name}: one prediction per word");
+        for (word, (a, b)) in o.iter().zip(first).enumerate() {
+            for (x, y) in a.probabilities.iter().zip(b) {
+                assert!((x - y).abs() < tol, "{name} word {word}: {x} vs {y}");
+            }
+        }
+    }
+}
+
 #[test]
 fn ner_predictions_per_word_equal_peft_token_classification() -> TestResult {
-    use umtune::data::batching::{encode, IGNORE};
+    use umtune::data::batching::encode;
     use umtune::data::readers::Example;
     use umtune::train::predict::{predict_jsonl, predict_tags};
     let sentences: Vec<Vec<String>> = [
@@ -165,20 +190,7 @@ fn ner_predictions_per_word_equal_peft_token_classification() -> TestResult {
         let ids: Vec<Vec<i64>> = encoded.iter().map(|e| e.ids.clone()).collect();
         let n = summary.label_names.len().to_string();
         let theirs: Vec<Vec<Vec<f64>>> = peft_probabilities(&base, &adapter, &ids, &[&n, "token"])?;
-        for ((o, t), e) in ours.iter().zip(&theirs).zip(&encoded) {
-            let first: Vec<&Vec<f64>> = t
-                .iter()
-                .zip(&e.token_labels)
-                .filter(|(_, &l)| l != IGNORE)
-                .map(|(p, _)| p)
-                .collect();
-            assert_eq!(o.len(), first.len(), "{name}: one prediction per word");
-            for (word, (a, b)) in o.iter().zip(first).enumerate() {
-                for (x, y) in a.probabilities.iter().zip(b) {
-                    assert!((x - y).abs() < 1e-4, "{name} word {word}: {x} vs peft {y}");
-                }
-            }
-        }
+        assert_word_probabilities(name, &ours, &theirs, &encoded, 1e-4);
         // The CLI path: JSONL with a word list or a text, tags and probabilities per word.
         let input = out.join("in.jsonl");
         std::fs::write(
@@ -324,7 +336,7 @@ fn merged_export_loads_in_transformers_and_predicts_the_same() -> TestResult {
 /// first token equal `umtune predict`'s per word.
 #[test]
 fn merged_ner_export_loads_as_a_token_classifier() -> TestResult {
-    use umtune::data::batching::{encode, IGNORE};
+    use umtune::data::batching::encode;
     use umtune::data::readers::Example;
     use umtune::train::export_merged::export_merged;
     use umtune::train::predict::predict_tags;
@@ -366,23 +378,7 @@ fn merged_ner_export_loads_as_a_token_classifier() -> TestResult {
             .unwrap_or("")
             .ends_with("ForTokenClassification"));
         let probs: Vec<Vec<Vec<f64>>> = serde_json::from_value(theirs["probabilities"].clone())?;
-        for ((o, t), e) in ours.iter().zip(&probs).zip(&encoded) {
-            let first: Vec<&Vec<f64>> = t
-                .iter()
-                .zip(&e.token_labels)
-                .filter(|(_, &l)| l != IGNORE)
-                .map(|(p, _)| p)
-                .collect();
-            assert_eq!(o.len(), first.len(), "{name}: one prediction per word");
-            for (word, (a, b)) in o.iter().zip(first).enumerate() {
-                for (x, y) in a.probabilities.iter().zip(b) {
-                    assert!(
-                        (x - y).abs() < MERGED_TOLERANCE,
-                        "{name} word {word}: {x} vs {y}"
-                    );
-                }
-            }
-        }
+        assert_word_probabilities(name, &ours, &probs, &encoded, MERGED_TOLERANCE);
     }
     Ok(())
 }
