@@ -77,19 +77,7 @@ pub fn export_peft(run: &LoadedRun, out: &Path) -> Result<()> {
             ),
         ));
     }
-    let extras: Vec<&str> = [
-        (
-            cfg.memory.enabled,
-            "the external memory (its entries and fusion)",
-        ),
-        (
-            cfg.uncertainty.enabled,
-            "uncertainty modeling's estimators and head",
-        ),
-    ]
-    .into_iter()
-    .filter_map(|(on, what)| on.then_some(what))
-    .collect();
+    let extras = super::export_merged::method_modules(run);
     if !extras.is_empty() {
         tracing::warn!(
             run = %run.dir.display(),
