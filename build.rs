@@ -90,6 +90,8 @@ fn compile_shim(lib: &std::path::Path) {
         "random.cpp",
         "quant.cpp",
         "cuda_memory.cpp",
+        "optim.cpp",
+        "precision.cpp",
     ] {
         println!("cargo:rerun-if-changed=src/ffi/shim/{f}");
     }
@@ -114,7 +116,9 @@ fn compile_shim(lib: &std::path::Path) {
         .file("src/ffi/shim/nccl.cpp")
         .file("src/ffi/shim/random.cpp")
         .file("src/ffi/shim/quant.cpp")
-        .file("src/ffi/shim/cuda_memory.cpp");
+        .file("src/ffi/shim/cuda_memory.cpp")
+        .file("src/ffi/shim/optim.cpp")
+        .file("src/ffi/shim/precision.cpp");
     match cuda_header_dirs(site_packages) {
         Some(dirs) if lib.join("libtorch_cuda.so").exists() => {
             for d in dirs {

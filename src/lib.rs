@@ -10,6 +10,7 @@ pub mod faults;
 pub mod ffi;
 pub mod finite_json;
 pub mod heads;
+pub mod host;
 pub mod logging;
 pub mod memory;
 pub mod models;

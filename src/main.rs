@@ -100,6 +100,9 @@ enum Command {
     /// one rank of a job a launcher started; rank 0 prints one JSON line: the slowest rank's
     /// median seconds and the bytes rank 0 received per read (bench/memory_read.py).
     BenchMemoryRead(bench::MemoryReadArgs),
+    /// Time one AdamW step (with the gradient norm) on the LoRA parameter set of the configured
+    /// model, fused against the per-tensor loop; one JSON line (bench/optimizer.py).
+    BenchOptimizer(bench::OptimizerArgs),
 }
 
 #[derive(Subcommand)]
@@ -239,6 +242,7 @@ fn run(command: Command) -> Result<()> {
             }
         }
         Command::BenchMemory(args) => json_line(bench::memory(&args)?)?,
+        Command::BenchOptimizer(a) => json_line(bench::optimizer(&load_config(&a.cfg)?, &a)?)?,
         Command::BenchMemoryRead(args) => {
             let line = bench::memory_read(&args)?;
             if line["rank"] == 0 {

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 /// The packages by layer, lowest first (the README's table).
 const LAYERS: &[&[&str]] = &[
-    &["error", "finite_json", "faults", "logging"],
+    &["error", "finite_json", "faults", "logging", "host"],
     &["atomic_file", "config", "ffi"],
     &["data", "probe"],
     &["models", "dist"],
@@ -176,4 +176,37 @@ fn assert_no_circle(graph: &BTreeMap<Vec<String>, BTreeSet<Vec<String>>>) {
             }
         }
     }
+}
+
+/// Every read of tensor values into host memory goes through `src/host.rs`, which counts them
+/// (a host-device sync each on a GPU; tests/training.rs asserts the count per training step): no
+/// other file calls tch's value readers.
+#[test]
+fn only_host_rs_reads_tensor_values() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    let readers = [
+        "double_value(",
+        "int64_value(",
+        "f64_value(",
+        "Vec::<f64>::try_from(",
+        "Vec::<f32>::try_from(",
+        "Vec::<i64>::try_from(",
+        "Vec::<u8>::try_from(",
+        "Vec::<Vec<f64>>::try_from(",
+        "bool::try_from(",
+        "f64::try_from(",
+    ];
+    let mut found = Vec::new();
+    for file in files.iter().filter(|f| !f.ends_with("host.rs")) {
+        let code = code_of(&std::fs::read_to_string(file).unwrap());
+        for r in readers.iter().filter(|r| code.contains(*r)) {
+            found.push(format!("{}: {r}", file.display()));
+        }
+    }
+    assert!(
+        found.is_empty(),
+        "tensor reads outside src/host.rs: {found:#?}"
+    );
 }

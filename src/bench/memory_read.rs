@@ -90,7 +90,7 @@ pub fn memory_read(args: &MemoryReadArgs) -> Result<Value> {
     let (gathering, gathering_bytes) = time(true)?;
     // Every rank's figures, so that the slowest rank's read is reported.
     let mine = Tensor::from_slice(&[two_stage, gathering]);
-    let all = Vec::<f64>::try_from(group.all_gather_same(&mine)?.reshape([-1]))
+    let all = crate::host::f64s(&group.all_gather_same(&mine)?)
         .map_err(|e| Error::Internal(e.to_string()))?;
     let slowest = |i: usize| all.iter().skip(i).step_by(2).copied().fold(0.0, f64::max);
     let out = json!({

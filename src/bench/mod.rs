@@ -2,7 +2,9 @@
 //! against their reference, and returns the figures as one JSON object per measurement (the
 //! command line prints them, one line each).
 mod memory_read;
+mod optimizer;
 pub use memory_read::{memory_read, MemoryReadArgs};
+pub use optimizer::{optimizer, OptimizerArgs};
 
 use crate::config::Config;
 use crate::data::dataset::ids;
@@ -152,7 +154,8 @@ pub fn train(cfg: &Config, timing: &Timing) -> Result<Value> {
             .collect();
         next_id += b_sz;
         opt.zero_grad();
-        streams::with_streams(keys, || {
+        // The loss stays on the device: the step has no host read besides the memory's.
+        let _loss = streams::with_streams(keys, || {
             task.forward_backward(&tokens, &mask, Some(&example_ids), &labels, None, 1.0)
         })?;
         opt.step(cfg.train.lr);

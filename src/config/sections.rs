@@ -286,6 +286,9 @@ pub struct TrainConfig {
     /// torchtune's `ac_option`): those blocks, below the first one carrying uncertainty modeling
     /// or the memory, keep only their inputs and are recomputed in the backward pass.
     pub activation_checkpointing: Checkpointing,
+    /// On CUDA, let f32 matmuls (adapters, uncertainty modeling, the memory, the head) run in
+    /// TF32 on the tensor cores (`torch.backends.cuda.matmul.allow_tf32`). No effect on CPU.
+    pub tf32: bool,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -333,6 +336,7 @@ impl Default for TrainConfig {
             max_bad_steps: 10,
             autocast: Autocast::Off,
             activation_checkpointing: Checkpointing::OFF,
+            tf32: true,
         }
     }
 }

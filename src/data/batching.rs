@@ -146,12 +146,27 @@ pub fn collate_to(items: &[&Encoded], pad_id: i64, device: Device, min_len: usiz
     let shape = [items.len() as i64, seq_len as i64];
     let labels = Tensor::from_slice(&labels);
     Batch {
-        input_ids: Tensor::from_slice(&ids).view(shape).to_device(device),
-        attention_mask: Tensor::from_slice(&mask).view(shape).to_device(device),
-        labels: if tokens { labels.view(shape) } else { labels }.to_device(device),
+        input_ids: upload(Tensor::from_slice(&ids).view(shape), device),
+        attention_mask: upload(Tensor::from_slice(&mask).view(shape), device),
+        labels: upload(if tokens { labels.view(shape) } else { labels }, device),
         n_tokens: items.iter().map(|e| e.ids.len()).sum(),
-        example_ids: Tensor::from_slice(&items.iter().map(|e| e.id).collect::<Vec<_>>())
-            .to_device(device),
+        example_ids: upload(
+            Tensor::from_slice(&items.iter().map(|e| e.id).collect::<Vec<_>>()),
+            device,
+        ),
+    }
+}
+
+/// `t` on `device`. To a GPU through pinned (page-locked) memory with a non-blocking copy, as
+/// PyTorch's `DataLoader(pin_memory=True)` and `.to(device, non_blocking=True)`: the host does not
+/// wait for the copy (a copy from pageable memory syncs), and the caching host allocator keeps the
+/// pinned buffer alive until the copy has run.
+fn upload(t: Tensor, device: Device) -> Tensor {
+    match device {
+        Device::Cuda(_) => t
+            .pin_memory(device)
+            .to_device_(device, t.kind(), true, false),
+        _ => t.to_device(device),
     }
 }
 

@@ -373,7 +373,7 @@ impl super::Collective for NcclGroup {
                 let counts = Tensor::from_slice(&in_splits).to_device(self.device);
                 let got = Tensor::empty([self.world_size as i64], (tch::Kind::Int64, self.device));
                 self.alltoall(&got, &counts, &[], &[])?;
-                Vec::<i64>::try_from(&got.to_device(tch::Device::Cpu))?
+                crate::host::i64s(&got)?
             }
         };
         let input = self.staged(&Tensor::cat(send, 0));

@@ -90,7 +90,7 @@ pub trait Collective: Send + Sync {
         }
         let rows = t.size()[0];
         let lens = self.all_gather_same(&Tensor::from_slice(&[rows]).to_device(t.device()))?;
-        let lens = Vec::<i64>::try_from(&lens.to_device(tch::Device::Cpu))?;
+        let lens = crate::host::i64s(&lens)?;
         let longest = lens.iter().copied().max().unwrap_or(0);
         let padded = if rows < longest {
             let mut shape = t.size();
@@ -157,7 +157,7 @@ pub trait Collective: Send + Sync {
         let device = send[0].device();
         let rows: Vec<i64> = send.iter().map(|t| t.size()[0]).collect();
         let counts = self.all_gather_same(&Tensor::from_slice(&rows).to_device(device))?;
-        let counts = Vec::<i64>::try_from(&counts.to_device(tch::Device::Cpu))?; // (w * w)
+        let counts = crate::host::i64s(&counts)?; // (w * w)
         let parts = self.all_gather(&Tensor::cat(send, 0))?;
         Ok(parts
             .iter()
@@ -193,7 +193,7 @@ pub fn all_gather_strings(group: &dyn Collective, value: &str) -> Result<Vec<Str
         .iter()
         .enumerate()
         .map(|(r, t)| {
-            String::from_utf8(Vec::<u8>::try_from(t)?).map_err(|_| Error::Collective {
+            String::from_utf8(crate::host::u8s(t)?).map_err(|_| Error::Collective {
                 rank: group.rank(),
                 msg: format!("rank {r} sent a string that is not UTF-8"),
             })

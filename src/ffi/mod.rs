@@ -1,13 +1,15 @@
 //! Every foreign call umtune makes, in one place: the C shim in `shim/` that build.rs compiles
 //! against the torch wheel's headers (c10d's TCPStore and ProcessGroupNCCL, per-example seeded
 //! random fills, since tch has no Generator API; the quantized base's linear layer, since tch binds
-//! no custom autograd Function; the CUDA allocator's peak), libtorch's autocast state
+//! no custom autograd Function; the CUDA allocator's peak; the fused AdamW and foreach kernels and
+//! the TF32 switch, which tch does not bind), libtorch's autocast state
 //! (`autocast`, bound by its C++ symbols), and the per-example random streams built on the shim
 //! (`streams`). The layers above call the safe wrappers: `dist::c10d`, `ffi::streams`,
-//! `ffi::quant`, `ffi::autocast`, [`cuda_peak_allocated`].
+//! `ffi::quant`, `ffi::optim`, `ffi::autocast`, [`cuda_peak_allocated`].
 use std::ffi::{c_char, c_int, c_void, CStr};
 
 pub mod autocast;
+pub mod optim;
 pub mod quant;
 pub mod streams;
 
@@ -120,6 +122,35 @@ extern "C" {
         out: *mut *mut torch_sys::C_tensor,
         err: *mut *mut c_char,
     ) -> c_int;
+    // The optimizer's multi-tensor kernels (shim/optim.cpp) and the TF32 switch (shim/precision.cpp).
+    pub(crate) fn umt_fused_adamw(
+        params: *const *const torch_sys::C_tensor,
+        grads: *const *const torch_sys::C_tensor,
+        exp_avgs: *const *const torch_sys::C_tensor,
+        exp_avg_sqs: *const *const torch_sys::C_tensor,
+        steps: *const *const torch_sys::C_tensor,
+        n: i64,
+        lr: f64,
+        beta1: f64,
+        beta2: f64,
+        weight_decay: f64,
+        eps: f64,
+        err: *mut *mut c_char,
+    ) -> c_int;
+    pub(crate) fn umt_foreach_norm(
+        ts: *const *const torch_sys::C_tensor,
+        n: i64,
+        out: *mut *mut torch_sys::C_tensor,
+        err: *mut *mut c_char,
+    ) -> c_int;
+    pub(crate) fn umt_foreach_mul(
+        ts: *const *const torch_sys::C_tensor,
+        n: i64,
+        factor: f64,
+        err: *mut *mut c_char,
+    ) -> c_int;
+    pub(crate) fn umt_set_allow_tf32(allow: c_int);
+    pub(crate) fn umt_allow_tf32() -> c_int;
     // The CUDA allocator's statistics (shim/cuda_memory.cpp).
     pub(crate) fn umt_cuda_peak_allocated(
         device: c_int,

@@ -376,10 +376,11 @@ fn load_single(path: &Path) -> Result<Loaded> {
         .map_err(|e| Error::format(path, e.to_string()))?
         .into_iter()
         .collect();
-    let written = tensors
-        .remove("written")
-        .ok_or_else(|| Error::tensor(path, "written", "missing from the memory file"))?
-        .int64_value(&[0]) as u64;
+    let written = crate::host::i64_of(
+        &tensors
+            .remove("written")
+            .ok_or_else(|| Error::tensor(path, "written", "missing from the memory file"))?,
+    ) as u64;
     let capacity = tensors
         .get("ids")
         .ok_or_else(|| Error::tensor(path, "ids", "missing from the memory file"))?

@@ -174,21 +174,15 @@ impl MemoryFusion {
         let g = pre.sigmoid();
         let update = g.shallow_clone() * self.w_o.forward(&r_in);
         if probe.is_on() {
-            let rms = |t: &Tensor| {
-                t.detach()
-                    .pow_tensor_scalar(2)
-                    .mean(Kind::Float)
-                    .sqrt()
-                    .double_value(&[])
-            };
+            let rms = |t: &Tensor| t.detach().pow_tensor_scalar(2).mean(Kind::Float).sqrt();
             let (h_rms, r_rms, u_rms) = (rms(&h), rms(&r), rms(&update));
+            probe.record("memory.update_to_hidden", || {
+                &u_rms / h_rms.clamp_min(1e-12)
+            });
             probe.record("memory.hidden_rms", || h_rms);
             probe.record("memory.value_rms", || r_rms);
-            probe.record("memory.update_to_hidden", || u_rms / h_rms.max(1e-12));
-            probe.record("memory.gate_mean", || {
-                g.detach().mean(Kind::Float).double_value(&[])
-            });
-            probe.record("memory.gate_max", || g.detach().max().double_value(&[]));
+            probe.record("memory.gate_mean", || g.detach().mean(Kind::Float));
+            probe.record("memory.gate_max", || g.detach().max());
         }
         let fused = hidden + update.to_kind(hidden.kind());
         let mut contrastive = None;
@@ -201,7 +195,7 @@ impl MemoryFusion {
                     let logits = qa.matmul(&ka.tr()) / self.tau;
                     let target = Tensor::arange(n, (Kind::Int64, h.device()));
                     let infonce = logits.cross_entropy_for_logits(&target);
-                    probe.record("memory.infonce", || infonce.double_value(&[]));
+                    probe.record("memory.infonce", || infonce.detach());
                     // The gradient through this rank's rows, times W: averaged over the ranks it
                     // is the global loss's gradient; the value stays the global loss.
                     let w = self.group.world_size() as f64;
@@ -386,7 +380,7 @@ fn writable(k: Tensor, v: Tensor, ids: Tensor) -> Result<(Tensor, Tensor, Tensor
         .isfinite()
         .all_dim(1, false)
         .logical_and(&v.to_kind(Kind::Float).isfinite().all_dim(1, false)); // (n,)
-    let n_bad = finite.logical_not().sum(Kind::Int64).int64_value(&[]);
+    let n_bad = crate::host::i64_of(&finite.logical_not().sum(Kind::Int64));
     if n_bad > 0 {
         tracing::warn!(
             entries = n_bad,
@@ -394,7 +388,7 @@ fn writable(k: Tensor, v: Tensor, ids: Tensor) -> Result<(Tensor, Tensor, Tensor
         );
     }
     let keep = finite.logical_and(&ids.ge(0));
-    if bool::try_from(keep.all())? {
+    if crate::host::bool_of(&keep.all()) {
         return Ok((k, v, ids));
     }
     let keep = keep.nonzero().squeeze_dim(1);

@@ -108,13 +108,12 @@ impl ShardedKvMemory {
         // Fast path: the (k+1)-th score is below the k-th in every row, so topk's set is exact.
         let (top, top_cols) = scores.topk((kk + 1).min(filled), 1, true, true);
         let boundary_tie = kk < filled
-            && top
-                .narrow(1, kk - 1, 1)
-                .eq_tensor(&top.narrow(1, kk, 1))
-                .logical_and(&top.narrow(1, kk - 1, 1).isfinite())
-                .any()
-                .int64_value(&[])
-                != 0;
+            && crate::host::bool_of(
+                &top.narrow(1, kk - 1, 1)
+                    .eq_tensor(&top.narrow(1, kk, 1))
+                    .logical_and(&top.narrow(1, kk - 1, 1).isfinite())
+                    .any(),
+            );
         let cols = if !boundary_tie {
             top_cols.narrow(1, 0, kk).contiguous()
         } else {
@@ -256,8 +255,7 @@ impl ShardedKvMemory {
         let rows = wanted_slots
             .index_select(0, &order)
             .divide_scalar_mode(w, "floor");
-        let per_shard =
-            Vec::<i64>::try_from(shard.bincount(None::<Tensor>, w).to_device(Device::Cpu))?;
+        let per_shard = crate::host::i64s(&shard.bincount(None::<Tensor>, w))?;
         let mut send = Vec::with_capacity(w as usize);
         let mut offset = 0;
         for &n in &per_shard {

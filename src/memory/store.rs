@@ -115,10 +115,8 @@ impl ShardedKvMemory {
         let n = keys.size()[0];
         // Every rank's count and widths, so that all fail alike on a bad write.
         let shape = [n, keys.size()[1], values.size()[1], ids.size()[0]];
-        let shapes = Vec::<i64>::try_from(
-            group
-                .all_gather_same(&Tensor::from_slice(&shape).to_device(device))?
-                .to_device(Device::Cpu),
+        let shapes = crate::host::i64s(
+            &group.all_gather_same(&Tensor::from_slice(&shape).to_device(device))?,
         )?;
         for (r, s) in shapes.chunks(4).enumerate() {
             if s[1] != d_k || s[2] != d_v || s[3] != s[0] {
@@ -162,8 +160,7 @@ impl ShardedKvMemory {
             ],
             1,
         );
-        let per_owner =
-            Vec::<i64>::try_from(owner.bincount(None::<Tensor>, w).to_device(Device::Cpu))?;
+        let per_owner = crate::host::i64s(&owner.bincount(None::<Tensor>, w))?;
         let mut send = Vec::with_capacity(w as usize);
         let mut offset = 0;
         for &m in &per_owner {
@@ -179,10 +176,9 @@ impl ShardedKvMemory {
             let new_keys = got.narrow(1, 0, d_k).to_kind(self.keys.kind());
             let _ = self.keys.index_copy_(0, &local, &new_keys);
             let _ = self.values.index_copy_(0, &local, &got.narrow(1, d_k, d_v));
-            let rows_list = Vec::<i64>::try_from(local.to_device(Device::Cpu))?;
-            let old =
-                Vec::<i64>::try_from(self.ids.index_select(0, &local).to_device(Device::Cpu))?;
-            let new = Vec::<i64>::try_from(new_ids.to_device(Device::Cpu))?;
+            let rows_list = crate::host::i64s(&local)?;
+            let old = crate::host::i64s(&self.ids.index_select(0, &local))?;
+            let new = crate::host::i64s(&new_ids)?;
             for ((&row, &was), &now) in rows_list.iter().zip(&old).zip(&new) {
                 if let Some(v) = self.rows_of_id.get_mut(&was) {
                     v.retain(|r| *r != row);
@@ -201,7 +197,7 @@ impl ShardedKvMemory {
     /// `(query index, local row)` of every filled row holding the example of one of
     /// `query_ids` (what a read excludes).
     pub(super) fn own_rows(&self, query_ids: &Tensor, filled: i64) -> Result<(Vec<i64>, Vec<i64>)> {
-        let qids = Vec::<i64>::try_from(query_ids.to_device(Device::Cpu))?;
+        let qids = crate::host::i64s(query_ids)?;
         let (mut qi, mut rows) = (Vec::new(), Vec::new());
         for (i, id) in qids.iter().enumerate() {
             for &r in self.rows_of_id.get(id).into_iter().flatten() {
@@ -366,7 +362,7 @@ impl ShardedKvMemory {
 
     /// Ends a restore: `written` entries were ever written to the saved ring.
     fn finish_restore(&mut self, written: u64) -> Result<()> {
-        let ids = Vec::<i64>::try_from(self.ids.to_device(Device::Cpu))?;
+        let ids = crate::host::i64s(&self.ids)?;
         self.rows_of_id.clear();
         self.rows_of_id.reserve(ids.len());
         for (row, id) in ids.into_iter().enumerate().filter(|(_, id)| *id != -1) {

@@ -96,7 +96,7 @@ fn is_right_padded(mask: &Tensor) -> bool {
     // No real token right after a pad.
     let later = m.narrow(1, 1, t - 1);
     let earlier = m.narrow(1, 0, t - 1);
-    !bool::try_from(later.logical_and(&earlier.logical_not()).any()).unwrap_or(true)
+    !crate::host::bool_of(&later.logical_and(&earlier.logical_not()).any())
 }
 
 /// `q (b, h, t, d)`, `k`/`v` `(b, h_kv, s, d)` → `(b, h, t, d)`; grouped-query when `h_kv < h`.

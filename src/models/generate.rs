@@ -18,11 +18,12 @@ pub fn greedy(
     for _ in 0..max_new_tokens {
         let hidden = model.forward(&input, None, Some(&mut cache), &mut NoHook);
         let last = hidden.narrow(1, hidden.size()[1] - 1, 1); // (1, 1, d)
-        let next = model
-            .lm_logits(&last)
-            .to_kind(Kind::Float)
-            .argmax(-1, false)
-            .int64_value(&[0, 0]);
+        let next = crate::host::i64_of(
+            &model
+                .lm_logits(&last)
+                .to_kind(Kind::Float)
+                .argmax(-1, false),
+        );
         out.push(next);
         if stop.contains(&next) {
             break;

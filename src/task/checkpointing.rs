@@ -32,7 +32,8 @@ impl TaskModel {
 
     /// A training micro-batch's forward and backward: the loss over `units` (see
     /// [`super::loss::loss_over`]) divided by `accumulation`, its gradients accumulated into the
-    /// trainable tensors; returns the loss. With activation checkpointing every N-th block below
+    /// trainable tensors; returns the loss, detached and still on the device (reading it
+    /// would sync: the trainer reads it once per step). With activation checkpointing every N-th block below
     /// the first plugged one (N = 1: all of them) runs twice: forward without autograd keeping
     /// only its input, then — after the rest of the model's forward and backward — recomputed,
     /// from the top down, each block backpropagating the gradient of its output
@@ -47,15 +48,14 @@ impl TaskModel {
         labels: &Tensor,
         units: Option<f64>,
         accumulation: f64,
-    ) -> Result<f64> {
+    ) -> Result<Tensor> {
         let plugged = self.first_plugged_layer();
         let every = self.checkpoint_every.filter(|_| self.training.get());
         let Some(every) = every.filter(|_| plugged > 0) else {
             let fwd = self.forward(input_ids, mask, example_ids)?;
             let loss = self.loss_over(&fwd, labels, units) / accumulation;
-            let value = loss.double_value(&[]);
             loss.backward();
-            return Ok(value);
+            return Ok(loss.detach());
         };
         if streams::draws().is_none() {
             return Err(Error::Internal(
@@ -66,7 +66,7 @@ impl TaskModel {
             Some(kind) => autocast(self.backbone.device(), kind, f),
             None => f(),
         };
-        let batch = BatchMask::new(input_ids, Some(mask), None);
+        let batch = BatchMask::new(input_ids, self.attention_mask(mask), None);
         // Block i of the first `plugged` is recomputed when i % every == 0 (only its input is
         // kept); any other keeps its graph from a leaf input, as torchtune's "every N-th layer".
         let mut pieces: Vec<Piece> = Vec::with_capacity(plugged);
@@ -108,8 +108,8 @@ impl TaskModel {
         };
         let fwd = self.forward_with(input_ids, mask, example_ids, Pass::Plain, Some(&entry))?;
         let loss = self.loss_over(&fwd, labels, units) / accumulation;
-        let value = loss.double_value(&[]);
         loss.backward();
+        let value = loss.detach();
         let after = streams::draws();
         let mut grad = entry_hidden.grad();
         for piece in pieces.into_iter().rev() {

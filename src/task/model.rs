@@ -106,6 +106,10 @@ pub struct TaskModel {
     pub group: std::sync::Arc<dyn crate::dist::Collective>,
     /// Activation checkpointing: blocks per recomputed segment (see [`Self::forward_backward`]).
     pub checkpoint_every: Option<usize>,
+    /// Set by a caller whose masks are all right-padded (every real token before every pad, as
+    /// `data::batching` collates): the backbone then runs plain causal attention without looking
+    /// at the mask, which is what it would decide after reading the mask (a host sync on a GPU).
+    pub right_padded: std::sync::atomic::AtomicBool,
 }
 
 /// The hidden states entering block `layer`, computed by the caller (the checkpointed path).
@@ -286,6 +290,7 @@ impl TaskModel {
             probe: Probe::default(),
             group: ctx.group.clone(),
             checkpoint_every,
+            right_padded: Default::default(),
         })
     }
 
@@ -370,6 +375,13 @@ impl TaskModel {
         self.commit_memory()
     }
 
+    /// The mask the backbone's attention needs: none when the caller vouched that masks are
+    /// right-padded ([`Self::right_padded`]).
+    pub(super) fn attention_mask<'m>(&self, mask: &'m Tensor) -> Option<&'m Tensor> {
+        let known = self.right_padded.load(std::sync::atomic::Ordering::Relaxed);
+        (!known).then_some(mask)
+    }
+
     /// The backbone's final hidden states: the whole stack, or from `entry` on.
     fn backbone_forward(
         &self,
@@ -380,7 +392,9 @@ impl TaskModel {
         entry: Option<&Entry>,
     ) -> Tensor {
         match entry {
-            None => self.backbone.forward(input_ids, Some(mask), cache, hook),
+            None => self
+                .backbone
+                .forward(input_ids, self.attention_mask(mask), cache, hook),
             Some(e) => {
                 let n = self.backbone.arch().num_layers();
                 let x = self
@@ -478,12 +492,10 @@ impl TaskModel {
         let mut out = um.head.forward(&self.head, &z, &p_z);
         if self.probe.is_on() {
             if let Some(s2) = &out.variance {
-                self.probe
-                    .record("um.logit_var_max", || s2.detach().max().double_value(&[]));
+                self.probe.record("um.logit_var_max", || s2.detach().max());
             }
             if let Some(t) = &out.temperature {
-                self.probe
-                    .record("um.temperature_max", || t.detach().max().double_value(&[]));
+                self.probe.record("um.temperature_max", || t.detach().max());
             }
         }
         let samples = if self.training.get() {

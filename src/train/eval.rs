@@ -13,7 +13,7 @@ use crate::uncertainty::plots::{write_calibration_plots, CalibrationView};
 use crate::uncertainty::{calibration_scores, CalibrationScores};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
-use tch::{Device, Reduction};
+use tch::Reduction;
 
 /// Loss and metrics on one split. Classification: accuracy and macro-F1 over examples. NER:
 /// accuracy over words, macro-F1 over tag classes, and entity-level precision/recall/F1.
@@ -174,7 +174,7 @@ pub fn outputs(model: &TaskModel, data: &[Encoded], batch_size: usize) -> Result
         .iter()
         .enumerate()
         .map(|(r, t)| {
-            let b = Vec::<u8>::try_from(t)?;
+            let b = crate::host::u8s(t)?;
             serde_json::from_slice::<Outputs>(&b).map_err(|e| Error::Collective {
                 rank: group.rank(),
                 msg: format!("rank {r}'s evaluation outputs do not decode: {e}"),
@@ -204,14 +204,12 @@ pub fn local_outputs(model: &TaskModel, data: &[Encoded], batch_size: usize) -> 
             Some(&batch.example_ids),
         )?;
         let n = logits.size()[logits.dim() - 1];
-        let labels = Vec::<i64>::try_from(batch.labels.reshape([-1]).to_device(Device::Cpu))?;
+        let labels = crate::host::i64s(&batch.labels)?;
         // (b * units per example, n_labels)
-        let rows = Vec::<Vec<f64>>::try_from(
-            logits
-                .reshape([-1, n])
-                .to_kind(tch::Kind::Double)
-                .to_device(Device::Cpu),
-        )?;
+        let rows: Vec<Vec<f64>> = crate::host::f64s(&logits)?
+            .chunks(n as usize)
+            .map(<[f64]>::to_vec)
+            .collect();
         let per_row = labels.len() / chunk.len();
         let mut bad = Vec::new();
         for (k, &i) in chunk.iter().enumerate() {
@@ -238,12 +236,7 @@ pub fn local_outputs(model: &TaskModel, data: &[Encoded], batch_size: usize) -> 
                 &bad[..bad.len().min(8)]
             )));
         }
-        let unit_loss = Vec::<f64>::try_from(
-            cross_entropy(&logits, &batch.labels, Reduction::None)
-                .reshape([-1])
-                .to_kind(tch::Kind::Double)
-                .to_device(Device::Cpu),
-        )?;
+        let unit_loss = crate::host::f64s(&cross_entropy(&logits, &batch.labels, Reduction::None))?;
         for (k, &i) in chunk.iter().enumerate() {
             let l: f64 = unit_loss[k * per_row..(k + 1) * per_row].iter().sum();
             out.example_loss[i] = l;

@@ -1,8 +1,26 @@
 //! AdamW (Loshchilov & Hutter 2019) with decoupled weight decay, as `torch.optim.AdamW` computes
 //! it, with its state as named tensors (`exp_avg.NAME`, `exp_avg_sq.NAME`, `step`) so that it can
-//! be checkpointed. Written here because tch's optimizer keeps its state inside libtorch.
+//! be checkpointed. Written here because tch's optimizer keeps its state inside libtorch; the step
+//! itself is ATen's fused AdamW kernel (`torch.optim.AdamW(fused=True)`), reached through the shim
+//! (`ffi::optim`), and clipping uses the foreach norm and scale: no host sync, one launch per list.
+use crate::ffi::optim::{self, AdamWStep};
 use std::collections::BTreeMap;
 use tch::{Kind, Tensor};
+
+/// The gradient norms of one step, on the device: `values` is `(1 + groups,)` f32, the global
+/// norm first, then one per group, in the order of `groups`.
+pub struct GradNorms {
+    pub groups: Vec<&'static str>,
+    pub values: Tensor,
+}
+
+/// A map key for a device (tch's `Device` is not `Ord`).
+fn device_key(d: tch::Device) -> i64 {
+    match d {
+        tch::Device::Cuda(i) => i as i64,
+        _ => -1,
+    }
+}
 
 pub struct AdamW {
     params: Vec<Param>,
@@ -11,6 +29,9 @@ pub struct AdamW {
     pub eps: f64,
     pub weight_decay: f64,
     pub step: i64,
+    fused: bool,
+    /// The step count as an f32 tensor per device, which the fused kernel reads.
+    steps: BTreeMap<i64, Tensor>,
 }
 
 struct Param {
@@ -46,6 +67,8 @@ impl AdamW {
             eps: 1e-8,
             weight_decay,
             step: 0,
+            fused: true,
+            steps: BTreeMap::new(),
         }
     }
 
@@ -90,85 +113,144 @@ impl AdamW {
             .map_err(|e| crate::Error::Internal(format!("{}: {e}", path.display())))
     }
 
-    /// Global L2 norm of the gradients, with one device-to-host copy.
-    pub fn grad_norm(&self) -> f64 {
-        let norms: Vec<Tensor> = self
-            .gradients()
-            .iter()
-            .map(|g| g.to_kind(Kind::Float).norm())
-            .collect();
-        if norms.is_empty() {
-            return 0.0;
-        }
-        Tensor::stack(&norms, 0).norm().double_value(&[])
-    }
-
-    /// The gradient norm of each group of parameters (`part` names the group of a parameter
-    /// name), with one device-to-host copy.
-    pub fn grad_norms_by(
-        &self,
-        part: impl Fn(&str) -> &'static str,
-    ) -> crate::Result<BTreeMap<String, f64>> {
-        let mut groups: BTreeMap<&'static str, Vec<Tensor>> = BTreeMap::new();
+    /// The gradient norms, still on the device (nothing is read): the global L2 norm and that of
+    /// each group of parameters (`part` names the group of a parameter name), from one foreach
+    /// norm over the gradients.
+    pub fn grad_norms(&self, part: impl Fn(&str) -> &'static str) -> GradNorms {
+        let mut groups: BTreeMap<&'static str, Vec<i64>> = BTreeMap::new();
+        let mut grads = Vec::new();
         for p in &self.params {
             let g = p.tensor.grad();
             if g.defined() {
                 groups
                     .entry(part(&p.name))
                     .or_default()
-                    .push(g.to_kind(Kind::Float).norm());
+                    .push(grads.len() as i64);
+                grads.push(g.to_kind(Kind::Float));
             }
         }
-        if groups.is_empty() {
-            return Ok(BTreeMap::new());
+        if grads.is_empty() {
+            return GradNorms {
+                groups: Vec::new(),
+                values: Tensor::zeros([1], (Kind::Float, tch::Device::Cpu)),
+            };
         }
-        let names: Vec<&'static str> = groups.keys().copied().collect();
-        let norms: Vec<Tensor> = groups
-            .values()
-            .map(|v| Tensor::stack(v, 0).norm())
-            .collect();
-        let values = Vec::<f64>::try_from(Tensor::stack(&norms, 0).to_kind(Kind::Double))?;
-        Ok(names.into_iter().map(String::from).zip(values).collect())
+        let norms = optim::foreach_norm(&grads.iter().collect::<Vec<_>>()); // (n,)
+        let device = norms.device();
+        let mut values = vec![norms.norm()];
+        for idx in groups.values() {
+            let idx = Tensor::from_slice(idx).to_device(device);
+            values.push(norms.index_select(0, &idx).norm());
+        }
+        GradNorms {
+            groups: groups.into_keys().collect(),
+            values: Tensor::stack(&values, 0),
+        }
     }
 
-    /// Scales gradients so that their global norm is at most `max_norm`; returns the norm before.
-    pub fn clip_grad_norm(&mut self, max_norm: f64) -> f64 {
-        let norm = self.grad_norm();
+    /// Scales the gradients so that their global norm `norm` becomes `max_norm` when above it
+    /// (`torch.nn.utils.clip_grad_norm_`'s factor, `max_norm / (norm + 1e-6)`).
+    pub fn clip_gradients(&mut self, norm: f64, max_norm: f64) {
         if max_norm > 0.0 && norm > max_norm {
-            let factor = max_norm / (norm + 1e-6);
-            for p in &mut self.params {
-                let mut g = p.tensor.grad();
-                if g.defined() {
-                    let _ = g.g_mul_scalar_(factor);
-                }
-            }
+            let grads = self.gradients();
+            optim::foreach_mul(&grads.iter().collect::<Vec<_>>(), max_norm / (norm + 1e-6));
         }
+    }
+
+    /// [`Self::grad_norms`] read, then [`Self::clip_gradients`]: the global norm before clipping.
+    pub fn clip_grad_norm(&mut self, max_norm: f64) -> f64 {
+        let norm = crate::host::f64_of(&self.grad_norms(|_| "all").values.get(0));
+        self.clip_gradients(norm, max_norm);
         norm
     }
 
+    /// Whether [`Self::step`] runs ATen's fused AdamW kernel (the default) or the per-tensor
+    /// loop (the reference it is tested and benchmarked against).
+    pub fn with_fused(mut self, fused: bool) -> Self {
+        self.fused = fused;
+        self
+    }
+
+    /// One AdamW step at learning rate `lr` (no host sync). f32 parameters go through ATen's
+    /// fused kernel, one call for the decayed ones and one for the others; parameters of another
+    /// dtype (a full fine-tune in bf16, whose state is f32) through the per-tensor loop.
     pub fn step(&mut self, lr: f64) {
         self.step += 1;
-        let t = self.step as f64;
-        let bc1 = 1.0 - self.beta1.powf(t);
-        let bc2 = 1.0 - self.beta2.powf(t);
-        let (b1, b2, eps, wd) = (self.beta1, self.beta2, self.eps, self.weight_decay);
-        tch::no_grad(|| {
-            for p in &mut self.params {
-                let g = p.tensor.grad();
-                if !g.defined() {
-                    continue;
-                }
-                let g = g.to_kind(Kind::Float);
-                if p.decay && wd > 0.0 {
-                    let _ = p.tensor.g_mul_scalar_(1.0 - lr * wd);
-                }
-                let _ = p.exp_avg.lerp_(&g, 1.0 - b1);
-                let _ = p.exp_avg_sq.g_mul_scalar_(b2);
-                let _ = p.exp_avg_sq.addcmul_(&g, &(&g * (1.0 - b2)));
-                let denom = p.exp_avg_sq.sqrt() / bc2.sqrt() + eps;
-                let update = (&p.exp_avg / denom) * (-lr / bc1);
-                let _ = p.tensor.g_add_(&update.to_kind(p.tensor.kind()));
+        let h = AdamWStep {
+            lr,
+            beta1: self.beta1,
+            beta2: self.beta2,
+            weight_decay: self.weight_decay,
+            eps: self.eps,
+        };
+        let mut fused: [Vec<usize>; 2] = [Vec::new(), Vec::new()];
+        let mut looped = Vec::new();
+        for (i, p) in self.params.iter().enumerate() {
+            let g = p.tensor.grad();
+            if !g.defined() {
+                continue;
             }
+            let fusable = self.fused
+                && p.tensor.kind() == Kind::Float
+                && g.kind() == Kind::Float
+                && p.tensor.is_contiguous()
+                && g.is_contiguous();
+            if fusable {
+                fused[usize::from(p.decay)].push(i);
+            } else {
+                looped.push(i);
+            }
+        }
+        for (decay, idx) in fused.iter().enumerate() {
+            if idx.is_empty() {
+                continue;
+            }
+            let device = self.params[idx[0]].tensor.device();
+            let step = self
+                .steps
+                .entry(device_key(device))
+                .or_insert_with(|| Tensor::zeros([], (Kind::Float, device)));
+            // The step count as the kernel reads it (exact in f32 up to 2^24 steps).
+            let _ = step.fill_(self.step as f64);
+            let grads: Vec<Tensor> = idx.iter().map(|&i| self.params[i].tensor.grad()).collect();
+            let pick = |f: &dyn Fn(&Param) -> &Tensor| -> Vec<&Tensor> {
+                idx.iter().map(|&i| f(&self.params[i])).collect()
+            };
+            let step = &*step;
+            optim::fused_adamw(
+                &pick(&|p| &p.tensor),
+                &grads.iter().collect::<Vec<_>>(),
+                &pick(&|p| &p.exp_avg),
+                &pick(&|p| &p.exp_avg_sq),
+                &vec![step; idx.len()],
+                AdamWStep {
+                    weight_decay: if decay == 1 { h.weight_decay } else { 0.0 },
+                    ..h
+                },
+            );
+        }
+        for i in looped {
+            self.loop_step(i, h);
+        }
+    }
+
+    /// torch.optim.AdamW's for-loop implementation, for parameter `i`.
+    fn loop_step(&mut self, i: usize, h: AdamWStep) {
+        let t = self.step as f64;
+        let bc1 = 1.0 - h.beta1.powf(t);
+        let bc2 = 1.0 - h.beta2.powf(t);
+        let p = &mut self.params[i];
+        tch::no_grad(|| {
+            let g = p.tensor.grad().to_kind(Kind::Float);
+            if p.decay && h.weight_decay > 0.0 {
+                let _ = p.tensor.g_mul_scalar_(1.0 - h.lr * h.weight_decay);
+            }
+            let _ = p.exp_avg.lerp_(&g, 1.0 - h.beta1);
+            let _ = p.exp_avg_sq.g_mul_scalar_(h.beta2);
+            let _ = p.exp_avg_sq.addcmul_(&g, &(&g * (1.0 - h.beta2)));
+            let denom = p.exp_avg_sq.sqrt() / bc2.sqrt() + h.eps;
+            let update = (&p.exp_avg / denom) * (-h.lr / bc1);
+            let _ = p.tensor.g_add_(&update.to_kind(p.tensor.kind()));
         });
     }
 
@@ -228,10 +310,11 @@ impl AdamW {
                 p.exp_avg_sq.copy_(v);
             });
         }
-        self.step = state
-            .get("step")
-            .ok_or_else(|| Error::tensor(path, "step", "missing from the optimizer state"))?
-            .int64_value(&[]);
+        self.step = crate::host::i64_of(
+            state
+                .get("step")
+                .ok_or_else(|| Error::tensor(path, "step", "missing from the optimizer state"))?,
+        );
         Ok(())
     }
 }

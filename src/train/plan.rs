@@ -145,6 +145,29 @@ fn shapes(arch: &ArchConfig) -> Shapes {
     }
 }
 
+/// The shapes of LoRA's trainable tensors on the model `cfg` describes (`lora_A (r, n_in)` and
+/// `lora_B (n_out, r)` of every targeted linear layer, block by block), then the classification
+/// head's `(num_labels, d)`: the optimizer's parameter set, without building the model.
+pub fn lora_parameter_shapes(cfg: &Config, num_labels: usize) -> Result<Vec<[i64; 2]>> {
+    let model = ModelRef::resolve(&cfg.model.source)?;
+    let s = shapes(&model.arch);
+    let targets = resolve_targets(
+        &cfg.peft.targets,
+        crate::config::PeftMethod::Lora,
+        &model.arch,
+    );
+    let r = cfg.peft.r;
+    let mut out: Vec<[i64; 2]> = s
+        .linears
+        .iter()
+        .flatten()
+        .filter(|l| matches_target(&l.module, &targets))
+        .flat_map(|l| [[r, l.n_in as i64], [l.n_out as i64, r]])
+        .collect();
+    out.push([num_labels as i64, s.d as i64]);
+    Ok(out)
+}
+
 /// What the run needs per rank.
 pub struct Plan {
     pub frozen_params: u64,

@@ -127,7 +127,7 @@ pub fn load_run_in(dir: &Path, overrides: &[String], job: &JobEnv) -> Result<Loa
 /// Fails naming the first tensor with a NaN or infinite value.
 fn check_finite(tensors: &[(String, Tensor)], path: &Path) -> Result<()> {
     for (name, t) in tensors {
-        if t.is_floating_point() && !bool::try_from(t.isfinite().all())? {
+        if t.is_floating_point() && !crate::host::bool_of(&t.isfinite().all()) {
             return Err(Error::tensor(
                 path,
                 name,

@@ -19,6 +19,7 @@ impl Setup {
     /// The dataset `cfg.data` names and the model for its labels.
     pub fn new(cfg: &Config, ctx: &RunContext) -> Result<Setup> {
         let model_ref = resolve(cfg, ctx)?;
+        set_precision(cfg, ctx);
         let data = load_data(cfg, model_ref.tokenizer()?)?;
         let model = TaskModel::build_from(cfg, model_ref, data.label_names.len(), ctx)?;
         Ok(Setup { data, model })
@@ -27,7 +28,15 @@ impl Setup {
 
 /// The model for `num_labels` classes without reading data (a saved run's labels, the benches).
 pub fn build_model(cfg: &Config, ctx: &RunContext, num_labels: usize) -> Result<TaskModel> {
+    set_precision(cfg, ctx);
     TaskModel::build_from(cfg, resolve(cfg, ctx)?, num_labels, ctx)
+}
+
+/// The process-wide matmul precision `train.tf32` asks for, on CUDA.
+fn set_precision(cfg: &Config, ctx: &RunContext) {
+    if ctx.device.is_cuda() {
+        crate::ffi::optim::set_allow_tf32(cfg.train.tf32);
+    }
 }
 
 /// `model.source` resolved, local rank 0 first (so that a hub download happens once per node).

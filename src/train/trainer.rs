@@ -72,6 +72,10 @@ pub fn train_resuming(
     let device = ctx.device;
     let world = ctx.world_size;
     model.broadcast_trainable()?;
+    // Every batch below is collated with right padding.
+    model
+        .right_padded
+        .store(true, std::sync::atomic::Ordering::Relaxed);
 
     let t = &cfg.train;
     let mut opt = AdamW::new(model.named_trainable(), t.weight_decay).with_eps(t.adam_eps);
@@ -183,8 +187,11 @@ pub fn train_resuming(
                 },
             )
         };
+        // The most device-to-host reads a step without logging made since the last log line.
+        let mut unlogged_reads: Option<u64> = None;
         for step in first_step..=total {
             let step_start = Instant::now();
+            let reads_at_start = crate::host::reads();
             let logged = step % t.log_every == 0 || step == total;
             if logged {
                 model.probe.start();
@@ -192,7 +199,9 @@ pub fn train_resuming(
             model.training.set(true);
             opt.zero_grad();
             let lr = learning_rate(t.schedule, t.lr, step - 1, warmup, total);
-            let mut loss_value = 0.0;
+            // The loss stays on the device (f64, as the micro-batches add up) until the one read
+            // of this step below.
+            let mut loss_sum = Tensor::zeros([], (Kind::Double, device));
             for micro in 0..t.grad_accum {
                 crate::faults::abort_at(step, micro);
                 let global = sampler.next_batch(&lengths);
@@ -214,7 +223,7 @@ pub fn train_resuming(
                     labelled_units(&padded(&global, world), &data.train) as f64 / world as f64
                 });
                 // The backward runs inside the streams too: checkpointed blocks replay their draws.
-                loss_value += noise::with_streams(keys, || {
+                let loss = noise::with_streams(keys, || {
                     model.forward_backward(
                         &batch.input_ids,
                         &batch.attention_mask,
@@ -224,10 +233,21 @@ pub fn train_resuming(
                         t.grad_accum as f64,
                     )
                 })?;
+                loss_sum += loss.to_kind(Kind::Double);
             }
-            // The global loss (mean over ranks: NaN on any rank makes it NaN), so every rank skips,
-            // or none does, and rank 0 logs the job's loss.
-            let loss_value = mean_over_ranks(ctx.group.as_ref(), loss_value)?;
+            // The global loss (mean over ranks: NaN on any rank makes it NaN) and the synchronized
+            // gradients' norms, read together: this step's one device-to-host read. Every rank
+            // then skips, or none does, and rank 0 logs the job's loss.
+            let loss_sum = mean_over_ranks(ctx.group.as_ref(), loss_sum)?;
+            let sync_start = Instant::now();
+            sync_gradients(ctx.group.as_ref(), &opt)?;
+            ls.sync_secs += sync_start.elapsed().as_secs_f64();
+            let norms = opt.grad_norms(part_of);
+            let read = crate::host::f64s(&Tensor::cat(
+                &[loss_sum.reshape([1]), norms.values.to_kind(Kind::Double)],
+                0,
+            ))?;
+            let loss_value = read[0];
             if !loss_value.is_finite() {
                 ls.skipped += 1;
                 ls.bad_in_a_row += 1;
@@ -239,14 +259,17 @@ pub fn train_resuming(
                 }
             } else {
                 ls.bad_in_a_row = 0;
-                let sync_start = Instant::now();
-                sync_gradients(ctx.group.as_ref(), &opt)?;
-                ls.sync_secs += sync_start.elapsed().as_secs_f64();
                 if let Some(path) = crate::faults::gradient_dump(step).filter(|_| ctx.is_writer) {
                     opt.save_gradients(&path)?;
                 }
-                let part_norms = opt.grad_norms_by(part_of)?;
-                let grad_norm = opt.clip_grad_norm(t.max_grad_norm);
+                let grad_norm = read[1];
+                let part_norms: std::collections::BTreeMap<String, f64> = norms
+                    .groups
+                    .iter()
+                    .map(|g| g.to_string())
+                    .zip(read[2..].iter().copied())
+                    .collect();
+                opt.clip_gradients(grad_norm, t.max_grad_norm);
                 if let Some(spike) = ls.guard.observe(step, loss_value, grad_norm, &part_norms) {
                     progress.suspend(|| {
                     tracing::warn!(
@@ -268,6 +291,10 @@ pub fn train_resuming(
                 opt.step(lr);
                 model.commit_memory()?;
                 ls.train_secs += step_start.elapsed().as_secs_f64();
+                if !logged {
+                    let reads = crate::host::reads() - reads_at_start;
+                    unlogged_reads = Some(unlogged_reads.unwrap_or(0).max(reads));
+                }
                 if logged {
                     let tps = ls.tokens as f64 / ls.train_secs.max(1e-9);
                     let eta = ls.train_secs / step as f64 * (total - step) as f64;
@@ -287,6 +314,7 @@ pub fn train_resuming(
                         );
                     }
                     let probe = model.probe.take();
+                    let reads = crate::host::reads() - reads_at_start;
                     last_um = probe
                         .iter()
                         .filter(|(k, _)| k.starts_with("um.") && !k.starts_with("um.logvar"))
@@ -296,6 +324,7 @@ pub fn train_resuming(
                         "step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
                         "tokens_per_s": tps, "grad_norms": part_norms, "probe": probe,
                         "grad_sync_share": ls.sync_secs / ls.train_secs.max(1e-9),
+                        "host_reads": reads, "host_reads_unlogged_max": unlogged_reads.take(),
                     }))?;
                 }
             }
@@ -420,14 +449,14 @@ pub fn train_resuming(
     }
 }
 
-/// The mean of `x` over ranks.
-fn mean_over_ranks(group: &dyn Collective, x: f64) -> Result<f64> {
+/// The mean of the one-element `x` over ranks, on its device.
+fn mean_over_ranks(group: &dyn Collective, x: Tensor) -> Result<Tensor> {
     if group.world_size() == 1 {
         return Ok(x);
     }
-    let mut t = Tensor::from_slice(&[x]);
+    let mut t = x.reshape([1]);
     group.all_reduce(&mut t, ReduceOp::Mean)?;
-    Ok(t.double_value(&[0]))
+    Ok(t)
 }
 
 /// Labelled units of the examples at `idx`: examples (classification) or tagged tokens (NER).
@@ -453,7 +482,7 @@ pub fn agreed_signal(group: &dyn Collective, signal: i32) -> Result<i32> {
         return Ok(signal);
     }
     let seen = group.all_gather_same(&Tensor::from_slice(&[i64::from(signal)]))?;
-    Ok(Vec::<i64>::try_from(&seen.reshape([-1]))?
+    Ok(crate::host::i64s(&seen)?
         .into_iter()
         .find(|&s| s != 0)
         .unwrap_or(0) as i32)

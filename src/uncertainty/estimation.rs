@@ -139,15 +139,11 @@ impl LayerHook for UncertaintyHook<'_> {
                 .log()
                 .abs()
                 .gt(2f64.ln());
-            self.probe.record(&format!("um.p_mean.{layer}"), || {
-                p.mean(Kind::Float).double_value(&[])
-            });
+            self.probe
+                .record(&format!("um.p_mean.{layer}"), || p.mean(Kind::Float));
             self.probe
                 .record(&format!("um.moved_from_prior.{layer}"), || {
-                    moved
-                        .to_kind(Kind::Float)
-                        .mean(Kind::Float)
-                        .double_value(&[])
+                    moved.to_kind(Kind::Float).mean(Kind::Float)
                 });
         }
         let out = if self.module.noise_scale > 0.0 && self.noisy {
@@ -168,11 +164,9 @@ impl LayerHook for UncertaintyHook<'_> {
             if self.probe.is_on() {
                 // The noise's standard deviation against each token's feature scale (RMS).
                 let rel = (&std / rms().clamp_min(1e-12)).detach();
-                self.probe.record("um.noise_to_feature", || {
-                    rel.mean(Kind::Float).double_value(&[])
-                });
                 self.probe
-                    .record("um.noise_to_feature_max", || rel.max().double_value(&[]));
+                    .record("um.noise_to_feature", || rel.mean(Kind::Float));
+                self.probe.record("um.noise_to_feature_max", || rel.max());
             }
             let noise = std * crate::ffi::streams::randn(&p.size(), 0, &p);
             hidden + noise.to_kind(kind)
