@@ -39,6 +39,18 @@ pub fn bool_of(t: &Tensor) -> bool {
     i64_of(&t.to_kind(Kind::Int64)) != 0
 }
 
+/// Whether a one-element tensor that lives on the CPU is non-zero: not a sync, so not counted.
+/// For code paths taken only on the CPU (a path a GPU takes instead must not read); panics on
+/// another device.
+pub fn cpu_bool_of(t: &Tensor) -> bool {
+    assert!(
+        t.device() == tch::Device::Cpu,
+        "cpu_bool_of on a {:?} tensor",
+        t.device()
+    );
+    t.to_kind(Kind::Int64).int64_value(&[]) != 0
+}
+
 /// Every value of `t`, flattened, as f64.
 pub fn f64s(t: &Tensor) -> crate::Result<Vec<f64>> {
     count();

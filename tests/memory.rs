@@ -939,3 +939,32 @@ fn bf16_keys_halve_the_keys_and_read_alike_at_any_world_size() -> TestResult {
     }
     Ok(())
 }
+
+/// A commit writes every micro-batch's entries but those of padding (negative example ids) and
+/// those with a non-finite key (here a W_k set to NaN between the two micro-batches), counting
+/// what to drop for both micro-batches in one host read.
+#[test]
+fn a_commit_drops_padding_and_non_finite_entries_with_one_read() -> TestResult {
+    let model = memory_model("mem-drop", false)?;
+    let (ids, mask, _, _) = toy_batch();
+    model.training.set(true);
+    tch::no_grad(|| model.forward(&ids, &mask, Some(&Tensor::from_slice(&[10i64, -1, 12]))))?;
+    let mut w_k = model.trained_vars()["memory.w_k.weight"].shallow_clone();
+    tch::no_grad(|| {
+        let _ = w_k.fill_(f64::NAN);
+    });
+    tch::no_grad(|| model.forward(&ids, &mask, Some(&Tensor::from_slice(&[13i64, 14, 15]))))?;
+    let reads = umtune::host::reads();
+    model.commit_memory()?;
+    assert_eq!(
+        umtune::host::reads() - reads,
+        1,
+        "one read for both micro-batches"
+    );
+    assert_eq!(held(&model)?, 2);
+    let memory = model.memory.as_ref().ok_or("no memory")?;
+    let tensors = memory.store()?.shard_tensors();
+    let ids = &tensors.iter().find(|(n, _)| n == "ids").ok_or("ids")?.1;
+    assert_eq!(Vec::<i64>::try_from(ids.narrow(0, 0, 2))?, [10, 12]);
+    Ok(())
+}

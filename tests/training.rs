@@ -396,20 +396,25 @@ fn fused_adamw_equals_the_per_tensor_loop() -> TestResult {
 
 /// The training loop reads device values into host memory once per step that does not log (the
 /// loss and the gradient norms together; issue 22's target is at most 2), also with uncertainty
-/// modeling, activation checkpointing and gradient accumulation; a logged step adds one read for
-/// the probes. metrics.jsonl reports both counts ([`umtune::host`] counts every read).
+/// modeling, activation checkpointing and gradient accumulation, twice with the memory in one
+/// process; a logged step adds one read for the probes. metrics.jsonl reports both counts
+/// ([`umtune::host`] counts every read).
 #[test]
 fn a_training_step_reads_the_device_once() -> TestResult {
-    for (tag, um, checkpointing, accum) in [
-        ("reads-lora", false, false, 1),
-        ("reads-um", true, false, 1),
-        ("reads-um-ckpt", true, true, 2),
+    // (tag, UM, memory, checkpointing, accumulation): the memory adds one read, at its write
+    // (how many entries to drop as non-finite or padding).
+    for (tag, um, memory, checkpointing, accum) in [
+        ("reads-lora", false, false, false, 1),
+        ("reads-um", true, false, false, 1),
+        ("reads-um-ckpt", true, false, true, 2),
+        ("reads-memory", true, true, false, 2),
     ] {
         let mut cfg = tiny_config(tag, PeftMethod::Lora)?;
         cfg.train.max_steps = 6;
         cfg.train.log_every = 3;
         cfg.train.grad_accum = accum;
         cfg.uncertainty.enabled = um;
+        cfg.memory.enabled = memory;
         if checkpointing {
             cfg.train.activation_checkpointing = umtune::config::Checkpointing(1);
         }
@@ -422,10 +427,11 @@ fn a_training_step_reads_the_device_once() -> TestResult {
         let logged: Vec<&serde_json::Value> =
             lines.iter().filter(|l| l.get("loss").is_some()).collect();
         assert_eq!(logged.len(), 2, "{tag}: {lines:?}");
+        let step = 1 + u64::from(memory);
         for l in logged {
-            assert_eq!(l["host_reads_unlogged_max"], 1, "{tag}: {l}");
-            let probes = if um { 1 } else { 0 };
-            assert_eq!(l["host_reads"], 1 + probes, "{tag}: {l}");
+            assert_eq!(l["host_reads_unlogged_max"], step, "{tag}: {l}");
+            let probes = u64::from(um || memory);
+            assert_eq!(l["host_reads"], step + probes, "{tag}: {l}");
         }
     }
     Ok(())

@@ -349,7 +349,8 @@ impl MemoryFusion {
     /// micro-batch), in order: every rank's entries of micro-batch m land, in rank order, before
     /// any of micro-batch m + 1, so the ring's slots follow the global batches' order at any
     /// world size and accumulation. Entries with a non-finite key or value are dropped here
-    /// (with a warning) rather than failing one rank alone.
+    /// (with a warning) rather than failing one rank alone. One host read for the whole step (the
+    /// counts of entries to drop), and none more unless some are.
     pub fn commit(&self) -> Result<()> {
         let mut pending = std::mem::take(&mut *self.pending()?);
         if pending.is_empty() {
@@ -365,36 +366,57 @@ impl MemoryFusion {
                 Tensor::zeros([0], (Kind::Int64, device)),
             ));
         }
-        for (k, v, ids) in pending {
-            let (k, v, ids) = writable(k, v, ids)?;
+        // Which entries may be written, for every micro-batch, counted in one read.
+        let keep: Vec<(Tensor, Tensor)> = pending
+            .iter()
+            .map(|(k, v, ids)| writable(k, v, ids))
+            .collect();
+        let counts: Vec<Tensor> = keep
+            .iter()
+            .flat_map(|(finite, keep)| {
+                [
+                    finite.logical_not().sum(Kind::Int64),
+                    keep.logical_not().sum(Kind::Int64),
+                ]
+            })
+            .collect();
+        let counts = crate::host::i64s(&Tensor::stack(&counts, 0))?;
+        let n_bad: i64 = counts.iter().step_by(2).sum();
+        if n_bad > 0 {
+            tracing::warn!(
+                entries = n_bad,
+                "memory entries with NaN or infinite keys or values dropped"
+            );
+        }
+        for (((k, v, ids), (_, keep)), dropped) in pending
+            .into_iter()
+            .zip(keep)
+            .zip(counts.chunks(2).map(|c| c[1]))
+        {
+            let (k, v, ids) = if dropped == 0 {
+                (k, v, ids)
+            } else {
+                let keep = keep.nonzero().squeeze_dim(1);
+                (
+                    k.index_select(0, &keep),
+                    v.index_select(0, &keep),
+                    ids.index_select(0, &keep),
+                )
+            };
             self.store()?.write(self.group.as_ref(), &k, &v, &ids)?;
         }
         Ok(())
     }
 }
 
-/// The entries that may be written: finite keys and values (the others dropped with a warning),
-/// and not padding (negative example ids: a rank past the end of a corpus).
-fn writable(k: Tensor, v: Tensor, ids: Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+/// `(finite, keep)` `(n,)` bool of one micro-batch's entries: finite keys and values, and of
+/// those the ones that may be written (not padding: negative example ids, a rank past the end of
+/// a corpus). The others are dropped, the non-finite ones with a warning.
+fn writable(k: &Tensor, v: &Tensor, ids: &Tensor) -> (Tensor, Tensor) {
     let finite = k
         .isfinite()
         .all_dim(1, false)
         .logical_and(&v.to_kind(Kind::Float).isfinite().all_dim(1, false)); // (n,)
-    let n_bad = crate::host::i64_of(&finite.logical_not().sum(Kind::Int64));
-    if n_bad > 0 {
-        tracing::warn!(
-            entries = n_bad,
-            "memory entries with NaN or infinite keys or values dropped"
-        );
-    }
     let keep = finite.logical_and(&ids.ge(0));
-    if crate::host::bool_of(&keep.all()) {
-        return Ok((k, v, ids));
-    }
-    let keep = keep.nonzero().squeeze_dim(1);
-    Ok((
-        k.index_select(0, &keep),
-        v.index_select(0, &keep),
-        ids.index_select(0, &keep),
-    ))
+    (finite, keep)
 }

@@ -23,9 +23,6 @@ pub struct ShardedKvMemory {
     pub(super) ids: Tensor,
     /// Entries written so far, all ranks together (the ring position of the next write).
     written: u64,
-    /// Local rows of each example id, so that self-exclusion touches only those rows (an id has
-    /// one row but for repeats: kept inline, no allocation per entry).
-    rows_of_id: std::collections::HashMap<i64, smallvec::SmallVec<[i64; 1]>>,
 }
 
 /// The slot of a read's padding (no entry).
@@ -51,7 +48,6 @@ impl ShardedKvMemory {
             values: Tensor::zeros([local, d_value], (Kind::Float, device)),
             ids: Tensor::full([local], -1, (Kind::Int64, device)),
             written: 0,
-            rows_of_id: Default::default(),
         }
     }
 
@@ -78,7 +74,6 @@ impl ShardedKvMemory {
         let _ = self.ids.fill_(-1);
         let _ = self.keys.zero_();
         let _ = self.values.zero_();
-        self.rows_of_id.clear();
         self.written = 0;
     }
 
@@ -115,9 +110,13 @@ impl ShardedKvMemory {
         let n = keys.size()[0];
         // Every rank's count and widths, so that all fail alike on a bad write.
         let shape = [n, keys.size()[1], values.size()[1], ids.size()[0]];
-        let shapes = crate::host::i64s(
-            &group.all_gather_same(&Tensor::from_slice(&shape).to_device(device))?,
-        )?;
+        let shapes = if w == 1 {
+            shape.to_vec()
+        } else {
+            crate::host::i64s(
+                &group.all_gather_same(&Tensor::from_slice(&shape).to_device(device))?,
+            )?
+        };
         for (r, s) in shapes.chunks(4).enumerate() {
             if s[1] != d_k || s[2] != d_v || s[3] != s[0] {
                 return Err(Error::Collective {
@@ -135,16 +134,14 @@ impl ShardedKvMemory {
         let cap = self.capacity as i64;
         // Only the last `capacity` entries of a write this large survive.
         let skip = (total - cap).max(0);
-        let index = Tensor::arange_start(before, before + n, (Kind::Int64, device));
-        let kept = index.ge(skip).nonzero().squeeze_dim(1);
-        let slots = (index.index_select(0, &kept) + self.written as i64).remainder(cap);
+        // This rank's entries from the first that survives: their positions in the write, and
+        // their indices here (known on the host: no data-dependent selection).
+        let first = (skip - before).clamp(0, n);
+        let kept = Tensor::arange_start(first, n, (Kind::Int64, device));
+        let slots = (kept.shallow_clone() + before + self.written as i64).remainder(cap);
         let owner = slots.remainder(w);
         let order = owner.argsort_stable(true, 0, false);
-        let (slots, owner, kept) = (
-            slots.index_select(0, &order),
-            owner.index_select(0, &order),
-            kept.index_select(0, &order),
-        );
+        let (slots, kept) = (slots.index_select(0, &order), kept.index_select(0, &order));
         let pick = |t: &Tensor, kind: Kind| {
             t.detach()
                 .to_device(device)
@@ -160,7 +157,11 @@ impl ShardedKvMemory {
             ],
             1,
         );
-        let per_owner = crate::host::i64s(&owner.bincount(None::<Tensor>, w))?;
+        // Entries per owning rank, counted on the host from the same slot arithmetic.
+        let mut per_owner = vec![0i64; w as usize];
+        for i in first..n {
+            per_owner[((before + i + self.written as i64) % cap % w) as usize] += 1;
+        }
         let mut send = Vec::with_capacity(w as usize);
         let mut offset = 0;
         for &m in &per_owner {
@@ -176,38 +177,10 @@ impl ShardedKvMemory {
             let new_keys = got.narrow(1, 0, d_k).to_kind(self.keys.kind());
             let _ = self.keys.index_copy_(0, &local, &new_keys);
             let _ = self.values.index_copy_(0, &local, &got.narrow(1, d_k, d_v));
-            let rows_list = crate::host::i64s(&local)?;
-            let old = crate::host::i64s(&self.ids.index_select(0, &local))?;
-            let new = crate::host::i64s(&new_ids)?;
-            for ((&row, &was), &now) in rows_list.iter().zip(&old).zip(&new) {
-                if let Some(v) = self.rows_of_id.get_mut(&was) {
-                    v.retain(|r| *r != row);
-                    if v.is_empty() {
-                        self.rows_of_id.remove(&was);
-                    }
-                }
-                self.rows_of_id.entry(now).or_default().push(row);
-            }
             let _ = self.ids.index_copy_(0, &local, &new_ids);
         }
         self.written += total as u64;
         Ok(())
-    }
-
-    /// `(query index, local row)` of every filled row holding the example of one of
-    /// `query_ids` (what a read excludes).
-    pub(super) fn own_rows(&self, query_ids: &Tensor, filled: i64) -> Result<(Vec<i64>, Vec<i64>)> {
-        let qids = crate::host::i64s(query_ids)?;
-        let (mut qi, mut rows) = (Vec::new(), Vec::new());
-        for (i, id) in qids.iter().enumerate() {
-            for &r in self.rows_of_id.get(id).into_iter().flatten() {
-                if r < filled {
-                    qi.push(i as i64);
-                    rows.push(r);
-                }
-            }
-        }
-        Ok((qi, rows))
     }
 
     /// Rows of this shard that hold an entry (the ring fills local rows in order).
@@ -292,7 +265,8 @@ impl ShardedKvMemory {
         for shard in &saved.shards {
             self.restore_rows(shard.rank, saved.world_size, &shard.tensors, &shard.path)?;
         }
-        self.finish_restore(saved.written)
+        self.written = saved.written;
+        Ok(())
     }
 
     /// Takes the entries this rank owns from shard `saved_rank` of a memory saved at world size
@@ -357,18 +331,6 @@ impl ShardedKvMemory {
             .values
             .index_copy_(0, &local, &values.index_select(0, &rows));
         let _ = self.ids.index_copy_(0, &local, &ids.index_select(0, &rows));
-        Ok(())
-    }
-
-    /// Ends a restore: `written` entries were ever written to the saved ring.
-    fn finish_restore(&mut self, written: u64) -> Result<()> {
-        let ids = crate::host::i64s(&self.ids)?;
-        self.rows_of_id.clear();
-        self.rows_of_id.reserve(ids.len());
-        for (row, id) in ids.into_iter().enumerate().filter(|(_, id)| *id != -1) {
-            self.rows_of_id.entry(id).or_default().push(row as i64);
-        }
-        self.written = written;
         Ok(())
     }
 }
