@@ -359,6 +359,25 @@ fn launcher_two_and_three_ranks_match_one_process() -> TestResult {
             &out.join(format!("w{world}-b4")),
             PARITY_TOL,
         );
+        // Host reads per plain step with UM and the memory (what a GPU would sync on): 2 in one
+        // process (the loss, signal and norms; the write's drop counts), 4 on several ranks (the
+        // write's row counts, and the read's row counts of the query gather).
+        for (run, reads) in [
+            (format!("w1-b{}", 4 * world), 2),
+            (format!("w{world}-b4"), 4),
+        ] {
+            let metrics = std::fs::read_to_string(out.join(&run).join("metrics.jsonl"))?;
+            let mut checked = 0;
+            for line in metrics.lines() {
+                let l: serde_json::Value = serde_json::from_str(line)?;
+                if l.get("grad_norm").is_none() {
+                    continue;
+                }
+                assert_eq!(l["host_reads_unlogged_max"], reads, "{run}: {l}");
+                checked += 1;
+            }
+            assert!(checked > 0, "{run}: no training lines");
+        }
         // Only rank 0 wrote a run directory.
         let dirs = std::fs::read_dir(&out)?.count();
         assert_eq!(dirs, 2 * if world == 2 { 1 } else { 2 });
@@ -565,17 +584,21 @@ fn a_rank_that_never_arrives_fails_the_others_within_the_timeout() -> TestResult
 /// stop on SIGTERM with status 143 and rank 0 on "a signal" with 128).
 #[test]
 fn ranks_agree_on_the_stop_signal_when_it_reaches_them_at_different_times() {
-    use umtune::train::trainer::agreed_signal;
+    use umtune::train::trainer::{step_consensus, Consensus};
     for (seen, agreed) in [
         ([0, 0, 0], 0),
         ([0, 15, 0], 15),
         ([0, 15, 10], 15),
         ([2, 15, 0], 2),
     ] {
+        // With the step's losses (1, 2, 4 on ranks 0-2: mean 7/3, as one all-reduce's mean).
         let got = on_ranks("ring", 3, move |g| {
-            agreed_signal(g, seen[g.rank()]).expect("agreeing on the signal")
+            let loss = tch::Tensor::from(f64::from(1u32 << g.rank()));
+            let t = step_consensus(g, &loss, seen[g.rank()]).expect("agreeing");
+            let c = Consensus::of(&umtune::host::f64s(&t).expect("read"));
+            (c.signal, c.loss)
         });
-        assert_eq!(got, vec![agreed; 3], "signals seen {seen:?}");
+        assert_eq!(got, vec![(agreed, 7.0 / 3.0); 3], "signals seen {seen:?}");
     }
 }
 

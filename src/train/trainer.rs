@@ -187,7 +187,8 @@ pub fn train_resuming(
                 },
             )
         };
-        // The most device-to-host reads a step without logging made since the last log line.
+        // The most device-to-host reads a plain step (no log line, evaluation or checkpoint)
+        // made since the last log line.
         let mut unlogged_reads: Option<u64> = None;
         for step in first_step..=total {
             let step_start = Instant::now();
@@ -235,19 +236,25 @@ pub fn train_resuming(
                 })?;
                 loss_sum += loss.to_kind(Kind::Double);
             }
-            // The global loss (mean over ranks: NaN on any rank makes it NaN) and the synchronized
-            // gradients' norms, read together: this step's one device-to-host read. Every rank
-            // then skips, or none does, and rank 0 logs the job's loss.
-            let loss_sum = mean_over_ranks(ctx.group.as_ref(), loss_sum)?;
+            // The global loss and stop signal (see `Consensus`) and the synchronized gradients'
+            // norms, read together: this step's one device-to-host read. Every rank then skips,
+            // or none does, stops after this step or none does, and rank 0 logs the job's loss.
+            let consensus = step_consensus(
+                ctx.group.as_ref(),
+                &loss_sum,
+                ctx.stop.requested().unwrap_or(0),
+            )?;
             let sync_start = Instant::now();
             sync_gradients(ctx.group.as_ref(), &opt)?;
             ls.sync_secs += sync_start.elapsed().as_secs_f64();
             let norms = opt.grad_norms(part_of);
             let read = crate::host::f64s(&Tensor::cat(
-                &[loss_sum.reshape([1]), norms.values.to_kind(Kind::Double)],
+                &[consensus, norms.values.to_kind(Kind::Double)],
                 0,
             ))?;
-            let loss_value = read[0];
+            let (agreed, read) = read.split_at(world + 1);
+            let agreed = Consensus::of(agreed);
+            let loss_value = agreed.loss;
             if !loss_value.is_finite() {
                 ls.skipped += 1;
                 ls.bad_in_a_row += 1;
@@ -262,12 +269,12 @@ pub fn train_resuming(
                 if let Some(path) = crate::faults::gradient_dump(step).filter(|_| ctx.is_writer) {
                     opt.save_gradients(&path)?;
                 }
-                let grad_norm = read[1];
+                let grad_norm = read[0];
                 let part_norms: std::collections::BTreeMap<String, f64> = norms
                     .groups
                     .iter()
                     .map(|g| g.to_string())
-                    .zip(read[2..].iter().copied())
+                    .zip(read[1..].iter().copied())
                     .collect();
                 opt.clip_gradients(grad_norm, t.max_grad_norm);
                 if let Some(spike) = ls.guard.observe(step, loss_value, grad_norm, &part_norms) {
@@ -291,10 +298,6 @@ pub fn train_resuming(
                 opt.step(lr);
                 model.commit_memory()?;
                 ls.train_secs += step_start.elapsed().as_secs_f64();
-                if !logged {
-                    let reads = crate::host::reads() - reads_at_start;
-                    unlogged_reads = Some(unlogged_reads.unwrap_or(0).max(reads));
-                }
                 if logged {
                     let tps = ls.tokens as f64 / ls.train_secs.max(1e-9);
                     let eta = ls.train_secs / step as f64 * (total - step) as f64;
@@ -355,7 +358,7 @@ pub fn train_resuming(
             if every > 0 && step % every == 0 && step < total {
                 snapshot(&run, step, &ls, &sampler, &opt, validation.as_ref())?;
             }
-            let signal = agreed_signal(ctx.group.as_ref(), ctx.stop.requested().unwrap_or(0))?;
+            let signal = agreed.signal;
             if signal != 0 {
                 progress.finish();
                 // Preemption: the ranks agreed on this step; its checkpoint is what a requeued
@@ -364,6 +367,12 @@ pub fn train_resuming(
                     snapshot(&run, step, &ls, &sampler, &opt, validation.as_ref())?;
                 }
                 return Err(interrupted(&mut run, &model, step, signal)?);
+            }
+            // A plain step (no log line, evaluation or checkpoint): its reads from start to end.
+            let checkpointed = every > 0 && step % every == 0;
+            if !logged && validation.is_none() && !checkpointed {
+                let reads = crate::host::reads() - reads_at_start;
+                unlogged_reads = Some(unlogged_reads.unwrap_or(0).max(reads));
             }
         }
         progress.finish();
@@ -449,16 +458,6 @@ pub fn train_resuming(
     }
 }
 
-/// The mean of the one-element `x` over ranks, on its device.
-fn mean_over_ranks(group: &dyn Collective, x: Tensor) -> Result<Tensor> {
-    if group.world_size() == 1 {
-        return Ok(x);
-    }
-    let mut t = x.reshape([1]);
-    group.all_reduce(&mut t, ReduceOp::Mean)?;
-    Ok(t)
-}
-
 /// Labelled units of the examples at `idx`: examples (classification) or tagged tokens (NER).
 fn labelled_units(idx: &[usize], data: &[Encoded]) -> usize {
     idx.iter()
@@ -473,19 +472,49 @@ fn labelled_units(idx: &[usize], data: &[Encoded]) -> usize {
         .sum()
 }
 
-/// The stop signal the ranks agree on, 0 while none asked: the lowest rank's that saw one. A
-/// signal may reach one rank a step before another (a launcher forwards it one worker at a time);
-/// the stop, its step and the exit status (128 + the signal) must be the same on every rank, so
-/// no rank takes a branch the others do not and the launcher reports one cause.
-pub fn agreed_signal(group: &dyn Collective, signal: i32) -> Result<i32> {
-    if group.world_size() == 1 {
-        return Ok(signal);
+/// What the ranks agree on once per step, in one all-reduce (a sum) of `1 + W` f64 values on the
+/// loss's device: index 0 the ranks' summed loss, index `1 + r` rank r's stop signal (0 while none
+/// asked). Built without a host-to-device copy; read with the step's gradient norms, then
+/// [`Consensus::of`]. Nothing is exchanged in one process.
+pub fn step_consensus(group: &dyn Collective, loss_sum: &Tensor, signal: i32) -> Result<Tensor> {
+    let (world, device) = (group.world_size(), loss_sum.device());
+    let signals = Tensor::zeros([world as i64], (Kind::Double, device));
+    let _ = signals.get(group.rank() as i64).fill_(f64::from(signal));
+    let mut t = Tensor::cat(&[loss_sum.to_kind(Kind::Double).reshape([1]), signals], 0);
+    if world > 1 {
+        group.all_reduce(&mut t, ReduceOp::Sum)?;
     }
-    let seen = group.all_gather_same(&Tensor::from_slice(&[i64::from(signal)]))?;
-    Ok(crate::host::i64s(&seen)?
-        .into_iter()
-        .find(|&s| s != 0)
-        .unwrap_or(0) as i32)
+    Ok(t)
+}
+
+/// The step's agreed loss and stop signal.
+pub struct Consensus {
+    /// The mean loss over ranks (NaN on any rank makes it NaN, so all skip the step).
+    pub loss: f64,
+    /// The stop signal, 0 while none asked: the lowest rank's that saw one. A signal may reach
+    /// one rank a step before another (a launcher forwards it one worker at a time); the stop,
+    /// its step and the exit status (128 + the signal) must be the same on every rank, so no
+    /// rank takes a branch the others do not and the launcher reports one cause.
+    pub signal: i32,
+}
+
+impl Consensus {
+    /// From the values [`step_consensus`] gave, read.
+    pub fn of(values: &[f64]) -> Consensus {
+        let world = values.len() - 1;
+        Consensus {
+            // As the collective's mean computes it: the f64 sum over ranks, divided once.
+            loss: if world > 1 {
+                values[0] / world as f64
+            } else {
+                values[0]
+            },
+            signal: values[1..]
+                .iter()
+                .find(|&&s| s != 0.0)
+                .map_or(0, |&s| s as i32),
+        }
+    }
 }
 
 /// The one place where gradients are made consistent across ranks, before clipping and the
