@@ -11,6 +11,8 @@
 #          scored with MC passes (`--mc MC --save` -> RUN/evals/mc=MC.json)
 #   differ each seed's test predictions of every config against LoRA's (`umtune predict`):
 #          how many of the test examples each config labels otherwise -> OUT/differ.md
+#   keep   (not in the default STAGES) copy every finished run's small files (no weights) to
+#          KEEP (default docs/um-study/runs) and report there: the committed record of the study
 # and then `umtune report OUT`: results.md, groups.md (mean and sd over seeds per config, the
 # label-noise runs as their own groups), robustness.md/.csv (accuracy and ECE against severity per
 # protocol, MC against the deterministic pass) and robustness-PROTOCOL-DATASET.png.
@@ -112,5 +114,20 @@ print(f"| {sys.argv[3]} | {sys.argv[4]} | {sys.argv[5]} | {len(a)} | {sum(x != y
     done
   } >"$OUT/differ.md"
   cat "$OUT/differ.md"
+fi
+# The small files of every finished run (summary, metrics, config, saved evaluations, test
+# predictions: what `umtune report` and the differ table read, no weights), kept under KEEP in the
+# same layout, so that a later session can add seeds or datasets and report them all together.
+if has keep; then
+  KEEP=${KEEP:-docs/um-study/runs}
+  (cd "$OUT" && find . -name summary.json -printf '%h\n') | while read -r run; do
+    mkdir -p "$KEEP/$run"
+    for f in summary.json run.json config.toml metrics.jsonl calibration.json test-predictions.jsonl; do
+      [ -e "$OUT/$run/$f" ] && cp "$OUT/$run/$f" "$KEEP/$run/"
+    done
+    [ -d "$OUT/$run/evals" ] && mkdir -p "$KEEP/$run/evals" && cp "$OUT/$run"/evals/*.json "$KEEP/$run/evals/"
+  done
+  [ -e "$OUT/differ.md" ] && cp "$OUT/differ.md" "$KEEP/"
+  $bin report "$KEEP"
 fi
 $bin report "$OUT"

@@ -436,3 +436,17 @@ fn a_training_step_reads_the_device_once() -> TestResult {
     }
     Ok(())
 }
+
+/// `train.tf32` reaches libtorch's global context through the shim (the flag
+/// `torch.backends.cuda.matmul.allow_tf32` sets; off by default in libtorch, as in PyTorch). The
+/// setup sets it on CUDA only, where cuBLAS reads it; on the CPU it changes nothing.
+#[test]
+fn the_tf32_switch_reaches_libtorch() {
+    use umtune::ffi::optim::{allow_tf32, set_allow_tf32};
+    let before = allow_tf32();
+    set_allow_tf32(true);
+    assert!(allow_tf32());
+    set_allow_tf32(false);
+    assert!(!allow_tf32());
+    set_allow_tf32(before);
+}
