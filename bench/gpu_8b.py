@@ -20,14 +20,13 @@ import argparse
 import gc
 import json
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
 import torch
 
 from forward import LLAMA_PRESETS, ROOT
-from gpu_8b_memory import ALL_LINEAR, GIB
+from gpu_8b_memory import ALL_LINEAR, GIB, umtune, umtune_sets
 
 
 def flops_per_token(preset, seq_len):
@@ -39,22 +38,9 @@ def flops_per_token(preset, seq_len):
 
 
 def umtune_step(args, checkpointing, um_memory):
-    sets = [f"model.source=preset:{args.preset}", f"model.device={args.device}", "model.dtype=bf16",
-            "peft.r=16", "peft.alpha=32", "peft.dropout=0.0", f"peft.targets={json.dumps(ALL_LINEAR)}",
-            f"train.activation_checkpointing={checkpointing}", f"uncertainty.enabled={um_memory}",
-            f"memory.enabled={um_memory}"]
-    flags = [x for s in sets for x in ("--set", s)]
-    run = subprocess.run([str(args.umtune), "bench-train", *flags, "--batch", str(args.batch), "--seq-len",
-                          str(args.seq_len), "--iters", str(args.iters), "--warmup", str(args.warmup)],
-                         capture_output=True, text=True)
-    plan = subprocess.run([str(args.umtune), "plan", str(ROOT / "configs/default.toml"), "--json", *flags,
-                           "--set", f"train.batch_size={args.batch}", "--set", f"data.max_length={args.seq_len}"],
-                          capture_output=True, text=True)
-    planned = json.loads(plan.stdout) if plan.returncode == 0 else {}
-    if run.returncode != 0:
-        tail = (run.stderr.strip().splitlines() or ["?"])[-1]
-        return {"error": "OOM" if "out of memory" in run.stderr.lower() else tail[:200]}
-    r = json.loads(run.stdout.strip().splitlines()[-1])
+    r, planned, err = umtune(args, umtune_sets(args, checkpointing, 0.0, um_memory, "none"), args.iters, args.warmup)
+    if r is None:
+        return {"error": err}
     key = "peak_checkpointed" if checkpointing == "true" else "peak_plain"
     return {"secs": r["secs_per_step"], "peak": r.get("cuda_peak_allocated"), "plan": planned.get(key)}
 

@@ -14,16 +14,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 STEPS=${STEPS:-"doctor parity throughput optimizer nccl"}
 has() { [[ " $STEPS " == *" $1 "* ]]; }
-torch_lib=$(python3 -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
-nccl_lib=$(python3 -c 'import os, sysconfig; print(os.path.join(sysconfig.get_paths()["purelib"], "nvidia", "nccl", "lib"))')
-shim=$(mktemp -d)
-ln -sf "$nccl_lib/libnccl.so.2" "$shim/libnccl.so"
-export LD_LIBRARY_PATH=$torch_lib:$nccl_lib:$shim:${LD_LIBRARY_PATH:-}
-# The test binary looks for fixtures where it was built.
-built_at=${BUILT_AT:-/work/main}
-if [[ ! -e $built_at/tests/fixtures ]]; then
-  mkdir -p "$(dirname "$built_at")" && ln -sfn "$PWD" "$built_at"
-fi
+source bench/gpu_env.sh
 stamp() { echo "== $1 ($(date +%T))"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 if has doctor; then stamp doctor; gpu/umtune doctor 2>&1 | tail -20; fi

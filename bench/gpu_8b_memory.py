@@ -32,13 +32,13 @@ def umtune_sets(args, checkpointing, dropout, um_memory, quantize):
             f"memory.enabled={um_memory}"]
 
 
-def umtune(args, sets):
+def umtune(args, sets, iters=2, warmup=1):
     flags = [x for s in sets for x in ("--set", s)]
     plan = subprocess.run([str(args.umtune), "plan", str(ROOT / "configs/default.toml"), "--json", *flags,
                            "--set", f"train.batch_size={args.batch}", "--set", f"data.max_length={args.seq_len}"],
                           capture_output=True, text=True)
     run = subprocess.run([str(args.umtune), "bench-train", *flags, "--batch", str(args.batch), "--seq-len",
-                          str(args.seq_len), "--iters", "2", "--warmup", "1"], capture_output=True, text=True)
+                          str(args.seq_len), "--iters", str(iters), "--warmup", str(warmup)], capture_output=True, text=True)
     planned = json.loads(plan.stdout) if plan.returncode == 0 else {}
     if run.returncode != 0:
         tail = (run.stderr.strip().splitlines() or ["?"])[-1]

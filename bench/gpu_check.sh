@@ -4,16 +4,7 @@
 #   gpu/umtune, gpu/backbones (cp target/release/deps/backbones-<hash> gpu/backbones)
 # Prints doctor, the CUDA correctness test, and forward-pass ratios against transformers.
 set -uo pipefail
-torch_lib=$(python3 -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
-nccl_lib=$(python3 -c 'import os, sysconfig; print(os.path.join(sysconfig.get_paths()["purelib"], "nvidia", "nccl", "lib"))')
-shim=$(mktemp -d)
-ln -sf "$nccl_lib/libnccl.so.2" "$shim/libnccl.so"
-export LD_LIBRARY_PATH=$torch_lib:$nccl_lib:$shim:${LD_LIBRARY_PATH:-}
-# The test binary looks for fixtures where it was built.
-built_at=${BUILT_AT:-/work/main}
-if [[ ! -e $built_at/tests/fixtures ]]; then
-  mkdir -p "$(dirname "$built_at")" && ln -sfn "$PWD" "$built_at"
-fi
+source "$(dirname "$0")/gpu_env.sh"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 gpu/umtune doctor
 gpu/backbones --ignored --nocapture --test-threads 1 2>&1 | grep -E "cuda|test result|panicked"

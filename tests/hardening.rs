@@ -606,15 +606,9 @@ fn metrics_carry_part_gradients_and_probes() -> TestResult {
     cfg.memory.k = 4;
     cfg.train.log_every = 2;
     let summary = train(&cfg)?;
-    let lines: Vec<serde_json::Value> =
-        std::fs::read_to_string(summary.run_dir.join("metrics.jsonl"))?
-            .lines()
-            .map(serde_json::from_str)
-            .collect::<Result<_, _>>()?;
-    let logged: Vec<&serde_json::Value> =
-        lines.iter().filter(|l| l.get("loss").is_some()).collect();
+    let logged = training_lines(&summary.run_dir)?;
     assert_eq!(logged.len(), 2, "steps 2 and 4");
-    for line in logged {
+    for line in &logged {
         let parts = line["grad_norms"].as_object().ok_or("grad_norms")?;
         for part in [
             "lora",

@@ -418,15 +418,8 @@ fn a_training_step_reads_the_device_once() -> TestResult {
         if checkpointing {
             cfg.train.activation_checkpointing = umtune::config::Checkpointing(1);
         }
-        let summary = train(&cfg)?;
-        let lines: Vec<serde_json::Value> =
-            std::fs::read_to_string(summary.run_dir.join("metrics.jsonl"))?
-                .lines()
-                .map(serde_json::from_str)
-                .collect::<Result<_, _>>()?;
-        let logged: Vec<&serde_json::Value> =
-            lines.iter().filter(|l| l.get("loss").is_some()).collect();
-        assert_eq!(logged.len(), 2, "{tag}: {lines:?}");
+        let logged = training_lines(&train(&cfg)?.run_dir)?;
+        assert_eq!(logged.len(), 2, "{tag}: {logged:?}");
         let step = 1 + u64::from(memory);
         for l in logged {
             assert_eq!(l["host_reads_unlogged_max"], step, "{tag}: {l}");

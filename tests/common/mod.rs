@@ -64,6 +64,22 @@ pub fn masked(r: &HashMap<String, Tensor>, t: &Tensor) -> Tensor {
     t * r["attention_mask"].unsqueeze(-1).to_kind(tch::Kind::Float)
 }
 
+/// The training lines of a run's metrics.jsonl (those with a loss and a gradient norm: not the
+/// evaluations).
+pub fn training_lines(
+    run_dir: &std::path::Path,
+) -> Result<Vec<serde_json::Value>, Box<dyn std::error::Error>> {
+    let text = std::fs::read_to_string(run_dir.join("metrics.jsonl"))?;
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let l: serde_json::Value = serde_json::from_str(line)?;
+        if l.get("grad_norm").is_some() {
+            out.push(l);
+        }
+    }
+    Ok(out)
+}
+
 /// A quick config on the tiny LLaMA GGUF fixture (random weights with a real vocabulary).
 pub fn tiny_config(
     tag: &str,
