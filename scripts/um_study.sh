@@ -115,14 +115,14 @@ print(f"| {sys.argv[3]} | {sys.argv[4]} | {sys.argv[5]} | {len(a)} | {sum(x != y
   } >"$OUT/differ.md"
   cat "$OUT/differ.md"
 fi
-# The small files of every finished run (summary, metrics, config, saved evaluations, test
-# predictions: what `umtune report` and the differ table read, no weights), kept under KEEP in the
+# The small files of every finished run (summary, metrics, config, saved evaluations: what
+# `umtune report` reads; no weights, no predictions) and differ.md, kept under KEEP in the
 # same layout, so that a later session can add seeds or datasets and report them all together.
 if has keep; then
   KEEP=${KEEP:-docs/um-study/runs}
   (cd "$OUT" && find . -name summary.json -printf '%h\n') | while read -r run; do
     mkdir -p "$KEEP/$run"
-    for f in summary.json run.json config.toml metrics.jsonl calibration.json test-predictions.jsonl; do
+    for f in summary.json run.json config.toml metrics.jsonl calibration.json; do
       [ -e "$OUT/$run/$f" ] && cp "$OUT/$run/$f" "$KEEP/$run/"
     done
     [ -d "$OUT/$run/evals" ] && mkdir -p "$KEEP/$run/evals" && cp "$OUT/$run"/evals/*.json "$KEEP/$run/evals/"
