@@ -117,30 +117,35 @@ impl AdamW {
     /// each group of parameters (`part` names the group of a parameter name), from one foreach
     /// norm over the gradients.
     pub fn grad_norms(&self, part: impl Fn(&str) -> &'static str) -> GradNorms {
-        let mut groups: BTreeMap<&'static str, Vec<i64>> = BTreeMap::new();
-        let mut grads = Vec::new();
+        let mut groups: BTreeMap<&'static str, Vec<Tensor>> = BTreeMap::new();
         for p in &self.params {
             let g = p.tensor.grad();
             if g.defined() {
                 groups
                     .entry(part(&p.name))
                     .or_default()
-                    .push(grads.len() as i64);
-                grads.push(g.to_kind(Kind::Float));
+                    .push(g.to_kind(Kind::Float));
             }
         }
-        if grads.is_empty() {
+        if groups.is_empty() {
+            let device = self
+                .params
+                .first()
+                .map_or(tch::Device::Cpu, |p| p.tensor.device());
             return GradNorms {
                 groups: Vec::new(),
-                values: Tensor::zeros([1], (Kind::Float, tch::Device::Cpu)),
+                values: Tensor::zeros([1], (Kind::Float, device)),
             };
         }
-        let norms = optim::foreach_norm(&grads.iter().collect::<Vec<_>>()); // (n,)
-        let device = norms.device();
+        // The gradients group by group, so that each group's norms are one slice (no index
+        // tensor to copy to the device).
+        let grads: Vec<&Tensor> = groups.values().flatten().collect();
+        let norms = optim::foreach_norm(&grads); // (n,)
         let mut values = vec![norms.norm()];
-        for idx in groups.values() {
-            let idx = Tensor::from_slice(idx).to_device(device);
-            values.push(norms.index_select(0, &idx).norm());
+        let mut start = 0;
+        for g in groups.values() {
+            values.push(norms.narrow(0, start, g.len() as i64).norm());
+            start += g.len() as i64;
         }
         GradNorms {
             groups: groups.into_keys().collect(),

@@ -445,6 +445,10 @@ pub fn train_resuming(
         run.write_summary(&summary)?;
         Ok(summary)
     })();
+    // The masks of whoever uses the model next are not ours to vouch for.
+    model
+        .right_padded
+        .store(false, std::sync::atomic::Ordering::Relaxed);
     match outcome {
         Ok(summary) => Ok((summary, model)),
         Err(e) => {
