@@ -14,8 +14,10 @@ fn data(name: &str, split: &str) -> PathBuf {
         .join(format!("{split}.parquet"))
 }
 
+/// `text` written to a file `name` in a scratch directory of its own (tests run in parallel, and
+/// clearing one shared directory would remove another test's file).
 fn temp(name: &str, text: &str) -> std::io::Result<PathBuf> {
-    let dir = common::fresh_dir("readers");
+    let dir = common::fresh_dir(&format!("readers-{name}"));
     std::fs::create_dir_all(&dir)?;
     let path = dir.join(name);
     std::fs::write(&path, text)?;
