@@ -198,6 +198,54 @@ fn mc_prediction_averages_samples_and_is_off_by_default() -> TestResult {
     Ok(())
 }
 
+/// MC prediction computes the blocks below the first UM block once and runs only the plugged
+/// blocks per sample: the same numbers as whole stochastic passes with the same draws. Nothing
+/// below the estimator draws at evaluation (adapter dropout is off), so the shared output is the
+/// one every whole pass computes: the same kernels on the same input, so equal up to libtorch's
+/// choice of reduction order between the two call paths (none on the CPU; bound 1e-5 on
+/// log-probabilities of magnitude < 10, ~100 f32 ulp). The draws come from per-example streams
+/// (thread-local), not the global generator, which the tests running beside this one also use.
+#[test]
+fn mc_samples_share_the_blocks_below_the_estimators() -> TestResult {
+    use umtune::ffi::streams::{example_key, with_streams};
+    let mut cfg = um_config("um-mc-shared", &[])?;
+    cfg.uncertainty.layers = vec![1];
+    let (mut model, _) = build_model(&cfg, 2)?;
+    assert!(
+        model.backbone.arch().num_layers() > 1,
+        "needs a block below the estimator"
+    );
+    let (ids, mask, _) = batch(&model)?;
+    let _g = tch::no_grad_guard();
+    model.training.set(false);
+    model.mc_samples = 8;
+    let keys = |seed| {
+        (0..2)
+            .map(|i| example_key(seed, 0, 0, i))
+            .collect::<Vec<u64>>()
+    };
+    let shared = with_streams(keys(11), || model.predictive_logits(&ids, &mask, None))?;
+    let whole = with_streams(keys(11), || {
+        (0..8)
+            .map(|_| {
+                Ok(model
+                    .mc_sample_logits(&ids, &mask, None)?
+                    .softmax(-1, tch::Kind::Float))
+            })
+            .collect::<Result<Vec<_>, Box<dyn std::error::Error>>>()
+    })?;
+    let whole = umtune::task::predictive::log_mean(&whole);
+    let d = max_abs_diff(&shared, &whole);
+    assert!(
+        d <= 1e-5,
+        "shared-prefix MC differs from whole passes by {d}"
+    );
+    // The samples do draw: other streams give another mean.
+    let other = with_streams(keys(12), || model.predictive_logits(&ids, &mask, None))?;
+    assert!(max_abs_diff(&other, &shared) > 1e-4);
+    Ok(())
+}
+
 fn um_config(tag: &str, sets: &[&str]) -> Result<umtune::Config, Box<dyn std::error::Error>> {
     let mut cfg = tiny_config(tag, umtune::config::PeftMethod::Lora)?;
     cfg.uncertainty.enabled = true;

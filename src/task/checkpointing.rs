@@ -20,7 +20,7 @@ struct Piece {
 impl TaskModel {
     /// The first block whose output a plug-in (UM's estimators, the memory) changes; the blocks
     /// below it are the backbone's alone.
-    fn first_plugged_layer(&self) -> usize {
+    pub(super) fn first_plugged_layer(&self) -> usize {
         let um = self.um.as_ref().and_then(|um| um.features.first_layer());
         let memory = self.memory.as_ref().map(|m| m.layer);
         [um, memory]

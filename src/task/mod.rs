@@ -2,6 +2,7 @@
 pub mod checkpointing;
 pub mod loss;
 pub mod model;
+pub mod predictive;
 
 pub use loss::Forward;
 pub use model::TaskModel;

@@ -327,30 +327,6 @@ impl TaskModel {
         Ok(self.forward(input_ids, mask, None)?.logits)
     }
 
-    /// What evaluation and prediction score: the deterministic logits, or with `mc_samples > 0`
-    /// (and uncertainty modeling) the log of the mean softmax over that many stochastic passes,
-    /// each with the training-time feature noise and one draw of the heteroscedastic logits.
-    /// Either way a softmax of the result gives the predictive probabilities.
-    pub fn predictive_logits(
-        &self,
-        input_ids: &Tensor,
-        mask: &Tensor,
-        example_ids: Option<&Tensor>,
-    ) -> Result<Tensor> {
-        if self.mc_samples == 0 || self.um.is_none() {
-            return Ok(self.forward(input_ids, mask, example_ids)?.logits);
-        }
-        let probs = (0..self.mc_samples)
-            .map(|_| {
-                let f = self.forward_with(input_ids, mask, example_ids, Pass::McSample, None)?;
-                Ok(f.logits.softmax(-1, tch::Kind::Float))
-            })
-            .collect::<Result<Vec<Tensor>>>()?;
-        // (n_mc, …, C) -> (…, C)
-        let mean = Tensor::stack(&probs, 0).mean_dim(0, false, tch::Kind::Float);
-        Ok(mean.clamp_min(f64::from(f32::MIN_POSITIVE)).log())
-    }
-
     /// One forward pass (under autocast if configured): logits in f32 and, with uncertainty
     /// modeling or the memory, the training-time extras. `example_ids (b,)` keep the memory from
     /// returning an example's own entries (None: ids that match nothing).
