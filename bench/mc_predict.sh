@@ -4,7 +4,9 @@
 # below the first UM block (src/task/predictive.rs), so the ratio should be near
 # (plugged + N (L - plugged)) / L for L blocks, the first UM block `plugged` (printed), where
 # whole passes cost N. A second binary (OLD=path) is timed too when given, and its MC
-# probabilities compared with this one's (the same draws in one process: equal up to float order).
+# probabilities compared with this one's (equal up to float order when both draw alike: binaries
+# of 0c5d33e (whole passes) and d361bea (shared blocks), both drawing from the global generator,
+# gave bitwise the same probabilities; later ones key each example's draws by its id).
 # Usage: bench/mc_predict.sh RUN INPUT.jsonl [N]   (UMTUNE=target/release/umtune OLD=)
 set -euo pipefail
 run=$1 input=$2 n=${3:-16}

@@ -246,6 +246,59 @@ fn mc_samples_share_the_blocks_below_the_estimators() -> TestResult {
     Ok(())
 }
 
+/// Evaluation's MC draws come from each example's own stream (run seed, example id): scoring the
+/// same examples in one batch or in batches of two (other companions, other padded lengths)
+/// gives the same MC predictions. What differs is only the float rounding of the other padded
+/// shapes in the backbone's matmuls (f32, relative ~1e-6 per block here), far below the 1e-4
+/// bound on log-probabilities; drawing from one shared generator instead moves them by ~0.1.
+#[test]
+fn mc_predictions_do_not_depend_on_the_batch() -> TestResult {
+    let (mut model, _) = build_model(&um_config("um-mc-batch", &[])?, 2)?;
+    let tok = model.tokenizer()?;
+    let texts = [
+        "a wonderful little film",
+        "the service was slow and the food cold",
+        "fine",
+        "I would not go back there again, not even for free",
+        "great acting",
+        "boring and far too long for what it has to say",
+        "the best meal of the year",
+    ];
+    let data = texts
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            Ok(umtune::data::batching::Encoded {
+                ids: tok.encode(t)?.into_iter().map(i64::from).collect(),
+                label: (i % 2) as i64,
+                token_labels: Vec::new(),
+                words: 0,
+                id: 100 + i as i64,
+            })
+        })
+        .collect::<Result<Vec<_>, Box<dyn std::error::Error>>>()?;
+    model.mc_samples = 8;
+    let local = umtune::train::eval::local_outputs;
+    let (whole, pairs) = (local(&model, &data, 7)?, local(&model, &data, 2)?);
+    let mut d: f64 = 0.0;
+    for (a, b) in whole
+        .logits
+        .iter()
+        .flatten()
+        .zip(pairs.logits.iter().flatten())
+    {
+        for (x, y) in a.iter().zip(b) {
+            d = d.max((x - y).abs());
+        }
+    }
+    assert!(d <= 1e-4, "MC logits move by {d} with the batch");
+    // They are MC samples: not the deterministic logits.
+    model.mc_samples = 0;
+    let plain = local(&model, &data, 7)?;
+    assert_ne!(plain.logits, whole.logits);
+    Ok(())
+}
+
 fn um_config(tag: &str, sets: &[&str]) -> Result<umtune::Config, Box<dyn std::error::Error>> {
     let mut cfg = tiny_config(tag, umtune::config::PeftMethod::Lora)?;
     cfg.uncertainty.enabled = true;

@@ -100,6 +100,8 @@ pub struct TaskModel {
     pub memory: Option<MemoryFusion>,
     /// MC samples averaged by [`Self::predictive_logits`] (0: deterministic; needs `um`).
     pub mc_samples: i64,
+    /// The run seed, which keys each example's MC draws (see [`Self::predictive_logits_of`]).
+    pub mc_seed: u64,
     /// What the plug-ins record for the training diagnostics (on for logged steps).
     pub probe: Probe,
     /// The ranks evaluation is sharded over (the run context's collective).
@@ -287,6 +289,7 @@ impl TaskModel {
             um,
             memory,
             mc_samples: cfg.uncertainty.mc_predict,
+            mc_seed: cfg.run.seed,
             probe: Probe::default(),
             group: ctx.group.clone(),
             checkpoint_every,

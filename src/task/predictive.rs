@@ -4,14 +4,46 @@
 //! is the same in every MC pass: it is computed once and only the plugged blocks and the head run
 //! per sample. With UM on the top 4 of 30 blocks (the default on SmolLM2-135M) 16 samples cost
 //! 26 + 16 x 4 = 90 block passes instead of 480.
+//!
+//! Evaluation and prediction draw each example's MC noise from a stream of its own, keyed by the
+//! run seed and the example's id ([`TaskModel::predictive_logits_of`]), so an example's MC
+//! prediction does not depend on the batch it is scored in, its position there, or the rank that
+//! scores it.
 use super::model::{Entry, Pass, TaskModel};
 use crate::error::Result;
 use crate::ffi::autocast::autocast;
+use crate::ffi::streams;
 use crate::models::attention::BatchMask;
 use crate::models::NoHook;
 use tch::{Kind, Tensor};
 
+/// The `step` of [`streams::example_key`] that MC prediction keys its streams with: no training
+/// step reaches it.
+const MC_STEP: usize = usize::MAX;
+
 impl TaskModel {
+    /// [`Self::predictive_logits`] of a batch whose rows are the examples `ids` (their dataset
+    /// ids, unique across splits): with MC sampling, each row's draws come from the stream of
+    /// (run seed, id), so the MC prediction of an example is the same in any batch, order or
+    /// rank (up to the float rounding of other padded shapes).
+    pub fn predictive_logits_of(
+        &self,
+        input_ids: &Tensor,
+        mask: &Tensor,
+        example_ids: &Tensor,
+        ids: &[i64],
+    ) -> Result<Tensor> {
+        let run = || self.predictive_logits(input_ids, mask, Some(example_ids));
+        if self.mc_samples == 0 || self.um.is_none() {
+            return run();
+        }
+        let keys = ids
+            .iter()
+            .map(|&id| streams::example_key(self.mc_seed, MC_STEP, 0, id as usize))
+            .collect();
+        streams::with_streams(keys, run)
+    }
+
     /// The deterministic logits, or with `mc_samples > 0` (and uncertainty modeling) the log of
     /// the mean softmax over that many stochastic passes, each with the training-time feature
     /// noise and one draw of the heteroscedastic logits. Either way a softmax of the result gives

@@ -198,10 +198,12 @@ pub fn local_outputs(model: &TaskModel, data: &[Encoded], batch_size: usize) -> 
         example_loss: vec![0.0; data.len()],
     };
     for_each_batch(model, data, batch_size, true, |chunk, batch| {
-        let logits = model.predictive_logits(
+        let ids: Vec<i64> = chunk.iter().map(|&i| data[i].id).collect();
+        let logits = model.predictive_logits_of(
             &batch.input_ids,
             &batch.attention_mask,
-            Some(&batch.example_ids),
+            &batch.example_ids,
+            &ids,
         )?;
         let n = logits.size()[logits.dim() - 1];
         let labels = crate::host::i64s(&batch.labels)?;
