@@ -2,7 +2,6 @@
 //! the first plugged one recomputed in the backward pass (see [`TaskModel::forward_backward`]).
 use super::model::{Entry, Pass, TaskModel};
 use crate::error::{Error, Result};
-use crate::ffi::autocast::autocast;
 use crate::ffi::streams;
 use crate::models::attention::BatchMask;
 use crate::models::NoHook;
@@ -62,19 +61,15 @@ impl TaskModel {
                 "a checkpointed forward must run inside ffi::streams::with_streams, so that the recomputed blocks replay their draws".into(),
             ));
         }
-        let in_kind = |f: &mut dyn FnMut() -> Tensor| match self.autocast {
-            Some(kind) => autocast(self.backbone.device(), kind, f),
-            None => f(),
-        };
         let batch = BatchMask::new(input_ids, self.attention_mask(mask), None);
         // Block i of the first `plugged` is recomputed when i % every == 0 (only its input is
         // kept); any other keeps its graph from a leaf input, as torchtune's "every N-th layer".
         let mut pieces: Vec<Piece> = Vec::with_capacity(plugged);
-        let mut top = tch::no_grad(|| in_kind(&mut || self.backbone.embed(input_ids, &batch)));
+        let mut top = tch::no_grad(|| self.in_autocast(|| self.backbone.embed(input_ids, &batch)));
         for block in 0..plugged {
             let draws = streams::draws();
             let run = |x: &Tensor| {
-                in_kind(&mut || {
+                self.in_autocast(|| {
                     let r = block..block + 1;
                     self.backbone
                         .blocks(x.shallow_clone(), &batch, r, &mut NoHook)
@@ -121,7 +116,7 @@ impl TaskModel {
                     }
                     let x = piece.input.detach().set_requires_grad(true);
                     let r = piece.block..piece.block + 1;
-                    let y = in_kind(&mut || {
+                    let y = self.in_autocast(|| {
                         self.backbone
                             .blocks(x.shallow_clone(), &batch, r.clone(), &mut NoHook)
                     });
@@ -135,7 +130,7 @@ impl TaskModel {
         }
         // Full fine-tuning trains the embeddings too.
         if self.full {
-            let e = in_kind(&mut || self.backbone.embed(input_ids, &batch));
+            let e = self.in_autocast(|| self.backbone.embed(input_ids, &batch));
             (e.to_kind(tch::Kind::Float) * grad.to_kind(tch::Kind::Float))
                 .sum(tch::Kind::Float)
                 .backward();

@@ -384,6 +384,14 @@ impl TaskModel {
         }
     }
 
+    /// `f` under autocast to [`Self::autocast`] when one is configured, else as it is.
+    pub(super) fn in_autocast<T>(&self, f: impl FnOnce() -> T) -> T {
+        match self.autocast {
+            Some(kind) => autocast(self.backbone.device(), kind, f),
+            None => f(),
+        }
+    }
+
     pub(super) fn forward_with(
         &self,
         input_ids: &Tensor,
@@ -392,18 +400,15 @@ impl TaskModel {
         pass: Pass,
         entry: Option<&Entry>,
     ) -> Result<Forward> {
-        match self.autocast {
-            Some(kind) => {
-                let f = autocast(self.backbone.device(), kind, || {
-                    self.forward_in_kind(input_ids, mask, example_ids, pass, entry)
-                })?;
-                Ok(Forward {
-                    logits: f.logits.to_kind(tch::Kind::Float),
-                    ..f
-                })
-            }
-            None => self.forward_in_kind(input_ids, mask, example_ids, pass, entry),
+        let run = || self.forward_in_kind(input_ids, mask, example_ids, pass, entry);
+        if self.autocast.is_none() {
+            return run();
         }
+        let f = self.in_autocast(run)?;
+        Ok(Forward {
+            logits: f.logits.to_kind(tch::Kind::Float),
+            ..f
+        })
     }
 
     fn forward_in_kind(

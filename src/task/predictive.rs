@@ -11,7 +11,6 @@
 //! scores it.
 use super::model::{Entry, Pass, TaskModel};
 use crate::error::Result;
-use crate::ffi::autocast::autocast;
 use crate::ffi::streams;
 use crate::models::attention::BatchMask;
 use crate::models::NoHook;
@@ -63,14 +62,10 @@ impl TaskModel {
         let shared = plugged > 0 && self.prefix.is_none() && !self.training.get();
         let batch = shared.then(|| BatchMask::new(input_ids, self.attention_mask(mask), None));
         let hidden = batch.as_ref().map(|batch| {
-            let below = || {
+            self.in_autocast(|| {
                 let x = self.backbone.embed(input_ids, batch);
                 self.backbone.blocks(x, batch, 0..plugged, &mut NoHook)
-            };
-            match self.autocast {
-                Some(kind) => autocast(self.backbone.device(), kind, below),
-                None => below(),
-            }
+            })
         });
         let entry = hidden
             .as_ref()
