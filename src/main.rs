@@ -50,8 +50,15 @@ enum Command {
         command: MemoryCommand,
     },
     /// A results table (markdown and CSV) of every run under a directory; writes
-    /// DIR/results.md and DIR/results.csv.
-    Report { dir: PathBuf },
+    /// DIR/results.md and DIR/results.csv, and for a robustness study robustness.md/.csv, the
+    /// pictures and paired.csv (each config against --baseline seed by seed).
+    Report {
+        dir: PathBuf,
+        /// The config the paired differences are taken against (a run name without its
+        /// `-DATASET-sSEED`).
+        #[arg(long, default_value = "lora")]
+        baseline: String,
+    },
     /// Export a run's trained weights for other tools (`--format peft`: a PEFT LoRA adapter).
     Export(ExportArgs),
     /// Fine-tune as the config says; writes a run directory and prints a results table.
@@ -200,11 +207,11 @@ fn run(command: Command) -> Result<()> {
                 json_line(serde_json::to_value(&report)?)?;
             }
         }
-        Command::Report { dir } => {
+        Command::Report { dir, baseline } => {
             let runs = collect_runs(&dir)?;
             emit(&write_results(&dir, &runs)?)?;
             emit(&sweep_report(&dir, &runs)?)?;
-            emit(&robustness_report(&dir, &runs)?)?;
+            emit(&robustness_report(&dir, &runs, &baseline)?)?;
             emit(&umtune::train::curves::report_curves(&dir, &runs))?;
         }
         Command::Config(args) => emit(&load_config(&args)?.to_toml()?)?,

@@ -306,18 +306,34 @@ fn report_draws_the_robustness_study_from_saved_evaluations() -> TestResult {
     let root = std::path::PathBuf::from(&base.run.output_dir);
     let mut clean = Vec::new();
     let mut noisy = Vec::new();
-    for (noise, seed) in [(0.0, 1), (0.0, 2), (0.25, 1), (0.25, 2)] {
+    // The baseline of the paired differences (`report --baseline`, default `lora`): UM off, seeds
+    // 1-2 clean and seed 1 only under label noise.
+    let mut lora = Vec::new();
+    for (um, noise, seed) in [
+        (true, 0.0, 1),
+        (true, 0.0, 2),
+        (true, 0.25, 1),
+        (true, 0.25, 2),
+        (false, 0.0, 2),
+        (false, 0.0, 1),
+        (false, 0.25, 1),
+    ] {
         let mut c = base.clone();
-        c.uncertainty.enabled = true;
+        c.uncertainty.enabled = um;
         c.run.seed = seed;
-        c.run.name = format!("um-s{seed}");
+        c.run.name = format!("{}-s{seed}", if um { "um" } else { "lora" });
         c.data.train_corruption.label_noise = noise;
-        c.run.output_dir = root
-            .join(format!("label_noise={noise}"))
-            .display()
-            .to_string();
+        // lora's seed 2 lies before its seed 1 in the tree: pairs go by seed, not by order.
+        let dir = if um {
+            format!("label_noise={noise}")
+        } else {
+            format!("baseline-{}-{noise}", 3 - seed)
+        };
+        c.run.output_dir = root.join(dir).display().to_string();
         let s = train(&c)?;
-        if noise > 0.0 {
+        if !um {
+            lora.push(s)
+        } else if noise > 0.0 {
             noisy.push(s)
         } else {
             clean.push(s)
@@ -337,6 +353,9 @@ fn report_draws_the_robustness_study_from_saved_evaluations() -> TestResult {
         save(&s.run_dir, Some("drop=0.5"), None)?;
         save(&s.run_dir, Some("mask=0.5"), None)?;
         save(&s.run_dir, None, Some(4))?;
+    }
+    for s in &lora[..2] {
+        save(&s.run_dir, Some("drop=0.5"), None)?;
     }
     // A noisy run's corrupted evaluation is not a point of the drop curve (its clean point is
     // not at severity 0).
@@ -392,7 +411,8 @@ fn report_draws_the_robustness_study_from_saved_evaluations() -> TestResult {
         &row("label_noise", "0.25")?,
         (test_scores(&noisy[0]), test_scores(&noisy[1])),
     )?;
-    assert_eq!(csv.lines().count(), 1 + 6, "{csv}");
+    // um: drop, mask and label noise at 0 and 0.5/0.25; lora the same but mask at 0 only.
+    assert_eq!(csv.lines().count(), 1 + 6 + 5, "{csv}");
     // Word drop at 0.5 of a 3-step model changes its scores: the curve is not flat by construction.
     assert_ne!(row("drop", "0")?[5..9], row("drop", "0.5")?[5..9]);
     let md = std::fs::read_to_string(root.join("robustness.md"))?;
@@ -406,6 +426,52 @@ fn report_draws_the_robustness_study_from_saved_evaluations() -> TestResult {
         let png = root.join(format!("robustness-{protocol}-uci-sentiment.png"));
         assert!(png.is_file(), "{} missing", png.display());
     }
+    // The paired differences pair runs by seed:
+    // um − lora per seed, their mean and sample sd, and in how many seeds um is better.
+    let paired = std::fs::read_to_string(root.join("paired.csv"))?;
+    let paired_row = |condition: &str| -> Result<Vec<String>, String> {
+        let prefix = format!("uci-sentiment,um,{condition},");
+        let rows: Vec<&str> = paired.lines().filter(|l| l.starts_with(&prefix)).collect();
+        match rows[..] {
+            [r] => Ok(r.split(',').map(String::from).collect()),
+            _ => Err(format!("{} rows {prefix}..:\n{paired}", rows.len())),
+        }
+    };
+    let lora_pair = (test_scores(&lora[1]), test_scores(&lora[0]));
+    let drop = |s: &umtune::train::run_files::Summary| saved_scores(&s.run_dir, "drop=0.5");
+    for (condition, um, base) in [
+        ("clean", clean_pair, lora_pair),
+        (
+            "drop=0.5",
+            (drop(&clean[0])?, drop(&clean[1])?),
+            (drop(&lora[1])?, drop(&lora[0])?),
+        ),
+    ] {
+        let r = paired_row(condition)?;
+        assert_eq!(r[3], "2", "pairs: {r:?}");
+        let d = [
+            (um.0 .0 - base.0 .0, um.1 .0 - base.1 .0),
+            (um.0 .1 - base.0 .1, um.1 .1 - base.1 .1),
+        ];
+        for (i, (a, b)) in d.into_iter().enumerate() {
+            let (mean, sd) = (mean_sd2(a, b).0, (a - b).abs() / std::f64::consts::SQRT_2);
+            let (got_mean, got_sd): (f64, f64) = (r[4 + 3 * i].parse()?, r[5 + 3 * i].parse()?);
+            assert!(
+                (got_mean - mean).abs() <= 0.5e-4 + 1e-12,
+                "{r:?}: mean {mean}"
+            );
+            assert!((got_sd - sd).abs() <= 0.5e-4 + 1e-12, "{r:?}: sd {sd}");
+            let better = [a, b]
+                .iter()
+                .filter(|x| if i == 0 { **x > 0.0 } else { **x < 0.0 })
+                .count();
+            assert_eq!(r[6 + 3 * i], format!("{better} of 2"), "{r:?}");
+        }
+    }
+    // Label noise: lora has seed 1 only; mask: lora has no saved mask evaluation.
+    assert_eq!(paired_row("label_noise=0.25")?[3], "1");
+    assert!(paired_row("mask=0.5").is_err(), "{paired}");
+    assert_eq!(paired.lines().count(), 1 + 3, "{paired}");
     let groups = std::fs::read_to_string(root.join("groups.md"))?;
     assert!(groups.contains("| um (label_noise=0.25) | 2 |"), "{groups}");
     Ok(())

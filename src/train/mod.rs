@@ -11,6 +11,7 @@ pub mod export_merged;
 pub mod memory_build;
 pub mod metrics;
 pub mod optimizer;
+pub mod paired;
 pub mod plan;
 pub mod predict;
 pub mod progress;

@@ -5,9 +5,12 @@
 //! training label noise (runs whose `data.train_corruption.label_noise` differs) — one line per
 //! config (the run name without its seed and `-DATASET`) and dataset, with the mean and sample sd over seeds;
 //! and MC prediction against the deterministic pass on the runs that saved an `mc=N` evaluation.
-//! Written as `robustness.md`, `robustness.csv` and one `robustness-PROTOCOL-DATASET.png` each.
+//! Written as `robustness.md`, `robustness.csv` and one `robustness-PROTOCOL-DATASET.png` each,
+//! with the paired differences against a baseline config (`paired.rs`) in `robustness.md` and
+//! `paired.csv`.
 use super::eval::EvalResult;
 use super::evaluate::{SavedEval, EVALS_DIR};
+use super::paired::{paired_rows, PAIRED_COLUMNS};
 use super::report::{
     csv_table, curve_point, markdown_table, scored, seedless, spread, Metric, ReportEntry,
 };
@@ -17,14 +20,15 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 /// The protocols, in table order, with the x-axis label of their pictures.
-const PROTOCOLS: [(&str, &str); 3] = [
+pub(super) const PROTOCOLS: [(&str, &str); 3] = [
     ("drop", "fraction of words dropped at test time"),
     ("mask", "fraction of words masked at test time"),
     ("label_noise", "fraction of training labels flipped"),
 ];
 
-/// Per (protocol, dataset, config): the scores over seeds at each severity.
-type Points = BTreeMap<(String, String, String), Vec<(f64, Vec<EvalResult>)>>;
+/// Per (protocol, dataset, config): the (seed, scores) of its runs at each severity.
+pub(super) type Points =
+    BTreeMap<(String, String, String), Vec<(f64, Vec<(Option<i64>, EvalResult)>)>>;
 
 /// One config's line in a picture.
 type Line = (String, Vec<CurvePoint>);
@@ -58,14 +62,21 @@ fn saved_evals(run: &Path) -> Result<Vec<SavedEval>> {
         .collect()
 }
 
-fn add(points: &mut Points, key: (&str, &str, &str), severity: f64, result: &EvalResult) {
+/// A point of `key`'s line at `severity`: one run's (seed, scores).
+fn add(
+    points: &mut Points,
+    key: (&str, &str, &str),
+    severity: f64,
+    run: (Option<i64>, &EvalResult),
+) {
     let (protocol, dataset, line) = key;
+    let (seed, result) = run;
     let pts = points
         .entry((protocol.into(), dataset.into(), line.into()))
         .or_default();
     match pts.iter_mut().find(|(x, _)| *x == severity) {
-        Some((_, rs)) => rs.push(result.clone()),
-        None => pts.push((severity, vec![result.clone()])),
+        Some((_, rs)) => rs.push((seed, result.clone())),
+        None => pts.push((severity, vec![(seed, result.clone())])),
     }
 }
 
@@ -87,13 +98,19 @@ fn observations(entries: &[ReportEntry]) -> Result<(Points, McPairs)> {
             .strip_suffix(&format!("-{}", s.dataset))
             .unwrap_or(stem);
         let clean = scored(s);
+        let seed = s.hyper.get("run.seed").and_then(serde_json::Value::as_i64);
         let noise = s.train_label_noise();
-        add(&mut points, ("label_noise", &s.dataset, line), noise, clean);
+        add(
+            &mut points,
+            ("label_noise", &s.dataset, line),
+            noise,
+            (seed, clean),
+        );
         if noise > 0.0 {
             continue;
         }
         for p in ["drop", "mask"] {
-            add(&mut points, (p, &s.dataset, line), 0.0, clean);
+            add(&mut points, (p, &s.dataset, line), 0.0, (seed, clean));
         }
         for saved in saved_evals(&entry.dir)? {
             let (p, result) = (&saved.protocol, scored(&saved.summary));
@@ -102,8 +119,18 @@ fn observations(entries: &[ReportEntry]) -> Result<(Points, McPairs)> {
                 continue;
             }
             match (c.drop > 0.0, c.mask > 0.0, p.mc) {
-                (true, false, None) => add(&mut points, ("drop", &s.dataset, line), c.drop, result),
-                (false, true, None) => add(&mut points, ("mask", &s.dataset, line), c.mask, result),
+                (true, false, None) => add(
+                    &mut points,
+                    ("drop", &s.dataset, line),
+                    c.drop,
+                    (seed, result),
+                ),
+                (false, true, None) => add(
+                    &mut points,
+                    ("mask", &s.dataset, line),
+                    c.mask,
+                    (seed, result),
+                ),
                 (false, false, Some(n)) => mc
                     .entry((s.dataset.clone(), line.to_string()))
                     .or_default()
@@ -193,9 +220,10 @@ fn mc_rows(mc: &McPairs) -> Vec<Vec<String>> {
     rows
 }
 
-/// Writes `robustness.md`, `robustness.csv` and the pictures under `dir`; returns the markdown
-/// (empty when no protocol has more than its clean point and no run saved an MC evaluation).
-pub fn robustness_report(dir: &Path, entries: &[ReportEntry]) -> Result<String> {
+/// Writes `robustness.md`, `robustness.csv`, `paired.csv` (differences against the config named
+/// `baseline`, seed by seed) and the pictures under `dir`; returns the markdown (empty when no
+/// protocol has more than its clean point and no run saved an MC evaluation).
+pub fn robustness_report(dir: &Path, entries: &[ReportEntry], baseline: &str) -> Result<String> {
     let (points, mc) = observations(entries)?;
     if points.is_empty() && mc.is_empty() {
         return Ok(String::new());
@@ -205,7 +233,7 @@ pub fn robustness_report(dir: &Path, entries: &[ReportEntry]) -> Result<String> 
     for ((protocol, dataset, line), pts) in &points {
         let mut curve = Vec::new();
         for (x, results) in pts {
-            let results: Vec<&EvalResult> = results.iter().collect();
+            let results: Vec<&EvalResult> = results.iter().map(|(_, r)| r).collect();
             let [acc, ece, ece_t] =
                 [ACCURACY, ECE, ECE_T].map(|m| curve_point(*x, &results, [m, m]));
             rows.push(vec![
@@ -242,6 +270,17 @@ pub fn robustness_report(dir: &Path, entries: &[ReportEntry]) -> Result<String> 
     if !mc_rows.is_empty() {
         md.push_str("\nMC prediction against the deterministic pass (mean ± sd over seeds):\n\n");
         md.push_str(&markdown_table(&MC_COLUMNS, &mc_rows));
+    }
+    let paired = paired_rows(&points, baseline);
+    if !paired.is_empty() {
+        md.push_str(&format!(
+            "\nPaired differences, config − {baseline} of the same dataset and seed (test split, or \
+             validation without one; \"better in\": seeds where the config's accuracy is higher or its \
+             ECE lower):\n\n"
+        ));
+        md.push_str(&markdown_table(&PAIRED_COLUMNS, &paired));
+        let csv = csv_table("paired", &PAIRED_COLUMNS, &paired)?;
+        crate::atomic_file::write_atomic(&dir.join("paired.csv"), &csv)?;
     }
     crate::atomic_file::write_atomic(&dir.join("robustness.md"), md.as_bytes())?;
     if !csv.is_empty() {
