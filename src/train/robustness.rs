@@ -272,6 +272,12 @@ pub fn robustness_report(dir: &Path, entries: &[ReportEntry], baseline: &str) ->
         md.push_str(&markdown_table(&MC_COLUMNS, &mc_rows));
     }
     let paired = paired_rows(&points, baseline);
+    if !points.is_empty() && !points.keys().any(|(_, _, line)| line == baseline) {
+        tracing::warn!(
+            "no config named {baseline:?} under {}: no paired differences (--baseline names one)",
+            dir.display()
+        );
+    }
     if !paired.is_empty() {
         md.push_str(&format!(
             "\nPaired differences, config − {baseline} of the same dataset and seed (test split, or \
