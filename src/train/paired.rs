@@ -7,8 +7,18 @@
 //! larger than it is one the seed spread of each config alone can hide.
 use super::eval::EvalResult;
 use super::report::{spread, Metric};
-use super::robustness::{Points, PROTOCOLS};
 use std::collections::BTreeMap;
+
+/// The protocols, in table order, with the x-axis label of their pictures.
+pub(super) const PROTOCOLS: [(&str, &str); 3] = [
+    ("drop", "fraction of words dropped at test time"),
+    ("mask", "fraction of words masked at test time"),
+    ("label_noise", "fraction of training labels flipped"),
+];
+
+/// Per (protocol, dataset, config): the (seed, scores) of its runs at each severity.
+pub(super) type Points =
+    BTreeMap<(String, String, String), Vec<(f64, Vec<(Option<i64>, EvalResult)>)>>;
 
 /// The metrics of the table, with whether higher is better.
 const METRICS: [(&str, Metric, bool); 3] = [

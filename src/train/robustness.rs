@@ -10,7 +10,7 @@
 //! `paired.csv`.
 use super::eval::EvalResult;
 use super::evaluate::{SavedEval, EVALS_DIR};
-use super::paired::{paired_rows, PAIRED_COLUMNS};
+use super::paired::{paired_rows, Points, PAIRED_COLUMNS, PROTOCOLS};
 use super::report::{
     csv_table, curve_point, markdown_table, scored, seedless, spread, Metric, ReportEntry,
 };
@@ -18,17 +18,6 @@ use crate::error::{Error, Result};
 use crate::uncertainty::plots::{write_curves_plot, CurvePoint, Curves};
 use std::collections::BTreeMap;
 use std::path::Path;
-
-/// The protocols, in table order, with the x-axis label of their pictures.
-pub(super) const PROTOCOLS: [(&str, &str); 3] = [
-    ("drop", "fraction of words dropped at test time"),
-    ("mask", "fraction of words masked at test time"),
-    ("label_noise", "fraction of training labels flipped"),
-];
-
-/// Per (protocol, dataset, config): the (seed, scores) of its runs at each severity.
-pub(super) type Points =
-    BTreeMap<(String, String, String), Vec<(f64, Vec<(Option<i64>, EvalResult)>)>>;
 
 /// One config's line in a picture.
 type Line = (String, Vec<CurvePoint>);
