@@ -20,11 +20,16 @@ pub(super) const PROTOCOLS: [(&str, &str); 3] = [
 pub(super) type Points =
     BTreeMap<(String, String, String), Vec<(f64, Vec<(Option<i64>, EvalResult)>)>>;
 
+/// The scores the robustness report and the paired table read from one evaluation.
+pub(super) const ACCURACY: Metric = |e| Some(e.accuracy);
+pub(super) const ECE: Metric = |e| e.calibration.as_ref().map(|c| c.ece);
+pub(super) const ECE_T: Metric = |e| e.calibrated.as_ref().map(|c| c.ece);
+
 /// The metrics of the table, with whether higher is better.
 const METRICS: [(&str, Metric, bool); 3] = [
-    ("accuracy", |e| Some(e.accuracy), true),
-    ("ECE", |e| e.calibration.as_ref().map(|c| c.ece), false),
-    ("ECE (T)", |e| e.calibrated.as_ref().map(|c| c.ece), false),
+    ("accuracy", ACCURACY, true),
+    ("ECE", ECE, false),
+    ("ECE (T)", ECE_T, false),
 ];
 
 pub(super) const PAIRED_COLUMNS: [&str; 13] = [

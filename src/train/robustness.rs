@@ -10,7 +10,7 @@
 //! `paired.csv`.
 use super::eval::EvalResult;
 use super::evaluate::{SavedEval, EVALS_DIR};
-use super::paired::{paired_rows, Points, PAIRED_COLUMNS, PROTOCOLS};
+use super::paired::{paired_rows, Points, ACCURACY, ECE, ECE_T, PAIRED_COLUMNS, PROTOCOLS};
 use super::report::{
     csv_table, curve_point, markdown_table, scored, seedless, spread, Metric, ReportEntry,
 };
@@ -25,9 +25,6 @@ type Line = (String, Vec<CurvePoint>);
 /// Per (dataset, config): (passes, deterministic scores, MC scores) of each run.
 type McPairs = BTreeMap<(String, String), Vec<(i64, EvalResult, EvalResult)>>;
 
-const ACCURACY: Metric = |e| Some(e.accuracy);
-const ECE: Metric = |e| e.calibration.as_ref().map(|c| c.ece);
-const ECE_T: Metric = |e| e.calibrated.as_ref().map(|c| c.ece);
 const AURC: Metric = |e| e.calibration.as_ref().map(|c| c.aurc);
 
 /// The evaluations a run saved, in file-name order; an unreadable file is an error naming it.
