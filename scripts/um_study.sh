@@ -125,9 +125,13 @@ if has keep; then
     for f in summary.json run.json config.toml metrics.jsonl calibration.json; do
       [ -e "$OUT/$run/$f" ] && cp "$OUT/$run/$f" "$KEEP/$run/"
     done
-    [ -d "$OUT/$run/evals" ] && mkdir -p "$KEEP/$run/evals" && cp "$OUT/$run"/evals/*.json "$KEEP/$run/evals/"
+    # `if`, not `&&`: a run without saved evaluations (label noise) must not end the loop with a
+    # failing status, which `set -e` and pipefail turn into the script's exit before the report.
+    if [ -d "$OUT/$run/evals" ]; then
+      mkdir -p "$KEEP/$run/evals" && cp "$OUT/$run"/evals/*.json "$KEEP/$run/evals/"
+    fi
   done
-  [ -e "$OUT/differ.md" ] && cp "$OUT/differ.md" "$KEEP/"
+  if [ -e "$OUT/differ.md" ]; then cp "$OUT/differ.md" "$KEEP/"; fi
   $bin report "$KEEP"
 fi
 $bin report "$OUT"
