@@ -474,5 +474,23 @@ fn report_draws_the_robustness_study_from_saved_evaluations() -> TestResult {
     assert_eq!(paired.lines().count(), 1 + 3, "{paired}");
     let groups = std::fs::read_to_string(root.join("groups.md"))?;
     assert!(groups.contains("| um (label_noise=0.25) | 2 |"), "{groups}");
+    // A directory of label-noise runs alone (no clean run, no saved evaluation) is still a study
+    // of label noise: its robustness table has the noisy runs' scores at their severity.
+    let only_noisy = root.join("label_noise=0.25");
+    let out = Command::new(env!("CARGO_BIN_EXE_umtune"))
+        .args(["report", only_noisy.to_str().ok_or("path")?])
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let csv = std::fs::read_to_string(only_noisy.join("robustness.csv"))?;
+    let rows: Vec<&str> = csv.lines().skip(1).collect();
+    assert_eq!(rows.len(), 1, "{csv}");
+    assert!(
+        rows[0].starts_with("label_noise,uci-sentiment,um,0.25,2,"),
+        "{csv}"
+    );
     Ok(())
 }

@@ -125,10 +125,11 @@ fn observations(entries: &[ReportEntry]) -> Result<(Points, McPairs)> {
             }
         }
     }
-    // A protocol is studied where some line has more than its clean point.
+    // A protocol is studied where some line has a point beyond the clean one (a directory of
+    // label-noise runs alone has no clean point and is still a study of label noise).
     let studied: Vec<(String, String)> = points
         .iter()
-        .filter(|(_, pts)| pts.len() > 1)
+        .filter(|(_, pts)| pts.iter().any(|(x, _)| *x > 0.0))
         .map(|((p, d, _), _)| (p.clone(), d.clone()))
         .collect();
     points.retain(|(p, d, _), _| studied.contains(&(p.clone(), d.clone())));
