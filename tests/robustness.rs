@@ -27,6 +27,19 @@ fn text_of(e: &Example) -> &str {
     }
 }
 
+/// `umtune report DIR`, which must succeed (its stderr is the failure message).
+fn report_ok(dir: &std::path::Path) -> Result<std::process::Output, Box<dyn std::error::Error>> {
+    let out = Command::new(env!("CARGO_BIN_EXE_umtune"))
+        .args(["report", dir.to_str().ok_or("path")?])
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(out)
+}
+
 #[test]
 fn word_drop_and_mask_take_the_stated_fraction() -> TestResult {
     let clean = texts(50);
@@ -236,14 +249,7 @@ fn report_tables_every_run_of_a_group() -> TestResult {
     let (sa, sb) = (train(&a)?, train(&b)?);
     // A file of the user's beside the outputs survives the report.
     std::fs::write(group.join("results.tmp"), "mine")?;
-    let out = Command::new(env!("CARGO_BIN_EXE_umtune"))
-        .args(["report", group.to_str().ok_or("path")?])
-        .output()?;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = report_ok(&group)?;
     // The results table, then (two runs with logs) their training curves.
     let md = std::fs::read_to_string(group.join("results.md"))?;
     let curves = format!("\nplot: {}\n", group.join("curves.png").display());
@@ -360,14 +366,7 @@ fn report_draws_the_robustness_study_from_saved_evaluations() -> TestResult {
     // A noisy run's corrupted evaluation is not a point of the drop curve (its clean point is
     // not at severity 0).
     save(&noisy[0].run_dir, Some("drop=0.5"), None)?;
-    let out = Command::new(env!("CARGO_BIN_EXE_umtune"))
-        .args(["report", root.to_str().ok_or("path")?])
-        .output()?;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    report_ok(&root)?;
     let csv = std::fs::read_to_string(root.join("robustness.csv"))?;
     let row = |protocol: &str, severity: &str| -> Result<Vec<String>, String> {
         let prefix = format!("{protocol},uci-sentiment,um,{severity},");
@@ -477,14 +476,7 @@ fn report_draws_the_robustness_study_from_saved_evaluations() -> TestResult {
     // A directory of label-noise runs alone (no clean run, no saved evaluation) is still a study
     // of label noise: its robustness table has the noisy runs' scores at their severity.
     let only_noisy = root.join("label_noise=0.25");
-    let out = Command::new(env!("CARGO_BIN_EXE_umtune"))
-        .args(["report", only_noisy.to_str().ok_or("path")?])
-        .output()?;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    report_ok(&only_noisy)?;
     let csv = std::fs::read_to_string(only_noisy.join("robustness.csv"))?;
     let rows: Vec<&str> = csv.lines().skip(1).collect();
     assert_eq!(rows.len(), 1, "{csv}");
