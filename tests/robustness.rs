@@ -473,6 +473,63 @@ fn report_draws_the_robustness_study_from_saved_evaluations() -> TestResult {
     assert_eq!(paired.lines().count(), 1 + 3, "{paired}");
     let groups = std::fs::read_to_string(root.join("groups.md"))?;
     assert!(groups.contains("| um (label_noise=0.25) | 2 |"), "{groups}");
+    // The group table's NLL, AURC and UM noise-to-feature ratio are the mean and sd of the two
+    // seeds' summaries (printed to 4 decimals); lora has no UM, so no ratio.
+    let groups_csv = std::fs::read_to_string(root.join("groups.csv"))?;
+    let group_row = |name: &str| -> Result<Vec<String>, String> {
+        let prefix = format!("{name},2,");
+        match groups_csv
+            .lines()
+            .filter(|l| l.starts_with(&prefix))
+            .collect::<Vec<_>>()[..]
+        {
+            [r] => Ok(r.split(',').map(String::from).collect()),
+            _ => Err(format!("no single row {prefix}..:\n{groups_csv}")),
+        }
+    };
+    let header: Vec<&str> = groups_csv
+        .lines()
+        .next()
+        .ok_or("empty")?
+        .split(',')
+        .collect();
+    let col = |name: &str| {
+        header
+            .iter()
+            .position(|h| *h == name)
+            .ok_or(name.to_string())
+    };
+    let (um_row, lora_row) = (group_row("um")?, group_row("lora")?);
+    type Pick = fn(&umtune::train::run_files::Summary) -> f64;
+    let picks: [(&str, Pick); 3] = [
+        ("NLL", |s| {
+            s.test.as_ref().unwrap().calibration.as_ref().unwrap().nll
+        }),
+        ("AURC", |s| {
+            s.test.as_ref().unwrap().calibration.as_ref().unwrap().aurc
+        }),
+        ("noise/feature", |s| s.um["um.noise_to_feature"]),
+    ];
+    for (metric, pick) in picks {
+        let (mean, sd) = mean_sd2(pick(&clean[0]), pick(&clean[1]));
+        let got_mean: f64 = um_row[col(&format!("{metric} mean"))?].parse()?;
+        let got_sd: f64 = um_row[col(&format!("{metric} sd"))?].parse()?;
+        assert!(
+            (got_mean - mean).abs() <= 0.5e-4 + 1e-12,
+            "{metric}: {um_row:?}"
+        );
+        assert!(
+            (got_sd - sd).abs() <= 0.5e-4 + 1e-12,
+            "{metric}: {um_row:?}"
+        );
+    }
+    // A ratio the run logged (not an absent key read as zero): the mean above is of real values.
+    assert!(
+        clean[0].um["um.noise_to_feature"] > 1e-3,
+        "{:?}",
+        clean[0].um
+    );
+    assert_eq!(lora_row[col("noise/feature mean")?], "-", "{lora_row:?}");
     // A directory of label-noise runs alone (no clean run, no saved evaluation) is still a study
     // of label noise: its robustness table has the noisy runs' scores at their severity.
     let only_noisy = root.join("label_noise=0.25");

@@ -5,6 +5,7 @@
 use super::eval::EvalResult;
 use super::run_files::{read_record, read_summary, Summary, METRICS_FILE, RUN_FILE, SUMMARY_FILE};
 use crate::error::{Error, Result};
+use crate::uncertainty::metrics::CalibrationScores;
 use crate::uncertainty::plots::{CurvePoint, Curves};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -309,7 +310,7 @@ pub(super) fn scored(s: &Summary) -> &EvalResult {
     s.test.as_ref().unwrap_or(&s.validation)
 }
 
-const GROUP_COLUMNS: [&str; 12] = [
+const GROUP_COLUMNS: [&str; 18] = [
     "group",
     "seeds",
     "accuracy mean",
@@ -322,24 +323,37 @@ const GROUP_COLUMNS: [&str; 12] = [
     "ECE sd",
     "ECE (T) mean",
     "ECE (T) sd",
+    "NLL mean",
+    "NLL sd",
+    "AURC mean",
+    "AURC sd",
+    "noise/feature mean",
+    "noise/feature sd",
 ];
+
+/// The summary key of the UM noise-to-feature ratio at the end of training (the
+/// `um.noise_to_feature` probe), reported per group; runs without UM have none.
+const NOISE_TO_FEATURE: &str = "um.noise_to_feature";
 
 fn group_rows(groups: &[Group]) -> Vec<Vec<String>> {
     groups
         .iter()
         .map(|g| {
-            let metric = |f: &dyn Fn(&EvalResult) -> Option<f64>| -> Vec<f64> {
-                g.runs.iter().filter_map(|s| f(scored(s))).collect()
+            let metric = |f: &dyn Fn(&Summary) -> Option<f64>| -> Vec<f64> {
+                g.runs.iter().filter_map(|s| f(s)).collect()
             };
-            let acc = spread(&metric(&|e| Some(e.accuracy)));
-            let f1 = spread(&metric(&|e| Some(e.macro_f1)));
-            let ece = metric(&|e| e.calibration.as_ref().map(|c| c.ece));
-            let ece_t = metric(&|e| e.calibrated.as_ref().map(|c| c.ece));
+            let raw = |f: fn(&CalibrationScores) -> f64| {
+                metric(&|s| scored(s).calibration.as_ref().map(f))
+            };
+            let acc = spread(&metric(&|s| Some(scored(s).accuracy)));
+            let f1 = spread(&metric(&|s| Some(scored(s).macro_f1)));
+            let ece_t = metric(&|s| scored(s).calibrated.as_ref().map(|c| c.ece));
+            let noise = metric(&|s| s.um.get(NOISE_TO_FEATURE).copied());
             let show = |xs: &[f64], pick: fn((f64, f64, f64, f64)) -> f64| match xs.is_empty() {
                 true => "-".to_string(),
                 false => format!("{:.4}", pick(spread(xs))),
             };
-            vec![
+            let mut row = vec![
                 g.name.clone(),
                 g.runs.len().to_string(),
                 format!("{:.4}", acc.0),
@@ -348,18 +362,27 @@ fn group_rows(groups: &[Group]) -> Vec<Vec<String>> {
                 format!("{:.4}", acc.3),
                 format!("{:.4}", f1.0),
                 format!("{:.4}", f1.1),
-                show(&ece, |s| s.0),
-                show(&ece, |s| s.1),
-                show(&ece_t, |s| s.0),
-                show(&ece_t, |s| s.1),
-            ]
+            ];
+            // Mean and sd of each optional metric, "-" where no run of the group has it.
+            for xs in [
+                raw(|c| c.ece),
+                ece_t,
+                raw(|c| c.nll),
+                raw(|c| c.aurc),
+                noise,
+            ] {
+                row.push(show(&xs, |s| s.0));
+                row.push(show(&xs, |s| s.1));
+            }
+            row
         })
         .collect()
 }
 
 /// The runs under `dir` grouped by everything but the seed (a sweep's grid points, or run names
-/// without `-sSEED`): mean and spread of accuracy, macro-F1 and ECE raw and after the
-/// temperature (test split, or validation without one), and the best group by mean accuracy.
+/// without `-sSEED`): mean and spread of accuracy, macro-F1, ECE raw and after the temperature,
+/// NLL and AURC (test split, or validation without one) and of UM's noise-to-feature ratio at
+/// the end of training, and the best group by mean accuracy.
 /// Writes `groups.md`, `groups.csv` and, for a sweep with a numeric axis, `sweep.png` (the metric
 /// against that axis — the learning rate when it is one — one line per other grid value).
 /// Returns the markdown (empty when no group has two runs and there is no sweep).
