@@ -213,7 +213,12 @@ pub fn save(
         }
     }
     group.barrier()?;
-    digest(&written_to)
+    // Every rank reads the digest before any returns: rank 0 publishes a staged index next
+    // (renames it away), and a slower rank would find no file to read. The barrier runs
+    // whatever the read gave, so a failing rank does not leave the others waiting in it.
+    let read = digest(&written_to);
+    group.barrier()?;
+    read
 }
 
 /// Removes the shards of other generations of `stem` (best effort: a leftover file is harmless).
