@@ -297,6 +297,16 @@ fn saved_scores(
     Ok((acc, ece))
 }
 
+/// The one line of `csv` that starts with `prefix`, split at commas (an error naming the prefix
+/// and showing the table when there are none or several).
+fn single_row(csv: &str, prefix: &str) -> Result<Vec<String>, String> {
+    let rows: Vec<&str> = csv.lines().filter(|l| l.starts_with(prefix)).collect();
+    match rows[..] {
+        [r] => Ok(r.split(',').map(String::from).collect()),
+        _ => Err(format!("{} rows {prefix}..:\n{csv}", rows.len())),
+    }
+}
+
 /// Mean and sample sd of two numbers.
 fn mean_sd2(a: f64, b: f64) -> (f64, f64) {
     ((a + b) / 2.0, (a - b).abs() / std::f64::consts::SQRT_2)
@@ -368,13 +378,8 @@ fn report_draws_the_robustness_study_from_saved_evaluations() -> TestResult {
     save(&noisy[0].run_dir, Some("drop=0.5"), None)?;
     report_ok(&root)?;
     let csv = std::fs::read_to_string(root.join("robustness.csv"))?;
-    let row = |protocol: &str, severity: &str| -> Result<Vec<String>, String> {
-        let prefix = format!("{protocol},uci-sentiment,um,{severity},");
-        let rows: Vec<&str> = csv.lines().filter(|l| l.starts_with(&prefix)).collect();
-        match rows[..] {
-            [r] => Ok(r.split(',').map(String::from).collect()),
-            _ => Err(format!("{} rows {prefix}..:\n{csv}", rows.len())),
-        }
+    let row = |protocol: &str, severity: &str| {
+        single_row(&csv, &format!("{protocol},uci-sentiment,um,{severity},"))
     };
     let check = |r: &[String], (a, b): ((f64, f64), (f64, f64))| -> TestResult {
         assert_eq!(r[4], "2", "seeds: {r:?}");
@@ -428,14 +433,8 @@ fn report_draws_the_robustness_study_from_saved_evaluations() -> TestResult {
     // The paired differences pair runs by seed:
     // um − lora per seed, their mean and sample sd, and in how many seeds um is better.
     let paired = std::fs::read_to_string(root.join("paired.csv"))?;
-    let paired_row = |condition: &str| -> Result<Vec<String>, String> {
-        let prefix = format!("uci-sentiment,um,{condition},");
-        let rows: Vec<&str> = paired.lines().filter(|l| l.starts_with(&prefix)).collect();
-        match rows[..] {
-            [r] => Ok(r.split(',').map(String::from).collect()),
-            _ => Err(format!("{} rows {prefix}..:\n{paired}", rows.len())),
-        }
-    };
+    let paired_row =
+        |condition: &str| single_row(&paired, &format!("uci-sentiment,um,{condition},"));
     let lora_pair = (test_scores(&lora[1]), test_scores(&lora[0]));
     let drop = |s: &umtune::train::run_files::Summary| saved_scores(&s.run_dir, "drop=0.5");
     for (condition, um, base) in [
@@ -476,17 +475,7 @@ fn report_draws_the_robustness_study_from_saved_evaluations() -> TestResult {
     // The group table's NLL, AURC and UM noise-to-feature ratio are the mean and sd of the two
     // seeds' summaries (printed to 4 decimals); lora has no UM, so no ratio.
     let groups_csv = std::fs::read_to_string(root.join("groups.csv"))?;
-    let group_row = |name: &str| -> Result<Vec<String>, String> {
-        let prefix = format!("{name},2,");
-        match groups_csv
-            .lines()
-            .filter(|l| l.starts_with(&prefix))
-            .collect::<Vec<_>>()[..]
-        {
-            [r] => Ok(r.split(',').map(String::from).collect()),
-            _ => Err(format!("no single row {prefix}..:\n{groups_csv}")),
-        }
-    };
+    let group_row = |name: &str| single_row(&groups_csv, &format!("{name},2,"));
     let header: Vec<&str> = groups_csv
         .lines()
         .next()
