@@ -4,6 +4,7 @@
 //! holding fewer than k entries.
 use tch::{Device, Kind, Tensor};
 use umtune::dist::{Collective, InProcessGroup, SingleProcess};
+use umtune::memory::files::{save, Commit, Contents};
 use umtune::memory::{Retrieved, ShardedKvMemory};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
@@ -290,22 +291,103 @@ fn save_sharded(
     index: &std::path::Path,
 ) -> TestResult {
     let index = index.to_path_buf();
-    on_ranks(world, false, move |group, rank| {
-        let mut mem = memory_shard(capacity, 0.5, rank, world);
-        write_pieces(group, &mut mem, world, written)?;
-        let w_k = Tensor::ones([2, 2], (Kind::Float, Device::Cpu));
-        use umtune::memory::files::{save, Commit, Contents};
-        let shard = mem.shard_tensors();
-        let contents = Contents {
-            capacity,
-            written: mem.written(),
-            shard: &shard,
-            w_k: Some(&w_k),
-        };
-        save(group, &index, &contents, Commit::Now)
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+    on_ranks(world, false, move |group, _| {
+        save_shard(group, capacity, written, &index, Commit::Now).map(|_| ())
     })?;
+    Ok(())
+}
+
+/// One rank's part of [`save_sharded`]: builds its shard of the memory and saves it with `commit`.
+fn save_shard(
+    group: &dyn Collective,
+    capacity: usize,
+    written: usize,
+    index: &std::path::Path,
+    commit: Commit,
+) -> Result<umtune::atomic_file::FileDigest, String> {
+    let (rank, world) = (group.rank(), group.world_size());
+    let mut mem = memory_shard(capacity, 0.5, rank, world);
+    write_pieces(group, &mut mem, world, written)?;
+    let w_k = Tensor::ones([2, 2], (Kind::Float, Device::Cpu));
+    let shard = mem.shard_tensors();
+    let contents = Contents {
+        capacity,
+        written: mem.written(),
+        shard: &shard,
+        w_k: Some(&w_k),
+    };
+    save(group, index, &contents, commit).map_err(|e| e.to_string())
+}
+
+/// An in-process rank that, after each barrier on rank 1, waits (up to a second) for rank 0 to
+/// publish the staged index at `staged`: the slowest a rank can be between a barrier and its
+/// next step, made deterministic.
+struct LateAfterBarrier {
+    inner: InProcessGroup,
+    staged: std::path::PathBuf,
+}
+
+impl Collective for LateAfterBarrier {
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+    fn world_size(&self) -> usize {
+        self.inner.world_size()
+    }
+    fn all_gather_same(&self, t: &Tensor) -> umtune::error::Result<Tensor> {
+        self.inner.all_gather_same(t)
+    }
+    fn all_gather(&self, t: &Tensor) -> umtune::error::Result<Vec<Tensor>> {
+        self.inner.all_gather(t)
+    }
+    fn all_to_all(
+        &self,
+        send: &[Tensor],
+        recv_rows: Option<&[i64]>,
+    ) -> umtune::error::Result<Vec<Tensor>> {
+        self.inner.all_to_all(send, recv_rows)
+    }
+    fn barrier(&self) -> umtune::error::Result<()> {
+        self.inner.barrier()?;
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(1);
+        while self.rank() == 1 && self.staged.exists() && std::time::Instant::now() < until {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        Ok(())
+    }
+}
+
+/// A staged save returns on no rank before every rank has read the staged index's digest: rank
+/// 0 publishes (renames) the index as soon as its save returns, and a rank that is late after the
+/// save's barrier still reads it (the CI failure of 477d536: "memory.index.json.next: No such
+/// file"). Every rank returns the same digest, and the published index is the one it names.
+#[test]
+fn a_staged_save_waits_for_every_rank_to_read_the_index_before_it_is_published() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let index = dir.path().join("memory.index.json");
+    let staged = umtune::memory::files::staged_path(&index);
+    let handles: Vec<_> = InProcessGroup::new(2)
+        .into_iter()
+        .map(|inner| {
+            let (index, staged) = (index.clone(), staged.clone());
+            std::thread::spawn(move || {
+                let group = LateAfterBarrier { inner, staged };
+                let digest = save_shard(&group, 10, 17, &index, Commit::Staged)?;
+                if group.rank() == 0 {
+                    umtune::memory::files::publish(&index, true).map_err(|e| e.to_string())?;
+                }
+                Ok::<_, String>(digest)
+            })
+        })
+        .collect();
+    let digests = handles
+        .into_iter()
+        .map(|h| h.join().map_err(|_| "rank panicked".to_string())?)
+        .collect::<Result<Vec<_>, String>>()?;
+    assert_eq!(digests[0], digests[1], "the ranks' digests of the index");
+    assert_eq!(umtune::atomic_file::digest(&index)?, digests[0]);
+    assert!(!staged.exists(), "the staged index was published");
+    assert_eq!(umtune::memory::files::read_index(&index)?.shards.len(), 2);
     Ok(())
 }
 
