@@ -5,6 +5,7 @@
 use super::eval::EvalResult;
 use super::run_files::{read_record, read_summary, Summary, METRICS_FILE, RUN_FILE, SUMMARY_FILE};
 use crate::error::{Error, Result};
+use crate::uncertainty::estimation::NOISE_TO_FEATURE;
 use crate::uncertainty::metrics::CalibrationScores;
 use crate::uncertainty::plots::{CurvePoint, Curves};
 use std::collections::BTreeMap;
@@ -330,10 +331,6 @@ const GROUP_COLUMNS: [&str; 18] = [
     "noise/feature mean",
     "noise/feature sd",
 ];
-
-/// The summary key of the UM noise-to-feature ratio at the end of training (the
-/// `um.noise_to_feature` probe), reported per group; runs without UM have none.
-const NOISE_TO_FEATURE: &str = "um.noise_to_feature";
 
 fn group_rows(groups: &[Group]) -> Vec<Vec<String>> {
     groups

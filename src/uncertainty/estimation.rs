@@ -14,6 +14,11 @@ use crate::probe::Probe;
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
+/// The probe (and `summary.json` `um` key) of the noise's standard deviation over each token's
+/// feature RMS, averaged over tokens: the scale of the noise UM trains with (`umtune report`
+/// reports it per group).
+pub const NOISE_TO_FEATURE: &str = "um.noise_to_feature";
+
 struct BlockEstimator {
     layer: usize,
     norm: nn::LayerNorm,
@@ -165,7 +170,7 @@ impl LayerHook for UncertaintyHook<'_> {
                 // The noise's standard deviation against each token's feature scale (RMS).
                 let rel = (&std / rms().clamp_min(1e-12)).detach();
                 self.probe
-                    .record("um.noise_to_feature", || rel.mean(Kind::Float));
+                    .record(NOISE_TO_FEATURE, || rel.mean(Kind::Float));
                 self.probe.record("um.noise_to_feature_max", || rel.max());
             }
             let noise = std * crate::ffi::streams::randn(&p.size(), 0, &p);
