@@ -319,44 +319,6 @@ fn save_shard(
     save(group, index, &contents, commit).map_err(|e| e.to_string())
 }
 
-/// An in-process rank that, after each barrier on rank 1, waits (up to a second) for rank 0 to
-/// publish the staged index at `staged`: the slowest a rank can be between a barrier and its
-/// next step, made deterministic.
-struct LateAfterBarrier {
-    inner: InProcessGroup,
-    staged: std::path::PathBuf,
-}
-
-impl Collective for LateAfterBarrier {
-    fn rank(&self) -> usize {
-        self.inner.rank()
-    }
-    fn world_size(&self) -> usize {
-        self.inner.world_size()
-    }
-    fn all_gather_same(&self, t: &Tensor) -> umtune::error::Result<Tensor> {
-        self.inner.all_gather_same(t)
-    }
-    fn all_gather(&self, t: &Tensor) -> umtune::error::Result<Vec<Tensor>> {
-        self.inner.all_gather(t)
-    }
-    fn all_to_all(
-        &self,
-        send: &[Tensor],
-        recv_rows: Option<&[i64]>,
-    ) -> umtune::error::Result<Vec<Tensor>> {
-        self.inner.all_to_all(send, recv_rows)
-    }
-    fn barrier(&self) -> umtune::error::Result<()> {
-        self.inner.barrier()?;
-        let until = std::time::Instant::now() + std::time::Duration::from_secs(1);
-        while self.rank() == 1 && self.staged.exists() && std::time::Instant::now() < until {
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
-        Ok(())
-    }
-}
-
 /// A staged save returns on no rank before every rank has read the staged index's digest: rank
 /// 0 publishes (renames) the index as soon as its save returns, and a rank that is late after the
 /// save's barrier still reads it (the CI failure of 477d536: "memory.index.json.next: No such
@@ -371,7 +333,10 @@ fn a_staged_save_waits_for_every_rank_to_read_the_index_before_it_is_published()
         .map(|inner| {
             let (index, staged) = (index.clone(), staged.clone());
             std::thread::spawn(move || {
-                let group = LateAfterBarrier { inner, staged };
+                let group = Instrumented {
+                    late_after_barrier: Some(staged),
+                    ..Instrumented::new(inner)
+                };
                 let digest = save_shard(&group, 10, 17, &index, Commit::Staged)?;
                 if group.rank() == 0 {
                     umtune::memory::files::publish(&index, true).map_err(|e| e.to_string())?;
@@ -874,14 +839,28 @@ fn sharded_read_traffic_matches_the_formula() -> TestResult {
     Ok(())
 }
 
-/// Forwards to an in-process rank, counting the collectives called on it.
-struct Counting {
+/// Forwards to an in-process rank, counting the collectives called on it; with
+/// `late_after_barrier`, rank 1 waits after each barrier (up to a second) until that file is gone:
+/// the slowest a rank can be between a barrier and its next step, made deterministic.
+struct Instrumented {
     inner: InProcessGroup,
     gathers: std::sync::atomic::AtomicUsize,
     all_to_alls: std::sync::atomic::AtomicUsize,
+    late_after_barrier: Option<std::path::PathBuf>,
 }
 
-impl Collective for Counting {
+impl Instrumented {
+    fn new(inner: InProcessGroup) -> Self {
+        Instrumented {
+            inner,
+            gathers: Default::default(),
+            all_to_alls: Default::default(),
+            late_after_barrier: None,
+        }
+    }
+}
+
+impl Collective for Instrumented {
     fn rank(&self) -> usize {
         self.inner.rank()
     }
@@ -907,6 +886,16 @@ impl Collective for Counting {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.inner.all_to_all(send, recv_rows)
     }
+    fn barrier(&self) -> umtune::error::Result<()> {
+        self.inner.barrier()?;
+        if let (1, Some(file)) = (self.rank(), &self.late_after_barrier) {
+            let until = std::time::Instant::now() + std::time::Duration::from_secs(1);
+            while file.exists() && std::time::Instant::now() < until {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        }
+        Ok(())
+    }
 }
 
 #[test]
@@ -915,11 +904,7 @@ fn a_sharded_read_is_one_gather_and_three_all_to_alls_and_a_write_one_of_each() 
         .into_iter()
         .map(|inner| {
             std::thread::spawn(move || {
-                let g = Counting {
-                    inner,
-                    gathers: Default::default(),
-                    all_to_alls: Default::default(),
-                };
+                let g = Instrumented::new(inner);
                 let rank = g.rank();
                 let mut mem = memory_shard(24, 0.5, rank, 3);
                 let (k_, v, ids) = tensors(rank * 5..rank * 5 + 5);
